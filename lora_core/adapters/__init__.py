@@ -1,0 +1,28 @@
+"""The adapter algorithms, one class each, and reading one module's tensors from a file."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Adapter, column_norm, dora_weight
+from .loha import LoHa
+from .lokr import LoKr
+from .lora import DyLoRA, LoRA, lora_from_delta
+
+ALGORITHMS: dict[str, type[Adapter]] = {"lora": LoRA, "locon": LoRA, "loha": LoHa, "lokr": LoKr, "dylora": DyLoRA}
+READERS: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr)
+
+
+def adapter_from_factors(tensors: dict[str, torch.Tensor], shape=None) -> Adapter | None:
+    """The adapter stored in one module's tensors (any algorithm we read), or None."""
+    for cls in READERS:
+        adapter = cls.from_factors(tensors, shape)
+        if adapter is not None:
+            return adapter
+    return None
+
+
+__all__ = [
+    "ALGORITHMS", "Adapter", "DyLoRA", "LoHa", "LoKr", "LoRA",
+    "adapter_from_factors", "column_norm", "dora_weight", "lora_from_delta",
+]

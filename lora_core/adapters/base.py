@@ -1,0 +1,105 @@
+"""What an adapter is: a trainable change to one weight, independent of where it is attached."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def column_norm(weight: torch.Tensor) -> torch.Tensor:
+    """Norm of each input column of a weight (over output and kernel dims), shaped [1, in, 1, ...]."""
+    w = weight.transpose(0, 1).reshape(weight.shape[1], -1)
+    return w.norm(dim=1).reshape(1, weight.shape[1], *[1] * (weight.dim() - 2))
+
+
+def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA: W' = m * (W + dW) / ||W + dW||, per input column (LyCORIS' layout, as ComfyUI loads it)."""
+    merged = weight + delta
+    norm = column_norm(merged) + torch.finfo(weight.dtype).eps
+    return merged * (magnitude.to(weight.dtype) / norm)
+
+
+def flat_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """[out, in, *kernel] as a matrix: (out, in * prod(kernel))."""
+    return shape[0], math.prod(shape[1:])
+
+
+class Adapter(nn.Module):
+    """A change dW to one weight of shape `shape`. Subclasses define the factors and `delta()`.
+
+    Called on a weight (ComfyUI's weight-wrapper protocol) it returns W + multiplier * dW, or
+    the DoRA composition when a magnitude `dora_scale` is present.
+    """
+
+    algorithm = "base"
+
+    def __init__(self, shape, alpha: float, rank_dropout: float = 0.0, module_dropout: float = 0.0):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.alpha = float(alpha)
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        self.multiplier = 1.0
+        self.dora_scale: nn.Parameter | None = None
+
+    # --- the three things every algorithm defines -----------------------------------------
+    @classmethod
+    def create(cls, weight: torch.Tensor, rank: int, alpha: float, **options) -> Adapter:
+        """New trainable factors for `weight`, initialised so that dW = 0."""
+        raise NotImplementedError
+
+    def delta(self) -> torch.Tensor:
+        """The scaled weight change dW, shaped like the target weight (differentiable)."""
+        raise NotImplementedError
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        """The tensors saved in a file under `<module name>.<key>` (kohya / LyCORIS key names)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_factors(cls, tensors: dict[str, torch.Tensor], shape=None) -> Adapter | None:
+        """Rebuild from a file's tensors of one module (keys without the module prefix), or None."""
+        raise NotImplementedError
+
+    # --- shared behaviour ------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        raise NotImplementedError
+
+    def enable_dora(self, weight: torch.Tensor) -> None:
+        self.dora_scale = nn.Parameter(column_norm(weight.detach().float()))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
+            return weight
+        delta = self.delta().to(weight.dtype) * self.multiplier
+        if self.dora_scale is not None:
+            return dora_weight(weight, delta, self.dora_scale)
+        return weight + delta
+
+    def rank_mask(self, rank: int, device) -> torch.Tensor | None:
+        """A random keep-mask over rank dimensions (scaled), when training with rank dropout."""
+        if not (self.training and self.rank_dropout):
+            return None
+        keep = (torch.rand(rank, device=device) >= self.rank_dropout).float()
+        return keep / (1.0 - self.rank_dropout)
+
+    def state_dict_kohya(self) -> dict[str, torch.Tensor]:
+        out = dict(self.factors())
+        out["alpha"] = torch.tensor(self.alpha)
+        if self.dora_scale is not None:
+            out["dora_scale"] = self.dora_scale.detach()
+        return out
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ComfyUI's ModelPatcher moves weight wrappers with the model and counts their memory.
+    def passive_memory_usage(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def move_to(self, device) -> int:
+        self.to(device)
+        return self.passive_memory_usage()

@@ -1,0 +1,104 @@
+"""LoKr (LyCORIS): dW = kron(w1, w2) * scale, with w2 optionally low rank (w2_a @ w2_b).
+
+The weight [out, in, *k] is split as out = a * b, in = c * d (`factorization`, as LyCORIS
+chooses it); w1 is [a, c] and w2 is [b, d * prod(k)]. Scale is alpha / rank when w2 is
+low rank and 1 when both factors are full, which is how ComfyUI and LyCORIS read the file.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import Adapter
+
+
+def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
+    """Split dim = m * n with m <= n, m as close to sqrt(dim) as allowed (m <= factor when factor > 0)."""
+    if factor > 0 and dim % factor == 0 and dim >= factor * factor:
+        return factor, dim // factor
+    limit = dim if factor <= 0 else factor
+    best = (1, dim)
+    for m in range(1, math.isqrt(dim) + 1):
+        if dim % m == 0 and m <= limit:
+            best = (m, dim // m)
+    return best
+
+
+class LoKr(Adapter):
+    algorithm = "lokr"
+
+    def __init__(self, w1, w2=None, w2_a=None, w2_b=None, shape=None, alpha: float | None = None, **options):
+        rank = w2_b.shape[0] if w2_b is not None else None
+        super().__init__(shape, alpha if alpha is not None else (rank or 1.0), **options)
+        self.lokr_w1 = nn.Parameter(w1)
+        self.lokr_w2 = nn.Parameter(w2) if w2 is not None else None
+        self.lokr_w2_a = nn.Parameter(w2_a) if w2_a is not None else None
+        self.lokr_w2_b = nn.Parameter(w2_b) if w2_b is not None else None
+
+    @classmethod
+    def create(cls, weight, rank, alpha, factor: int = -1, full_matrix: bool = False, **options):
+        out_dim, in_dim = weight.shape[:2]
+        kernel = math.prod(weight.shape[2:])
+        a, b = factorization(out_dim, factor)
+        c, d = factorization(in_dim, factor)
+        w1 = torch.zeros(a, c)  # dW = 0 at step 0; w2 carries the gradient signal into w1
+        if full_matrix or rank >= max(b, d * kernel) / 2:
+            w2 = torch.empty(b, d * kernel)
+            nn.init.kaiming_uniform_(w2, a=math.sqrt(5))
+            return cls(w1, w2=w2, shape=weight.shape, alpha=alpha, **options)
+        w2_a = torch.empty(b, rank)
+        w2_b = torch.empty(rank, d * kernel)
+        nn.init.kaiming_uniform_(w2_a, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(w2_b, a=math.sqrt(5))
+        return cls(w1, w2_a=w2_a, w2_b=w2_b, shape=weight.shape, alpha=alpha, **options)
+
+    @property
+    def rank(self) -> int:
+        return self.lokr_w2_b.shape[0] if self.lokr_w2_b is not None else min(self.lokr_w2.shape)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.lokr_w2 is None else 1.0
+
+    def delta(self):
+        if self.lokr_w2 is not None:
+            w2 = self.lokr_w2
+        else:
+            w2_a = self.lokr_w2_a
+            mask = self.rank_mask(self.rank, w2_a.device)
+            if mask is not None:
+                w2_a = w2_a * mask
+            w2 = w2_a @ self.lokr_w2_b
+        return torch.kron(self.lokr_w1, w2).reshape(self.shape) * self.scale
+
+    def factors(self):
+        names = ("lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+        return {n: getattr(self, n).detach() for n in names if getattr(self, n) is not None}
+
+    @classmethod
+    def from_factors(cls, tensors, shape=None):
+        if "lokr_w1" not in tensors and "lokr_w1_a" not in tensors:
+            return None
+        if "lokr_t2" in tensors:
+            raise ValueError("LoKr with a Tucker factor (lokr_t2) is not supported yet")
+        alpha = tensors.get("alpha")
+        w2, w2_a, w2_b = (tensors.get(n) for n in ("lokr_w2", "lokr_w2_a", "lokr_w2_b"))
+        if w2 is not None:
+            w2 = w2.reshape(w2.shape[0], -1)  # a 4-D conv factor is the same product flattened
+        w1 = tensors.get("lokr_w1")
+        if w1 is None:
+            w1 = tensors["lokr_w1_a"].float() @ tensors["lokr_w1_b"].float()
+            if w2 is not None and alpha is not None:  # only w1 is low rank: its alpha / rank is folded in
+                w1 = w1 * (float(alpha) / tensors["lokr_w1_b"].shape[0])
+                alpha = None
+        if shape is None:
+            right = w2 if w2 is not None else (w2_a @ w2_b)
+            shape = (w1.shape[0] * right.shape[0], w1.shape[1] * right.shape[1])
+        w2, w2_a, w2_b = (t.float() if t is not None else None for t in (w2, w2_a, w2_b))
+        adapter = cls(w1.float(), w2, w2_a, w2_b, shape=shape, alpha=float(alpha) if alpha is not None else None)
+        if "dora_scale" in tensors:
+            adapter.dora_scale = nn.Parameter(tensors["dora_scale"].float())
+        return adapter

@@ -1,0 +1,130 @@
+"""Inference: adapters as patches on MODEL / CLIP clones, through the host's own LoRA loader.
+
+The host's key map and patch machinery do the work, so the result equals ComfyUI's
+LoraLoader; what we add is a report of every key that did not match, instead of a log line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import adapter_from_factors
+from .adapters.base import flat_shape
+from .files import split_modules
+
+
+@dataclass
+class ApplyReport:
+    applied: list[str] = field(default_factory=list)  # module names that became patches
+    unmatched: list[str] = field(default_factory=list)  # module names with no layer in the model
+    mismatched: list[str] = field(default_factory=list)  # "name: file shape vs model shape"
+    unknown_keys: list[str] = field(default_factory=list)  # tensors that are no adapter factor
+
+    @property
+    def ok(self) -> bool:
+        return not (self.unmatched or self.mismatched or self.unknown_keys)
+
+    def summary(self) -> str:
+        lines = [f"{len(self.applied)} modules applied"]
+        for title, items in (("no matching layer", self.unmatched), ("shape mismatch", self.mismatched),
+                             ("unknown keys", self.unknown_keys)):
+            if items:
+                lines.append(f"{len(items)} {title}: " + ", ".join(items[:50]) + (" ..." if len(items) > 50 else ""))
+        return "\n".join(lines)
+
+
+def lora_key_map(model=None, clip=None) -> dict:
+    """{file module name: host weight key} for every naming ComfyUI understands."""
+    import comfy.lora
+
+    key_map: dict = {}
+    if model is not None:
+        comfy.lora.model_lora_keys_unet(model.model, key_map)
+    if clip is not None:
+        comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    return key_map
+
+
+def _weight_shapes(model, clip) -> dict[str, torch.Size]:
+    shapes = {}
+    for patcher in (model, clip.patcher if clip is not None else None):
+        if patcher is not None:
+            shapes.update({k: v.shape for k, v in patcher.model.state_dict().items()})
+    return shapes
+
+
+def _shape_problem(parts: dict[str, torch.Tensor], target: torch.Size) -> str | None:
+    try:
+        adapter = adapter_from_factors(parts, shape=tuple(target))
+    except (ValueError, RuntimeError):
+        return None  # a format only the host reads (Tucker, OFT, ...): the host checks it
+    if adapter is None:
+        return None
+    if flat_shape(adapter.shape) != flat_shape(tuple(target)) and adapter.algorithm != "lokr":
+        return f"{tuple(adapter.shape)} vs {tuple(target)}"
+    try:
+        adapter.delta().reshape(target)
+    except RuntimeError:
+        return f"{tuple(adapter.shape)} vs {tuple(target)}"
+    return None
+
+
+def apply_lora(model, clip, tensors: dict[str, torch.Tensor], strength_model: float = 1.0,
+               strength_clip: float = 1.0, block_strength=None):
+    """(MODEL clone, CLIP clone, ApplyReport) with the adapter in `tensors` patched in.
+
+    `block_strength(weight_key) -> float`, when given, scales each UNet layer's strength.
+    """
+    import comfy.lora
+    import comfy.lora_convert
+
+    tensors = comfy.lora_convert.convert_lora(tensors)
+    key_map = lora_key_map(model, clip)
+    modules, unknown = split_modules(tensors)
+    report = ApplyReport(unknown_keys=sorted(unknown))
+    shapes = _weight_shapes(model, clip)
+    usable = {}
+    for name, parts in modules.items():
+        target = key_map.get(name)
+        if target is None:
+            report.unmatched.append(name)
+            continue
+        target_key = target[0] if isinstance(target, tuple) else target
+        problem = None if isinstance(target, tuple) else _shape_problem(parts, shapes[target_key])
+        if problem:
+            report.mismatched.append(f"{name}: {problem}")
+            continue
+        usable[name] = target
+        report.applied.append(name)
+    kept = {f"{n}.{s}": t for n in usable for s, t in modules[n].items()}
+    patches = comfy.lora.load_lora(kept, {n: usable[n] for n in usable}, log_missing=False)
+
+    new_model = model.clone() if model is not None else None
+    new_clip = clip.clone() if clip is not None else None
+    unet = {k: v for k, v in patches.items() if (k[0] if isinstance(k, tuple) else k).startswith("diffusion_model.")}
+    te = {k: v for k, v in patches.items() if k not in unet}
+    if new_model is not None and unet:
+        if block_strength is None:
+            new_model.add_patches(unet, strength_model)
+        else:
+            for key, patch in unet.items():
+                weight_key = key[0] if isinstance(key, tuple) else key
+                new_model.add_patches({key: patch}, strength_model * block_strength(weight_key))
+    if new_clip is not None and te:
+        new_clip.add_patches(te, strength_clip)
+    report.unmatched.sort()
+    return new_model, new_clip, report
+
+
+def bake(model, tensors: dict[str, torch.Tensor], strength: float = 1.0):
+    """A MODEL clone whose weights have the adapter merged in (W += strength * dW, in place)."""
+    patched, _, report = apply_lora(model, None, tensors, strength, 0.0)
+    patched.patch_model()
+    return patched, report
+
+
+def unbake(model) -> None:
+    """Restore the exact weights a `bake` replaced."""
+    model.unpatch_model()

@@ -1,0 +1,79 @@
+"""Adapter files: safetensors only, atomic writes, and splitting a file into per-module tensors."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+# Longest first, so "lora_down.weight" wins over "weight"-like shorter endings.
+MODULE_SUFFIXES = tuple(sorted((
+    "lora_down.weight", "lora_up.weight", "lora_mid.weight", "lora_A.weight", "lora_B.weight",
+    "lora.down.weight", "lora.up.weight", "alpha", "dora_scale", "diff", "diff_b", "set_weight",
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+    "w_norm", "b_norm", "oft_blocks", "oft_diag", "rescale",
+), key=len, reverse=True))
+
+
+class AdapterFileError(ValueError):
+    """A file that cannot be read as an adapter; the message names the file and what to do."""
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a .safetensors file (no pickle formats are ever loaded)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise AdapterFileError(
+            f"{path}: only .safetensors files are read (pickle formats such as .ckpt/.pt/.bin can run code); "
+            "convert it to safetensors first"
+        )
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterFileError(f"{path}: not a readable safetensors file ({e}); re-download or re-save it") from e
+    return tensors, metadata
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write atomically: a temporary file in the same folder, flushed, then renamed over `path`."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def split_modules(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """Group a file's tensors by module: ({module name: {suffix: tensor}}, keys with no known suffix)."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, value in tensors.items():
+        for suffix in MODULE_SUFFIXES:
+            if key.endswith("." + suffix):
+                modules.setdefault(key[: -len(suffix) - 1], {})[suffix] = value
+                break
+        else:
+            unknown.append(key)
+    return modules, unknown

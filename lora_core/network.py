@@ -1,0 +1,199 @@
+"""A set of adapters attached to a model: created from a config, attached for training, saved, loaded."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import nn
+
+from . import kohya_keys
+from .adapters import ALGORITHMS, Adapter, DyLoRA, adapter_from_factors
+from .files import split_modules
+from .targets import block_of, find_layers, layer_kind, text_encoders
+
+
+@dataclass
+class NetworkConfig:
+    """Everything that decides which adapters exist and how they are shaped."""
+
+    algorithm: str = "lora"  # lora | locon | loha | lokr | dylora
+    rank: int = 16
+    alpha: float = 16.0
+    conv_rank: int | None = None  # kxk convolutions (kohya's conv_dim); None = rank
+    conv_alpha: float | None = None
+    preset: str = "kohya"  # attention | kohya | locon | all
+    include: list[str] = field(default_factory=list)  # extra module globs, e.g. "*.proj_out"
+    exclude: list[str] = field(default_factory=list)
+    block_ranks: dict[str, int] = field(default_factory=dict)  # {"input"|"middle"|"output"|...: rank}
+    block_alphas: dict[str, float] = field(default_factory=dict)
+    text_encoder: bool = False
+    dora: bool = False
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    lokr_factor: int = -1
+    dylora_unit: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm: {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+        if self.rank < 1:
+            raise ValueError(f"rank: must be at least 1, got {self.rank}")
+        if self.algorithm == "locon" and self.preset == "kohya":
+            self.preset = "locon"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> NetworkConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
+
+    def rank_alpha(self, kind: str, block: str) -> tuple[int, float]:
+        if kind == "conv":
+            rank = self.conv_rank or self.rank
+            alpha = self.conv_alpha if self.conv_alpha is not None else (self.alpha if self.conv_rank is None else rank)
+        else:
+            rank, alpha = self.rank, self.alpha
+        rank = self.block_ranks.get(block, rank)
+        alpha = self.block_alphas.get(block, alpha if block not in self.block_ranks else rank)
+        return rank, alpha
+
+
+def _unet_layers(model, config: NetworkConfig):
+    """(kohya name, weight key, layer, block) for the UNet/DiT of a ComfyUI MODEL patcher."""
+    base = model.model
+    layers = find_layers(base.diffusion_model, config.preset, config.include, config.exclude)
+    names = kohya_keys.unet_names(base.model_config, [p for p, _ in layers])
+    return [(names[p], f"diffusion_model.{p}.weight", m, block_of(p)) for p, m in layers]
+
+
+def _text_encoder_layers(clip, config: NetworkConfig):
+    """(kohya name, weight key, layer, block) for the text encoders of a ComfyUI CLIP."""
+    encoders = text_encoders(clip.cond_stage_model)
+    prefixes = kohya_keys.text_encoder_prefixes(list(encoders))
+    preset = "attention" if config.preset == "attention" else "kohya"
+    out = []
+    for enc_name, encoder in encoders.items():
+        if enc_name.startswith("t5"):
+            continue  # kohya never trains T5; its layers would dwarf the adapter
+        for path, module in find_layers(encoder, preset, config.include, config.exclude):
+            full = f"{enc_name}.{path}" if enc_name else path
+            out.append((kohya_keys.text_encoder_name(prefixes[enc_name], full), f"{full}.weight", module, "te"))
+    return out
+
+
+class LoraNetwork(nn.Module):
+    """Adapters by kohya module name, and the host weight each one changes."""
+
+    def __init__(self, adapters: dict[str, Adapter], weight_keys: dict[str, str] | None = None,
+                 config: NetworkConfig | None = None):
+        super().__init__()
+        self.adapters = nn.ModuleDict(adapters)
+        self.weight_keys = dict(weight_keys or {})
+        self.config = config
+
+    @classmethod
+    def create(cls, config: NetworkConfig, model=None, clip=None) -> LoraNetwork:
+        """New adapters (dW = 0) for the layers of `model` (and `clip` if config.text_encoder) the config targets."""
+        layers = _unet_layers(model, config) if model is not None else []
+        if config.text_encoder and clip is not None:
+            layers += _text_encoder_layers(clip, config)
+        if not layers:
+            raise ValueError(
+                f"no layer matches preset {config.preset!r} with include {config.include} / exclude {config.exclude}; "
+                "widen the preset or the include patterns"
+            )
+        adapter_cls = ALGORITHMS[config.algorithm]
+        options = {"rank_dropout": config.rank_dropout, "module_dropout": config.module_dropout}
+        if adapter_cls.algorithm == "lokr":
+            options["factor"] = config.lokr_factor
+        if adapter_cls is DyLoRA:
+            options["unit"] = config.dylora_unit
+        torch.manual_seed(config.seed)
+        adapters, keys = {}, {}
+        for i, (name, key, module, block) in enumerate(layers):
+            rank, alpha = config.rank_alpha(layer_kind(module), block)
+            weight = module.weight.detach()
+            if adapter_cls is DyLoRA:
+                options["seed"] = config.seed + i
+            adapter = adapter_cls.create(weight, rank, alpha, **options)
+            if config.dora:
+                adapter.enable_dora(weight)
+            adapters[name], keys[name] = adapter, key
+        return cls(adapters, keys, config)
+
+    # --- training --------------------------------------------------------------------------
+    def attach(self, model=None, clip=None):
+        """Clones of MODEL / CLIP with every adapter as a weight wrapper; base weights frozen."""
+        new_model = model.clone() if model is not None else None
+        new_clip = clip.clone() if clip is not None else None
+        if new_model is not None:
+            new_model.model.requires_grad_(False)
+        if new_clip is not None:
+            new_clip.cond_stage_model.requires_grad_(False)
+        for name, adapter in self.adapters.items():
+            key = self.weight_keys.get(name)
+            if key is None:
+                raise KeyError(f"adapter {name} is not bound to a model weight; create it from the model")
+            adapter.requires_grad_(True)
+            if key.startswith("diffusion_model."):
+                if new_model is not None:
+                    new_model.add_weight_wrapper(key, adapter)
+            elif new_clip is not None:
+                new_clip.patcher.add_weight_wrapper(key, adapter)
+        return new_model, new_clip
+
+    def trainable_parameters(self, part: str | None = None) -> list[nn.Parameter]:
+        """Parameters of all adapters, or of the UNet ("unet") or text-encoder ("te") ones."""
+        out = []
+        for name, adapter in self.adapters.items():
+            if part is None or (part == "te") == name.startswith("lora_te"):
+                out += list(adapter.parameters())
+        return out
+
+    # --- files -------------------------------------------------------------------------------
+    def state_dict_kohya(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, adapter in self.adapters.items():
+            for key, value in adapter.state_dict_kohya().items():
+                value = value.detach().cpu()
+                if dtype is not None and key != "alpha" and value.is_floating_point():
+                    value = value.to(dtype)
+                out[f"{name}.{key}"] = value.contiguous()
+        return out
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> LoraNetwork:
+        """Adapters from a file's tensors (kohya, LyCORIS or PEFT names); unreadable modules raise, naming them."""
+        modules, unknown = split_modules(tensors)
+        if unknown:
+            raise ValueError(f"unrecognised tensor keys (not LoRA/LoHa/LoKr factors): {', '.join(sorted(unknown)[:20])}")
+        adapters, unreadable = {}, []
+        for name, parts in modules.items():
+            adapter = adapter_from_factors(parts)
+            if adapter is None:
+                unreadable.append(name)
+            else:
+                adapters[name.replace(".", "_")] = adapter
+        if unreadable:
+            raise ValueError(f"modules without LoRA/LoHa/LoKr factors: {', '.join(sorted(unreadable)[:20])}")
+        config = None
+        if metadata and "lora_foundry_config" in metadata:
+            config = NetworkConfig.from_json(metadata["lora_foundry_config"])
+        return cls(adapters, config=config)
+
+    def at_rank(self, rank: int) -> LoraNetwork:
+        """DyLoRA export: every DyLoRA adapter sliced to its leading `rank` ranks."""
+        adapters = {n: (a.at_rank(rank) if isinstance(a, DyLoRA) else a) for n, a in self.adapters.items()}
+        return LoraNetwork(adapters, self.weight_keys, self.config)
+
+    def num_params(self) -> int:
+        return sum(a.num_params() for a in self.adapters.values())
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {name: a.delta() for name, a in self.adapters.items()}
