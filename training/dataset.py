@@ -1,0 +1,357 @@
+"""A folder of training images with captions, kohya's folder convention, buckets, and a readable report."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .buckets import Bucketizer, Size, resize_and_crop
+from .captions import tag_frequency
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+_REPEATS_FOLDER = re.compile(r"^(\d+)_(.*)$")
+# EXIF orientations that turn the stored picture by 90 degrees: width and height swap on display.
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used as given; the message says what to change."""
+
+
+@dataclass
+class DatasetItem:
+    path: Path
+    caption: str
+    folder: str
+    repeats: int
+    is_reg: bool
+    loss_weight: float
+    size: Size
+    bucket: Size
+
+
+@dataclass
+class DatasetReport:
+    root: str = ""
+    images_per_folder: dict[str, int] = field(default_factory=dict)
+    repeats_per_folder: dict[str, int] = field(default_factory=dict)
+    buckets: dict[Size, int] = field(default_factory=dict)
+    captions_found: int = 0
+    captions_from_folder: int = 0
+    captions_missing: int = 0
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    caption_errors: list[tuple[Path, str]] = field(default_factory=list)
+    train_count: int = 0
+    validation_count: int = 0
+    reg_count: int = 0
+    samples_per_epoch: int = 0
+
+    def summary(self) -> str:
+        """A multi-line text for the user: what was found, how it is bucketed, and what was left out why."""
+        lines = [
+            f"Dataset: {self.root}",
+            f"Images: {self.train_count} for training, {self.validation_count} for validation, "
+            f"{self.reg_count} regularisation; {self.samples_per_epoch} samples per epoch with repeats",
+            "Folders:",
+        ]
+        for folder, count in self.images_per_folder.items():
+            lines.append(f"  {folder}: {count} image(s) x {self.repeats_per_folder.get(folder, 1)} repeat(s)")
+        lines.append("Buckets (width x height: training images, regularisation included):")
+        for (w, h), count in sorted(self.buckets.items()):
+            lines.append(f"  {w}x{h}: {count}")
+        lines.append(
+            f"Captions: {self.captions_found} from caption files, {self.captions_from_folder} from folder names, "
+            f"{self.captions_missing} missing (empty caption)"
+        )
+        if self.captions_missing:
+            lines.append(
+                "  (put a .txt caption next to each image, or name its folder like '10_sks dog' to caption it 'sks dog')"
+            )
+        if self.caption_errors:
+            lines.append(f"Caption files that could not be read ({len(self.caption_errors)}):")
+            lines.extend(f"  {path}: {reason}" for path, reason in self.caption_errors)
+        if self.skipped:
+            lines.append(f"Skipped files ({len(self.skipped)}):")
+            lines.extend(f"  {path}: {reason}" for path, reason in self.skipped)
+        else:
+            lines.append("Skipped files: none")
+        return "\n".join(lines)
+
+
+@dataclass
+class Dataset:
+    items: list[DatasetItem]
+    validation: list[DatasetItem]
+    report: DatasetReport
+    root: Path
+
+    def epoch_order(self, epoch: int, seed: int, batch_size: int) -> list[list[int]]:
+        """Batches of indices into `items` for one epoch: each item `repeats` times, one bucket per batch."""
+        if batch_size < 1:
+            raise DatasetError(f"batch_size must be at least 1, got {batch_size}")
+        # A str seed is hashed with sha512 by random, so the order is the same in every process.
+        rng = random.Random(f"{seed}/{epoch}")
+        by_bucket: dict[Size, list[int]] = defaultdict(list)
+        for index, item in enumerate(self.items):
+            by_bucket[item.bucket].extend([index] * item.repeats)
+        batches: list[list[int]] = []
+        for bucket in sorted(by_bucket):
+            indices = by_bucket[bucket]
+            rng.shuffle(indices)
+            batches.extend(indices[i : i + batch_size] for i in range(0, len(indices), batch_size))
+        rng.shuffle(batches)
+        return batches
+
+    def load_image(
+        self, item: DatasetItem, crop: str = "center", flip: bool = False, rng: random.Random | None = None
+    ) -> torch.Tensor:
+        """The item's image as float [H, W, 3] in [0, 1] (ComfyUI IMAGE layout, no batch), exactly bucket-sized."""
+        return load_item_image(item, crop, flip, rng)[0]
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """Tag counts per folder over the non-regularisation items (kohya's ss_tag_frequency)."""
+        by_folder: dict[str, list[str]] = defaultdict(list)
+        for item in self.items + self.validation:
+            if not item.is_reg:
+                by_folder[item.folder].append(item.caption)
+        return tag_frequency(by_folder)
+
+
+def load_item_image(
+    item: DatasetItem, crop: str = "center", flip: bool = False, rng: random.Random | None = None
+) -> tuple[torch.Tensor, Size]:
+    """The item's image tensor and the crop's (top, left) corner in the resized image (for SDXL conditioning)."""
+    try:
+        with Image.open(item.path) as opened:
+            img = _to_rgb(ImageOps.exif_transpose(opened))
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"cannot read {item.path} any more ({exc}); reload the dataset") from exc
+    img, corner = resize_and_crop(img, item.bucket, crop=crop, rng=rng)
+    if flip:
+        img = ImageOps.mirror(img)
+    array = np.asarray(img, dtype=np.float32) / 255.0
+    return torch.from_numpy(array.copy()), corner
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB; transparent areas become white rather than whatever colour the hidden pixels have."""
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_dataset(
+    folder: str | os.PathLike,
+    *,
+    caption_extensions: tuple[str, ...] = (".txt", ".caption"),
+    resolution: int | Size = 512,
+    min_side: int = 256,
+    max_side: int = 1024,
+    bucket_step: int = 64,
+    no_upscale: bool = False,
+    reg_folder: str | os.PathLike | None = None,
+    prior_loss_weight: float = 1.0,
+    validation_split: float = 0.0,
+    seed: int = 0,
+    min_image_side: int = 8,
+    default_repeats: int = 1,
+) -> Dataset:
+    """Scan `folder` (and `reg_folder`) into bucketed, captioned items and a report."""
+    _check_positive("resolution", *(resolution if isinstance(resolution, (tuple, list)) else (resolution,)))
+    _check_positive("min_side", min_side)
+    _check_positive("max_side", max_side)
+    _check_positive("bucket_step", bucket_step)
+    _check_positive("min_image_side", min_image_side)
+    _check_positive("default_repeats", default_repeats)
+    if max_side < min_side:
+        raise DatasetError(f"max_side ({max_side}) must be at least min_side ({min_side})")
+    if not 0.0 <= validation_split < 1.0:
+        raise DatasetError(f"validation_split must be in [0, 1), got {validation_split}")
+    if prior_loss_weight < 0:
+        raise DatasetError(f"prior_loss_weight must be 0 or more, got {prior_loss_weight}")
+    try:
+        bucketizer = Bucketizer(resolution, min_side, max_side, bucket_step, no_upscale)
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from exc
+
+    root = _existing_folder(folder, "folder")
+    # A blank reg_folder (an empty text widget) means none.
+    has_reg = reg_folder is not None and bool(str(reg_folder).strip())
+    reg_root = _existing_folder(reg_folder, "reg_folder") if has_reg else None
+    if reg_root == root:
+        raise DatasetError(f"reg_folder must be a different folder from folder (both are {root})")
+    report = DatasetReport(root=str(root))
+    scan = _Scanner(bucketizer, caption_extensions, min_image_side, default_repeats, report)
+
+    train = scan.folder(root, is_reg=False, loss_weight=1.0, exclude=reg_root)
+    if not train:
+        raise DatasetError(_no_images_message(root, "folder", report.skipped))
+    reg = scan.folder(reg_root, is_reg=True, loss_weight=prior_loss_weight) if reg_root else []
+    if reg_root and not reg:
+        raise DatasetError(_no_images_message(reg_root, "reg_folder", report.skipped))
+
+    held_out = _validation_indices(len(train), validation_split, seed)
+    validation = [item for i, item in enumerate(train) if i in held_out]
+    items = [item for i, item in enumerate(train) if i not in held_out] + reg
+
+    report.buckets = dict(sorted(Counter(item.bucket for item in items).items()))
+    report.train_count = len(items) - len(reg)
+    report.validation_count = len(validation)
+    report.reg_count = len(reg)
+    report.samples_per_epoch = sum(item.repeats for item in items)
+    return Dataset(items=items, validation=validation, report=report, root=root)
+
+
+def _check_positive(name: str, *values: object) -> None:
+    for value in values:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise DatasetError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _existing_folder(folder: str | os.PathLike, name: str) -> Path:
+    path = Path(folder).expanduser()
+    if not str(folder).strip() or not path.is_dir():
+        raise DatasetError(
+            f"{name} {str(folder)!r} is not an existing folder: create it and put .png/.jpg/.webp images in it, "
+            "optionally in sub-folders named like '10_sks dog' (10 repeats, caption 'sks dog')"
+        )
+    return path.resolve()
+
+
+def _no_images_message(root: Path, name: str, skipped: list[tuple[Path, str]]) -> str:
+    message = f"{name} {root} has no usable image: put .png/.jpg/.webp images in {root} (sub-folders are scanned too)"
+    here = [(path, reason) for path, reason in skipped if path.is_relative_to(root)]
+    if here:
+        message += "; skipped:\n" + "\n".join(f"  {path}: {reason}" for path, reason in here[:10])
+        if len(here) > 10:
+            message += f"\n  ... and {len(here) - 10} more"
+    return message
+
+
+def _validation_indices(count: int, fraction: float, seed: int) -> set[int]:
+    """Which of `count` images are held out: fixed by the seed, at least one, and never all of them."""
+    if fraction <= 0 or count < 2:
+        return set()
+    wanted = min(count - 1, max(1, round(count * fraction)))
+    return set(random.Random(seed).sample(range(count), wanted))
+
+
+def _folder_convention(root: Path, directory: Path) -> tuple[int, str] | None:
+    """(repeats, tokens) of the nearest folder named 'N_tokens' from `directory` up to `root`, if any."""
+    current = directory
+    while True:
+        match = _REPEATS_FOLDER.match(current.name)
+        if match and int(match.group(1)) > 0:
+            return int(match.group(1)), " ".join(match.group(2).split())
+        if current == root or current.parent == current:
+            return None
+        current = current.parent
+
+
+class _Scanner:
+    """Turns the files under a folder into items, recording in the report what it found and skipped."""
+
+    def __init__(
+        self,
+        bucketizer: Bucketizer,
+        caption_extensions: tuple[str, ...],
+        min_image_side: int,
+        default_repeats: int,
+        report: DatasetReport,
+    ) -> None:
+        self.bucketizer = bucketizer
+        self.caption_extensions = tuple(e if e.startswith(".") else f".{e}" for e in caption_extensions)
+        self.min_image_side = min_image_side
+        self.default_repeats = default_repeats
+        self.report = report
+
+    def folder(self, root: Path, *, is_reg: bool, loss_weight: float, exclude: Path | None = None) -> list[DatasetItem]:
+        items = []
+        for path in _image_files(root, exclude):
+            item = self.image(root, path, is_reg, loss_weight)
+            if item is not None:
+                items.append(item)
+        return items
+
+    def image(self, root: Path, path: Path, is_reg: bool, loss_weight: float) -> DatasetItem | None:
+        size = self._size(path)
+        if size is None:
+            return None
+        folder = path.parent.relative_to(root).as_posix()
+        convention = _folder_convention(root, path.parent)
+        repeats, tokens = convention if convention else (self.default_repeats, "")
+        caption = self._caption(path, tokens)
+        key = f"reg: {folder}" if is_reg else folder
+        self.report.images_per_folder[key] = self.report.images_per_folder.get(key, 0) + 1
+        self.report.repeats_per_folder[key] = repeats
+        return DatasetItem(
+            path=path,
+            caption=caption,
+            folder=folder,
+            repeats=repeats,
+            is_reg=is_reg,
+            loss_weight=loss_weight,
+            size=size,
+            bucket=self.bucketizer.assign(*size),
+        )
+
+    def _size(self, path: Path) -> Size | None:
+        """The displayed (EXIF-rotated) size, or None after recording why the file cannot be used."""
+        try:
+            with Image.open(path) as img:
+                orientation = img.getexif().get(0x0112)
+                img.load()  # decodes everything: truncated or corrupt files fail here, not mid-training
+                width, height = img.size
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+            self.report.skipped.append((path, f"not a readable image ({type(exc).__name__}: {exc})"))
+            return None
+        if orientation in _TRANSPOSED_ORIENTATIONS:
+            width, height = height, width
+        if min(width, height) < self.min_image_side:
+            self.report.skipped.append(
+                (path, f"too small: {width}x{height} px, both sides must be at least {self.min_image_side} px")
+            )
+            return None
+        return width, height
+
+    def _caption(self, path: Path, tokens: str) -> str:
+        """The sidecar caption, else the folder's tokens; counts where it came from in the report."""
+        for ext in self.caption_extensions:
+            sidecar = path.with_suffix(ext)
+            if not sidecar.is_file():
+                continue
+            try:
+                text = sidecar.read_text(encoding="utf-8-sig").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                self.report.caption_errors.append((sidecar, f"cannot be read as UTF-8 text ({exc})"))
+                break
+            if text:
+                self.report.captions_found += 1
+                return text
+            break  # an empty caption file counts as no caption
+        if tokens:
+            self.report.captions_from_folder += 1
+            return tokens
+        self.report.captions_missing += 1
+        return ""
+
+
+def _image_files(root: Path, exclude: Path | None) -> list[Path]:
+    """Image files under root in a fixed order; hidden files and folders are left out."""
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        here = Path(directory)
+        # Hidden entries are macOS '._' resource forks and tool caches (.ipynb_checkpoints), not pictures.
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and here / d != exclude)
+        found.extend(here / f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(found)
