@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import adapter_from_factors
-from .adapters.base import flat_shape
 from .files import split_modules
 
 
@@ -36,12 +35,21 @@ class ApplyReport:
 
 
 def lora_key_map(model=None, clip=None) -> dict:
-    """{file module name: host weight key} for every naming ComfyUI understands."""
+    """{file module name: host weight key} for every naming ComfyUI understands, plus PEFT / diffusers UNet names.
+
+    ComfyUI maps diffusers UNet attention layers only in the old attention-processor form
+    (`attn1.processor.to_q`); PEFT and current diffusers files name them `[unet.]...attn1.to_q`.
+    """
     import comfy.lora
+    import comfy.utils
 
     key_map: dict = {}
     if model is not None:
         comfy.lora.model_lora_keys_unet(model.model, key_map)
+        for diffusers, ldm in comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items():
+            if diffusers.endswith(".weight"):
+                for prefix in ("", "unet."):
+                    key_map.setdefault(prefix + diffusers[: -len(".weight")], f"diffusion_model.{ldm}")
     if clip is not None:
         comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
     return key_map
@@ -58,17 +66,11 @@ def _weight_shapes(model, clip) -> dict[str, torch.Size]:
 def _shape_problem(parts: dict[str, torch.Tensor], target: torch.Size) -> str | None:
     try:
         adapter = adapter_from_factors(parts, shape=tuple(target))
-    except (ValueError, RuntimeError):
-        return None  # a format only the host reads (Tucker, OFT, ...): the host checks it
-    if adapter is None:
-        return None
-    if flat_shape(adapter.shape) != flat_shape(tuple(target)) and adapter.algorithm != "lokr":
-        return f"{tuple(adapter.shape)} vs {tuple(target)}"
-    try:
-        adapter.delta().reshape(target)
-    except RuntimeError:
-        return f"{tuple(adapter.shape)} vs {tuple(target)}"
-    return None
+    except NotImplementedError:
+        return None  # a format only the host reads (Tucker, ...): the host checks it
+    except ValueError as e:
+        return str(e)
+    return adapter.shape_error(target) if adapter is not None else None
 
 
 def apply_lora(model, clip, tensors: dict[str, torch.Tensor], strength_model: float = 1.0,

@@ -77,3 +77,28 @@ def split_modules(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str,
         else:
             unknown.append(key)
     return modules, unknown
+
+
+def path_inside(base: str | os.PathLike, relative: str) -> Path:
+    """`base/relative`, refusing absolute paths and anything that escapes `base` (e.g. `..`)."""
+    if not relative or relative.strip() != relative:
+        raise ValueError(f"name {relative!r}: give a plain relative name such as 'my_lora' or 'folder/my_lora'")
+    if os.path.isabs(relative) or "\\" in relative or any(part == ".." for part in Path(relative).parts):
+        raise ValueError(f"name {relative!r}: absolute paths, backslashes and '..' are not allowed")
+    base = Path(base).resolve()
+    path = (base / relative).resolve()
+    if base != path and base not in path.parents:
+        raise ValueError(f"name {relative!r} points outside {base}")
+    return path
+
+
+def numbered_path(base: str | os.PathLike, prefix: str, suffix: str = ".safetensors") -> Path:
+    """The first free `<prefix>_00001<suffix>`, `_00002`, ... inside `base`: never an existing file."""
+    stem = path_inside(base, prefix)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        path = stem.with_name(f"{stem.name}_{n:05d}{suffix}")
+        if not path.exists():
+            return path
+        n += 1

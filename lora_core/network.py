@@ -10,6 +10,7 @@ from torch import nn
 
 from . import kohya_keys
 from .adapters import ALGORITHMS, Adapter, DyLoRA, adapter_from_factors
+from .apply import lora_key_map
 from .files import split_modules
 from .targets import block_of, find_layers, layer_kind, text_encoders
 
@@ -84,6 +85,25 @@ def _text_encoder_layers(clip, config: NetworkConfig):
             full = f"{enc_name}.{path}" if enc_name else path
             out.append((kohya_keys.text_encoder_name(prefixes[enc_name], full), f"{full}.weight", module, "te"))
     return out
+
+
+def _host_layers(model, clip) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{host weight key: (our kohya name, weight shape)} for every layer an adapter may change."""
+    everything = NetworkConfig(preset="all", text_encoder=True)
+    layers = _unet_layers(model, everything) if model is not None else []
+    layers += _text_encoder_layers(clip, everything) if clip is not None else []
+    return {key: (name, tuple(module.weight.shape)) for name, key, module, _ in layers}
+
+
+def _read_adapter(parts: dict[str, torch.Tensor], shape: tuple[int, ...] | None) -> Adapter:
+    """One module's adapter from its tensors, checked against the layer `shape` (or its own)."""
+    adapter = adapter_from_factors(parts, shape)
+    if adapter is None:
+        raise ValueError(f"no LoRA/LoHa/LoKr factors ({', '.join(sorted(parts))})")
+    error = adapter.shape_error(shape if shape is not None else adapter.shape)
+    if error:
+        raise ValueError(error)
+    return adapter
 
 
 class LoraNetwork(nn.Module):
@@ -167,24 +187,41 @@ class LoraNetwork(nn.Module):
         return out
 
     @classmethod
-    def from_state_dict(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> LoraNetwork:
-        """Adapters from a file's tensors (kohya, LyCORIS or PEFT names); unreadable modules raise, naming them."""
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                        model=None, clip=None) -> LoraNetwork:
+        """Adapters from a file's tensors (kohya, LyCORIS, PEFT or ComfyUI-trainer names).
+
+        With `model` / `clip`, each adapter is bound to the host weight it changes and renamed to
+        our kohya name for it, ready to `attach` (to resume training) or save. Whatever cannot be
+        read raises one ValueError naming every key or module concerned: unknown keys, modules
+        without factors, factors that do not fit together, and (bound) modules that match no
+        adaptable layer or whose shape differs from it.
+        """
         modules, unknown = split_modules(tensors)
-        if unknown:
-            raise ValueError(f"unrecognised tensor keys (not LoRA/LoHa/LoKr factors): {', '.join(sorted(unknown)[:20])}")
-        adapters, unreadable = {}, []
-        for name, parts in modules.items():
-            adapter = adapter_from_factors(parts)
-            if adapter is None:
-                unreadable.append(name)
-            else:
-                adapters[name.replace(".", "_")] = adapter
-        if unreadable:
-            raise ValueError(f"modules without LoRA/LoHa/LoKr factors: {', '.join(sorted(unreadable)[:20])}")
+        problems = [f"{k}: not a LoRA/LoHa/LoKr tensor" for k in sorted(unknown)]
+        bound = model is not None or clip is not None
+        host = _host_layers(model, clip) if bound else {}
+        key_map = lora_key_map(model, clip) if bound else {}
+        adapters, keys = {}, {}
+        for name, parts in sorted(modules.items()):
+            key = key_map.get(name)
+            try:
+                if bound and key not in host:
+                    raise ValueError("no adaptable layer of this model has this name")
+                our_name, shape = host[key] if bound else (name.replace(".", "_"), None)
+                adapters[our_name] = _read_adapter(parts, shape)
+            except (ValueError, NotImplementedError) as e:
+                problems.append(f"{name}: {e}")
+                continue
+            if bound:
+                keys[our_name] = key
+        if problems:
+            shown = "; ".join(problems[:20]) + (f"; ... ({len(problems) - 20} more)" if len(problems) > 20 else "")
+            raise ValueError(f"cannot read this adapter file ({len(problems)} problems): {shown}")
         config = None
         if metadata and "lora_foundry_config" in metadata:
             config = NetworkConfig.from_json(metadata["lora_foundry_config"])
-        return cls(adapters, config=config)
+        return cls(adapters, keys, config)
 
     def at_rank(self, rank: int) -> LoraNetwork:
         """DyLoRA export: every DyLoRA adapter sliced to its leading `rank` ranks."""

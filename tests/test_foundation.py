@@ -193,3 +193,22 @@ def test_setup_is_idempotent():
     out = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "setup.sh")], capture_output=True, text=True, check=True)
     assert "up to date" in out.stdout
     assert time.monotonic() - start < 20
+
+
+def test_fixture_model_output_depends_on_input_and_prompt(loaded_checkpoint):
+    import comfy.model_management
+    import torch
+
+    model, clip, _ = loaded_checkpoint
+    comfy.model_management.load_models_gpu([model])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    sigma = torch.tensor([1.0])
+    a = clip.encode_from_tokens(clip.tokenize("a red circle"))
+    b = clip.encode_from_tokens(clip.tokenize("a blue square"))
+    with torch.no_grad():
+        out_a = model.model.apply_model(x, sigma, c_crossattn=a)
+        out_b = model.model.apply_model(x, sigma, c_crossattn=b)
+        out_c = model.model.apply_model(x * 2, sigma, c_crossattn=a)
+    assert (out_a - out_b).abs().max() > 1e-4, "the prompt does not reach the UNet"
+    assert (out_a - out_c).abs().max() > 1e-4, "the input does not reach the UNet"

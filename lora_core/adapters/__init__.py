@@ -14,7 +14,11 @@ READERS: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr)
 
 
 def adapter_from_factors(tensors: dict[str, torch.Tensor], shape=None) -> Adapter | None:
-    """The adapter stored in one module's tensors (any algorithm we read), or None."""
+    """The adapter stored in one module's tensors (any algorithm we read), or None.
+
+    Raises ValueError for factors that do not fit together, NotImplementedError for variants we
+    do not read (Tucker factors), which ComfyUI's loader may still apply.
+    """
     for cls in READERS:
         adapter = cls.from_factors(tensors, shape)
         if adapter is not None:

@@ -71,13 +71,38 @@ class Adapter(nn.Module):
     def enable_dora(self, weight: torch.Tensor) -> None:
         self.dora_scale = nn.Parameter(column_norm(weight.detach().float()))
 
+    def add_delta(self, weight: torch.Tensor, strength: float) -> torch.Tensor:
+        """W + strength * dW; algorithms with a cheaper fused form override it."""
+        delta = self.delta().to(weight.dtype)
+        return weight + (delta if strength == 1 else delta * strength)
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight ComfyUI's loader computes for this adapter's file at strength `multiplier`.
+
+        DoRA at strength s is W + s * (DoRA(W, dW) - W), as ComfyUI's `weight_decompose` applies it.
+        """
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return weight
-        delta = self.delta().to(weight.dtype) * self.multiplier
-        if self.dora_scale is not None:
-            return dora_weight(weight, delta, self.dora_scale)
-        return weight + delta
+        if self.dora_scale is None:
+            return self.add_delta(weight, self.multiplier)
+        merged = dora_weight(weight, self.delta().to(weight.dtype), self.dora_scale)
+        return merged if self.multiplier == 1 else weight + self.multiplier * (merged - weight)
+
+    def shape_error(self, shape) -> str | None:
+        """Why these factors cannot change a weight of `shape` (they do not fit it, or each other), or None.
+
+        Runs `forward` on the meta device, so it costs nothing and checks exactly what applying does.
+        """
+        shape = tuple(int(s) for s in shape)
+        if flat_shape(self.shape) != flat_shape(shape):
+            return f"changes a {list(self.shape)} weight, the layer is {list(shape)}"
+        fake = {n: torch.empty(p.shape, device="meta") for n, p in self.named_parameters()}
+        try:
+            torch.func.functional_call(self, fake, (torch.empty(shape, device="meta"),))
+        except RuntimeError:
+            sizes = ", ".join(f"{n} {list(p.shape)}" for n, p in self.named_parameters())
+            return f"factors do not fit together ({sizes})"
+        return None
 
     def rank_mask(self, rank: int, device) -> torch.Tensor | None:
         """A random keep-mask over rank dimensions (scaled), when training with rank dropout."""

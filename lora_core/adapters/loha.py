@@ -40,8 +40,9 @@ class LoHa(Adapter):
         mask = self.rank_mask(self.rank, w1a.device)
         if mask is not None:
             w1a, w2a = w1a * mask, w2a * mask
-        diff = (w1a @ self.hada_w1_b) * (w2a @ self.hada_w2_b)
-        return diff.reshape(self.shape) * (self.alpha / self.rank)
+        # The scale goes on the small factor: one full-size product fewer, forward and backward.
+        diff = ((w1a * (self.alpha / self.rank)) @ self.hada_w1_b) * (w2a @ self.hada_w2_b)
+        return diff.reshape(self.shape)
 
     def factors(self):
         names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -53,9 +54,10 @@ class LoHa(Adapter):
         if not all(n in tensors for n in names):
             return None
         if "hada_t1" in tensors:
-            raise ValueError("LoHa with Tucker factors (hada_t1/hada_t2) is not supported yet")
+            raise NotImplementedError("LoHa with Tucker factors (hada_t1/hada_t2) is not supported yet")
         w1a, w1b, w2a, w2b = (tensors[n].float() for n in names)
-        shape = tuple(shape) if shape is not None else (w1a.shape[0], w1b.shape[1])
+        natural = (w1a.shape[0], w1b.shape[1])
+        shape = tuple(shape) if shape is not None and flat_shape(tuple(shape)) == natural else natural
         alpha = tensors.get("alpha")
         adapter = cls(w1a, w1b, w2a, w2b, shape, float(alpha) if alpha is not None else None)
         if "dora_scale" in tensors:

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Adapter
+from .base import Adapter, flat_shape
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
@@ -72,7 +72,7 @@ class LoKr(Adapter):
             if mask is not None:
                 w2_a = w2_a * mask
             w2 = w2_a @ self.lokr_w2_b
-        return torch.kron(self.lokr_w1, w2).reshape(self.shape) * self.scale
+        return torch.kron(self.lokr_w1 * self.scale, w2).reshape(self.shape)  # scale on the small factor
 
     def factors(self):
         names = ("lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
@@ -83,7 +83,7 @@ class LoKr(Adapter):
         if "lokr_w1" not in tensors and "lokr_w1_a" not in tensors:
             return None
         if "lokr_t2" in tensors:
-            raise ValueError("LoKr with a Tucker factor (lokr_t2) is not supported yet")
+            raise NotImplementedError("LoKr with a Tucker factor (lokr_t2) is not supported yet")
         alpha = tensors.get("alpha")
         w2, w2_a, w2_b = (tensors.get(n) for n in ("lokr_w2", "lokr_w2_a", "lokr_w2_b"))
         if w2 is not None:
@@ -94,9 +94,9 @@ class LoKr(Adapter):
             if w2 is not None and alpha is not None:  # only w1 is low rank: its alpha / rank is folded in
                 w1 = w1 * (float(alpha) / tensors["lokr_w1_b"].shape[0])
                 alpha = None
-        if shape is None:
-            right = w2 if w2 is not None else (w2_a @ w2_b)
-            shape = (w1.shape[0] * right.shape[0], w1.shape[1] * right.shape[1])
+        right = w2.shape if w2 is not None else (w2_a.shape[0], w2_b.shape[1])
+        natural = (w1.shape[0] * right[0], w1.shape[1] * right[1])
+        shape = tuple(shape) if shape is not None and flat_shape(tuple(shape)) == natural else natural
         w2, w2_a, w2_b = (t.float() if t is not None else None for t in (w2, w2_a, w2_b))
         adapter = cls(w1.float(), w2, w2_a, w2_b, shape=shape, alpha=float(alpha) if alpha is not None else None)
         if "dora_scale" in tensors:

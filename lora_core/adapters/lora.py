@@ -17,6 +17,8 @@ class LoRA(Adapter):
     algorithm = "lora"
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float | None = None, **options):
+        if up.shape[1] != down.shape[0]:
+            raise ValueError(f"lora_up {list(up.shape)} and lora_down {list(down.shape)} have different ranks")
         shape = (up.shape[0], *down.shape[1:])
         super().__init__(shape, alpha if alpha is not None else down.shape[0], **options)
         self.lora_down = nn.Parameter(down)
@@ -35,16 +37,32 @@ class LoRA(Adapter):
     def rank(self) -> int:
         return self.lora_down.shape[0]
 
-    def delta_at_rank(self, rank: int, scale: float) -> torch.Tensor:
+    def step_rank(self) -> int:
+        """How many leading ranks this step uses (all of them; DyLoRA samples one)."""
+        return self.rank
+
+    def matrices(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """up [out, rank] and down [rank, in * k * k] (rank dropout applied when training)."""
         down = self.lora_down[:rank].reshape(rank, -1)
         up = self.lora_up[:, :rank].reshape(self.shape[0], rank)
         mask = self.rank_mask(rank, down.device)
         if mask is not None:
             down = down * mask[:, None]
+        return up, down
+
+    def delta_at_rank(self, rank: int, scale: float) -> torch.Tensor:
+        up, down = self.matrices(rank)
         return (up @ down).reshape(self.shape) * scale
 
     def delta(self):
-        return self.delta_at_rank(self.rank, self.alpha / self.rank)
+        return self.delta_at_rank(self.step_rank(), self.alpha / self.rank)
+
+    def add_delta(self, weight, strength):
+        # One fused W + s * up @ down (addmm): no full-size dW or scaling pass, forward or backward.
+        up, down = self.matrices(self.step_rank())
+        flat = weight.reshape(self.shape[0], -1)
+        merged = torch.addmm(flat, up.to(weight.dtype), down.to(weight.dtype), alpha=strength * self.alpha / self.rank)
+        return merged.reshape(weight.shape)
 
     def factors(self):
         return {"lora_down.weight": self.lora_down.detach(), "lora_up.weight": self.lora_up.detach()}
@@ -56,6 +74,13 @@ class LoRA(Adapter):
             down, up = tensors.get("lora_A.weight"), tensors.get("lora_B.weight")
         if down is None or up is None:
             return None
+        if "lora_mid.weight" in tensors:
+            raise NotImplementedError("LoCon with a Tucker factor (lora_mid) is not supported yet")
+        rank = down.shape[0]
+        if shape is not None and flat_shape(tuple(shape)) == (up.shape[0], down[0].numel()) and up.numel() == shape[0] * rank:
+            # Flattened factors (PEFT, ComfyUI's trainer) for a convolution: the kohya layout.
+            down = down.reshape(rank, *shape[1:])
+            up = up.reshape(shape[0], rank, *[1] * (len(shape) - 2))
         alpha = tensors.get("alpha")
         adapter = cls(down.float(), up.float(), float(alpha) if alpha is not None else None)
         if "dora_scale" in tensors:
@@ -82,11 +107,10 @@ class DyLoRA(LoRA):
         base = LoRA.create(weight, rank, alpha)
         return cls(base.lora_down.data, base.lora_up.data, alpha, unit=unit, seed=seed, **options)
 
-    def delta(self):
-        rank = self.rank
-        if self.training:
-            rank = self.rng.randrange(self.unit, self.rank + 1, self.unit)
-        return self.delta_at_rank(rank, self.alpha / self.rank)
+    def step_rank(self) -> int:
+        if not self.training:
+            return self.rank
+        return self.rng.randrange(self.unit, self.rank + 1, self.unit)
 
     def at_rank(self, rank: int) -> LoRA:
         """A plain LoRA made of the leading `rank` rows/columns, with the same effective scale."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .comfy import REPO_ROOT, setup_inprocess
 
-FIXTURE_VERSION = 1
+FIXTURE_VERSION = 2
 SD15_TINY_UNET = {
     "image_size": 32,
     "in_channels": 4,
@@ -55,13 +55,15 @@ def init_weights_(module, seed: int, std: float = 0.02) -> None:
     """Deterministic init: ComfyUI builds layers without initialising them (uninitialised memory)."""
     import torch
 
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    norm_weights = {id(m.weight) for m in module.modules() if isinstance(m, norms) and m.weight is not None}
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-            elif "norm" in name and name.endswith("weight"):
+        for p in module.parameters():
+            if id(p) in norm_weights:
                 p.fill_(1.0)
+            elif p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
             else:
                 p.zero_()
 
@@ -75,7 +77,6 @@ def build_unet(seed: int = 0, config: dict | None = None, dtype=None):
 
     unet = UNetModel(**(config or SD15_TINY_UNET), dtype=torch.float32, operations=comfy.ops.disable_weight_init)
     init_weights_(unet, seed)
-    # A zero-initialised output layer would make every prediction zero; keep it small instead.
     return unet.to(dtype) if dtype is not None else unet
 
 

@@ -1,0 +1,135 @@
+"""Our training step vs ComfyUI's native TrainLoraNode: same model, data, rank, LR, dtype, batch.
+
+Usage: .venv/bin/python bench/bench_train.py [--steps 40] [--rank 8] [--batch 2] [--lr 1e-3]
+
+Each variant runs in its own process so peak memory (max RSS) is its own. Reports seconds
+per step, peak RSS and the held-out denoising loss (the model's native eps objective at fixed
+noise levels and seeds) of the base model and of each trained adapter, plus ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "scripts"))
+
+
+def setup(args):
+    import torch
+    from harness import fixtures
+    from harness.comfy import import_pack, setup_inprocess
+
+    setup_inprocess()
+    import_pack()
+    import comfy.sd
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.trainer import TrainConfig, Trainer
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(fixtures.tiny_sd15_checkpoint()))
+    dataset = load_dataset(fixtures.concept_dataset(), resolution=64, min_side=64, max_side=64, bucket_step=64,
+                           validation_split=0.2, seed=0)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch, learning_rate=args.lr, seed=0, grad_clip=0,
+                         weight_decay=0.01)
+    with torch.inference_mode(False):
+        alpha = args.alpha if args.alpha is not None else float(args.rank)
+        network = LoraNetwork.create(NetworkConfig(rank=args.rank, alpha=alpha, preset="all", seed=0), model)
+        trainer = Trainer(model, clip, vae, dataset, network, config)
+        trainer.encode_images(dataset.items)
+        trainer.encode_images(dataset.validation, validation=True)
+        trainer.encode_fixed_captions()
+        for item in dataset.validation:
+            trainer.encode_text(trainer.fixed_caption(item))
+    return trainer
+
+
+def held_out(trainer, patched) -> float:
+    import comfy.model_management as mm
+    import torch
+    from lora_foundry.training.trainer import held_out_loss
+
+    mm.load_models_gpu([patched], force_full_load=True)
+    with torch.inference_mode(False):
+        return held_out_loss(trainer, patched, patched.load_device)
+
+
+def run_ours(trainer) -> dict:
+    from lora_foundry.lora_core.apply import apply_lora
+
+    start = time.perf_counter()
+    result = trainer.run()
+    seconds = time.perf_counter() - start
+    patched, _, _ = apply_lora(trainer.model, None, result.network.state_dict_kohya(), 1.0, 0.0)
+    return {"seconds": seconds, "held_out": held_out(trainer, patched), "params": result.network.num_params()}
+
+
+def run_native(trainer, args) -> dict:
+    import torch
+    from comfy_extras.nodes_train import TrainLoraNode
+
+    items = trainer.dataset.items
+    latents = [{"samples": trainer.latents[(i, False)][None]} for i in range(len(items))]
+    positive = [[[trainer.encode_text(trainer.fixed_caption(item)), {}]] for item in items]
+    start = time.perf_counter()
+    with torch.inference_mode(False):
+        out = TrainLoraNode.execute(
+            model=[trainer.model], latents=latents, positive=positive, batch_size=[args.batch], steps=[args.steps],
+            grad_accumulation_steps=[1], learning_rate=[args.lr], rank=[args.rank], optimizer=["AdamW"],
+            loss_function=["MSE"], seed=[0], training_dtype=["fp32"], lora_dtype=["fp32"], algorithm=["LoRA"],
+            gradient_checkpointing=[False], existing_lora=["[None]"])
+    seconds = time.perf_counter() - start
+    patched, lora_sd = out.result[0], out.result[1]
+    return {"seconds": seconds, "held_out": held_out(trainer, patched),
+            "params": sum(v.numel() for v in lora_sd.values())}
+
+
+def child(args) -> None:
+    trainer = setup(args)
+    if args.variant == "base":
+        result = {"held_out": held_out(trainer, trainer.model)}
+    elif args.variant == "ours":
+        result = run_ours(trainer)
+    else:
+        result = run_native(trainer, args)
+    result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--alpha", type=float, help="our alpha (default: rank, our node's default; native uses 1)")
+    parser.add_argument("--variant", choices=("base", "ours", "native"))
+    args = parser.parse_args()
+    if args.variant:
+        return child(args)
+    results = {}
+    for variant in ("base", "native", "ours"):
+        cmd = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps), "--rank", str(args.rank),
+               "--batch", str(args.batch), "--lr", str(args.lr)] + (["--alpha", str(args.alpha)] if args.alpha else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        results[variant] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    ours, native = results["ours"], results["native"]
+    print(f"fixture SD1.5-layout UNet (25.8M), 64 px, rank {args.rank}, batch {args.batch}, {args.steps} steps, "
+          f"lr {args.lr}, our alpha {args.alpha or args.rank} (native: 1), fp32, CPU; targets: every Linear/Conv layer (native trains biases and norms too)")
+    print(f"{'':10} {'s/step':>8} {'peak RSS MB':>12} {'held-out loss':>14} {'params':>10}")
+    print(f"{'base':10} {'':>8} {results['base']['max_rss_mb']:12.0f} {results['base']['held_out']:14.4f}")
+    for name in ("native", "ours"):
+        r = results[name]
+        print(f"{name:10} {r['seconds'] / args.steps:8.3f} {r['max_rss_mb']:12.0f} {r['held_out']:14.4f} {r['params']:10,}")
+    print(f"ratios ours/native: time {ours['seconds'] / native['seconds']:.2f}, "
+          f"peak RSS {ours['max_rss_mb'] / native['max_rss_mb']:.2f}, held-out loss {ours['held_out'] / native['held_out']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Train LoRA: train an adapter on the loaded MODEL with a dataset, inside the graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..lora_core.apply import apply_lora
+from ..lora_core.files import path_inside
+from ..lora_core.network import LoraNetwork, NetworkConfig
+from ..lora_core.targets import PRESETS
+from ..training.captions import CaptionOptions
+from ..training.objective import LOSSES, TIMESTEP_SAMPLING
+from ..training.optim import OPTIMIZERS, SCHEDULERS
+from ..training.plots import loss_graph
+from ..training.trainer import PRECISIONS, TrainConfig, Trainer
+
+CATEGORY = "Lora Foundry"
+ALGORITHMS = ("lora", "locon", "loha", "lokr", "dylora")
+
+
+def pil_to_image(img) -> torch.Tensor:
+    """A Pillow image as a ComfyUI IMAGE batch [1, H, W, 3] in [0, 1]."""
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+def progress_reporter(node_id: str | None, total: int):
+    """Advance ComfyUI's progress bar and send our live-training event for each step."""
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total, node_id=node_id)
+
+    def report(info: dict) -> None:
+        bar.update_absolute(info["step"], total)
+        try:
+            from server import PromptServer
+
+            PromptServer.instance.send_sync("lora_foundry.train", {"node": node_id, **info})
+        except (ImportError, AttributeError):
+            pass  # headless use without a server
+
+    return report
+
+
+def run_folder(loras: str, output_name: str, resume: bool) -> tuple[Path, Path | None]:
+    """(checkpoint folder, state to resume or None): a new run gets a fresh folder, never a used one."""
+    folder = path_inside(loras, output_name)
+    state = folder / f"{folder.name}-state.safetensors"
+    if resume:
+        if not state.is_file():
+            raise ValueError(f"resume: no saved state at {state}; train once with this output_name first")
+        return folder, state
+    n = 1
+    while folder.exists() and any(folder.iterdir()):
+        n += 1
+        folder = path_inside(loras, f"{output_name}_{n}")
+    return folder, None
+
+
+class TrainLoRA:
+    DESCRIPTION = "Train a LoRA / LoCon / LoHa / LoKr / DyLoRA (optionally DoRA) adapter on MODEL with a dataset."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LORA", "MODEL", "LORA_LOSS", "IMAGE", "STRING")
+    RETURN_NAMES = ("lora", "model", "loss", "loss_graph", "summary")
+    FUNCTION = "train"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "clip": ("CLIP", {"tooltip": "Encodes the captions (frozen)."}),
+                "vae": ("VAE", {"tooltip": "Encodes the images (latents are cached once)."}),
+                "dataset": ("LORA_DATASET",),
+                "trigger_word": ("STRING", {"default": "", "tooltip": "Put in front of every caption."}),
+                "output_name": ("STRING", {"default": "my_lora"}),
+                "algorithm": (ALGORITHMS, {"default": "lora"}),
+                "rank": ("INT", {"default": 16, "min": 1, "max": 1024}),
+                "alpha": ("FLOAT", {"default": 16.0, "min": 0.0, "max": 1024.0, "step": 0.5}),
+                "targets": (PRESETS, {"default": "kohya"}),
+                "dora": ("BOOLEAN", {"default": False}),
+                "steps": ("INT", {"default": 300, "min": 1, "max": 1_000_000}),
+                "learning_rate": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 10.0, "step": 1e-5, "round": False}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 256}),
+                "optimizer": (OPTIMIZERS, {"default": "AdamW"}),
+                "scheduler": (SCHEDULERS, {"default": "constant"}),
+                "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100_000}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                "precision": (tuple(PRECISIONS), {"default": "fp32"}),
+            },
+            "optional": {
+                "gradient_checkpointing": ("BOOLEAN", {"default": False}),
+                "grad_accum": ("INT", {"default": 1, "min": 1, "max": 1024}),
+                "grad_clip": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1}),
+                "lora_plus_ratio": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 64.0, "step": 1.0}),
+                "loss": (LOSSES, {"default": "mse"}),
+                "min_snr_gamma": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.5}),
+                "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                "timestep_sampling": (TIMESTEP_SAMPLING, {"default": "uniform"}),
+                "conv_rank": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "kxk convolutions; 0 = rank."}),
+                "shuffle_tags": ("BOOLEAN", {"default": False}),
+                "keep_tokens": ("INT", {"default": 1, "min": 0, "max": 64}),
+                "caption_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                "flip": ("BOOLEAN", {"default": False}),
+                "save_every": ("INT", {"default": 0, "min": 0, "max": 1_000_000, "tooltip": "0 = only at the end."}),
+                "validation_every": ("INT", {"default": 0, "min": 0, "max": 1_000_000}),
+                "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue the saved state of output_name "
+                                       "(same settings, more steps); otherwise a new run never overwrites one."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def train(self, model, clip, vae, dataset, trigger_word, output_name, algorithm, rank, alpha, targets, dora,
+              steps, learning_rate, batch_size, optimizer, scheduler, warmup_steps, seed, precision,
+              gradient_checkpointing=False, grad_accum=1, grad_clip=1.0, lora_plus_ratio=0.0, loss="mse",
+              min_snr_gamma=5.0, noise_offset=0.0, timestep_sampling="uniform", conv_rank=0, shuffle_tags=False,
+              keep_tokens=1, caption_dropout=0.0, flip=False, save_every=0, validation_every=0, resume=False,
+              unique_id=None):
+        import folder_paths
+
+        network_config = NetworkConfig(algorithm=algorithm, rank=rank, alpha=alpha, preset=targets, dora=dora,
+                                       conv_rank=conv_rank or None, seed=seed)
+        captions = CaptionOptions(trigger_word=trigger_word.strip(), shuffle_tags=shuffle_tags,
+                                  keep_tokens=keep_tokens, caption_dropout=caption_dropout)
+        config = TrainConfig(
+            steps=steps, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer, scheduler=scheduler,
+            warmup_steps=warmup_steps, lora_plus_ratio=lora_plus_ratio, grad_clip=grad_clip, grad_accum=grad_accum,
+            seed=seed, precision=precision, gradient_checkpointing=gradient_checkpointing, loss=loss,
+            min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, timestep_sampling=timestep_sampling,
+            flip=flip, save_every=save_every, validation_every=validation_every, captions=captions,
+        )
+        output_dir, resume_from = run_folder(folder_paths.get_folder_paths("loras")[0], output_name, resume)
+        with torch.inference_mode(False):
+            network = LoraNetwork.create(network_config, model)
+            trainer = Trainer(model, clip, vae, dataset, network, config, output_dir=output_dir,
+                              name=output_dir.name, on_step=progress_reporter(unique_id, steps), resume=resume_from)
+            result = trainer.run()
+        network.metadata = trainer.metadata(result.steps)
+        trained_model, _, _ = apply_lora(model, None, network.state_dict_kohya(), 1.0, 0.0)
+        history = {"loss": result.losses, "validation": result.validation}
+        first, last = _mean(result.losses[:10]), _mean(result.losses[-10:])
+        summary = (f"{algorithm} rank {rank} on {len(network.adapters)} layers ({network.num_params():,} parameters); "
+                   f"{result.steps} steps in {result.seconds:.1f}s; loss {first:.4f} -> {last:.4f}")
+        if result.validation:
+            summary += f"; validation {result.validation[0][1]:.4f} -> {result.validation[-1][1]:.4f}"
+        graph = pil_to_image(loss_graph(result.losses, result.validation))
+        ui = {"text": [summary], "loss": result.losses, "validation": [list(v) for v in result.validation]}
+        return {"ui": ui, "result": (network, trained_model, history, graph, summary)}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+NODE_CLASS_MAPPINGS = {"LoraFoundryTrainLoRA": TrainLoRA}
+NODE_DISPLAY_NAME_MAPPINGS = {"LoraFoundryTrainLoRA": "Train LoRA"}

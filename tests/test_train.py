@@ -1,0 +1,233 @@
+"""Training: the objective of each model family, the loop in-process, and the example workflow end to end."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+from harness.comfy import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def training(pack):
+    from lora_foundry.training import objective, trainer
+
+    return objective, trainer
+
+
+def _sampling(kind: str):
+    import comfy.model_sampling as ms
+
+    base = {"eps": (ms.ModelSamplingDiscrete, ms.EPS), "v": (ms.ModelSamplingDiscrete, ms.V_PREDICTION),
+            "flow": (ms.ModelSamplingDiscreteFlow, ms.CONST)}[kind]
+
+    class Sampling(*base):
+        pass
+
+    return Sampling()
+
+
+@pytest.mark.parametrize("kind", ["eps", "v", "flow"])
+def test_each_family_trains_on_its_own_target(training, kind):
+    objective, _ = training
+    sampling = _sampling(kind)
+    assert objective.family(sampling) == kind
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 8, 8, generator=gen)
+    noise = torch.randn(3, 4, 8, 8, generator=gen)
+    sigma = objective.sigmas_for(sampling, [0.2, 0.5, 0.9])
+    s = sigma.view(-1, 1, 1, 1)
+    x = sampling.noise_scaling(s, noise, x0)
+    output = torch.randn(3, 4, 8, 8, generator=gen)  # an arbitrary raw model prediction
+    denoised = sampling.calculate_denoised(sigma, output, x)
+    if kind == "eps":
+        target = noise
+    elif kind == "flow":
+        target = noise - x0
+    else:
+        sd = sampling.sigma_data
+        target = (x * sd**2 / (s**2 + sd**2) - x0) * torch.sqrt(s**2 + sd**2) / (s * sd)
+    expected = ((output - target) ** 2).flatten(1).mean(1)
+    got = objective.prediction_loss(kind, denoised, x0, sigma, "mse", sigma_data=getattr(sampling, "sigma_data", 1.0))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_min_snr_weights(training):
+    objective, _ = training
+    sigma = torch.tensor([0.1, 1.0, 10.0])
+    w = objective.min_snr_weight("eps", sigma, gamma=5.0)
+    torch.testing.assert_close(w, torch.tensor([5.0 / 100.0, 1.0, 1.0]))
+    wv = objective.min_snr_weight("v", sigma, gamma=5.0)
+    torch.testing.assert_close(wv, torch.tensor([5.0 / 101.0, 0.5, 0.01 / 1.01]))
+
+
+def test_noise_levels_respect_range_and_sampling(training):
+    objective, _ = training
+    rng = random.Random(0)
+    levels = objective.sample_noise_levels(500, rng, "logit_normal", 0.2, 0.6)
+    assert all(0.2 < u <= 0.6 for u in levels)
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        objective.sample_noise_levels(1, rng, "cosine")
+
+
+def _train(pack, loaded_checkpoint, concept_dataset, tmp_path, **overrides):
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.trainer import TrainConfig, Trainer
+
+    model, clip, vae = loaded_checkpoint
+    dataset = load_dataset(concept_dataset, resolution=64, min_side=32, max_side=128, bucket_step=32,
+                           validation_split=0.15, seed=0)
+    net_cfg = NetworkConfig(rank=4, alpha=4, preset="attention", seed=0)
+    settings = {"steps": 20, "batch_size": 2, "learning_rate": 2e-3, "seed": 0, "validation_every": 10}
+    settings.update(overrides)
+    with torch.inference_mode(False):
+        network = LoraNetwork.create(net_cfg, model)
+        trainer = Trainer(model, clip, vae, dataset, network, TrainConfig(**settings), output_dir=tmp_path)
+        return trainer, trainer.run()
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_and_freezes_the_base(pack, loaded_checkpoint, concept_dataset, tmp_path):
+    model, _, _ = loaded_checkpoint
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    trainer, result = _train(pack, loaded_checkpoint, concept_dataset, tmp_path, steps=30)
+    assert result.steps == 30 and len(result.losses) == 30
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < first, (first, last)
+    assert result.validation[-1][1] < result.validation[0][1] * 1.05
+    after = model.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "training changed a base weight"
+    assert any(a.lora_up.abs().sum() > 0 for a in result.network.adapters.values())
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_adapter(pack, loaded_checkpoint, concept_dataset, tmp_path):
+    from lora_foundry.training.trainer import TrainingError
+
+    with pytest.raises(TrainingError, match="loss became (nan|inf)") as err:
+        _train(pack, loaded_checkpoint, concept_dataset, tmp_path, steps=5, learning_rate=1e30, grad_clip=0)
+    kept = list(tmp_path.glob("*last-good.safetensors"))
+    assert kept and str(kept[0]) in str(err.value)
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(str(kept[0])).values())
+
+
+def test_checkpoints_are_written_every_n_steps(pack, loaded_checkpoint, concept_dataset, tmp_path):
+    from safetensors import safe_open
+
+    _, result = _train(pack, loaded_checkpoint, concept_dataset, tmp_path, steps=4, save_every=2)
+    names = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert names == ["lora-state.safetensors", "lora-step000002.safetensors"]
+    with safe_open(str(tmp_path / names[1]), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_steps"] == "2" and meta["ss_network_module"] == "networks.lora"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_example_workflow_trains_through_the_server(server, tiny_checkpoint, concept_dataset, comfy_root, caplog):
+    from main_job import run_example
+    from PIL import Image
+    from safetensors import safe_open
+
+    result = run_example(server, tiny_checkpoint, concept_dataset, steps=30, timeout=900)
+    lora = result["lora"]
+    assert lora is not None and lora.is_file(), result["outputs"]
+    assert lora.parent.parent == server.base_dir / "models" / "loras"
+    with safe_open(str(lora), "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "8"
+    assert "sks" in meta["ss_tag_frequency"]
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0") for k in keys)
+    for key in ("loss_graph", "before", "after"):
+        assert result[key], key
+        with Image.open(result[key][0]) as img:
+            assert img.size[0] > 0
+    train_ui = next(out for out in result["outputs"].values() if "loss" in out)
+    losses = train_ui["loss"]
+    assert len(losses) == 30
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
+
+    # ComfyUI's own LoraLoader reads the file with no unloaded key.
+    import comfy.sd
+    import comfy.utils
+
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint))
+    caplog.set_level(logging.WARNING)
+    comfy.sd.load_lora_for_models(model, clip, comfy.utils.load_torch_file(str(lora)), 1.0, 1.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+
+
+def test_example_workflow_file_uses_only_core_nodes_and_ours():
+    import json
+
+    workflow = json.loads((REPO_ROOT / "example_workflows" / "train_lora_before_after.json").read_text())
+    types = {n["type"] for n in workflow["nodes"]}
+    ours = {t for t in types if t.startswith("LoraFoundry")}
+    assert {"LoraFoundryLoadDataset", "LoraFoundryTrainLoRA", "LoraFoundrySaveLoRA"} <= ours
+
+
+def test_resume_continues_exactly(pack, loaded_checkpoint, concept_dataset, tmp_path):
+    """2N steps straight equal N steps, a saved state, and N resumed steps (CPU, fp32)."""
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.training.captions import CaptionOptions
+    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.trainer import TrainConfig, Trainer
+
+    model, clip, vae = loaded_checkpoint
+    dataset = load_dataset(concept_dataset, resolution=64, min_side=32, max_side=128, bucket_step=32)
+    captions = CaptionOptions(trigger_word="sks", shuffle_tags=True, keep_tokens=1)
+
+    def run(steps, folder, resume=None, total=8):
+        cfg = TrainConfig(steps=total, batch_size=2, learning_rate=1e-3, scheduler="cosine", warmup_steps=2,
+                          seed=3, flip=True, captions=captions, save_every=steps if steps < total else 0)
+        with torch.inference_mode(False):
+            network = LoraNetwork.create(NetworkConfig(algorithm="dylora", rank=4, alpha=4, preset="attention",
+                                                       module_dropout=0.1, seed=3), model)
+            import comfy.model_management as mm
+
+            def cancel_after(info):  # what the UI's cancel button does: raise the host's interrupt flag
+                if info["step"] == steps and steps < total:
+                    mm.interrupt_current_processing(True)
+
+            trainer = Trainer(model, clip, vae, dataset, network, cfg, output_dir=folder, resume=resume,
+                              on_step=cancel_after)
+            if steps < total and resume is None:
+                with pytest.raises(mm.InterruptProcessingException):
+                    trainer.run()
+                mm.interrupt_current_processing(False)
+                return trainer, None
+            return trainer, trainer.run()
+
+    _, straight = run(8, tmp_path / "straight")
+    first, _ = run(4, tmp_path / "split")
+    assert (tmp_path / "split" / "lora-interrupted.safetensors").is_file(), "cancel must leave the adapter on disk"
+    _, resumed = run(8, tmp_path / "resumed", resume=first.state_path)
+    assert resumed.steps == 8 and len(resumed.losses) == 8
+    assert resumed.losses[:4] == straight.losses[:4]
+    a, b = straight.network.state_dict(), resumed.network.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_new_run_never_reuses_a_folder_and_resume_needs_a_state(pack, tmp_path):
+    from lora_foundry.nodes.train import run_folder
+
+    folder, state = run_folder(str(tmp_path), "style", resume=False)
+    assert folder == tmp_path / "style" and state is None
+    folder.mkdir()
+    (folder / "style-step000010.safetensors").write_bytes(b"x")
+    again, _ = run_folder(str(tmp_path), "style", resume=False)
+    assert again == tmp_path / "style_2"
+    with pytest.raises(ValueError, match="no saved state"):
+        run_folder(str(tmp_path), "style", resume=True)
+    (folder / "style-state.safetensors").write_bytes(b"x")
+    assert run_folder(str(tmp_path), "style", resume=True) == (folder, folder / "style-state.safetensors")
+    with pytest.raises(ValueError, match="not allowed"):
+        run_folder(str(tmp_path), "../escape", resume=False)

@@ -1,0 +1,89 @@
+"""The training objective, read from the host model's own sampling: eps, v-prediction or flow.
+
+The host model returns the denoised latent x0_hat for a noised input. Each parameterisation's
+native error is a per-sigma multiple of (x0_hat - x0):
+  eps:  eps_hat - eps = (x0 - x0_hat) / sigma
+  v:    v_hat - v     = (x0 - x0_hat) * sqrt(sigma^2 + sd^2) / (sigma * sd)
+  flow: u_hat - u     = (x0 - x0_hat) / sigma            (x_t = (1 - sigma) x0 + sigma noise)
+so one code path trains every family on its own target.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("mse", "l1", "huber")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+
+
+def family(model_sampling) -> str:
+    """'eps', 'v' or 'flow' for a ComfyUI model_sampling object."""
+    import comfy.model_sampling as ms
+
+    if isinstance(model_sampling, ms.CONST):
+        return "flow"
+    if isinstance(model_sampling, ms.V_PREDICTION):
+        return "v"
+    if isinstance(model_sampling, ms.EPS):
+        return "eps"
+    raise ValueError(f"training does not support the {type(model_sampling).__name__} objective yet")
+
+
+def error_scale(kind: str, sigma: torch.Tensor, sigma_data: float = 1.0) -> torch.Tensor:
+    """Factor turning (x0_hat - x0) into the native prediction error."""
+    if kind == "v":
+        return torch.sqrt(sigma**2 + sigma_data**2) / (sigma * sigma_data)
+    return 1.0 / sigma
+
+
+def snr(kind: str, sigma: torch.Tensor, sigma_data: float = 1.0) -> torch.Tensor:
+    if kind == "flow":
+        return ((1 - sigma) / sigma) ** 2
+    return (sigma_data / sigma) ** 2
+
+
+def min_snr_weight(kind: str, sigma: torch.Tensor, gamma: float, sigma_data: float = 1.0) -> torch.Tensor:
+    """min-SNR-gamma weight: min(snr, gamma) / snr, or / (snr + 1) for v-prediction."""
+    s = snr(kind, sigma, sigma_data)
+    return torch.clamp(s, max=gamma) / (s + 1 if kind == "v" else s)
+
+
+def sample_noise_levels(count: int, rng: random.Random, sampling: str = "uniform", low: float = 0.0,
+                        high: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0) -> list[float]:
+    """Noise levels u in (low, high] (0 = clean, 1 = pure noise): uniform or logit-normal."""
+    if sampling not in TIMESTEP_SAMPLING:
+        raise ValueError(f"timestep_sampling: {sampling!r} is not one of {', '.join(TIMESTEP_SAMPLING)}")
+    out = []
+    for _ in range(count):
+        if sampling == "uniform":
+            u = rng.random()
+        else:
+            u = 1 / (1 + math.exp(-rng.gauss(logit_mean, logit_std)))
+        out.append(low + (high - low) * max(u, 1e-4))
+    return out
+
+
+def sigmas_for(model_sampling, levels: list[float]) -> torch.Tensor:
+    """Host sigmas for noise levels, via percent_to_sigma (which every model_sampling has)."""
+    return torch.tensor([float(model_sampling.percent_to_sigma(1.0 - u)) for u in levels], dtype=torch.float32)
+
+
+def prediction_loss(kind: str, denoised: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, loss: str = "mse",
+                    huber_delta: float = 1.0, sigma_data: float = 1.0) -> torch.Tensor:
+    """Per-sample loss of the native prediction error, shape [batch]."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss: {loss!r} is not one of {', '.join(LOSSES)}")
+    scale = error_scale(kind, sigma, sigma_data).view(-1, *[1] * (x0.dim() - 1))
+    err = (denoised.float() - x0.float()) * scale.to(x0.device)
+    zero = torch.zeros_like(err)
+    if loss == "mse":
+        per_elem = F.mse_loss(err, zero, reduction="none")
+    elif loss == "l1":
+        per_elem = F.l1_loss(err, zero, reduction="none")
+    else:
+        per_elem = F.huber_loss(err, zero, reduction="none", delta=huber_delta)
+    return per_elem.flatten(1).mean(dim=1)

@@ -1,0 +1,66 @@
+"""The full training state in one safetensors file (no pickle), so a run resumes exactly.
+
+Tensors: adapter parameters, optimizer tensors, torch RNG states. Metadata: one JSON document
+with the loop position, scheduler, optimizer structure and Python RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from ..lora_core.files import read_safetensors, write_safetensors
+from .optim import optimizer_state_from_tensors, optimizer_state_to_tensors
+
+STATE_KEY = "lora_foundry_state"
+FORMAT = 1
+
+
+def _rng_to_json(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _rng_from_json(rng: random.Random, value: list) -> None:
+    rng.setstate((value[0], tuple(value[1]), value[2]))
+
+
+def save_state(path: Path, network, optimizer, scheduler, loop: dict, rng: random.Random,
+               generator: torch.Generator) -> Path:
+    """Write everything needed to continue training exactly where it is now."""
+    tensors = {f"adapter.{k}": v.detach() for k, v in network.state_dict().items()}
+    opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer)
+    tensors.update({f"optimizer.{k}": v for k, v in opt_tensors.items()})
+    tensors["rng.generator"] = generator.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    adapter_rngs = {n: _rng_to_json(a.rng) for n, a in network.adapters.items() if hasattr(a, "rng")}
+    doc = {"format": FORMAT, "loop": loop, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+           "rng": _rng_to_json(rng), "adapter_rngs": adapter_rngs}
+    return write_safetensors(tensors, path, {STATE_KEY: json.dumps(doc)})
+
+
+def load_state(path: Path, network, optimizer, scheduler, rng: random.Random, generator: torch.Generator) -> dict:
+    """Restore a saved state into freshly built objects of the same shape; returns the loop position."""
+    tensors, metadata = read_safetensors(path)
+    if STATE_KEY not in metadata:
+        raise ValueError(f"{path}: not a Lora Foundry training state (no {STATE_KEY} metadata)")
+    doc = json.loads(metadata[STATE_KEY])
+    if doc.get("format") != FORMAT:
+        raise ValueError(f"{path}: unsupported training state format {doc.get('format')!r}")
+    adapter = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
+    missing, unexpected = network.load_state_dict(adapter, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: the saved adapter does not match this network "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}); resume with the same settings")
+    optimizer_state_from_tensors(optimizer, {k[len("optimizer."):]: v for k, v in tensors.items()
+                                             if k.startswith("optimizer.")}, doc["optimizer"])
+    scheduler.load_state_dict(doc["scheduler"])
+    generator.set_state(tensors["rng.generator"])
+    torch.set_rng_state(tensors["rng.torch"])
+    _rng_from_json(rng, doc["rng"])
+    for name, value in doc["adapter_rngs"].items():
+        _rng_from_json(network.adapters[name].rng, value)
+    return doc["loop"]

@@ -1,0 +1,352 @@
+"""The training loop: adapters on the host's ModelPatcher, the model's own objective, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..lora_core.files import write_safetensors
+from ..lora_core.metadata import kohya_metadata
+from ..lora_core.network import LoraNetwork
+from . import objective
+from .captions import CaptionOptions, process_caption
+from .dataset import Dataset
+from .optim import build_optimizer, build_scheduler, lora_plus_groups
+from .state import load_state, save_state
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must act on (the message says what)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 1
+    learning_rate: float = 1e-4
+    optimizer: str = "AdamW"
+    weight_decay: float = 0.01
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    lora_plus_ratio: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    loss: str = "mse"
+    huber_delta: float = 1.0
+    min_snr_gamma: float = 5.0
+    noise_offset: float = 0.0
+    timestep_sampling: str = "uniform"
+    min_timestep: int = 0
+    max_timestep: int = 1000
+    flip: bool = False
+    crop: str = "center"
+    save_every: int = 0
+    validation_every: int = 0
+    captions: CaptionOptions = field(default_factory=CaptionOptions)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps: must be at least 1, got {self.steps}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if not 0 <= self.min_timestep < self.max_timestep <= 1000:
+            raise ValueError("min_timestep / max_timestep: need 0 <= min < max <= 1000")
+
+
+@dataclass
+class TrainResult:
+    network: LoraNetwork
+    losses: list[float]
+    validation: list[tuple[int, float]]
+    steps: int
+    seconds: float
+    checkpoints: list[Path]
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool):
+    """Recompute each top-level block in the backward pass instead of storing its activations."""
+    import torch.utils.checkpoint as cp
+
+    blocks = [b for child in diffusion_model.children() if isinstance(child, torch.nn.ModuleList) for b in child]
+    originals = {}
+    if enabled:
+        for block in blocks:
+            originals[block] = block.forward
+
+            def run(*args, _forward=block.forward, **kwargs):
+                return cp.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+            block.forward = run
+    try:
+        yield
+    finally:
+        for block, forward in originals.items():
+            block.forward = forward
+
+
+def normal_tensors_(module: torch.nn.Module) -> None:
+    """Replace inference-mode parameters and buffers with equal normal tensors.
+
+    ComfyUI loads models under torch.inference_mode(); autograd refuses to save such tensors
+    for the backward pass, and every frozen layer between an adapter and the loss needs to.
+    """
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            if torch.is_inference(param):
+                sub._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+        for name, buf in list(sub.named_buffers(recurse=False)):
+            if buf is not None and torch.is_inference(buf):
+                sub._buffers[name] = buf.clone()
+
+
+class Trainer:
+    """Trains `network` (created on `model`) on `dataset`; the host's CLIP and VAE encode the data."""
+
+    def __init__(self, model, clip, vae, dataset: Dataset, network: LoraNetwork, config: TrainConfig,
+                 output_dir: Path | None = None, name: str = "lora",
+                 on_step: Callable[[dict], None] | None = None, resume: Path | None = None):
+        self.model, self.clip, self.vae = model, clip, vae
+        self.dataset, self.network, self.config = dataset, network, config
+        self.output_dir, self.name, self.on_step, self.resume = output_dir, name, on_step, resume
+        self.kind = objective.family(model.get_model_object("model_sampling"))
+        self.latents: dict[tuple[int, bool], torch.Tensor] = {}
+        self.text: dict[str, torch.Tensor] = {}
+        self.checkpoints: list[Path] = []
+
+    # --- data --------------------------------------------------------------------------------
+    def encode_images(self, items, validation: bool = False, batch: int = 16) -> None:
+        """Encode every image (and its mirror when flipping) once, in the model's latent space.
+
+        Images of one bucket go through the VAE together: each host encode call has a fixed cost.
+        """
+        flips = (False, True) if self.config.flip and not validation else (False,)
+        todo: dict[tuple, list[tuple[int, bool]]] = {}
+        for index, item in enumerate(items):
+            for flip in flips:
+                key = (index if not validation else -1 - index, flip)
+                if key not in self.latents:
+                    todo.setdefault((tuple(item.bucket), flip), []).append((index, key))
+        for (_, flip), entries in todo.items():
+            for start in range(0, len(entries), batch):
+                chunk = entries[start:start + batch]
+                pixels = torch.stack([self.dataset.load_image(items[i], crop="center", flip=flip) for i, _ in chunk])
+                with torch.no_grad():
+                    latents = self.model.model.process_latent_in(self.vae.encode(pixels[..., :3])).float().cpu()
+                for (_, key), latent in zip(chunk, latents, strict=True):
+                    self.latents[key] = latent
+
+    def encode_text(self, caption: str) -> torch.Tensor:
+        if caption not in self.text:
+            with torch.no_grad():
+                cond = self.clip.encode_from_tokens(self.clip.tokenize(caption))
+            self.text[caption] = cond.float().cpu()
+        return self.text[caption]
+
+    def encode_fixed_captions(self) -> None:
+        """Encode captions up front when they never change, so the text encoder and UNet don't alternate."""
+        c = self.config.captions
+        if c.shuffle_tags or c.caption_dropout or c.tag_dropout:
+            return
+        rng = random.Random(0)
+        for item in self.dataset.items:
+            self.encode_text(process_caption(item.caption, c, rng))
+
+    def fixed_caption(self, item) -> str:
+        """The caption with trigger word, prefix and suffix, and nothing random (for validation)."""
+        c = replace(self.config.captions, shuffle_tags=False, caption_dropout=0.0, tag_dropout=0.0)
+        return process_caption(item.caption, c, random.Random(0))
+
+    # --- the loop ----------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        import comfy.model_management as mm
+
+        cfg = self.config
+        start = time.monotonic()
+        self.encode_images(self.dataset.items)
+        self.encode_images(self.dataset.validation, validation=True)
+        self.encode_fixed_captions()
+        for item in self.dataset.validation:
+            self.encode_text(self.fixed_caption(item))
+        rng = random.Random(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        patched, _ = self.network.attach(self.model, None)
+        mm.load_models_gpu([patched], force_full_load=True)
+        with torch.inference_mode(False):
+            normal_tensors_(patched.model)
+        device = patched.load_device
+        self.network.to(device)
+        self.network.train()
+        named = [(f"{n}.{p}", t) for n, a in self.network.adapters.items() for p, t in a.named_parameters()]
+        groups = lora_plus_groups(named, cfg.learning_rate, cfg.lora_plus_ratio, cfg.weight_decay)
+        optimizer = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay)
+        scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.steps, cfg.warmup_steps)
+        params = [p for g in groups for p in g["params"]]
+        good = [p.detach().clone() for p in params]  # the adapter that last gave a finite loss
+        autocast_dtype = PRECISIONS[cfg.precision]
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        loop = {"step": 0, "epoch": 0, "order": [], "losses": [], "validation": []}
+        if self.resume is not None:
+            loop = load_state(self.resume, self.network, optimizer, scheduler, rng, gen)
+        losses, validation, order = loop["losses"], loop["validation"], loop["order"]
+        state = (optimizer, scheduler, loop, rng, gen)
+        diffusion_model = patched.model.diffusion_model
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), gradient_checkpointing(
+                    diffusion_model, cfg.gradient_checkpointing):
+                for step in range(loop["step"] + 1, cfg.steps + 1):
+                    mm.throw_exception_if_processing_interrupted()
+                    step_loss = 0.0
+                    for _ in range(cfg.grad_accum):
+                        if not order:
+                            order.extend(self.dataset.epoch_order(loop["epoch"], cfg.seed, cfg.batch_size))
+                            loop["epoch"] += 1
+                        batch = order.pop(0)
+                        loss = self.batch_loss(patched, batch, rng, gen, device, autocast_dtype)
+                        if not torch.isfinite(loss):
+                            with torch.no_grad():
+                                torch._foreach_copy_(params, good)
+                            path = self.save_checkpoint(step - 2, "last-good")
+                            raise TrainingError(
+                                f"loss became {loss.item()} at step {step}; training stopped. The last adapter "
+                                f"that gave a finite loss is kept at {path}. Lower the learning rate or use fp32/bf16.")
+                        with torch.no_grad():
+                            torch._foreach_copy_(good, params)
+                        scaler.scale(loss / cfg.grad_accum).backward()
+                        step_loss += loss.item() / cfg.grad_accum
+                    if cfg.grad_clip > 0:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(step_loss)
+                    loop["step"] = step
+                    if cfg.validation_every and self.dataset.validation and (
+                            step % cfg.validation_every == 0 or step == cfg.steps):
+                        validation.append((step, held_out_loss(self, patched, device)))
+                    if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                        self.save_checkpoint(step)
+                        self.save_state(*state)
+                    if self.on_step is not None:
+                        self.on_step({"step": step, "total": cfg.steps, "loss": step_loss,
+                                      "lr": scheduler.get_last_lr()[0],
+                                      "validation": validation[-1][1] if validation else None,
+                                      "elapsed": time.monotonic() - start})
+            self.save_state(*state)
+        except mm.InterruptProcessingException:
+            self.save_checkpoint(loop["step"], "interrupted")
+            self.save_state(*state)
+            raise
+        finally:
+            self.network.eval()
+            self.network.requires_grad_(False)
+            self.network.to("cpu")
+        return TrainResult(self.network, losses, [tuple(v) for v in validation], loop["step"],
+                           time.monotonic() - start, self.checkpoints)
+
+    def conditioning(self, captions: list[str], device) -> torch.Tensor:
+        return torch.cat([self.encode_text(c) for c in captions]).to(device)
+
+    def batch_loss(self, patched, batch: list[int], rng, gen, device, autocast_dtype) -> torch.Tensor:
+        cfg = self.config
+        items = [self.dataset.items[i] for i in batch]
+        flips = [cfg.flip and rng.random() < 0.5 for _ in batch]
+        x0 = torch.stack([self.latents[(i, f)] for i, f in zip(batch, flips, strict=True)]).to(device)
+        captions = [process_caption(item.caption, cfg.captions, rng) for item in items]
+        levels = objective.sample_noise_levels(len(batch), rng, cfg.timestep_sampling,
+                                               cfg.min_timestep / 1000, cfg.max_timestep / 1000)
+        noise = torch.randn(x0.shape, generator=gen)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=gen)
+        weights = torch.tensor([item.loss_weight for item in items], device=device)
+        return self.loss(patched, x0, noise.to(device), levels, self.conditioning(captions, device), weights,
+                         autocast_dtype, min_snr=cfg.min_snr_gamma)
+
+    def loss(self, patched, x0, noise, levels, cond, weights, autocast_dtype, min_snr: float = 0.0) -> torch.Tensor:
+        model_sampling = patched.get_model_object("model_sampling")
+        sigma = objective.sigmas_for(model_sampling, levels).to(x0.device)
+        sigma_data = float(getattr(model_sampling, "sigma_data", 1.0))
+        x = model_sampling.noise_scaling(sigma.view(-1, *[1] * (x0.dim() - 1)), noise, x0)
+        with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            denoised = patched.model.apply_model(x, sigma, c_crossattn=cond)
+        per_sample = objective.prediction_loss(self.kind, denoised, x0, sigma, self.config.loss,
+                                               self.config.huber_delta, sigma_data)
+        if min_snr:
+            per_sample = per_sample * objective.min_snr_weight(self.kind, sigma, min_snr, sigma_data)
+        return (per_sample * weights).mean()
+
+    # --- files -------------------------------------------------------------------------------
+    def metadata(self, step: int) -> dict[str, str]:
+        cfg = self.config
+        info = {
+            "ss_steps": str(step), "ss_learning_rate": str(cfg.learning_rate), "ss_unet_lr": str(cfg.learning_rate),
+            "ss_optimizer": cfg.optimizer, "ss_lr_scheduler": cfg.scheduler, "ss_lr_warmup_steps": str(cfg.warmup_steps),
+            "ss_max_train_steps": str(cfg.steps), "ss_mixed_precision": cfg.precision,
+            "ss_num_train_images": str(len(self.dataset.items)), "ss_batch_size_per_device": str(cfg.batch_size),
+            "ss_gradient_accumulation_steps": str(cfg.grad_accum), "ss_max_grad_norm": str(cfg.grad_clip),
+            "ss_min_snr_gamma": str(cfg.min_snr_gamma), "ss_noise_offset": str(cfg.noise_offset),
+            "ss_gradient_checkpointing": str(cfg.gradient_checkpointing), "ss_seed": str(cfg.seed),
+            "ss_caption_dropout_rate": str(cfg.captions.caption_dropout), "ss_keep_tokens": str(cfg.captions.keep_tokens),
+            "ss_shuffle_caption": str(cfg.captions.shuffle_tags), "ss_flip_aug": str(cfg.flip),
+            "lora_foundry_training": _json(asdict(cfg)),
+        }
+        return kohya_metadata(self.network.config, self.model.model.model_config, self.name, info,
+                              self.dataset.tag_frequency())
+
+    @property
+    def state_path(self) -> Path | None:
+        return Path(self.output_dir) / f"{self.name}-state.safetensors" if self.output_dir is not None else None
+
+    def save_state(self, optimizer, scheduler, loop, rng, gen) -> None:
+        """Write the full training state next to the checkpoints (to resume with `resume=state_path`)."""
+        if self.state_path is not None:
+            save_state(self.state_path, self.network, optimizer, scheduler, loop, rng, gen)
+
+    def save_checkpoint(self, step: int, tag: str | None = None) -> Path | None:
+        """Write the adapter as it is now into the output folder (atomic); None without a folder."""
+        if self.output_dir is None:
+            return None
+        suffix = tag or f"step{step:06d}"
+        path = Path(self.output_dir) / f"{self.name}-{suffix}.safetensors"
+        write_safetensors(self.network.state_dict_kohya(), path, self.metadata(step))
+        self.checkpoints.append(path)
+        return path
+
+
+def held_out_loss(trainer: Trainer, patched, device, levels=(0.1, 0.3, 0.5, 0.7, 0.9), seed: int = 1234) -> float:
+    """Mean native-space MSE over the validation images at fixed noise levels and noise seeds."""
+    items = trainer.dataset.validation
+    if not items:
+        return math.nan
+    gen = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for index, item in enumerate(items):
+            x0 = trainer.latents[(-1 - index, False)][None].to(device)
+            cond = trainer.conditioning([trainer.fixed_caption(item)], device)
+            for level in levels:
+                noise = torch.randn(x0.shape, generator=gen).to(device)
+                loss = trainer.loss(patched, x0, noise, [level], cond, torch.ones(1, device=device), None)
+                total += loss.item()
+                count += 1
+    return total / count
+
+
+def _json(value) -> str:
+    import json
+
+    return json.dumps(value, default=str)
