@@ -33,7 +33,8 @@ def progress_reporter(node_id: str | None, total: int):
     bar = comfy.utils.ProgressBar(total, node_id=node_id)
 
     def report(info: dict) -> None:
-        bar.update_absolute(info["step"], total)
+        preview = info.pop("preview", None)
+        bar.update_absolute(info["step"], total, ("PNG", preview, None) if preview is not None else None)
         try:
             from server import PromptServer
 
@@ -62,8 +63,8 @@ def run_folder(loras: str, output_name: str, resume: bool) -> tuple[Path, Path |
 class TrainLoRA:
     DESCRIPTION = "Train a LoRA / LoCon / LoHa / LoKr / DyLoRA (optionally DoRA) adapter on MODEL with a dataset."
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("LORA", "MODEL", "LORA_LOSS", "IMAGE", "STRING")
-    RETURN_NAMES = ("lora", "model", "loss", "loss_graph", "summary")
+    RETURN_TYPES = ("LORA", "MODEL", "LORA_LOSS", "IMAGE", "STRING", "CLIP")
+    RETURN_NAMES = ("lora", "model", "loss", "loss_graph", "summary", "clip")
     FUNCTION = "train"
 
     @classmethod
@@ -106,6 +107,12 @@ class TrainLoRA:
                 "flip": ("BOOLEAN", {"default": False}),
                 "save_every": ("INT", {"default": 0, "min": 0, "max": 1_000_000, "tooltip": "0 = only at the end."}),
                 "validation_every": ("INT", {"default": 0, "min": 0, "max": 1_000_000}),
+                "sample_every": ("INT", {"default": 0, "min": 0, "max": 1_000_000,
+                                         "tooltip": "A preview on the node every N steps (0 = never)."}),
+                "sample_prompts": ("STRING", {"default": "", "multiline": True, "tooltip": "One prompt per line."}),
+                "train_text_encoder": ("BOOLEAN", {"default": False}),
+                "text_encoder_lr": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 1e-5, "round": False,
+                                              "tooltip": "0 = the UNet's learning rate."}),
                 "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue the saved state of output_name "
                                        "(same settings, more steps); otherwise a new run never overwrites one."}),
             },
@@ -116,29 +123,32 @@ class TrainLoRA:
               steps, learning_rate, batch_size, optimizer, scheduler, warmup_steps, seed, precision,
               gradient_checkpointing=False, grad_accum=1, grad_clip=1.0, lora_plus_ratio=0.0, loss="mse",
               min_snr_gamma=5.0, noise_offset=0.0, timestep_sampling="uniform", conv_rank=0, shuffle_tags=False,
-              keep_tokens=1, caption_dropout=0.0, flip=False, save_every=0, validation_every=0, resume=False,
-              unique_id=None):
+              keep_tokens=1, caption_dropout=0.0, flip=False, save_every=0, validation_every=0, sample_every=0, sample_prompts="",
+              train_text_encoder=False,
+              text_encoder_lr=0.0, resume=False, unique_id=None):
         import folder_paths
 
         network_config = NetworkConfig(algorithm=algorithm, rank=rank, alpha=alpha, preset=targets, dora=dora,
-                                       conv_rank=conv_rank or None, seed=seed)
+                                       conv_rank=conv_rank or None, text_encoder=train_text_encoder, seed=seed)
         captions = CaptionOptions(trigger_word=trigger_word.strip(), shuffle_tags=shuffle_tags,
                                   keep_tokens=keep_tokens, caption_dropout=caption_dropout)
         config = TrainConfig(
-            steps=steps, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer, scheduler=scheduler,
+            steps=steps, batch_size=batch_size, learning_rate=learning_rate, text_encoder_lr=text_encoder_lr or None,
+            optimizer=optimizer, scheduler=scheduler,
             warmup_steps=warmup_steps, lora_plus_ratio=lora_plus_ratio, grad_clip=grad_clip, grad_accum=grad_accum,
             seed=seed, precision=precision, gradient_checkpointing=gradient_checkpointing, loss=loss,
             min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, timestep_sampling=timestep_sampling,
             flip=flip, save_every=save_every, validation_every=validation_every, captions=captions,
+            sample_every=sample_every, sample_prompts=[p.strip() for p in sample_prompts.splitlines() if p.strip()],
         )
         output_dir, resume_from = run_folder(folder_paths.get_folder_paths("loras")[0], output_name, resume)
         with torch.inference_mode(False):
-            network = LoraNetwork.create(network_config, model)
+            network = LoraNetwork.create(network_config, model, clip)
             trainer = Trainer(model, clip, vae, dataset, network, config, output_dir=output_dir,
                               name=output_dir.name, on_step=progress_reporter(unique_id, steps), resume=resume_from)
             result = trainer.run()
         network.metadata = trainer.metadata(result.steps)
-        trained_model, _, _ = apply_lora(model, None, network.state_dict_kohya(), 1.0, 0.0)
+        trained_model, trained_clip, _ = apply_lora(model, clip, network.state_dict_kohya(), 1.0, 1.0)
         history = {"loss": result.losses, "validation": result.validation}
         first, last = _mean(result.losses[:10]), _mean(result.losses[-10:])
         summary = (f"{algorithm} rank {rank} on {len(network.adapters)} layers ({network.num_params():,} parameters); "
@@ -147,7 +157,7 @@ class TrainLoRA:
             summary += f"; validation {result.validation[0][1]:.4f} -> {result.validation[-1][1]:.4f}"
         graph = pil_to_image(loss_graph(result.losses, result.validation))
         ui = {"text": [summary], "loss": result.losses, "validation": [list(v) for v in result.validation]}
-        return {"ui": ui, "result": (network, trained_model, history, graph, summary)}
+        return {"ui": ui, "result": (network, trained_model, history, graph, summary, trained_clip)}
 
 
 def _mean(values: list[float]) -> float:

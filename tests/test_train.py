@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 
 import pytest
@@ -231,3 +232,54 @@ def test_a_new_run_never_reuses_a_folder_and_resume_needs_a_state(pack, tmp_path
     assert run_folder(str(tmp_path), "style", resume=True) == (folder, folder / "style-state.safetensors")
     with pytest.raises(ValueError, match="not allowed"):
         run_folder(str(tmp_path), "../escape", resume=False)
+
+
+@pytest.mark.slow
+def test_text_encoder_adapters_train_with_their_own_learning_rate(pack, loaded_checkpoint, concept_dataset, tmp_path):
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.trainer import TrainConfig, Trainer
+
+    model, clip, vae = loaded_checkpoint
+    dataset = load_dataset(concept_dataset, resolution=64, min_side=32, max_side=128, bucket_step=32)
+    config = TrainConfig(steps=3, batch_size=2, learning_rate=1e-3, text_encoder_lr=5e-4, seed=0)
+    clip_before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+    with torch.inference_mode(False):
+        network = LoraNetwork.create(NetworkConfig(rank=4, alpha=4, preset="attention", text_encoder=True), model, clip)
+        result = Trainer(model, clip, vae, dataset, network, config).run()
+    te = {n: a for n, a in result.network.adapters.items() if n.startswith("lora_te_")}
+    assert te and all(a.lora_up.abs().sum() > 0 for a in te.values()), "text-encoder adapters did not learn"
+    after = clip.cond_stage_model.state_dict()
+    assert all(torch.equal(clip_before[k], after[k]) for k in clip_before), "training changed a CLIP weight"
+
+
+def test_mixed_precision_and_gradient_checkpointing_train(pack, loaded_checkpoint, concept_dataset, tmp_path):
+    for settings in ({"precision": "bf16"}, {"gradient_checkpointing": True}):
+        _, result = _train(pack, loaded_checkpoint, concept_dataset, tmp_path, steps=3, validation_every=0, **settings)
+        assert result.steps == 3 and all(math.isfinite(x) for x in result.losses), settings
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(pack, loaded_checkpoint, concept_dataset, tmp_path):
+    _, plain = _train(pack, loaded_checkpoint, concept_dataset, tmp_path / "a", steps=2, validation_every=0)
+    _, ckpt = _train(pack, loaded_checkpoint, concept_dataset, tmp_path / "b", steps=2, validation_every=0,
+                     gradient_checkpointing=True)
+    a, b = plain.network.state_dict(), ckpt.network.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_preview_samples_come_with_progress(pack, loaded_checkpoint, concept_dataset, tmp_path):
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.trainer import TrainConfig, Trainer
+
+    model, clip, vae = loaded_checkpoint
+    dataset = load_dataset(concept_dataset, resolution=64, min_side=64, max_side=64, bucket_step=64)
+    config = TrainConfig(steps=2, sample_every=2, sample_prompts=["sks circle", "a red square"], sample_steps=2)
+    events = []
+    with torch.inference_mode(False):
+        network = LoraNetwork.create(NetworkConfig(rank=2, alpha=2, preset="attention"), model)
+        Trainer(model, clip, vae, dataset, network, config, on_step=events.append).run()
+    assert [e["step"] for e in events] == [1, 2]
+    assert events[0]["preview"] is None and events[1]["preview"].size == (128, 64)
+    assert events[1]["eta"] == 0 and events[0]["lr"] > 0

@@ -33,6 +33,7 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 1
     learning_rate: float = 1e-4
+    text_encoder_lr: float | None = None  # None: the UNet's learning rate
     optimizer: str = "AdamW"
     weight_decay: float = 0.01
     scheduler: str = "constant"
@@ -54,6 +55,10 @@ class TrainConfig:
     crop: str = "center"
     save_every: int = 0
     validation_every: int = 0
+    sample_every: int = 0  # a preview image every N steps (0: never)
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_steps: int = 12
+    sample_cfg: float = 3.0
     captions: CaptionOptions = field(default_factory=CaptionOptions)
 
     def __post_init__(self):
@@ -112,6 +117,28 @@ def normal_tensors_(module: torch.nn.Module) -> None:
                 sub._buffers[name] = buf.clone()
 
 
+@contextlib.contextmanager
+def out_of_place_residuals(text_model: torch.nn.Module | None):
+    """Let gradients flow through ComfyUI's CLIP layers while text-encoder adapters train.
+
+    The host's CLIPLayer adds its residuals in place (`x += ...`), which autograd rejects as soon
+    as an earlier layer's adapter makes `x` require a gradient; the same sums out of place do not.
+    """
+    layers = [m for m in text_model.modules() if type(m).__name__ == "CLIPLayer"] if text_model is not None else []
+
+    def forward(layer, x, mask=None, optimized_attention=None):
+        x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
+        return x + layer.mlp(layer.layer_norm2(x))
+
+    for layer in layers:
+        layer.forward = forward.__get__(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
 class Trainer:
     """Trains `network` (created on `model`) on `dataset`; the host's CLIP and VAE encode the data."""
 
@@ -125,6 +152,7 @@ class Trainer:
         self.latents: dict[tuple[int, bool], torch.Tensor] = {}
         self.text: dict[str, torch.Tensor] = {}
         self.checkpoints: list[Path] = []
+        self.train_clip = None  # the CLIP clone carrying text-encoder adapters, while training them
 
     # --- data --------------------------------------------------------------------------------
     def encode_images(self, items, validation: bool = False, batch: int = 16) -> None:
@@ -182,15 +210,22 @@ class Trainer:
             self.encode_text(self.fixed_caption(item))
         rng = random.Random(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
-        patched, _ = self.network.attach(self.model, None)
-        mm.load_models_gpu([patched], force_full_load=True)
+        train_te = any(name.startswith("lora_te") for name in self.network.adapters)
+        patched, self.train_clip = self.network.attach(self.model, self.clip if train_te else None)
+        patchers = [patched] + ([self.train_clip.patcher] if train_te else [])
+        mm.load_models_gpu(patchers, force_full_load=True)
         with torch.inference_mode(False):
-            normal_tensors_(patched.model)
+            for patcher in patchers:
+                normal_tensors_(patcher.model)
         device = patched.load_device
         self.network.to(device)
         self.network.train()
-        named = [(f"{n}.{p}", t) for n, a in self.network.adapters.items() for p, t in a.named_parameters()]
-        groups = lora_plus_groups(named, cfg.learning_rate, cfg.lora_plus_ratio, cfg.weight_decay)
+        groups = []
+        for part, lr in (("unet", cfg.learning_rate), ("te", cfg.text_encoder_lr or cfg.learning_rate)):
+            named = [(f"{n}.{p}", t) for n, a in self.network.adapters.items()
+                     if n.startswith("lora_te") == (part == "te") for p, t in a.named_parameters()]
+            if named:
+                groups += lora_plus_groups(named, lr, cfg.lora_plus_ratio, cfg.weight_decay)
         optimizer = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay)
         scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.steps, cfg.warmup_steps)
         params = [p for g in groups for p in g["params"]]
@@ -204,8 +239,9 @@ class Trainer:
         state = (optimizer, scheduler, loop, rng, gen)
         diffusion_model = patched.model.diffusion_model
         try:
+            text_model = self.train_clip.cond_stage_model if self.train_clip is not None else None
             with torch.inference_mode(False), torch.enable_grad(), gradient_checkpointing(
-                    diffusion_model, cfg.gradient_checkpointing):
+                    diffusion_model, cfg.gradient_checkpointing), out_of_place_residuals(text_model):
                 for step in range(loop["step"] + 1, cfg.steps + 1):
                     mm.throw_exception_if_processing_interrupted()
                     step_loss = 0.0
@@ -242,10 +278,15 @@ class Trainer:
                         self.save_checkpoint(step)
                         self.save_state(*state)
                     if self.on_step is not None:
+                        preview = None
+                        if cfg.sample_every and cfg.sample_prompts and (step % cfg.sample_every == 0 or step == cfg.steps):
+                            preview = self.sample(patched, step)
+                        elapsed = time.monotonic() - start
                         self.on_step({"step": step, "total": cfg.steps, "loss": step_loss,
                                       "lr": scheduler.get_last_lr()[0],
                                       "validation": validation[-1][1] if validation else None,
-                                      "elapsed": time.monotonic() - start})
+                                      "elapsed": elapsed, "eta": elapsed / step * (cfg.steps - step),
+                                      "preview": preview})
             self.save_state(*state)
         except mm.InterruptProcessingException:
             self.save_checkpoint(loop["step"], "interrupted")
@@ -255,10 +296,41 @@ class Trainer:
             self.network.eval()
             self.network.requires_grad_(False)
             self.network.to("cpu")
+            self.train_clip = None
         return TrainResult(self.network, losses, [tuple(v) for v in validation], loop["step"],
                            time.monotonic() - start, self.checkpoints)
 
+    def sample(self, patched, step: int):
+        """A preview grid (one image per sample prompt) from the model with the adapter as it is now."""
+        import comfy.sample
+        from PIL import Image
+
+        cfg = self.config
+        width, height = self.dataset.items[0].bucket
+        self.network.eval()
+        images = []
+        try:
+            with torch.no_grad():
+                for i, prompt in enumerate(cfg.sample_prompts):
+                    positive = [[self.conditioning([prompt], "cpu"), {}]]
+                    negative = [[self.conditioning([""], "cpu"), {}]]
+                    latent = torch.zeros(1, 4, height // 8, width // 8)
+                    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(cfg.seed + i))
+                    out = comfy.sample.sample(patched, noise, cfg.sample_steps, cfg.sample_cfg, "euler", "normal",
+                                              positive, negative, latent, seed=cfg.seed + i, disable_pbar=True)
+                    pixels = self.vae.decode(self.model.model.process_latent_out(out))[0].clamp(0, 1)
+                    images.append(Image.fromarray((pixels.float().cpu().numpy() * 255).astype("uint8")))
+        finally:
+            self.network.train()
+        grid = Image.new("RGB", (width * len(images), height))
+        for i, img in enumerate(images):
+            grid.paste(img, (i * width, 0))
+        return grid
+
     def conditioning(self, captions: list[str], device) -> torch.Tensor:
+        if self.train_clip is not None:
+            # Text-encoder adapters are training: encode through them (with gradients when enabled), uncached.
+            return torch.cat([self.train_clip.encode_from_tokens(self.clip.tokenize(c)) for c in captions]).to(device)
         return torch.cat([self.encode_text(c) for c in captions]).to(device)
 
     def batch_loss(self, patched, batch: list[int], rng, gen, device, autocast_dtype) -> torch.Tensor:
