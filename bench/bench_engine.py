@@ -4,22 +4,21 @@
     .venv/bin/python bench/bench_engine.py --counts   # adapter parameters and fp16 file sizes, full SD1.5 UNet
 
 Speed: the same UNet (the fixture's SD1.5-width UNet by default), the same layers (a preset of
-ours), the same rank and alpha, fp32 on the CPU. Each variant runs in its own process, in
-alternating rounds, so that peak memory (ru_maxrss) is its own. Per repeat it times
+ours), the same rank and alpha, fp32 on the CPU. The variants take turns within each repeat
+(ours, ComfyUI's native LoRA, and no adapters as the baseline), and each repeat times
   attach   creating the adapters and putting them on a ModelPatcher clone as weight wrappers
            (ours: LoraNetwork.create + attach; native: LoRAAdapter.create_train + add_weight_wrapper,
            as comfy_extras/nodes_train.py does),
   load     loading the clone the way ComfyUI does before sampling or training (load_models_gpu),
   step     one forward + backward of the UNet (latent --size, 77-token context),
   wrappers the weight wrappers alone: every adapted weight computed and back-propagated once.
+Memory: the peak RSS increase over attach + load + one step, each variant in a fresh process.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -101,97 +100,122 @@ def print_counts() -> None:
         print(f"{r['preset']:<10} {r['rank']:>4} {r['modules']:>7} {r['params']:>12,} {r['fp16_bytes'] / 1e6:>8.2f} MB")
 
 
-# --- speed -----------------------------------------------------------------------------------
+# --- speed ----------------------------------------------------------------------------------
 
-def run_variant(variant: str, unet: str, preset: str, rank: int, repeats: int, size: int) -> dict:
-    """Time `variant` ("ours" or "native") in this process; returns medians and peak RSS."""
-    import comfy.model_management
-    import torch
-    from comfy.weight_adapter import LoRAAdapter
+class Bench:
+    """One UNet, the layers a preset picks, and a timed training step with each kind of adapter."""
 
-    torch.manual_seed(0)
-    network_module = engine()
-    model = make_patcher(UNETS[unet])
-    config = network_module.NetworkConfig(preset=preset, rank=rank, alpha=rank)
-    keys = list(network_module.LoraNetwork.create(config, model).weight_keys.values())
-    weights = model.model.state_dict()
-    context_dim = UNETS[unet]["context_dim"]
-    x, sigma, context = torch.randn(1, 4, size, size), torch.tensor([3.0]), torch.randn(1, 77, context_dim)
+    def __init__(self, unet: str, preset: str, rank: int, size: int):
+        import torch
 
-    def attach():
+        torch.manual_seed(0)
+        self.network_module = engine()
+        self.model = make_patcher(UNETS[unet])
+        self.config = self.network_module.NetworkConfig(preset=preset, rank=rank, alpha=rank)
+        self.keys = list(self.network_module.LoraNetwork.create(self.config, self.model).weight_keys.values())
+        self.weights = self.model.model.state_dict()
+        context_dim = UNETS[unet]["context_dim"]
+        self.inputs = (torch.randn(1, 4, size, size), torch.tensor([3.0]), torch.randn(1, 77, context_dim))
+        self.rank = rank
+
+    def attach(self, variant: str):
+        """(patched clone, weight wrappers) for "ours", "native" or "none"."""
+        from comfy.weight_adapter import LoRAAdapter
+
         if variant == "ours":
-            network = network_module.LoraNetwork.create(config, model)
-            patched, _ = network.attach(model, None)
+            network = self.network_module.LoraNetwork.create(self.config, self.model)
+            patched, _ = network.attach(self.model, None)
             return patched, list(network.adapters.values())
-        patched = model.clone()
+        patched = self.model.clone()
         patched.model.requires_grad_(False)
         wrappers = []
-        for key in keys:
-            wrapper = LoRAAdapter.create_train(weights[key], rank, float(rank))
-            patched.add_weight_wrapper(key, wrapper)
-            wrappers.append(wrapper)
+        for key in self.keys if variant == "native" else []:
+            wrappers.append(LoRAAdapter.create_train(self.weights[key], self.rank, float(self.rank)))
+            patched.add_weight_wrapper(key, wrappers[-1])
         return patched, wrappers
 
-    def randomise(wrappers):  # both inits start at dW = 0 with one factor zero: make every factor live
-        with torch.no_grad():
-            for w in wrappers:
-                for p in w.parameters():
-                    if p.requires_grad:
-                        p.normal_(0, 0.02)
+    def run(self, variant: str) -> dict[str, float]:
+        import comfy.model_management
+        import torch
 
-    times = {"attach": [], "load": [], "step": [], "wrappers": []}
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for i in range(repeats + 1):  # the first round warms up
         t0 = time.perf_counter()
-        patched, wrappers = attach()
+        patched, wrappers = self.attach(variant)
         t1 = time.perf_counter()
-        randomise(wrappers)
+        with torch.no_grad():  # both inits start at dW = 0 with one factor zero: make every factor live
+            for p in (p for w in wrappers for p in w.parameters() if p.requires_grad):
+                p.normal_(0, 0.02)
+        x, sigma, context = self.inputs
         t2 = time.perf_counter()
         comfy.model_management.load_models_gpu([patched])
         t3 = time.perf_counter()
         with torch.inference_mode(False), torch.enable_grad():
+            x = x.clone().requires_grad_(variant == "none")  # something to differentiate without adapters
             patched.model.apply_model(x, sigma, c_crossattn=context).pow(2).mean().backward()
         t4 = time.perf_counter()
         with torch.inference_mode(False), torch.enable_grad():
-            sum(w(weights[k]).square().sum() for w, k in zip(wrappers, keys, strict=True)).backward()
+            if wrappers:
+                sum(w(self.weights[k]).square().sum() for w, k in zip(wrappers, self.keys, strict=True)).backward()
         t5 = time.perf_counter()
-        if i:
-            for key, seconds in zip(times, (t1 - t0, t3 - t2, t4 - t3, t5 - t4), strict=True):
-                times[key].append(seconds)
-        comfy.model_management.unload_all_models()
-        del patched, wrappers
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result = {k: statistics.median(v) for k, v in times.items()}
-    result.update(peak_rss_mb=peak / 1024, model_rss_mb=rss_before / 1024, adapters=len(keys))
-    return result
+        return {"attach": t1 - t0, "load": t3 - t2, "step": t4 - t3, "wrappers": t5 - t4}
 
 
 def compare(args) -> None:
-    runs: dict[str, list[dict]] = {"ours": [], "native": []}
-    for _ in range(args.rounds):
-        for variant in ("ours", "native"):
-            command = [sys.executable, __file__, "--variant", variant, "--unet", args.unet, "--preset", args.preset,
-                       "--rank", str(args.rank), "--repeats", str(args.repeats), "--size", str(args.size)]
-            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            runs[variant].append(json.loads(out.strip().splitlines()[-1]))
+    bench = Bench(args.unet, args.preset, args.rank, args.size)
+    variants = ("ours", "native", "none")
+    times: dict[str, list[dict]] = {v: [] for v in variants}
+    for i in range(args.repeats + 1):  # the first round warms up
+        for variant in variants:
+            result = bench.run(variant)
+            if i:
+                times[variant].append(result)
+    peak = {}
+    for variant in variants:
+        command = [sys.executable, __file__, "--memory", variant, "--unet", args.unet, "--preset", args.preset,
+                   "--rank", str(args.rank), "--size", str(args.size)]
+        peak[variant] = float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
 
     def med(variant, key):
-        return statistics.median(r[key] for r in runs[variant])
+        return statistics.median(r[key] for r in times[variant])
 
-    adapters = runs["ours"][0]["adapters"]
-    print(f"UNet {args.unet!r}, preset {args.preset!r} ({adapters} layers), rank {args.rank}, latent {args.size}x{args.size}, "
-          f"fp32 CPU, {args.rounds} rounds x {args.repeats} repeats (medians)")
-    print(f"{'':<22} {'ours':>10} {'native':>10} {'ours/native':>12}")
+    print(f"UNet {args.unet!r}, preset {args.preset!r} ({len(bench.keys)} layers), rank {args.rank}, latent "
+          f"{args.size}x{args.size}, fp32 CPU, {args.repeats} interleaved repeats (medians)")
+    print(f"{'':<24} {'ours':>9} {'native':>9} {'no adapter':>11} {'ours/native':>12}")
     for key, label in (("attach", "attach (s)"), ("load", "load (s)"), ("step", "fwd + bwd (s)"),
                        ("wrappers", "wrappers only (s)")):
-        ours, native = med("ours", key), med("native", key)
-        print(f"{label:<22} {ours:>10.4f} {native:>10.4f} {ours / native:>12.3f}")
-    total_ours = sum(med("ours", k) for k in ("attach", "load", "step"))
-    total_native = sum(med("native", k) for k in ("attach", "load", "step"))
-    print(f"{'attach + load + step':<22} {total_ours:>10.4f} {total_native:>10.4f} {total_ours / total_native:>12.3f}")
-    print(f"{'peak RSS (MB)':<22} {med('ours', 'peak_rss_mb'):>10.0f} {med('native', 'peak_rss_mb'):>10.0f} "
-          f"{med('ours', 'peak_rss_mb') / med('native', 'peak_rss_mb'):>12.3f}")
-    print(f"{'RSS before steps (MB)':<22} {med('ours', 'model_rss_mb'):>10.0f} {med('native', 'model_rss_mb'):>10.0f}")
+        row = [med(v, key) for v in variants]
+        print(f"{label:<24} {row[0]:>9.4f} {row[1]:>9.4f} {row[2]:>11.4f} {row[0] / row[1]:>12.3f}")
+    total = {v: sum(med(v, k) for k in ("attach", "load", "step")) for v in variants}
+    print(f"{'attach + load + step (s)':<24} {total['ours']:>9.4f} {total['native']:>9.4f} {total['none']:>11.4f} "
+          f"{total['ours'] / total['native']:>12.3f}")
+    over = {v: total[v] - total["none"] for v in ("ours", "native")}
+    print(f"{'adapter cost (s)':<24} {over['ours']:>9.4f} {over['native']:>9.4f} {'':>11} {over['ours'] / over['native']:>12.3f}")
+    print(f"{'step peak RSS (MB)':<24} {peak['ours']:>9.1f} {peak['native']:>9.1f} {peak['none']:>11.1f} "
+          f"{peak['ours'] / peak['native']:>12.3f}")
+
+
+def peak_memory(args) -> float:
+    """MB by which attach + load + one training step raise this fresh process's RSS at the peak."""
+    import threading
+
+    import psutil
+
+    bench = Bench(args.unet, args.preset, args.rank, args.size)
+    process = psutil.Process()
+    base = peak = process.memory_info().rss
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    bench.run(args.memory)
+    done.set()
+    sampler.join()
+    return (peak - base) / 2**20
 
 
 def main() -> None:
@@ -201,15 +225,14 @@ def main() -> None:
     parser.add_argument("--preset", default="kohya")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--size", type=int, default=32, help="latent side (32 = 256 px)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--variant", choices=["ours", "native"], help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--memory", choices=["ours", "native", "none"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     setup_inprocess()
     if args.counts:
         print_counts()
-    elif args.variant:
-        print(json.dumps(run_variant(args.variant, args.unet, args.preset, args.rank, args.repeats, args.size)))
+    elif args.memory:
+        print(peak_memory(args))
     else:
         compare(args)
 
