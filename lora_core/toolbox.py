@@ -1,0 +1,389 @@
+"""Low-rank machinery shared by merge, extract and resize: SVDs (full, randomized with an
+accuracy check, or from LoRA factors), rank choice (fixed or dynamic), and the report.
+
+Every result is a kohya LoRA: up = U * S, down = Vh, alpha = rank, so scale = 1 (resize keeps an
+input LoRA's scale instead). Retained energy is ||approx||_F^2 / ||dW||_F^2 (= 1 - relative
+error^2): the fraction of the change's squared Frobenius norm that the result keeps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import Adapter, LoRA
+from .files import read_safetensors
+from .metadata import kohya_metadata
+from .network import LoraNetwork, NetworkConfig
+
+DYNAMIC_METHODS = ("sv_ratio", "sv_cumulative", "sv_fro")
+SVD_METHODS = ("randomized", "full")
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """How many ranks to keep: `rank` (fixed), or chosen by `method` with `param`, capped at `rank`.
+
+    sv_ratio keeps S > S[0] / param; sv_cumulative keeps the fewest S whose sum reaches param of
+    sum(S); sv_fro keeps the fewest S with sqrt(sum S^2) >= param * ||dW||_F.
+    """
+
+    rank: int
+    method: str = "fixed"
+    param: float = 0.0
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"rank: must be at least 1, got {self.rank}")
+        if self.method not in ("fixed", *DYNAMIC_METHODS):
+            raise ValueError(f"dynamic rank method {self.method!r}: choose fixed, {', '.join(DYNAMIC_METHODS)}")
+        if self.method == "sv_ratio" and self.param <= 1:
+            raise ValueError(f"sv_ratio: param is the largest ratio S[0] / S[i] kept, must be > 1, got {self.param}")
+        if self.method in ("sv_cumulative", "sv_fro") and not 0 < self.param <= 1:
+            raise ValueError(f"{self.method}: param is a fraction in (0, 1], got {self.param}")
+
+    @property
+    def needs_full_spectrum(self) -> bool:
+        """sv_cumulative compares with the sum of all singular values, which only a full SVD gives."""
+        return self.method == "sv_cumulative"
+
+    def choose(self, s: torch.Tensor, total: float, nuclear: float | None = None) -> int:
+        """The rank to keep, given leading singular values `s`, ||dW||_F^2 and (sv_cumulative) sum of all S."""
+        limit = min(self.rank, s.numel())
+        if limit == 0 or total <= 0:
+            return min(1, limit)
+        s = s.double()
+        if self.method == "fixed":
+            r = limit
+        elif self.method == "sv_ratio":
+            r = int((s > s[0] / self.param).sum())
+        elif self.method == "sv_cumulative":
+            if nuclear is None:
+                raise ValueError("sv_cumulative needs the sum of all singular values (a full SVD)")
+            r = _first_reaching(torch.cumsum(s, 0) / nuclear, self.param)
+        else:
+            r = _first_reaching(torch.cumsum(s * s, 0) / total, self.param**2)
+        return max(1, min(r, limit))
+
+    def describe(self) -> str:
+        return f"rank {self.rank}" if self.method == "fixed" else f"{self.method} {self.param:g} (max rank {self.rank})"
+
+
+def _first_reaching(fractions: torch.Tensor, target: float) -> int:
+    """How many leading terms reach `target` (all of them when none does); rounding slack 1e-9."""
+    hits = (fractions >= target - 1e-9).nonzero()
+    return int(hits[0]) + 1 if hits.numel() else fractions.numel()
+
+
+@dataclass(frozen=True)
+class SvdOptions:
+    """Randomized SVD: subspace iteration with `oversample` extra columns and `power_iters` passes.
+
+    After it, a cheap bound on how much of ||dW||_F^2 the kept part may lack compared with an
+    exact SVD (see `_shortfall`). While the bound exceeds `tol` * ||dW||_F^2, two more passes
+    are made, up to `max_power_iters`; then that layer is redone with a full SVD.
+    """
+
+    method: str = "randomized"
+    oversample: int = 8
+    power_iters: int = 2
+    max_power_iters: int = 8
+    tol: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in SVD_METHODS:
+            raise ValueError(f"svd method {self.method!r}: choose {' or '.join(SVD_METHODS)}")
+        if not 0 <= self.power_iters <= self.max_power_iters:
+            raise ValueError("power_iters must be between 0 and max_power_iters")
+
+
+@dataclass
+class Decomposition:
+    """Leading singular triplets of a matrix D [m, n], with what is known about the rest."""
+
+    u: torch.Tensor  # [m, k]
+    s: torch.Tensor  # [k], descending
+    vh: torch.Tensor  # [k, n]
+    total: float  # ||D||_F^2
+    nuclear: float | None  # sum of all singular values, when every one was computed
+    method: str  # full | randomized | factored
+    shortfall: float = 0.0  # randomized: bound on how much less of ||D||_F^2 the kept part has than an exact SVD's
+
+    def energy(self, rank: int) -> float:
+        """Fraction of ||D||_F^2 that the top-`rank` part keeps."""
+        if self.total <= 0:
+            return 1.0
+        return min(1.0, float((self.s[:rank].double() ** 2).sum()) / self.total)
+
+
+def squared_norm(d: torch.Tensor) -> float:
+    """||D||_F^2, summed in float64 over 1M-element blocks (float32 sums drift; a float64 copy costs 2x D)."""
+    total = 0.0
+    for block in d.reshape(-1).split(1 << 20):
+        block = block.double()
+        total += float(torch.dot(block, block))
+    return total
+
+
+def full_svd(d: torch.Tensor) -> Decomposition:
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    s64 = s.double()
+    return Decomposition(u, s, vh, squared_norm(d), float(s64.sum()), "full")
+
+
+def factored_svd(up: torch.Tensor, down: torch.Tensor) -> Decomposition:
+    """Exact SVD of up @ down ([m, R] @ [R, n]) from QRs of the thin factors: O((m + n) R^2), never m x n."""
+    qu, ru = torch.linalg.qr(up)
+    qd, rd = torch.linalg.qr(down.T)
+    uc, s, vch = torch.linalg.svd(ru @ rd.T, full_matrices=False)
+    s64 = s.double()
+    return Decomposition(qu @ uc, s, vch @ qd.T, float((s64**2).sum()), float(s64.sum()), "factored")
+
+
+def _orth(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(x).Q
+
+
+def _outside_norm_sq(d: torch.Tensor, kept: torch.Tensor, start: torch.Tensor, gen: torch.Generator,
+                     iters: int = 3) -> float:
+    """Estimate of ||(I - K K^T) D||_2^2 (K = `kept`, orthonormal) by block power iteration from `start`
+    plus 4 random columns; a lower estimate, close when `start` holds the next singular vectors."""
+    x = torch.cat([start, torch.randn(d.shape[0], 4, generator=gen).to(d)], dim=1)
+    value = 0.0
+    for _ in range(iters):
+        x = _orth(x - kept @ (kept.T @ x))
+        y = d.T @ x
+        value = float(torch.linalg.matrix_norm(y.double(), ord=2)) ** 2
+        x = d @ y
+    return value
+
+
+def _shortfall(d, q, ub, s2, rank: int, total: float, gen) -> float:
+    """Bound on sum_{i <= rank} (sigma_i^2 - S_i^2): how much less of ||D||_F^2 the top-`rank` Ritz
+    part (of the range of Q) keeps than the exact top-`rank` SVD part.
+
+    Split M = D D^T on U_r (the top-r Ritz vectors) and the rest: the diagonal blocks are diag(S_i^2)
+    and G with ||G|| = g = ||(I - U_r U_r^T) D||_2^2 >= S_{r+1}^2, the coupling is E = (I - P) D D^T U_r
+    (P = Q Q^T; the rest of Q does not couple to Ritz vectors). Per i, with gap S_i^2 - g > 0, the
+    quadratic residual bound of Li & Li (2005) gives 2 ||E||^2 / (gap + sqrt(gap^2 + 4 ||E||^2)), and
+    Weyl ||E||; always, Weyl on the split at Q gives ||(I - P) D||_2^2 <= g. Ky Fan caps the sum at
+    ||(I - P) D||_F^2. g is a power estimate with a 2 % margin: the one part that is not a proof.
+    """
+    residual = max(0.0, total - float(s2.sum()))  # ||(I - P) D||_F^2, exact: P D keeps sum S^2
+    if residual <= 0 or rank == 0:
+        return 0.0
+    u = q @ ub
+    b = q.T @ d
+    coupling = (d @ (b.T @ ub[:, :rank])) - q @ ((b @ b.T) @ ub[:, :rank])  # (I - P) D D^T U_r
+    e2 = float(torch.linalg.matrix_norm(coupling.double(), ord=2)) ** 2
+    next_value = float(s2[rank]) if rank < s2.numel() else 0.0
+    g = max(next_value, 1.02 * _outside_norm_sq(d, u[:, :rank], u[:, rank:], gen))
+    gaps = s2[:rank] - g
+    li = 2 * e2 / (gaps + torch.sqrt(gaps * gaps + 4 * e2)).clamp_min(1e-300)
+    per_value = torch.where(gaps > 0, li.clamp_max(min(math.sqrt(e2), g)), torch.full_like(gaps, g))
+    return min(float(per_value.sum()), residual)
+
+
+def randomized_svd(d: torch.Tensor, rule: RankRule, options: SvdOptions, seed: int = 0) -> tuple[Decomposition, int]:
+    """Top rule.rank + oversample triplets of D by subspace iteration, iterated until the kept part is
+    within options.tol of an exact SVD's energy or max_power_iters is reached: (decomposition, rank kept)."""
+    gen = torch.Generator().manual_seed(seed)
+    total = squared_norm(d)
+    omega = torch.randn(d.shape[1], rule.rank + options.oversample, generator=gen).to(d)
+    q = _orth(d @ omega)
+    done, steps = 0, options.power_iters
+    while True:
+        for _ in range(steps):
+            q = _orth(d @ _orth(d.T @ q))
+        done += steps
+        ub, s, vh = torch.linalg.svd(q.T @ d, full_matrices=False)
+        rank = rule.choose(s, total)
+        shortfall = _shortfall(d, q, ub, s.double() ** 2, rank, total, gen)
+        if shortfall <= options.tol * total or done >= options.max_power_iters:
+            return Decomposition(q @ ub, s, vh, total, None, "randomized", shortfall), rank
+        steps = min(2, options.max_power_iters - done)
+
+
+def decompose(d: torch.Tensor, rule: RankRule, options: SvdOptions, seed: int = 0) -> tuple[Decomposition, int, str]:
+    """SVD of a dense change D [m, n] for `rule`: (decomposition, rank kept, note). Randomized when it
+    pays and the rule allows it, with a full SVD when its accuracy bound stays above options.tol."""
+    d = d.float()
+    if options.method == "full" or rule.needs_full_spectrum or 3 * (rule.rank + options.oversample) > min(d.shape):
+        dec = full_svd(d)
+        return dec, rule.choose(dec.s, dec.total, dec.nuclear), ""
+    dec, rank = randomized_svd(d, rule, options, seed)
+    if dec.shortfall <= options.tol * dec.total:
+        return dec, rank, ""
+    bound = dec.shortfall / dec.total
+    dec = full_svd(d)
+    return dec, rule.choose(dec.s, dec.total, dec.nuclear), f"randomized bound {bound:.1e} > tol, used full SVD"
+
+
+def clamp_factors(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """kohya's clamp: up and down values limited to the `quantile` of all their absolute values."""
+    if quantile >= 1:
+        return up, down, 0
+    values = torch.cat([up.flatten(), down.flatten()]).abs()
+    limit = values.kthvalue(max(1, math.ceil(quantile * values.numel()))).values
+    clamped = int((values > limit).sum())
+    return up.clamp(-limit, limit), down.clamp(-limit, limit), clamped
+
+
+def kept_energy(d: torch.Tensor, up: torch.Tensor, down: torch.Tensor, total: float) -> float:
+    """1 - ||D - up @ down||_F^2 / ||D||_F^2 without forming up @ down (for factors that are no projection)."""
+    if total <= 0:
+        return 1.0
+    cross = float(((up.T @ d).double() * down.double()).sum())
+    own = float(((up.T @ up).double() * (down @ down.T).double()).sum())
+    return 1.0 - (total - 2 * cross + own) / total
+
+
+def lora_factors(dec: Decomposition, rank: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """kohya factors of the top-`rank` part: up = U * S [out, r(, 1, 1)], down = Vh [r, in(, k, k)]."""
+    up = (dec.u[:, :rank] * dec.s[:rank]).reshape(shape[0], rank, *[1] * (len(shape) - 2))
+    down = dec.vh[:rank].reshape(rank, *shape[1:])
+    return up.contiguous(), down.contiguous()
+
+
+def lora_from(dec: Decomposition, rank: int, shape: tuple[int, ...], scale: float = 1.0) -> LoRA:
+    """The top-`rank` part as a kohya LoRA whose scale alpha / rank is `scale` (folded out of up)."""
+    up, down = lora_factors(dec, rank, shape)
+    return LoRA(down, up / scale if scale != 1 else up, scale * rank)
+
+
+@contextmanager
+def inference(adapter: Adapter) -> Iterator[Adapter]:
+    """The adapter in eval mode without gradients (every rank, no dropout), its mode restored after."""
+    was_training = adapter.training
+    adapter.eval()
+    try:
+        with torch.no_grad():
+            yield adapter
+    finally:
+        adapter.train(was_training)
+
+
+def refuse_dora(adapter: Adapter, name: str, what: str) -> None:
+    if adapter.dora_scale is not None:
+        raise ValueError(
+            f"{name}: DoRA module (dora_scale); {what} cannot keep it exact, as DoRA renormalises W + dW "
+            "with the base weights. Apply or bake it into the model instead (Merge LoRA, mode 'into model')."
+        )
+
+
+def result_metadata(adapters: dict[str, LoRA], title: str, source: dict, template: dict | None = None,
+                    model_config=None) -> dict[str, str]:
+    """kohya metadata of a produced LoRA (ranks "Dynamic" when they vary), plus `lora_foundry_source`.
+
+    Base-model keys come from `model_config`, else from an input file's metadata `template`.
+    """
+    def uniform(values: set) -> str | None:
+        return f"{values.pop():g}" if len(values) == 1 else ("Dynamic" if values else None)
+
+    convs = {n: a for n, a in adapters.items() if len(a.shape) > 2 and any(k > 1 for k in a.shape[2:])}
+    ranks = {a.rank for n, a in adapters.items() if n not in convs}
+    conv_ranks = {a.rank for a in convs.values()}
+    top = max(ranks | conv_ranks, default=1)
+    config = NetworkConfig(
+        algorithm="lora", rank=max(ranks, default=top), alpha=float(max(ranks, default=top)),
+        conv_rank=max(conv_ranks) if conv_ranks else None, conv_alpha=float(max(conv_ranks)) if conv_ranks else None,
+        preset="locon" if convs else "kohya",
+    )
+    meta = kohya_metadata(config, model_config, title)
+    meta["ss_network_dim"] = uniform(ranks) or meta["ss_network_dim"]
+    meta["ss_network_alpha"] = uniform({a.alpha for n, a in adapters.items() if n not in convs}) or meta["ss_network_alpha"]
+    if convs:
+        args = json.loads(meta["ss_network_args"])
+        args["conv_dim"] = uniform(conv_ranks)
+        args["conv_alpha"] = uniform({a.alpha for a in convs.values()})
+        meta["ss_network_args"] = json.dumps(args)
+    if model_config is None and template:
+        for key in ("ss_base_model_version", "ss_sd_model_name", "modelspec.architecture", "modelspec.implementation",
+                    "modelspec.resolution"):
+            if key in template:
+                meta[key] = template[key]
+    if meta["modelspec.architecture"].startswith("/"):  # no base model known
+        del meta["modelspec.architecture"]
+    del meta["lora_foundry_config"]  # a training config; a merged / extracted / resized LoRA has none
+    meta["lora_foundry_source"] = json.dumps(source)
+    return meta
+
+
+def read_network(path, model=None, clip=None) -> LoraNetwork:
+    """An adapter file as a LoraNetwork with its metadata; bound (names made ours) when model / clip are given."""
+    tensors, metadata = read_safetensors(path)
+    network = LoraNetwork.from_state_dict(tensors, metadata, model=model, clip=clip)
+    network.metadata = metadata
+    return network
+
+
+# --- reports -----------------------------------------------------------------------------------
+
+@dataclass
+class LayerStat:
+    name: str
+    rank: int
+    energy: float  # retained fraction of ||dW||_F^2
+    norm_sq: float  # ||dW||_F^2
+    method: str  # full | randomized | factored | concat
+    note: str = ""
+
+    @property
+    def error(self) -> float:
+        """Relative Frobenius error ||dW - approx|| / ||dW||."""
+        return math.sqrt(max(0.0, 1.0 - self.energy))
+
+
+@dataclass
+class ToolReport:
+    """Per-layer ranks and retained energy, skipped layers and notes, printable for a node's STRING output."""
+
+    title: str
+    layers: list[LayerStat] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def energy(self) -> float:
+        """Overall retained fraction of sum ||dW||_F^2 over all layers."""
+        total = sum(layer.norm_sq for layer in self.layers)
+        if total <= 0:
+            return 1.0
+        return sum(layer.energy * layer.norm_sq for layer in self.layers) / total
+
+    @property
+    def fell_back(self) -> list[str]:
+        """Layers whose randomized SVD failed its accuracy check and were redone with a full SVD."""
+        return [layer.name for layer in self.layers if "used full SVD" in layer.note]
+
+    def layer(self, name: str) -> LayerStat:
+        return next(layer for layer in self.layers if layer.name == name)
+
+    def summary(self, max_layers: int = 400) -> str:
+        ranks = [layer.rank for layer in self.layers]
+        methods = sorted({layer.method for layer in self.layers})
+        lines = [
+            f"{self.title}: {len(self.layers)} layers, ranks {min(ranks, default=0)}-{max(ranks, default=0)}, "
+            f"retained energy {self.energy:.6f} (Frobenius {math.sqrt(self.energy):.6f}), "
+            f"SVD {'/'.join(methods) or '-'}, {self.seconds:.1f} s",
+        ]
+        if self.fell_back:
+            lines.append(f"{len(self.fell_back)} layers fell back to a full SVD: " + ", ".join(self.fell_back))
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} layers skipped: " + ", ".join(self.skipped))
+        lines += self.notes
+        lines.append("layer  rank  energy  rel.error  method")
+        for layer in self.layers[:max_layers]:
+            lines.append(f"{layer.name}  {layer.rank}  {layer.energy:.6f}  {layer.error:.2e}  {layer.method}"
+                         + (f"  ({layer.note})" if layer.note else ""))
+        if len(self.layers) > max_layers:
+            lines.append(f"... {len(self.layers) - max_layers} more layers")
+        return "\n".join(lines)
