@@ -129,7 +129,8 @@ def interleaved(extract, tb, base, tuned, layers, ranks) -> dict:
     import torch
 
     base_weights, tuned_weights = extract.PatchedWeights(base), extract.PatchedWeights(tuned)
-    full_seconds, ours_seconds = 0.0, {r: 0.0 for r in ranks}
+    full_seconds, ours_seconds = [0.0, 0.0], {r: [0.0, 0.0] for r in ranks}  # [wall, cpu]
+    by_shape: dict[tuple, list] = {}  # shape: [layers, full wall, {rank: ours wall}]
     total, kept_full, kept_ours = 0.0, {r: 0.0 for r in ranks}, {r: 0.0 for r in ranks}
     gap, fallbacks = {r: 0.0 for r in ranks}, {r: 0 for r in ranks}
     with torch.no_grad():
@@ -137,21 +138,28 @@ def interleaved(extract, tb, base, tuned, layers, ranks) -> dict:
             diff = tuned_weights(key)
             base_weights.subtract_from(diff, key)
             diff = diff.reshape(diff.shape[0], -1)
-            start = time.perf_counter()
+            start = time.perf_counter(), time.process_time()
             _, s, _ = torch.linalg.svd(diff, full_matrices=False)
-            full_seconds += time.perf_counter() - start
+            full_seconds[0] += time.perf_counter() - start[0]
+            full_seconds[1] += time.process_time() - start[1]
+            shape = by_shape.setdefault(tuple(diff.shape), [0, 0.0, {r: 0.0 for r in ranks}])
+            shape[0] += 1
+            shape[1] += time.perf_counter() - start[0]
             s2 = s.double() ** 2
             total += float(s2.sum())
             for r in ranks:
-                start = time.perf_counter()
+                start = time.perf_counter(), time.process_time()
                 dec, rank, note = tb.decompose(diff, tb.RankRule(r), tb.SvdOptions(), seed=i)
-                ours_seconds[r] += time.perf_counter() - start
+                ours_seconds[r][0] += time.perf_counter() - start[0]
+                ours_seconds[r][1] += time.process_time() - start[1]
+                shape[2][r] += time.perf_counter() - start[0]
                 optimal = float(s2[:r].sum())
                 kept_full[r] += optimal
                 kept_ours[r] += dec.energy(rank) * dec.total
                 gap[r] = max(gap[r], optimal / float(s2.sum()) - dec.energy(rank))
                 fallbacks[r] += bool(note)
     return {"full_seconds": full_seconds, "ours_seconds": ours_seconds, "gap": gap, "fallbacks": fallbacks,
+            "by_shape": by_shape,
             "energy_full": {r: kept_full[r] / total for r in ranks},
             "energy_ours": {r: kept_ours[r] / total for r in ranks}}
 
@@ -161,6 +169,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=2, help="transformer depth of the 1280-wide level (SDXL: 10)")
     parser.add_argument("--ranks", default="16,32,64")
     parser.add_argument("--preset", default="kohya", help="layers: attention | kohya | locon | all")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
     ranks = [int(r) for r in args.ranks.split(",")]
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
@@ -168,6 +177,9 @@ def main() -> None:
 
     setup_inprocess()
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     pack = import_pack().__name__
     extract = importlib.import_module(f"{pack}.lora_core.extract")
@@ -190,15 +202,24 @@ def main() -> None:
 
     speed = interleaved(extract, tb, base, tuned, layers, ranks)
     print()
-    print(f"SVD work per method, layer by layer back to back ({len(layers)} layers); energy: fraction of "
-          "sum ||dW||_F^2 kept; max layer gap: largest per-layer energy ours lacks vs full; fallbacks: layers "
-          "redone with a full SVD")
-    print(f"{'rank':>4} | {'full SVD s':>10} | {'ours s':>7} | {'speed-up':>8} | {'energy full':>11} | "
-          f"{'energy ours':>11} | {'max layer gap':>13} | fallbacks")
+    print(f"SVD work per method, layer by layer back to back ({len(layers)} layers): wall and CPU seconds (all "
+          "threads); energy: fraction of sum ||dW||_F^2 kept; max layer gap: largest per-layer energy ours lacks "
+          "vs full; fallbacks: layers redone with a full SVD")
+    full_wall, full_cpu = speed["full_seconds"]
+    print(f"{'rank':>4} | {'full wall':>9} | {'ours wall':>9} | {'speed-up':>8} | {'full CPU':>8} | {'ours CPU':>8} | "
+          f"{'speed-up':>8} | {'energy full':>11} | {'energy ours':>11} | {'max layer gap':>13} | fallbacks")
     for r in ranks:
-        print(f"{r:>4} | {speed['full_seconds']:>10.1f} | {speed['ours_seconds'][r]:>7.1f} | "
-              f"{speed['full_seconds'] / speed['ours_seconds'][r]:>7.1f}x | {speed['energy_full'][r]:>11.6f} | "
+        wall, cpu = speed["ours_seconds"][r]
+        print(f"{r:>4} | {full_wall:>9.1f} | {wall:>9.1f} | {full_wall / wall:>7.1f}x | {full_cpu:>8.1f} | "
+              f"{cpu:>8.1f} | {full_cpu / cpu:>7.1f}x | {speed['energy_full'][r]:>11.6f} | "
               f"{speed['energy_ours'][r]:>11.6f} | {speed['gap'][r]:>13.2e} | {speed['fallbacks'][r]}/{len(layers)}")
+
+    print()
+    print("by layer shape (D flattened to out x in): full SVD seconds per layer and speed-up of ours at each rank")
+    print(f"{'shape':>11} | {'layers':>6} | {'full s/layer':>12} | " + " | ".join(f"{f'rank {r}':>8}" for r in ranks))
+    for shape, (count, full_s, ours) in sorted(speed["by_shape"].items()):
+        print(f"{'x'.join(map(str, shape)):>11} | {count:>6} | {full_s / count:>12.3f} | "
+              + " | ".join(f"{full_s / ours[r]:>7.1f}x" for r in ranks))
 
     runs, networks = [], {}
     for label, rank, method in [*((f"ours, rank {r}", r, "randomized") for r in ranks),
