@@ -15,7 +15,7 @@ from ..training.captions import CaptionOptions
 from ..training.objective import LOSSES, TIMESTEP_SAMPLING
 from ..training.optim import OPTIMIZERS, SCHEDULERS
 from ..training.plots import loss_graph
-from ..training.trainer import PRECISIONS, TrainConfig, Trainer
+from ..training.trainer import LATENT_CACHES, PRECISIONS, TrainConfig, Trainer
 
 CATEGORY = "Lora Foundry"
 ALGORITHMS = ("lora", "locon", "loha", "lokr", "dylora")
@@ -115,6 +115,8 @@ class TrainLoRA:
                                               "tooltip": "0 = the UNet's learning rate."}),
                 "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue the saved state of output_name "
                                        "(same settings, more steps); otherwise a new run never overwrites one."}),
+                "cache_latents": (LATENT_CACHES, {"default": "memory", "tooltip": "disk: also keep the latents in a "
+                                  "hidden .lora_foundry_cache folder next to the images, so the next run skips the VAE."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -125,7 +127,7 @@ class TrainLoRA:
               min_snr_gamma=5.0, noise_offset=0.0, timestep_sampling="uniform", conv_rank=0, shuffle_tags=False,
               keep_tokens=1, caption_dropout=0.0, flip=False, save_every=0, validation_every=0, sample_every=0, sample_prompts="",
               train_text_encoder=False,
-              text_encoder_lr=0.0, resume=False, unique_id=None):
+              text_encoder_lr=0.0, resume=False, cache_latents="memory", unique_id=None):
         import folder_paths
 
         network_config = NetworkConfig(algorithm=algorithm, rank=rank, alpha=alpha, preset=targets, dora=dora,
@@ -138,7 +140,7 @@ class TrainLoRA:
             warmup_steps=warmup_steps, lora_plus_ratio=lora_plus_ratio, grad_clip=grad_clip, grad_accum=grad_accum,
             seed=seed, precision=precision, gradient_checkpointing=gradient_checkpointing, loss=loss,
             min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, timestep_sampling=timestep_sampling,
-            flip=flip, save_every=save_every, validation_every=validation_every, captions=captions,
+            flip=flip, save_every=save_every, latent_cache=cache_latents, validation_every=validation_every, captions=captions,
             sample_every=sample_every, sample_prompts=[p.strip() for p in sample_prompts.splitlines() if p.strip()],
         )
         output_dir, resume_from = run_folder(folder_paths.get_folder_paths("loras")[0], output_name, resume)

@@ -283,3 +283,56 @@ def test_preview_samples_come_with_progress(pack, loaded_checkpoint, concept_dat
     assert [e["step"] for e in events] == [1, 2]
     assert events[0]["preview"] is None and events[1]["preview"].size == (128, 64)
     assert events[1]["eta"] == 0 and events[0]["lr"] > 0
+
+
+def test_disk_latent_cache_is_reused_and_follows_image_changes(pack, loaded_checkpoint, concept_dataset, tmp_path,
+                                                                caplog):
+    import os
+    import shutil
+
+    from lora_foundry.training.latent_cache import FOLDER
+
+    data = tmp_path / "data"
+    shutil.copytree(concept_dataset, data)
+    _, _, vae = loaded_checkpoint
+    calls = []
+    encode = vae.encode
+
+    def counting_encode(pixels):
+        calls.append(len(pixels))
+        return encode(pixels)
+
+    vae.encode = counting_encode
+    try:
+        first, _ = _train(pack, loaded_checkpoint, data, tmp_path / "a", steps=1, latent_cache="disk")
+        cached = sorted((data / "10_sks circle" / FOLDER).glob("*.safetensors"))
+        images = len(first.dataset.items) + len(first.dataset.validation)
+        assert len(cached) == images and sum(calls) == images
+
+        calls.clear()
+        second, _ = _train(pack, loaded_checkpoint, data, tmp_path / "b", steps=1, latent_cache="disk")
+        assert calls == []  # every latent came from disk
+        assert first.latents.keys() == second.latents.keys()
+        assert all(torch.equal(first.latents[k], second.latents[k]) for k in first.latents)
+
+        # An edited image is encoded again; a corrupt cache file is replaced, not trusted.
+        edited = second.dataset.items[0].path
+        os.utime(edited, ns=(1, 1))
+        victim = next(p for p in cached if not p.name.startswith(edited.stem + "-"))
+        victim.write_bytes(b"not a safetensors file")
+        calls.clear()
+        with caplog.at_level(logging.WARNING, logger="lora_foundry"):
+            _train(pack, loaded_checkpoint, data, tmp_path / "c", steps=1, latent_cache="disk")
+        assert sum(calls) == 2
+        assert any("unreadable" in r.getMessage() and victim.name in r.getMessage() for r in caplog.records)
+
+        # A cache folder that cannot be written: one warning, training goes on from memory.
+        shutil.rmtree(data / "10_sks circle" / FOLDER)
+        (data / "10_sks circle" / FOLDER).write_text("in the way")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lora_foundry"):
+            _, result = _train(pack, loaded_checkpoint, data, tmp_path / "d", steps=1, latent_cache="disk")
+        assert result.steps == 1
+        assert sum("cannot write" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        vae.encode = encode

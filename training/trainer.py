@@ -18,10 +18,12 @@ from ..lora_core.network import LoraNetwork
 from . import objective
 from .captions import CaptionOptions, process_caption
 from .dataset import Dataset
+from .latent_cache import LatentCache, vae_fingerprint
 from .optim import build_optimizer, build_scheduler, lora_plus_groups
 from .state import load_state, save_state
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LATENT_CACHES = ("memory", "disk")
 
 
 class TrainingError(RuntimeError):
@@ -54,6 +56,7 @@ class TrainConfig:
     flip: bool = False
     crop: str = "center"
     save_every: int = 0
+    latent_cache: str = "memory"  # "disk": also keep latents next to the images for the next run
     validation_every: int = 0
     sample_every: int = 0  # a preview image every N steps (0: never)
     sample_prompts: list[str] = field(default_factory=list)
@@ -66,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"steps: must be at least 1, got {self.steps}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.latent_cache not in LATENT_CACHES:
+            raise ValueError(f"latent_cache: {self.latent_cache!r} is not one of {', '.join(LATENT_CACHES)}")
         if not 0 <= self.min_timestep < self.max_timestep <= 1000:
             raise ValueError("min_timestep / max_timestep: need 0 <= min < max <= 1000")
 
@@ -153,28 +158,46 @@ class Trainer:
         self.text: dict[str, torch.Tensor] = {}
         self.checkpoints: list[Path] = []
         self.train_clip = None  # the CLIP clone carrying text-encoder adapters, while training them
+        self._disk_cache: LatentCache | None = None
 
     # --- data --------------------------------------------------------------------------------
     def encode_images(self, items, validation: bool = False, batch: int = 16) -> None:
         """Encode every image (and its mirror when flipping) once, in the model's latent space.
 
         Images of one bucket go through the VAE together: each host encode call has a fixed cost.
+        With the disk cache, latents found next to the images are read instead, and new ones written.
         """
+        disk = self.disk_cache()
         flips = (False, True) if self.config.flip and not validation else (False,)
         todo: dict[tuple, list[tuple[int, bool]]] = {}
         for index, item in enumerate(items):
             for flip in flips:
                 key = (index if not validation else -1 - index, flip)
-                if key not in self.latents:
+                if key in self.latents:
+                    continue
+                cached = disk.load(item, flip) if disk else None
+                if cached is not None:
+                    self.latents[key] = self.model.model.process_latent_in(cached).float()[0]
+                else:
                     todo.setdefault((tuple(item.bucket), flip), []).append((index, key))
         for (_, flip), entries in todo.items():
             for start in range(0, len(entries), batch):
                 chunk = entries[start:start + batch]
                 pixels = torch.stack([self.dataset.load_image(items[i], crop="center", flip=flip) for i, _ in chunk])
                 with torch.no_grad():
-                    latents = self.model.model.process_latent_in(self.vae.encode(pixels[..., :3])).float().cpu()
-                for (_, key), latent in zip(chunk, latents, strict=True):
+                    raw = self.vae.encode(pixels[..., :3]).float().cpu()
+                    latents = self.model.model.process_latent_in(raw).float()
+                for (index, key), latent, raw_latent in zip(chunk, latents, raw, strict=True):
                     self.latents[key] = latent
+                    if disk:
+                        disk.save(items[index], flip, raw_latent.unsqueeze(0))
+
+    def disk_cache(self) -> LatentCache | None:
+        if self.config.latent_cache != "disk":
+            return None
+        if self._disk_cache is None:
+            self._disk_cache = LatentCache(vae_fingerprint(self.vae))
+        return self._disk_cache
 
     def encode_text(self, caption: str) -> torch.Tensor:
         if caption not in self.text:
