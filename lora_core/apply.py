@@ -20,6 +20,7 @@ class ApplyReport:
     unmatched: list[str] = field(default_factory=list)  # module names with no layer in the model
     mismatched: list[str] = field(default_factory=list)  # "name: file shape vs model shape"
     unknown_keys: list[str] = field(default_factory=list)  # tensors that are no adapter factor
+    zeroed: list[str] = field(default_factory=list)  # weight keys left unpatched: block weight 0
 
     @property
     def ok(self) -> bool:
@@ -31,6 +32,8 @@ class ApplyReport:
                              ("unknown keys", self.unknown_keys)):
             if items:
                 lines.append(f"{len(items)} {title}: " + ", ".join(items[:50]) + (" ..." if len(items) > 50 else ""))
+        if self.zeroed:
+            lines.append(f"{len(self.zeroed)} layers left unpatched by a block weight of 0")
         return "\n".join(lines)
 
 
@@ -77,7 +80,8 @@ def apply_lora(model, clip, tensors: dict[str, torch.Tensor], strength_model: fl
                strength_clip: float = 1.0, block_strength=None):
     """(MODEL clone, CLIP clone, ApplyReport) with the adapter in `tensors` patched in.
 
-    `block_strength(weight_key) -> float`, when given, scales each UNet layer's strength.
+    `block_strength(weight_key) -> float`, when given, scales each UNet layer's strength; layers
+    it gives 0 are left unpatched (listed in the report's `zeroed`), like a strength of 0 leaves a part.
     """
     import comfy.lora
     import comfy.lora_convert
@@ -107,14 +111,18 @@ def apply_lora(model, clip, tensors: dict[str, torch.Tensor], strength_model: fl
     new_clip = clip.clone() if clip is not None else None
     unet = {k: v for k, v in patches.items() if (k[0] if isinstance(k, tuple) else k).startswith("diffusion_model.")}
     te = {k: v for k, v in patches.items() if k not in unet}
-    if new_model is not None and unet:
-        if block_strength is None:
-            new_model.add_patches(unet, strength_model)
-        else:
-            for key, patch in unet.items():
-                weight_key = key[0] if isinstance(key, tuple) else key
-                new_model.add_patches({key: patch}, strength_model * block_strength(weight_key))
-    if new_clip is not None and te:
+    if new_model is not None and unet and strength_model != 0:
+        groups: dict[float, dict] = {}  # one add_patches per distinct strength: each call walks the state dict
+        for key, patch in unet.items():
+            weight_key = key[0] if isinstance(key, tuple) else key
+            weight = 1.0 if block_strength is None else block_strength(weight_key)
+            if weight == 0:
+                report.zeroed.append(weight_key)
+            else:
+                groups.setdefault(weight, {})[key] = patch
+        for weight, group in groups.items():
+            new_model.add_patches(group, strength_model * weight)
+    if new_clip is not None and te and strength_clip != 0:
         new_clip.add_patches(te, strength_clip)
     report.unmatched.sort()
     return new_model, new_clip, report

@@ -1,0 +1,192 @@
+"""Block weights: a per-block multiplier for a LoRA on an SD1.x/2.x or SDXL UNet, in the vector
+notation of A1111's "LoRA Block Weight" extension.
+
+Blocks are named after ComfyUI's (ldm) UNet layout: BASE (the text encoders), IN00-IN11
+(`input_blocks.N`), MID (`middle_block`), OUT00-OUT11 (`output_blocks.N`); SDXL has IN00-IN08 and
+OUT00-OUT08. The short vector lists BASE and the blocks that hold attention layers, the ones a
+plain LoRA changes (SD1.x/2.x 17 values, SDXL 12); the long vector lists every block (26 / 20).
+With a short vector, a block it leaves out (convolutions only: LoCon changes them) takes the
+weight of the nearest listed block on its side of the UNet, the earlier one on a tie, so that
+all-ones and all-zeros keep their meaning for LoCon files too. The stem (time / label
+embeddings) goes with IN00, the final norm and conv with the last OUT block.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The blocks of one UNet family, and which of them are deep (lowest-resolution attention level)."""
+
+    family: str
+    inputs: int  # number of input_blocks (= output_blocks)
+    attention_in: tuple[int, ...]
+    attention_out: tuple[int, ...]
+    deep_in: tuple[int, ...]
+    deep_out: tuple[int, ...]
+
+    @property
+    def all_ids(self) -> list[str]:
+        return ["BASE", *(f"IN{i:02d}" for i in range(self.inputs)), "MID",
+                *(f"OUT{i:02d}" for i in range(self.inputs))]
+
+    @property
+    def short_ids(self) -> list[str]:
+        return ["BASE", *(f"IN{i:02d}" for i in self.attention_in), "MID", *(f"OUT{i:02d}" for i in self.attention_out)]
+
+    def describe(self) -> str:
+        short, full = self.short_ids, self.all_ids
+        return (f"an {self.family} UNet takes {len(short)} values ({', '.join(short)}) "
+                f"or {len(full)} ({full[0]}, {full[1]}-{full[self.inputs]}, MID, {full[self.inputs + 2]}-{full[-1]})")
+
+
+SD1 = Layout("SD1.x/2.x", 12, (1, 2, 4, 5, 7, 8), tuple(range(3, 12)), (7, 8), (3, 4, 5))
+SDXL = Layout("SDXL", 9, (4, 5, 7, 8), tuple(range(0, 6)), (7, 8), (0, 1, 2))
+LAYOUTS = {"sd1": SD1, "sdxl": SDXL}
+
+# Presets: which groups a LoRA keeps (weight 1); every other block gets 0. Shallow = the attention
+# blocks above the deepest level, deep = the lowest-resolution attention level.
+PRESET_GROUPS: dict[str, tuple[set[str], float]] = {
+    "NONE": (set(), 1.0),
+    "ALL": ({"BASE", "IN_S", "IN_D", "MID", "OUT_D", "OUT_S"}, 1.0),
+    "ALL0.5": ({"BASE", "IN_S", "IN_D", "MID", "OUT_D", "OUT_S"}, 0.5),
+    "TENC": ({"BASE"}, 1.0),
+    "UNET": ({"IN_S", "IN_D", "MID", "OUT_D", "OUT_S"}, 1.0),
+    "INALL": ({"BASE", "IN_S", "IN_D"}, 1.0),
+    "INS": ({"BASE", "IN_S"}, 1.0),
+    "IND": ({"BASE", "IN_D"}, 1.0),
+    "MIDD": ({"BASE", "IN_D", "MID", "OUT_D"}, 1.0),
+    "OUTD": ({"BASE", "OUT_D"}, 1.0),
+    "OUTS": ({"BASE", "OUT_S"}, 1.0),
+    "OUTALL": ({"BASE", "OUT_D", "OUT_S"}, 1.0),
+}
+
+
+def _group(layout: Layout, block: str) -> str:
+    if block in ("BASE", "MID"):
+        return block
+    side, index = block[:-2], int(block[-2:])
+    deep = layout.deep_in if side == "IN" else layout.deep_out
+    return f"{side}_{'D' if index in deep else 'S'}"
+
+
+def preset_vector(name: str, layout: Layout) -> list[float]:
+    """The short vector of a preset for `layout`."""
+    groups, value = PRESET_GROUPS[name]
+    return [value if _group(layout, block) in groups else 0.0 for block in layout.short_ids]
+
+
+def presets(layout: Layout = SD1) -> dict[str, str]:
+    """{preset name: short vector as text}, for the front end."""
+    return {name: ",".join(f"{v:g}" for v in preset_vector(name, layout)) for name in PRESET_GROUPS}
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """A weight for every block of `layout`; `for_key` gives a model key's or LoRA module name's weight."""
+
+    layout: Layout
+    weights: dict[str, float] = field(hash=False)
+
+    @property
+    def base(self) -> float:
+        return self.weights["BASE"]
+
+    def for_key(self, key: str) -> float:
+        """The weight of a host weight key or LoRA module name; 1 for a UNet key outside every block."""
+        return self.weights.get(block_of(key, self.layout), 1.0)
+
+
+def _expand(layout: Layout, short: list[float]) -> dict[str, float]:
+    """Short vector -> every block: a block left out takes its side's nearest listed block (earlier on a tie)."""
+    given = dict(zip(layout.short_ids, short, strict=True))
+    out = {"BASE": given["BASE"], "MID": given["MID"]}
+    for side, listed in (("IN", layout.attention_in), ("OUT", layout.attention_out)):
+        for i in range(layout.inputs):
+            nearest = min(listed, key=lambda j, i=i: (abs(j - i), j))
+            out[f"{side}{i:02d}"] = given[f"{side}{nearest:02d}"]
+    return out
+
+
+def parse_block_weights(value, layout: Layout) -> BlockWeights | None:
+    """A preset name, a comma-separated vector (or a list of numbers) as BlockWeights; None for "" (all ones).
+
+    Raises ValueError saying what is wrong and what `layout` expects.
+    """
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        text = str(value).strip()
+        if not text:
+            return None
+        if text.upper() in PRESET_GROUPS:
+            return BlockWeights(layout, _expand(layout, preset_vector(text.upper(), layout)))
+        if not re.fullmatch(r"[\s\d.,eE+-]+", text.strip("[]")):
+            raise ValueError(f"{text!r} is neither a preset ({', '.join(PRESET_GROUPS)}) nor comma-separated numbers")
+        items = [part.strip() for part in text.strip("[]").split(",")]
+    numbers = []
+    for i, item in enumerate(items, start=1):
+        try:
+            number = float(item)
+        except (TypeError, ValueError):
+            raise ValueError(f"value {i} ({item!r}) is not a number") from None
+        if not math.isfinite(number):
+            raise ValueError(f"value {i} ({item!r}) is not finite")
+        numbers.append(number)
+    if len(numbers) == len(layout.all_ids):
+        return BlockWeights(layout, dict(zip(layout.all_ids, numbers, strict=True)))
+    if len(numbers) != len(layout.short_ids):
+        raise ValueError(f"{len(numbers)} values; {layout.describe()}")
+    return BlockWeights(layout, _expand(layout, numbers))
+
+
+def layout_of(model) -> Layout:
+    """The block layout of a ComfyUI MODEL; ValueError for a model without SD1.x/2.x or SDXL blocks."""
+    import comfy.supported_models as sm
+
+    config = model.model.model_config
+    if isinstance(config, (sm.SD15, sm.SD20)):
+        return SD1
+    if isinstance(config, sm.SDXL):
+        return SDXL
+    raise ValueError(f"block weights need an SD1.x/2.x or SDXL UNet; this model is {type(config).__name__}")
+
+
+# --- which block a key belongs to ------------------------------------------------------------
+
+_LDM = re.compile(r"^(input_blocks|output_blocks)[._](\d+)[._]")
+_DIFFUSERS = re.compile(r"^(down|up)_blocks_(\d+)_(resnets|attentions|downsamplers|upsamplers)_(\d+)")
+_STEM = ("time_embed", "label_emb", "time_embedding", "add_embedding", "class_embedding", "conv_in")
+_HEAD = ("out.", "out_", "conv_out", "conv_norm_out")
+_UNET_PREFIXES = ("diffusion_model.", "lora_unet_", "unet.", "unet_", "model.diffusion_model.")
+
+
+def block_of(key: str, layout: Layout = SD1) -> str | None:
+    """Block id of a host weight key (`diffusion_model.input_blocks.4.1...`, a text-encoder key) or a LoRA
+    module name (kohya `lora_unet_down_blocks_1_attentions_0_...` / `lora_unet_input_blocks_4_1_...`,
+    `lora_te*_...`, PEFT `unet.down_blocks.1...`); None for a UNet key outside every block."""
+    for prefix in _UNET_PREFIXES:
+        if key.startswith(prefix):
+            return _unet_block(key[len(prefix):], layout)
+    return "BASE"  # text encoders: lora_te*, clip_l., clip_g., text_encoder., ...
+
+
+def _unet_block(path: str, layout: Layout) -> str | None:
+    if m := _LDM.match(path):
+        return f"{'IN' if m.group(1) == 'input_blocks' else 'OUT'}{int(m.group(2)):02d}"
+    if path.startswith(("middle_block", "mid_block")):
+        return "MID"
+    if m := _DIFFUSERS.match(path.replace(".", "_")):
+        level, kind, index = int(m.group(2)), m.group(3), int(m.group(4))
+        if m.group(1) == "down":  # two res (+ attention) blocks per level, then the downsampler
+            return f"IN{3 * level + (3 if kind == 'downsamplers' else index + 1):02d}"
+        return f"OUT{3 * level + (2 if kind == 'upsamplers' else index):02d}"  # three per level, upsampler in the last
+    if path.startswith(_STEM):
+        return "IN00"
+    if path.startswith(_HEAD):
+        return f"OUT{layout.inputs - 1:02d}"
+    return None
