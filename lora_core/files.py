@@ -48,21 +48,50 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     """Write atomically: a temporary file in the same folder, flushed, then renamed over `path`."""
     from safetensors.torch import save
 
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    return write_bytes_atomic(data, path)
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Write a temporary file in the same folder, flush it, then rename it to `path`.
+
+    With overwrite=False an existing `path` is never replaced (FileExistsError), even one that
+    appears while writing: the temporary file is hard-linked to `path`, which fails if it exists.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes owner-only files; keep a replaced file's mode
+            os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
     return path
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # file systems without hard links: a check, then the rename
+        if path.exists():
+            raise FileExistsError(f"{path} exists") from None
+        os.replace(tmp, path)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """UTF-8 text written like write_bytes_atomic (caption sidecars, for instance)."""
+    return write_bytes_atomic(text.encode("utf-8"), path, overwrite)
 
 
 def split_modules(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
