@@ -262,18 +262,20 @@ def test_missing_model_says_where_to_put_one(pack, comfy_root):
 
 # --- through the server --------------------------------------------------------------------------
 
-def caption_workflow(folder: Path, model: str, **widgets) -> dict:
-    """Load Dataset -> Caption Images, as an API prompt."""
+def caption_workflow(folder: Path, model: str, use_loader: bool = True, **widgets) -> dict:
+    """Load Dataset -> Caption Images as an API prompt, or Caption Images alone on `folder`."""
     inputs = {
         "model": model, "mode": "caption missing", "write_files": "new files only", "general_threshold": 0.35,
         "character_threshold": 0.85, "trigger_word": "", "class_word": "", "prefix": "", "suffix": "",
         "find_replace": "", "blacklist": "", "deduplicate": True, "max_tags": 0, "caption_extension": ".txt",
-        "dataset": ["1", 0], "preview_count": 4, **widgets,
+        "preview_count": 4, **widgets,
     }
     load = {"folder": str(folder), "resolution": 64, "min_side": 32, "max_side": 128, "bucket_step": 32,
             "no_upscale": False, "caption_extension": ".txt", "validation_split": 0.0, "seed": 0}
+    if not use_loader:
+        return {"2": {"class_type": "LoraFoundryCaptionImages", "inputs": {**inputs, "folder": str(folder)}}}
     return {"1": {"class_type": "LoraFoundryLoadDataset", "inputs": load},
-            "2": {"class_type": "LoraFoundryCaptionImages", "inputs": inputs}}
+            "2": {"class_type": "LoraFoundryCaptionImages", "inputs": {**inputs, "dataset": ["1", 0]}}}
 
 
 def run_caption(server, folder: Path, model: str, **widgets) -> tuple[str, dict[str, str], list]:
@@ -328,10 +330,10 @@ def test_recaption_overwrites_only_when_asked(caption_server, concept_dataset, t
 
 
 @pytest.mark.server
-def test_transformers_captioner_through_the_node(caption_server, concept_dataset, tmp_path):
+def test_transformers_captioner_on_a_folder(caption_server, concept_dataset, tmp_path):
     folder = copy_dataset(concept_dataset, tmp_path, count=3)
     before = snapshot(folder)
-    stats, captions, _ = run_caption(caption_server, tmp_path, "tiny-blip", mode="re-caption all",
+    stats, captions, _ = run_caption(caption_server, tmp_path, "tiny-blip", use_loader=False, mode="re-caption all",
                                      write_files="none", prefix="photo", max_new_tokens=6)
     assert snapshot(folder) == before
     assert len(captions) == 3 and "3 by the model" in stats
@@ -354,6 +356,11 @@ def test_errors_name_the_file_and_lose_nothing(caption_server, concept_dataset, 
         with pytest.raises(WorkflowError, match=expected):
             run_caption(caption_server, tmp_path, model)
         assert snapshot(folder) == before
+
+    no_input = caption_workflow(tmp_path, "tiny-wd", use_loader=False)
+    no_input["2"]["inputs"]["folder"] = " "
+    with pytest.raises(WorkflowError, match="connect a dataset .* or give a folder"):
+        caption_server.run(no_input)
 
     stats, captions, _ = run_caption(caption_server, tmp_path, "tiny-wd", mode="re-caption all",
                                      write_files="overwrite existing", general_threshold=0.0)
