@@ -97,9 +97,12 @@ class TransformersCaptioner:
             self.model = AutoModelForImageTextToText.from_pretrained(
                 self.folder, local_files_only=True, use_safetensors=True, trust_remote_code=False, dtype=self.dtype)
         except Exception as exc:  # transformers raises many types (OSError, ValueError, KeyError, ...)
+            hint = ("; models that need trust_remote_code are never run: use a version of the model that "
+                    "transformers supports natively" if "trust_remote_code" in str(exc) else "")
             raise CaptionModelError(
                 f"{self.folder}: cannot load the transformers captioner ({type(exc).__name__}: {exc}); it needs "
                 "config.json, *.safetensors weights and the processor/tokenizer files saved with save_pretrained"
+                + hint
             ) from exc
         self.model.to(self.device).eval()
 

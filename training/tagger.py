@@ -102,6 +102,9 @@ class OnnxTagger:
 
     def scores(self, image: Image.Image) -> dict[str, float]:
         """Every tag's score for `image`, rating tags included."""
+        return {tag.name: float(s) for tag, s in zip(self.tags, self._scores(image), strict=True)}
+
+    def _scores(self, image: Image.Image) -> np.ndarray:
         try:
             (out, *_) = self.session.run(None, {self.input_name: self.preprocess(image)})
         except Exception as exc:  # onnxruntime's own exception types
@@ -111,16 +114,15 @@ class OnnxTagger:
             raise CaptionModelError(
                 f"{self.folder}: {MODEL_FILE} gave {scores.size} scores for the {len(self.tags)} tags of {TAGS_FILE}"
             )
-        return {tag.name: float(s) for tag, s in zip(self.tags, scores, strict=True)}
+        return scores
 
     def caption(self, image: Image.Image) -> str:
         """Character tags, then general tags, each by falling score."""
-        scores = self.scores(image)
+        scores = self._scores(image)
         chosen = []
-        for category_is_character, threshold in ((True, self.character_threshold), (False, self.general_threshold)):
-            found = [(scores[t.name], t.name) for t in self.tags
-                     if t.category != RATING and (t.category == CHARACTER) == category_is_character
-                     and scores[t.name] > threshold]
+        for character, threshold in ((True, self.character_threshold), (False, self.general_threshold)):
+            found = [(float(score), tag.name) for tag, score in zip(self.tags, scores, strict=True)
+                     if tag.category != RATING and (tag.category == CHARACTER) == character and score > threshold]
             chosen.extend(name for _, name in sorted(found, key=lambda pair: -pair[0]))
         return ", ".join(dict.fromkeys(chosen))
 
