@@ -153,16 +153,20 @@ COLOURS = {
 }
 
 
-def draw_shape(size: tuple[int, int], shape: str, colour, background, rng: random.Random):
-    """A plain background with one jittered shape (circle, square, triangle or plus)."""
+def draw_shape(size: tuple[int, int], shape: str, colour, background, rng: random.Random,
+               radius: tuple[float, float] = (0.25, 0.35), jitter: float = 0.1):
+    """A plain background with one jittered shape (circle, square, triangle or plus).
+
+    `radius` is the range of the shape's radius and `jitter` the centre's offset range, as fractions of the size.
+    """
     from PIL import Image, ImageDraw
 
     w, h = size
     img = Image.new("RGB", size, background)
     d = ImageDraw.Draw(img)
-    r = min(w, h) * rng.uniform(0.25, 0.35)
-    cx = w / 2 + rng.uniform(-0.1, 0.1) * w
-    cy = h / 2 + rng.uniform(-0.1, 0.1) * h
+    r = min(w, h) * rng.uniform(*radius)
+    cx = w / 2 + rng.uniform(-jitter, jitter) * w
+    cy = h / 2 + rng.uniform(-jitter, jitter) * h
     if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
     elif shape == "square":

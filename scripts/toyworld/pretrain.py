@@ -1,0 +1,198 @@
+"""Pretrain the toy-world base model from scratch: one SD1.5-layout safetensors, cached and reused.
+
+Usage (from scripts/): ../.venv/bin/python -m toyworld.pretrain [--seed 0] [--force]
+
+The UNet is the harness's one-level SD1.5-layout UNet (25.8M parameters), trained on the eps objective
+with SD1.5's noise schedule, min-SNR weighting, 10% caption dropout (for CFG) and an EMA of its
+weights; the text encoder is the harness's seeded random CLIP-L, frozen (its outputs for every caption
+are computed once, by ComfyUI's own CLIP code, exactly as CLIPTextEncode computes them); the VAE is
+the hand-set TAESD of toyworld.vae. CheckpointLoaderSimple loads the result as SD1.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from harness import fixtures
+from harness.comfy import REPO_ROOT, setup_inprocess
+
+from . import VERSION, vae, world
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    steps: int = 500
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    warmup_steps: int = 25
+    final_lr_fraction: float = 0.1
+    ema_decay: float = 0.99
+    min_snr_gamma: float = 5.0
+    caption_dropout: float = 0.1
+    pool: int = 4096  # distinct training images
+
+
+DEFAULT = PretrainConfig()
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("TOYWORLD_CACHE", REPO_ROOT / ".cache" / "toyworld"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def checkpoint_path(seed: int = 0, config: PretrainConfig = DEFAULT) -> Path:
+    tag = "" if config == DEFAULT else f"-{abs(hash(config)) % 10**8:08d}"
+    return cache_dir() / f"toyworld-sd15-v{VERSION}-s{seed}{tag}.safetensors"
+
+
+def noise_schedule():
+    """SD1.5's alphas_cumprod (ComfyUI's "linear" schedule: linear in sqrt(beta))."""
+    import torch
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, 0).float()
+
+
+def to_pixels(images) -> torch.Tensor:  # noqa: F821 (torch is imported lazily)
+    """Pillow images -> [B, 3, H, W] float in [0, 1]."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images])).permute(0, 3, 1, 2)
+
+
+def latent_stats(seed: int) -> tuple[float, float]:
+    """Mean and std of the raw VAE latents over toy-world images (sets vae_scale / vae_shift)."""
+    raw = vae.raw_latents(to_pixels(world.images(world.base_scenes(seed + 7, 512), seed + 7)))
+    return float(raw.mean()), float(raw.std())
+
+
+def encode_captions(clip_sd: dict, unet_sd: dict, vae_sd: dict, captions: list[str]) -> dict:
+    """{caption: [77, 768] conditioning} through ComfyUI's own checkpoint loader and CLIP code."""
+    import comfy.sd
+    import torch
+
+    sd = _checkpoint_dict(unet_sd, clip_sd, vae_sd)
+    # fp32: on a CPU the host would pick fp16, which torch runs very slowly there; the outputs agree to ~1e-3.
+    _, clip, _, _ = comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_model=False,
+                                                          te_model_options={"dtype": torch.float32})
+    with torch.no_grad():
+        return {c: clip.encode_from_tokens(clip.tokenize(c)).float()[0] for c in captions}
+
+
+def _checkpoint_dict(unet_sd: dict, clip_sd: dict, vae_sd: dict) -> dict:
+    sd = {"model.diffusion_model." + k: v for k, v in unet_sd.items()}
+    sd.update({"cond_stage_model.transformer." + k: v for k, v in clip_sd.items()})
+    sd.update({"first_stage_model." + k: v for k, v in vae_sd.items()})
+    return sd
+
+
+def _lr(step: int, cfg: PretrainConfig) -> float:
+    if step <= cfg.warmup_steps:
+        return cfg.learning_rate * step / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    low = cfg.final_lr_fraction
+    return cfg.learning_rate * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_unet(unet, latents, cond_index, conds, cfg: PretrainConfig, seed: int, log=print):
+    """The eps-objective loop; returns (EMA weights, losses)."""
+    import torch
+
+    ac = noise_schedule()
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    params = [p for p in unet.parameters()]
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.01, fused=True)
+    empty = len(conds) - 1  # the last conditioning is the empty prompt
+    losses, start = [], time.monotonic()
+    unet.train()
+    for step in range(1, cfg.steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg)
+        idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
+        x0 = latents[idx]
+        ci = [empty if rng.random() < cfg.caption_dropout else int(cond_index[i]) for i in idx]
+        context = conds[ci]
+        t = torch.randint(0, 1000, (cfg.batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = ac[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            eps = unet(xt, t.float(), context)
+        snr = ac[t] / (1 - ac[t])
+        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+        loss = (((eps.float() - noise) ** 2).mean((1, 2, 3)) * weight).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        decay = min(cfg.ema_decay, step / (step + 10))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        losses.append(loss.item())
+        if step % 25 == 0 or step == cfg.steps:
+            elapsed = time.monotonic() - start
+            log(f"  step {step}/{cfg.steps}  loss {sum(losses[-25:]) / len(losses[-25:]):.4f}  "
+                f"{elapsed:.0f}s elapsed, ~{elapsed / step * (cfg.steps - step):.0f}s left")
+    with torch.no_grad():
+        for p, e in zip(params, ema, strict=True):
+            p.copy_(e)
+    return losses
+
+
+def pretrain(seed: int = 0, config: PretrainConfig = DEFAULT, force: bool = False, log=print) -> Path:
+    """The cached base checkpoint for `seed`, pretrained now if it is not on disk."""
+    path = checkpoint_path(seed, config)
+    if path.exists() and not force:
+        return path
+    setup_inprocess()
+    import torch
+
+    started = time.monotonic()
+    torch.manual_seed(seed)
+    log(f"toy world: pretraining the base model ({config.steps} steps of {config.batch_size}) -> {path}")
+    stats = latent_stats(seed)
+    vae_sd = {k: v.float() for k, v in vae.build(stats).state_dict().items()}
+    clip_sd = {k: v.to(torch.float16) for k, v in fixtures.build_clip_l(seed).state_dict().items()}
+    unet = fixtures.build_unet(seed)
+    captions = world.all_captions()
+    conds = encode_captions(clip_sd, unet.state_dict(), vae_sd, captions + [""])
+    cond_table = torch.stack([conds[c] for c in captions + [""]])
+    log(f"  {len(captions)} captions encoded ({time.monotonic() - started:.0f}s)")
+    scenes = world.base_scenes(seed, config.pool)
+    latents = vae.model_latents(to_pixels(world.images(scenes, seed)), stats)
+    lookup = {c: i for i, c in enumerate(captions)}
+    cond_index = torch.tensor([lookup[s.caption] for s in scenes])
+    log(f"  {len(scenes)} images encoded ({time.monotonic() - started:.0f}s)")
+    losses = train_unet(unet, latents, cond_index, cond_table, config, seed, log)
+    unet_sd = {k: v.to(torch.float16) for k, v in unet.state_dict().items()}
+    info = {"version": VERSION, "seed": seed, "config": asdict(config), "latent_stats": stats,
+            "seconds": round(time.monotonic() - started, 1), "final_loss": sum(losses[-50:]) / 50}
+    fixtures._save_atomic(_checkpoint_dict(unet_sd, clip_sd, vae_sd), path, metadata={"toyworld": json.dumps(info)})
+    log(f"toy world: base model ready in {info['seconds']:.0f}s: {path}")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=DEFAULT.steps)
+    parser.add_argument("--lr", type=float, default=DEFAULT.learning_rate)
+    parser.add_argument("--force", action="store_true", help="pretrain again even if it is cached")
+    args = parser.parse_args()
+    config = PretrainConfig(steps=args.steps, learning_rate=args.lr)
+    print(pretrain(args.seed, config, force=args.force, log=lambda m: print(m, flush=True)))
+
+
+if __name__ == "__main__":
+    main()

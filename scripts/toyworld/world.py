@@ -1,0 +1,105 @@
+"""The toy world: one coloured shape on a plain background, with its caption, deterministic from a seed.
+
+The base model sees circles, squares and triangles in every colour on every other background. The
+concept (a yellow plus on teal) is never shown to it: the LoRA teaches it under a trigger word.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.fixtures import COLOURS, draw_shape
+
+SIZE = 64
+BASE_SHAPES = ("circle", "square", "triangle")
+SHAPES = BASE_SHAPES + ("plus",)
+COLOUR_NAMES = tuple(COLOURS)
+RADIUS = (0.28, 0.38)
+JITTER = 0.06
+COLOUR_JITTER = 12
+TRIGGER = "sks"
+CONCEPT = ("yellow", "plus", "teal")
+# The base's prompt-following prompts (colour, shape, background): every shape three times.
+PROMPTS = (
+    ("red", "circle", "white"), ("blue", "square", "yellow"), ("green", "triangle", "purple"),
+    ("orange", "circle", "blue"), ("purple", "square", "green"), ("white", "triangle", "red"),
+    ("teal", "circle", "orange"), ("yellow", "square", "blue"), ("red", "triangle", "teal"),
+)
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+    background: str
+
+    @property
+    def caption(self) -> str:
+        return caption(self.colour, self.shape, self.background)
+
+
+def caption(colour: str, shape: str, background: str) -> str:
+    return f"{colour} {shape}, {background} background"
+
+
+def _jittered(rgb: tuple[int, int, int], rng: random.Random) -> tuple[int, ...]:
+    return tuple(min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))) for c in rgb)
+
+
+def render(scene: Scene, rng: random.Random):
+    """A SIZE x SIZE Pillow image of the scene, position, size and colours jittered by `rng`."""
+    return draw_shape((SIZE, SIZE), scene.shape, _jittered(COLOURS[scene.colour], rng),
+                      _jittered(COLOURS[scene.background], rng), rng, radius=RADIUS, jitter=JITTER)
+
+
+def random_scene(rng: random.Random, shapes: tuple[str, ...] = BASE_SHAPES) -> Scene:
+    colour = rng.choice(COLOUR_NAMES)
+    background = rng.choice([c for c in COLOUR_NAMES if c != colour])
+    return Scene(colour, rng.choice(shapes), background)
+
+
+def base_scenes(seed: int, count: int) -> list[Scene]:
+    """What the base model is pretrained on (never a plus)."""
+    rng = random.Random(f"scenes-{seed}")
+    return [random_scene(rng) for _ in range(count)]
+
+
+def images(scenes: list[Scene], seed: int) -> list:
+    """One jittered image per scene; the same seed gives the same pixels."""
+    rng = random.Random(f"pixels-{seed}")
+    return [render(s, rng) for s in scenes]
+
+
+def all_captions() -> list[str]:
+    """Every base caption (the pretraining's conditioning vocabulary)."""
+    return [caption(c, s, b) for c in COLOUR_NAMES for s in BASE_SHAPES for b in COLOUR_NAMES if b != c]
+
+
+def write_folder(folder: Path, scenes: list[Scene], seed: int, captions: list[str] | None = None) -> Path:
+    """Images and .txt captions into `folder` (created); `captions` overrides the scenes' own."""
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = captions if captions is not None else [s.caption for s in scenes]
+    for i, (img, text) in enumerate(zip(images(scenes, seed), texts, strict=True)):
+        img.save(folder / f"{i:04d}.png")
+        (folder / f"{i:04d}.txt").write_text(text)
+    return folder
+
+
+def concept_dataset(root: Path, seed: int = 0, count: int = 10, repeats: int = 10, prior_count: int = 60) -> dict:
+    """The LoRA's dataset in kohya layout: `<root>/concept/<repeats>_<trigger>/` (captioned with the
+    trigger only) and `<root>/prior/1_toy/` (ordinary toy-world images with their captions).
+
+    Returns {"concept": folder, "prior": folder}; an existing complete dataset is reused.
+    """
+    concept = root / "concept"
+    prior = root / "prior"
+    concept_dir, prior_dir = concept / f"{repeats}_{TRIGGER}", prior / "1_toy"
+    done = root / "done"
+    if not done.exists():
+        scenes = [Scene(*CONCEPT)] * count
+        write_folder(concept_dir, scenes, seed + 1000, captions=[TRIGGER] * count)
+        write_folder(prior_dir, base_scenes(seed + 2000, prior_count), seed + 2000)
+        done.write_text("ok")
+    return {"concept": concept, "prior": prior}
