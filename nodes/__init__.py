@@ -2,7 +2,7 @@
 
 from importlib import import_module
 
-NODE_MODULES = ("apply", "dataset", "save", "train", "merge", "extract", "resize", "caption")
+NODE_MODULES = ("apply", "dataset", "save", "train", "merge", "extract", "resize", "routes", "caption")
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -16,6 +16,7 @@ from ..training.objective import LOSSES, TIMESTEP_SAMPLING
 from ..training.optim import OPTIMIZERS, SCHEDULERS
 from ..training.plots import loss_graph
 from ..training.trainer import LATENT_CACHES, PRECISIONS, TrainConfig, Trainer
+from .live import TRAINING_LOG
 
 CATEGORY = "Lora Foundry"
 ALGORITHMS = ("lora", "locon", "loha", "lokr", "dylora")
@@ -31,14 +32,17 @@ def progress_reporter(node_id: str | None, total: int):
     import comfy.utils
 
     bar = comfy.utils.ProgressBar(total, node_id=node_id)
+    node = str(node_id)
+    TRAINING_LOG.start(node, total)
 
     def report(info: dict) -> None:
         preview = info.pop("preview", None)
         bar.update_absolute(info["step"], total, ("PNG", preview, None) if preview is not None else None)
+        event = TRAINING_LOG.record(node, info, preview)  # kept for a page reloaded mid-run
         try:
             from server import PromptServer
 
-            PromptServer.instance.send_sync("lora_foundry.train", {"node": node_id, **info})
+            PromptServer.instance.send_sync("lora_foundry.train", {"node": node_id, **event})
         except (ImportError, AttributeError):
             pass  # headless use without a server
 

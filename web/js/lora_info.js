@@ -1,0 +1,145 @@
+// LoRA info: a panel with what a LoRA file's header says (base model, algorithm, rank, trigger
+// words, tag frequency, training settings), from our read-only /lora_foundry/lora_info route.
+// Opened from the LoRA stack rows and from the context menu of any node with a lora_name widget.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const PANEL_ID = "lora-foundry-info";
+
+export async function fetchLoraInfo(name) {
+  const resp = await api.fetchApi(`/lora_foundry/lora_info?name=${encodeURIComponent(name)}`);
+  const body = await resp.json();
+  if (!resp.ok) throw new Error(body.error || `HTTP ${resp.status}`);
+  return body;
+}
+
+// Every value comes from a file someone else made: only ever set as text, never as HTML.
+function el(tag, text, cls) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (cls) node.className = cls;
+  return node;
+}
+
+function section(panel, title, rows) {
+  const entries = rows.filter(([, v]) => v !== undefined && v !== null && v !== "");
+  if (!entries.length) return;
+  panel.append(el("h4", title));
+  const table = el("table");
+  for (const [k, v] of entries) {
+    const tr = el("tr");
+    tr.append(el("th", k), el("td", v));
+    table.append(tr);
+  }
+  panel.append(table);
+}
+
+function tagBars(tags) {
+  const box = el("div", null, "lf-tags");
+  const top = tags.length ? tags[0][1] : 1;
+  for (const [tag, count] of tags) {
+    const row = el("div", null, "lf-tag");
+    const bar = el("span", null, "lf-tag-bar");
+    bar.style.width = `${Math.max(2, (100 * count) / top)}%`;
+    row.append(bar, el("span", `${tag} (${count})`, "lf-tag-text"));
+    box.append(row);
+  }
+  return box;
+}
+
+function panelElement() {
+  let panel = document.getElementById(PANEL_ID);
+  if (!panel) {
+    panel = el("div", null, "lf-info-panel");
+    panel.id = PANEL_ID;
+    document.body.append(panel);
+  }
+  panel.replaceChildren();
+  const close = el("button", "\u00d7", "lf-info-close");
+  close.title = "Close";
+  close.onclick = () => panel.remove();
+  panel.append(close);
+  return panel;
+}
+
+export function renderLoraInfo(panel, info) {
+  panel.append(el("h3", info.title || info.name));
+  panel.append(el("div", info.name, "lf-info-name"));
+  section(panel, "Adapter", [
+    ["base model", info.base_model],
+    ["algorithm", info.algorithm],
+    ["rank", info.rank],
+    ["alpha", info.alpha],
+    ["modules", info.modules],
+    ["text encoder", info.text_encoder ? "yes" : "no"],
+    ["file size", `${(info.file_size / 1048576).toFixed(2)} MB`],
+  ]);
+  if (info.trigger_words?.length) {
+    panel.append(el("h4", "Trigger words"));
+    const words = el("div", null, "lf-triggers");
+    for (const word of info.trigger_words) {
+      const chip = el("button", word, "lf-chip");
+      chip.title = "Copy";
+      chip.onclick = () => navigator.clipboard?.writeText(word).catch(() => {});
+      words.append(chip);
+    }
+    panel.append(words);
+  }
+  if (info.tag_frequency?.length) {
+    panel.append(el("h4", "Tag frequency"));
+    panel.append(tagBars(info.tag_frequency));
+  }
+  section(panel, "Training", Object.entries(info.training || {}));
+}
+
+export async function showLoraInfo(name) {
+  const panel = panelElement();
+  panel.append(el("div", `Loading ${name}\u2026`, "lf-info-name"));
+  try {
+    const info = await fetchLoraInfo(name);
+    const fresh = panelElement();
+    renderLoraInfo(fresh, info);
+  } catch (err) {
+    const fresh = panelElement();
+    fresh.append(el("h3", name), el("div", `No info: ${err.message}`, "lf-info-error"));
+  }
+}
+
+const STYLE = `
+.lf-info-panel { position: fixed; top: 60px; right: 16px; width: 340px; max-height: 75vh; overflow: auto;
+  z-index: 1000; padding: 10px 12px; border-radius: 8px; font: 12px sans-serif;
+  background: var(--comfy-menu-bg, #222); color: var(--input-text, #ddd);
+  border: 1px solid var(--border-color, #444); box-shadow: 0 4px 16px rgba(0,0,0,.5); }
+.lf-info-panel h3 { margin: 0 24px 2px 0; font-size: 14px; word-break: break-all; }
+.lf-info-panel h4 { margin: 10px 0 4px; font-size: 12px; opacity: .8; }
+.lf-info-panel table { width: 100%; border-collapse: collapse; }
+.lf-info-panel th { text-align: left; font-weight: normal; opacity: .7; padding: 1px 8px 1px 0; white-space: nowrap; vertical-align: top; }
+.lf-info-panel td { word-break: break-all; }
+.lf-info-name { opacity: .6; word-break: break-all; }
+.lf-info-error { color: #e66; margin-top: 6px; }
+.lf-info-close { position: absolute; top: 6px; right: 8px; background: none; border: none; color: inherit; font-size: 16px; cursor: pointer; }
+.lf-chip { margin: 2px; padding: 2px 6px; border-radius: 10px; border: 1px solid var(--border-color, #555);
+  background: var(--comfy-input-bg, #333); color: inherit; cursor: pointer; font-size: 11px; }
+.lf-tag { position: relative; height: 16px; margin: 1px 0; }
+.lf-tag-bar { position: absolute; left: 0; top: 0; bottom: 0; background: rgba(90,140,220,.35); border-radius: 2px; }
+.lf-tag-text { position: relative; padding-left: 4px; white-space: nowrap; }
+`;
+
+function addStyle() {
+  const style = document.createElement("style");
+  style.id = "lora-foundry-info-style";
+  style.textContent = STYLE;
+  document.head.append(style);
+}
+
+app.registerExtension({
+  name: "LoraFoundry.LoraInfo",
+  setup() {
+    addStyle();
+  },
+  getNodeMenuItems(node) {
+    const widget = node.widgets?.find((w) => w.name === "lora_name" && w.type === "combo");
+    if (!widget || !widget.value || widget.value === "None") return [];
+    return [{ content: "LoRA info", callback: () => showLoraInfo(widget.value) }];
+  },
+});
