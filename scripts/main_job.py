@@ -1,11 +1,14 @@
-"""The main job: a real ComfyUI server with Lora Foundry, training the example workflow.
+"""The main job: a real ComfyUI server with Lora Foundry, training the example workflow, measured.
 
-Usage: .venv/bin/python scripts/main_job.py [--checkpoint PATH] [--dataset DIR] [--steps N] [--serve]
+Usage: .venv/bin/python scripts/main_job.py [--checkpoint PATH --dataset DIR [--reg DIR]] [--steps N] [--serve]
 
-Without arguments it trains on the embedded default (a generated SD1.5-layout checkpoint and
-a concept dataset, both cached in .cache/), then prints where the LoRA, the loss graph and
-the before/after samples are. --checkpoint / --dataset train a real model and your images
-instead (use a GPU for real checkpoints). --serve keeps the server running afterwards.
+Without arguments it uses the embedded default, the toy world: a tiny SD1.5-layout base model that
+our own script pretrains on a CPU (cached in .cache/toyworld/, ~10 minutes the first time), a
+dataset of a new concept (a yellow plus on teal, captioned with the trigger word "sks") and prior
+images from the toy world. It queues the example workflow, then samples the base and the LoRA on
+the trigger and on control prompts through the server, scores them with the toy world's judge and
+prints where the LoRA, the loss graph, the before/after grids and the scores are.
+--checkpoint / --dataset train a real model on your images instead (use a GPU for real checkpoints).
 """
 
 from __future__ import annotations
@@ -16,28 +19,33 @@ import shutil
 import time
 from pathlib import Path
 
-from harness import fixtures
 from harness.comfy import REPO_ROOT
 from harness.server import ComfyServer
 
 EXAMPLE = REPO_ROOT / "example_workflows" / "train_lora_before_after.json"
 DATASET_NAME = "lora_dataset"
+PRIOR_NAME = "lora_prior"
+STEPS_WIDGET = 7  # Train LoRA's widgets_values index of `steps`
+REG_WIDGET = 9  # Load Dataset's widgets_values index of `reg_folder`
 
 
-def example_workflow(checkpoint_name: str, steps: int | None = None, path: Path = EXAMPLE) -> dict:
-    """The example training workflow pointed at `checkpoint_name` (and `steps`, when given)."""
+def example_workflow(checkpoint_name: str, steps: int | None = None, path: Path = EXAMPLE,
+                     reg_folder: str = "") -> dict:
+    """The example training workflow pointed at `checkpoint_name` (and `steps`, `reg_folder`, when given)."""
     workflow = json.loads(path.read_text())
     for node in workflow["nodes"]:
         if node["type"] == "CheckpointLoaderSimple":
             node["widgets_values"][0] = checkpoint_name
+        if node["type"] == "LoraFoundryLoadDataset":
+            node["widgets_values"][REG_WIDGET] = reg_folder
         if node["type"] == "LoraFoundryTrainLoRA" and steps is not None:
-            node["widgets_values"][7] = steps
+            node["widgets_values"][STEPS_WIDGET] = steps
     return workflow
 
 
-def install_dataset(server: ComfyServer, dataset: Path) -> None:
-    """Make `dataset` the example's input/lora_dataset folder (a link: nothing is copied or changed)."""
-    target = server.base_dir / "input" / DATASET_NAME
+def install_dataset(server: ComfyServer, dataset: Path, name: str = DATASET_NAME) -> None:
+    """Make `dataset` the server's input/<name> folder (a link: nothing is copied or changed)."""
+    target = server.base_dir / "input" / name
     if target.is_symlink() or target.is_file():
         target.unlink()
     elif target.is_dir():
@@ -47,10 +55,12 @@ def install_dataset(server: ComfyServer, dataset: Path) -> None:
 
 
 def run_example(server: ComfyServer, checkpoint: Path, dataset: Path, steps: int | None = None,
-                timeout: float = 1800) -> dict:
+                timeout: float = 1800, reg: Path | None = None) -> dict:
     """Queue the example training workflow; returns {"lora", "loss_graph", "before", "after", "summary"}."""
     install_dataset(server, dataset)
-    workflow = example_workflow(checkpoint.name, steps)
+    if reg is not None:
+        install_dataset(server, reg, PRIOR_NAME)
+    workflow = example_workflow(checkpoint.name, steps, reg_folder=PRIOR_NAME if reg is not None else "")
     outputs = server.run(workflow, timeout=timeout)
     by_prefix: dict[str, list[Path]] = {}
     for path in server.output_files(outputs):
@@ -67,30 +77,95 @@ def run_example(server: ComfyServer, checkpoint: Path, dataset: Path, steps: int
     }
 
 
+def lora_name(server: ComfyServer, lora: Path) -> str:
+    """The name LoraLoader knows a file in the server's models/loras by."""
+    return Path(lora).resolve().relative_to((server.base_dir / "models" / "loras").resolve()).as_posix()
+
+
+def measure(server: ComfyServer, checkpoint: Path, lora: Path, out_dir: Path, seed: int = 0) -> dict:
+    """Score the base and the LoRA with the toy world's judge; write the before/after grids and scores."""
+    from toyworld import evaluate, world
+    from toyworld.judge import train_judge
+
+    judge = train_judge(checkpoint, seed)
+    base = evaluate.evaluate_base(server, checkpoint.name, judge)
+    scores = evaluate.evaluate_lora(server, checkpoint.name, lora_name(server, lora), judge, base=base)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = scores.pop("files")
+    rows = [3, 5, 8]  # three control prompts, one per shape
+    labels = [world.TRIGGER] + [evaluate.CONTROL_PROMPTS[i] for i in rows]
+    grids = {
+        "before_grid": evaluate.grid([files["base_trigger"]] + [files["base_control"][i] for i in rows], labels),
+        "after_grid": evaluate.grid([files["lora_trigger"]] + [files["lora_control"][i] for i in rows], labels),
+    }
+    paths = {}
+    for key, img in grids.items():
+        paths[key] = out_dir / f"{key}.png"
+        img.save(paths[key])
+    base.pop("files")
+    report = {"base": base, "lora": scores, "passes": evaluate.passes(scores), "judge_accuracy": judge.accuracy}
+    paths["scores"] = out_dir / "scores.json"
+    paths["scores"].write_text(json.dumps(report, indent=2))
+    return {"report": report, "paths": paths}
+
+
+def print_scores(report: dict) -> None:
+    base, lora = report["base"], report["lora"]
+    print(f"base prompt-following (9 prompts x 16): colour {base['colour']:.2f}, shape {base['shape']:.2f}, "
+          f"background {base['background']:.2f}, all three {base['match']:.2f}")
+    concept = lora["concept"]
+    print(f"LoRA with the trigger: colour {concept['colour']:.2f}, shape {concept['shape']:.2f}, "
+          f"background {concept['background']:.2f} (whole concept {lora['concept_match']:.2f}); "
+          f"base with the trigger: whole concept {lora['base_concept_match']:.2f}")
+    print(f"control prompts, all three as asked: LoRA {lora['control_match']:.2f}, base {lora['base_control_match']:.2f}")
+    print("checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in report["passes"].items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, help="a real checkpoint instead of the embedded default")
     parser.add_argument("--dataset", type=Path, help="a folder of images + captions instead of the default")
+    parser.add_argument("--reg", type=Path, help="regularisation (prior) images for --dataset")
     parser.add_argument("--steps", type=int, help="training steps (default: the example workflow's)")
+    parser.add_argument("--seed", type=int, default=0, help="the toy world's seed")
     parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     parser.add_argument("--base-dir", type=Path, default=REPO_ROOT / "out" / "comfy")
     parser.add_argument("--serve", action="store_true", help="keep the server running afterwards (Ctrl-C stops)")
     args = parser.parse_args()
 
-    checkpoint = args.checkpoint or fixtures.tiny_sd15_checkpoint()
-    dataset = args.dataset or fixtures.concept_dataset()
     started = time.monotonic()
+    toy = args.checkpoint is None
+    if toy:
+        from toyworld import world
+        from toyworld.pretrain import cache_dir, pretrain
+
+        checkpoint = pretrain(args.seed, log=lambda m: print(m, flush=True))
+        data = world.concept_dataset(cache_dir() / f"dataset-s{args.seed}", seed=args.seed)
+        dataset, reg = args.dataset or data["concept"], args.reg or data["prior"]
+    else:
+        checkpoint, dataset, reg = args.checkpoint, args.dataset, args.reg
+        if dataset is None:
+            parser.error("--checkpoint needs --dataset")
     with ComfyServer(args.base_dir, models={"checkpoints": [checkpoint]}, port=args.port or None) as server:
         print(f"ComfyUI with Lora Foundry at {server.url} (log: {server.log_path})")
-        print(f"training {checkpoint.name} on {dataset} ...", flush=True)
-        result = run_example(server, checkpoint, dataset, args.steps)
-        print(f"done in {time.monotonic() - started:.0f}s")
+        print(f"training {checkpoint.name} on {dataset}" + (f" with prior images {reg}" if reg else "") + " ...",
+              flush=True)
+        result = run_example(server, checkpoint, dataset, args.steps, reg=reg)
+        print(f"trained in {time.monotonic() - started:.0f}s")
         for line in result["summary"]:
             print(f"Train LoRA: {line}")
         print(f"LoRA:       {result['lora']}")
         for key in ("loss_graph", "before", "after"):
             for path in result[key]:
                 print(f"{key + ':':<11} {path}")
+        if toy and result["lora"] is not None:
+            print("measuring: the base and the LoRA through the server, read by the judge ...", flush=True)
+            measured = measure(server, checkpoint, result["lora"], server.base_dir / "output" / "lora_foundry",
+                               args.seed)
+            print_scores(measured["report"])
+            for key, path in measured["paths"].items():
+                print(f"{key + ':':<12} {path}")
+        print(f"done in {time.monotonic() - started:.0f}s")
         if args.serve:
             print("serving; Ctrl-C stops the server")
             try:

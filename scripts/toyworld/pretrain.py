@@ -28,7 +28,7 @@ from . import VERSION, vae, world
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    steps: int = 500
+    steps: int = 400
     batch_size: int = 32
     learning_rate: float = 5e-4
     warmup_steps: int = 25
@@ -75,17 +75,30 @@ def latent_stats(seed: int) -> tuple[float, float]:
     return float(raw.mean()), float(raw.std())
 
 
-def encode_captions(clip_sd: dict, unet_sd: dict, vae_sd: dict, captions: list[str]) -> dict:
-    """{caption: [77, 768] conditioning} through ComfyUI's own checkpoint loader and CLIP code."""
+def encode_captions(clip_sd: dict, unet_sd: dict, vae_sd: dict, captions: list[str], seed: int, log=print) -> dict:
+    """{caption: [77, 768] conditioning} through ComfyUI's own checkpoint loader and CLIP code.
+
+    Cached on disk per CLIP seed: the CLIP-L forward dominates the setup on a CPU.
+    """
     import comfy.sd
     import torch
+    from safetensors.torch import load_file
 
-    sd = _checkpoint_dict(unet_sd, clip_sd, vae_sd)
-    # fp32: on a CPU the host would pick fp16, which torch runs very slowly there; the outputs agree to ~1e-3.
-    _, clip, _, _ = comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_model=False,
-                                                          te_model_options={"dtype": torch.float32})
-    with torch.no_grad():
-        return {c: clip.encode_from_tokens(clip.tokenize(c)).float()[0] for c in captions}
+    path = cache_dir() / f"captions-v{VERSION}-s{seed}.safetensors"
+    cached = load_file(str(path)) if path.exists() else {}
+    missing = [c for c in captions if c not in cached]
+    if missing:
+        sd = _checkpoint_dict(unet_sd, clip_sd, vae_sd)
+        # fp32: on a CPU the host picks fp16, which torch runs very slowly there; the outputs agree to ~1e-3.
+        _, clip, _, _ = comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_model=False,
+                                                              te_model_options={"dtype": torch.float32})
+        with torch.no_grad():
+            for i, c in enumerate(missing):
+                cached[c] = clip.encode_from_tokens(clip.tokenize(c)).float()[0]
+                if (i + 1) % 40 == 0:
+                    log(f"  {i + 1}/{len(missing)} captions encoded")
+        fixtures._save_atomic(cached, path)
+    return {c: cached[c] for c in captions}
 
 
 def _checkpoint_dict(unet_sd: dict, clip_sd: dict, vae_sd: dict) -> dict:
@@ -116,6 +129,7 @@ def train_unet(unet, latents, cond_index, conds, cfg: PretrainConfig, seed: int,
     empty = len(conds) - 1  # the last conditioning is the empty prompt
     losses, start = [], time.monotonic()
     unet.train()
+    unet.to(memory_format=torch.channels_last)  # oneDNN's convolutions run faster so on a CPU
     for step in range(1, cfg.steps + 1):
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg)
@@ -126,7 +140,7 @@ def train_unet(unet, latents, cond_index, conds, cfg: PretrainConfig, seed: int,
         t = torch.randint(0, 1000, (cfg.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         a = ac[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt = (a.sqrt() * x0 + (1 - a).sqrt() * noise).contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             eps = unet(xt, t.float(), context)
         snr = ac[t] / (1 - ac[t])
@@ -147,6 +161,7 @@ def train_unet(unet, latents, cond_index, conds, cfg: PretrainConfig, seed: int,
     with torch.no_grad():
         for p, e in zip(params, ema, strict=True):
             p.copy_(e)
+    unet.to(memory_format=torch.contiguous_format)
     return losses
 
 
@@ -166,7 +181,7 @@ def pretrain(seed: int = 0, config: PretrainConfig = DEFAULT, force: bool = Fals
     clip_sd = {k: v.to(torch.float16) for k, v in fixtures.build_clip_l(seed).state_dict().items()}
     unet = fixtures.build_unet(seed)
     captions = world.all_captions()
-    conds = encode_captions(clip_sd, unet.state_dict(), vae_sd, captions + [""])
+    conds = encode_captions(clip_sd, unet.state_dict(), vae_sd, captions + [""], seed, log)
     cond_table = torch.stack([conds[c] for c in captions + [""]])
     log(f"  {len(captions)} captions encoded ({time.monotonic() - started:.0f}s)")
     scenes = world.base_scenes(seed, config.pool)
