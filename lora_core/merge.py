@@ -67,10 +67,10 @@ def _template(inputs: Inputs) -> dict | None:
 
 
 def _lora_matrices(adapter: LoRA) -> tuple[torch.Tensor, torch.Tensor]:
-    """up [out, r] with the scale alpha / r folded in, down [r, in * k * k]."""
-    down = adapter.lora_down.detach().float().reshape(adapter.rank, -1)
-    up = adapter.lora_up.detach().float().reshape(adapter.shape[0], adapter.rank)
-    return up * (adapter.alpha / adapter.rank), down
+    """up [out, r] with the scale alpha / r folded in, down [r, in * k * k] (a Tucker core folded in)."""
+    with inference(adapter):
+        up, down = adapter.matrices(adapter.rank)
+    return up.float() * (adapter.alpha / adapter.rank), down.float()
 
 
 @torch.no_grad()

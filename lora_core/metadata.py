@@ -32,6 +32,8 @@ def kohya_metadata(network_config, model_config=None, title: str = "", training:
         args["conv_alpha"] = str(network_config.conv_alpha if network_config.conv_alpha is not None else network_config.alpha)
     if network_config.dora:
         args["dora_wd"] = "True"
+    if network_config.use_tucker:
+        args["use_tucker"] = "True"
     meta = {
         "ss_network_module": NETWORK_MODULES[algo],
         "ss_network_dim": str(network_config.rank),

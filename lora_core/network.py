@@ -34,6 +34,7 @@ class NetworkConfig:
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     lokr_factor: int = -1
+    use_tucker: bool = False  # kxk convolutions get LyCORIS Tucker factors (lora_mid, hada_t1/t2, lokr_t2)
     dylora_unit: int = 1
     seed: int = 0
 
@@ -42,6 +43,11 @@ class NetworkConfig:
             raise ValueError(f"algorithm: {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
         if self.rank < 1:
             raise ValueError(f"rank: must be at least 1, got {self.rank}")
+        if self.use_tucker and self.algorithm == "dylora":
+            raise ValueError("use_tucker: DyLoRA has no Tucker form; use locon or loha")
+        if self.use_tucker and self.algorithm == "lokr":
+            # ComfyUI's loader logs an error on lokr_t2 and leaves the layer unchanged (see adapters.lokr.without_tucker).
+            raise ValueError("use_tucker: ComfyUI cannot apply LoKr Tucker factors (lokr_t2); use locon or loha")
         if self.algorithm == "locon" and self.preset == "kohya":
             self.preset = "locon"
 
@@ -133,6 +139,8 @@ class LoraNetwork(nn.Module):
             options["factor"] = config.lokr_factor
         if adapter_cls is DyLoRA:
             options["unit"] = config.dylora_unit
+        if config.use_tucker:
+            options["use_tucker"] = True
         torch.manual_seed(config.seed)
         adapters, keys = {}, {}
         for i, (name, key, module, block) in enumerate(layers):

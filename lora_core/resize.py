@@ -42,9 +42,9 @@ def resize_lora(network: LoraNetwork, rule: RankRule, options: SvdOptions = SvdO
         scale, note = 1.0, ""
         if isinstance(adapter, LoRA):
             scale = adapter.alpha / adapter.rank
-            down = adapter.lora_down.detach().float().to(device).reshape(adapter.rank, -1)
-            up = adapter.lora_up.detach().float().to(device).reshape(adapter.shape[0], adapter.rank)
-            dec = factored_svd(up * scale, down)
+            with inference(adapter):
+                up, down = adapter.matrices(adapter.rank)  # a Tucker core is folded into down
+            dec = factored_svd(up.float().to(device) * scale, down.float().to(device))
             rank = rule.choose(dec.s, dec.total, dec.nuclear)
         else:
             with inference(adapter):

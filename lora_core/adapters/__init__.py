@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, column_norm, dora_weight
+from .base import Adapter, column_norm, dora_weight, tucker
 from .loha import LoHa
-from .lokr import LoKr
+from .lokr import LoKr, without_tucker
 from .lora import DyLoRA, LoRA, lora_from_delta
 
 ALGORITHMS: dict[str, type[Adapter]] = {"lora": LoRA, "locon": LoRA, "loha": LoHa, "lokr": LoKr, "dylora": DyLoRA}
@@ -16,8 +16,8 @@ READERS: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr)
 def adapter_from_factors(tensors: dict[str, torch.Tensor], shape=None) -> Adapter | None:
     """The adapter stored in one module's tensors (any algorithm we read), or None.
 
-    Raises ValueError for factors that do not fit together, NotImplementedError for variants we
-    do not read (Tucker factors), which ComfyUI's loader may still apply.
+    Raises ValueError for factors that do not fit together. LyCORIS Tucker factors (lora_mid,
+    hada_t1/t2, lokr_t2) are read by the LoRA, LoHa and LoKr classes themselves.
     """
     for cls in READERS:
         adapter = cls.from_factors(tensors, shape)
@@ -28,5 +28,6 @@ def adapter_from_factors(tensors: dict[str, torch.Tensor], shape=None) -> Adapte
 
 __all__ = [
     "ALGORITHMS", "Adapter", "DyLoRA", "LoHa", "LoKr", "LoRA",
-    "adapter_from_factors", "column_norm", "dora_weight", "lora_from_delta",
+    "adapter_from_factors", "column_norm", "dora_weight", "lora_from_delta", "tucker",
+    "without_tucker",
 ]

@@ -21,6 +21,11 @@ def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tens
     return merged * (magnitude.to(weight.dtype) / norm)
 
 
+def tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """LyCORIS' Tucker form: core [r1, r2, *k] times a [r1, out] and b [r2, in] is [out, in, *k]."""
+    return torch.einsum("m n ..., m o, n i -> o i ...", core, a, b)
+
+
 def flat_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     """[out, in, *kernel] as a matrix: (out, in * prod(kernel))."""
     return shape[0], math.prod(shape[1:])

@@ -12,26 +12,43 @@ from .base import Adapter, flat_shape
 
 
 class LoRA(Adapter):
-    """Linear: down [r, in], up [out, r]. Conv kxk (LoCon): down [r, in, k, k], up [out, r, 1, 1]."""
+    """Linear: down [r, in], up [out, r]. Conv kxk (LoCon): down [r, in, k, k], up [out, r, 1, 1].
+
+    LoCon with a Tucker core (LyCORIS' use_tucker): down [r, in, 1, 1], mid [r, r, k, k] and
+    up [out, r, 1, 1], the chain of convs 1x1 -> kxk -> 1x1; dW = up @ (mid . down).
+    """
 
     algorithm = "lora"
 
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float | None = None, **options):
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float | None = None,
+                 mid: torch.Tensor | None = None, **options):
         if up.shape[1] != down.shape[0]:
             raise ValueError(f"lora_up {list(up.shape)} and lora_down {list(down.shape)} have different ranks")
-        shape = (up.shape[0], *down.shape[1:])
-        super().__init__(shape, alpha if alpha is not None else down.shape[0], **options)
+        if mid is not None and (tuple(mid.shape[:2]) != (down.shape[0],) * 2 or math.prod(down.shape[2:]) != 1):
+            raise ValueError(f"lora_mid {list(mid.shape)} does not fit lora_down {list(down.shape)} "
+                             f"(Tucker LoCon: down [r, in, 1, 1], mid [r, r, k, k])")
+        kernel = down.shape[2:] if mid is None else mid.shape[2:]
+        super().__init__((up.shape[0], down.shape[1], *kernel), alpha if alpha is not None else down.shape[0], **options)
         self.lora_down = nn.Parameter(down)
         self.lora_up = nn.Parameter(up)
+        self.lora_mid = nn.Parameter(mid) if mid is not None else None
 
     @classmethod
-    def create(cls, weight, rank, alpha, **options):
+    def create(cls, weight, rank, alpha, use_tucker: bool = False, **options):
+        """`use_tucker` gives kxk convolutions a Tucker core (1x1 down, kxk mid); other layers ignore it."""
         out_dim, in_dim = weight.shape[:2]
+        kernel = tuple(weight.shape[2:])
         rank = min(rank, out_dim, math.prod(weight.shape[1:]))
-        down = torch.empty(rank, in_dim, *weight.shape[2:], dtype=torch.float32)
+        mid = None
+        if use_tucker and math.prod(kernel) > 1:
+            down = torch.empty(rank, in_dim, *[1] * len(kernel), dtype=torch.float32)
+            mid = torch.empty(rank, rank, *kernel, dtype=torch.float32)
+            nn.init.kaiming_uniform_(mid, a=math.sqrt(5))
+        else:
+            down = torch.empty(rank, in_dim, *kernel, dtype=torch.float32)
         nn.init.kaiming_uniform_(down.view(rank, -1), a=math.sqrt(5))
-        up = torch.zeros(out_dim, rank, *[1] * (weight.dim() - 2), dtype=torch.float32)
-        return cls(down, up, alpha, **options)
+        up = torch.zeros(out_dim, rank, *[1] * len(kernel), dtype=torch.float32)
+        return cls(down, up, alpha, mid=mid, **options)
 
     @property
     def rank(self) -> int:
@@ -44,6 +61,8 @@ class LoRA(Adapter):
     def matrices(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """up [out, rank] and down [rank, in * k * k] (rank dropout applied when training)."""
         down = self.lora_down[:rank].reshape(rank, -1)
+        if self.lora_mid is not None:  # the core makes the 1x1 down a kxk one
+            down = torch.einsum("m n ..., n i -> m i ...", self.lora_mid[:rank, :rank], down).reshape(rank, -1)
         up = self.lora_up[:, :rank].reshape(self.shape[0], rank)
         mask = self.rank_mask(rank, down.device)
         if mask is not None:
@@ -65,7 +84,10 @@ class LoRA(Adapter):
         return merged.reshape(weight.shape)
 
     def factors(self):
-        return {"lora_down.weight": self.lora_down.detach(), "lora_up.weight": self.lora_up.detach()}
+        out = {"lora_down.weight": self.lora_down.detach(), "lora_up.weight": self.lora_up.detach()}
+        if self.lora_mid is not None:
+            out["lora_mid.weight"] = self.lora_mid.detach()
+        return out
 
     @classmethod
     def from_factors(cls, tensors, shape=None):
@@ -74,15 +96,15 @@ class LoRA(Adapter):
             down, up = tensors.get("lora_A.weight"), tensors.get("lora_B.weight")
         if down is None or up is None:
             return None
-        if "lora_mid.weight" in tensors:
-            raise NotImplementedError("LoCon with a Tucker factor (lora_mid) is not supported yet")
+        mid = tensors.get("lora_mid.weight")
         rank = down.shape[0]
-        if shape is not None and flat_shape(tuple(shape)) == (up.shape[0], down[0].numel()) and up.numel() == shape[0] * rank:
+        if mid is None and shape is not None and flat_shape(tuple(shape)) == (up.shape[0], down[0].numel()) and up.numel() == shape[0] * rank:
             # Flattened factors (PEFT, ComfyUI's trainer) for a convolution: the kohya layout.
             down = down.reshape(rank, *shape[1:])
             up = up.reshape(shape[0], rank, *[1] * (len(shape) - 2))
         alpha = tensors.get("alpha")
-        adapter = cls(down.float(), up.float(), float(alpha) if alpha is not None else None)
+        adapter = cls(down.float(), up.float(), float(alpha) if alpha is not None else None,
+                      mid=mid.float() if mid is not None else None)
         if "dora_scale" in tensors:
             adapter.dora_scale = nn.Parameter(tensors["dora_scale"].float())
         return adapter
