@@ -99,6 +99,13 @@ def test_training_lowers_the_loss_and_freezes_the_base(pack, loaded_checkpoint, 
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert last < first, (first, last)
     assert result.validation[-1][1] < result.validation[0][1] * 1.05
+    import comfy.model_management as mm
+    from lora_foundry.training.trainer import held_out_loss
+
+    mm.load_models_gpu([model], force_full_load=True)  # the base again, without the training patches
+    with torch.inference_mode(False):
+        base = held_out_loss(trainer, model, model.load_device)
+    assert result.validation[-1][1] < 0.85 * base, (base, result.validation)
     after = model.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "training changed a base weight"
     assert any(a.lora_up.abs().sum() > 0 for a in result.network.adapters.values())
