@@ -355,6 +355,40 @@ def test_resize_of_a_tucker_file_is_the_truncated_svd_of_its_exact_change(core, 
     comfy_load(narrow, small.state_dict_kohya(), f"resized-{kind}-tucker")
 
 
+@pytest.mark.server
+def test_resize_and_merge_nodes_take_tucker_files_through_the_server(core, server, convs, exact_deltas):
+    """The nodes read files unbound (no model), so the narrow UNet's small layers do (cheap SVDs)."""
+    loras = server.base_dir / "models" / "loras"
+    for kind, (tensors, _) in exact_deltas.items():
+        core.files.write_safetensors(tensors, loras / f"tucker-{kind}.safetensors")
+    slots = {f"{kind}_{i}": value for i in range(1, 5) for kind, value in (("lora", "None"), ("ratio", 1.0))}
+    save = {"filename_prefix": "", "precision": "fp32", "folder": "loras", "overwrite": True}
+    prompt = {
+        "1": {"class_type": "LoraFoundryResizeLoRA",
+              "inputs": {"lora_name": "tucker-locon.safetensors", "rank": 2, "dynamic": "off", "dynamic_param": 0.9}},
+        "2": {"class_type": "LoraFoundrySaveLoRA", "inputs": {"lora": ["1", 0], **save, "filename_prefix": "tucker/resized"}},
+        "3": {"class_type": "LoraFoundryMergeLoRA",
+              "inputs": {"mode": "exact", "rank": 4096, "dynamic": "off", "dynamic_param": 0.9, **slots,
+                         "lora_1": "tucker-locon.safetensors", "ratio_1": 0.5,
+                         "lora_2": "tucker-loha.safetensors", "ratio_2": -1.0,
+                         "lora_3": "tucker-lokr.safetensors", "ratio_3": 0.7}},
+        "4": {"class_type": "LoraFoundrySaveLoRA", "inputs": {"lora": ["3", 0], **save, "filename_prefix": "tucker/merged"}},
+    }
+    server.run(prompt, timeout=300)
+    deltas = {kind: {n: d.double() for n, d in exact.items()} for kind, (_, exact) in exact_deltas.items()}
+    resized = core.Network.from_state_dict(core.files.read_safetensors(loras / "tucker" / "resized.safetensors")[0])
+    for name, adapter in resized.adapters.items():
+        want = deltas["locon"][name]
+        s = torch.linalg.svdvals(want)
+        got = rel(adapter.delta().reshape(want.shape), want)
+        assert adapter.rank == 2 and got == pytest.approx(float((s[2:] ** 2).sum().sqrt() / s.norm()), abs=1e-5), name
+    merged = core.Network.from_state_dict(core.files.read_safetensors(loras / "tucker" / "merged.safetensors")[0])
+    assert set(merged.adapters) == set(convs)
+    for name, adapter in merged.adapters.items():
+        want = 0.5 * deltas["locon"][name] - deltas["loha"][name] + 0.7 * deltas["lokr"][name]
+        assert rel(adapter.delta().reshape(want.shape), want) < 1e-5, name
+
+
 # --- training with use_tucker -------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["locon", "loha"])
