@@ -121,6 +121,8 @@ class TrainLoRA:
                                        "(same settings, more steps); otherwise a new run never overwrites one."}),
                 "cache_latents": (LATENT_CACHES, {"default": "memory", "tooltip": "disk: also keep the latents in a "
                                   "hidden .lora_foundry_cache folder next to the images, so the next run skips the VAE."}),
+                "use_tucker": ("BOOLEAN", {"default": False, "tooltip": "LoCon / LoHa: a Tucker core for kxk "
+                               "convolutions (LyCORIS use_tucker)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -131,11 +133,12 @@ class TrainLoRA:
               min_snr_gamma=5.0, noise_offset=0.0, timestep_sampling="uniform", conv_rank=0, shuffle_tags=False,
               keep_tokens=1, caption_dropout=0.0, flip=False, save_every=0, validation_every=0, sample_every=0, sample_prompts="",
               train_text_encoder=False,
-              text_encoder_lr=0.0, resume=False, cache_latents="memory", unique_id=None):
+              text_encoder_lr=0.0, resume=False, cache_latents="memory", use_tucker=False, unique_id=None):
         import folder_paths
 
         network_config = NetworkConfig(algorithm=algorithm, rank=rank, alpha=alpha, preset=targets, dora=dora,
-                                       conv_rank=conv_rank or None, text_encoder=train_text_encoder, seed=seed)
+                                       conv_rank=conv_rank or None, text_encoder=train_text_encoder, seed=seed,
+                                       use_tucker=use_tucker)
         captions = CaptionOptions(trigger_word=trigger_word.strip(), shuffle_tags=shuffle_tags,
                                   keep_tokens=keep_tokens, caption_dropout=caption_dropout)
         config = TrainConfig(
