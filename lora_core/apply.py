@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import adapter_from_factors
+from .adapters import adapter_from_factors, without_tucker
 from .files import split_modules
 
 
@@ -70,7 +70,7 @@ def _shape_problem(parts: dict[str, torch.Tensor], target: torch.Size) -> str | 
     try:
         adapter = adapter_from_factors(parts, shape=tuple(target))
     except NotImplementedError:
-        return None  # a format only the host reads (Tucker, ...): the host checks it
+        return None  # a format only the host reads: the host checks it
     except ValueError as e:
         return str(e)
     return adapter.shape_error(target) if adapter is not None else None
@@ -104,7 +104,7 @@ def apply_lora(model, clip, tensors: dict[str, torch.Tensor], strength_model: fl
             continue
         usable[name] = target
         report.applied.append(name)
-    kept = {f"{n}.{s}": t for n in usable for s, t in modules[n].items()}
+    kept = {f"{n}.{s}": t for n in usable for s, t in without_tucker(modules[n]).items()}
     patches = comfy.lora.load_lora(kept, {n: usable[n] for n in usable}, log_missing=False)
 
     new_model = model.clone() if model is not None else None

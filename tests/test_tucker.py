@@ -235,8 +235,13 @@ def test_tucker_files_change_each_weight_exactly_as_comfys_loader_does(core, nar
                 assert rel(adapter.delta(), comfy[key] - weight) < 1e-6, name
 
     # Our own apply path takes the file whole: no module is reported as unreadable or mismatched.
-    _, _, report = core.apply.apply_lora(narrow, None, tensors)
+    applied, _, report = core.apply.apply_lora(narrow, None, tensors)
     assert report.ok and sorted(report.applied) == sorted(convs), report.summary()
+    # ... and changes every weight as ComfyUI's loader does (for LoKr-Tucker, as its loader would if its
+    # kron did not fail: our path hands ComfyUI the same change without the Tucker core).
+    ours = comfy_weights(applied, keys)
+    for name, (key, _) in convs.items():
+        assert rel(ours[key] - base[name], comfy[key] - base[name]) < 1e-6, name
 
 
 def test_comfy_applies_lokr_tucker_as_we_do_or_fails_in_torch_kron(core, narrow, convs, base, comfy_load, caplog):
