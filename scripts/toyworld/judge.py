@@ -1,8 +1,8 @@
 """The judge: a small CNN that reads colour, shape and background off a toy-world image.
 
 Trained on toy-world images (all four shapes, the concept's plus included) and on the same kind of
-images after a round trip through the base checkpoint's VAE, with noise added to the latents so that
-imperfect samples still read as their nearest scene. Cached next to the checkpoint it was trained for.
+images decoded by the base checkpoint's VAE from their latents, with noise added to the latents so
+that imperfect samples still read as their nearest scene. Cached next to the checkpoint it was trained for.
 """
 
 from __future__ import annotations
@@ -45,16 +45,22 @@ def _scenes(seed: int, count: int) -> list[world.Scene]:
     return [world.random_scene(rng, world.SHAPES) for _ in range(count)]
 
 
-def round_trip(vae, pixels: torch.Tensor, latent_noise: float, seed: int, batch: int = 64) -> torch.Tensor:
-    """Pixels [B, 3, H, W] through the host VAE (encode, noise in the model's latent scale, decode)."""
+def vae_decoded(vae, pixels: torch.Tensor, stats: tuple[float, float], latent_noise: float, seed: int,
+                batch: int = 64) -> torch.Tensor:
+    """Pixels [B, 3, H, W] as the host VAE decodes their latents, with noise added in the model's latent scale.
+
+    The toy VAE's encoder is an exact average pool (toyworld.vae.model_latents computes it, and a test checks
+    they agree), so only the decoder, the part every sample goes through, runs here.
+    """
+    from .vae import SD15_SCALE_FACTOR, model_latents
+
     gen = torch.Generator().manual_seed(seed)
     out = []
     with torch.no_grad():
         for start in range(0, len(pixels), batch):
-            chunk = pixels[start:start + batch].permute(0, 2, 3, 1)
-            latent = vae.encode(chunk)
-            noise = torch.randn(latent.shape, generator=gen) * latent_noise / 0.18215
-            out.append(vae.decode(latent + noise).clamp(0, 1).permute(0, 3, 1, 2).float())
+            latent = model_latents(pixels[start:start + batch], stats)
+            latent = latent + torch.randn(latent.shape, generator=gen) * latent_noise
+            out.append(vae.decode(latent / SD15_SCALE_FACTOR).clamp(0, 1).permute(0, 3, 1, 2).float())
     return torch.cat(out)
 
 
@@ -82,8 +88,25 @@ def judge_path(checkpoint: Path, seed: int) -> Path:
     return checkpoint.with_name(f"judge-v{VERSION}-s{seed}-{checkpoint.stem}.safetensors")
 
 
-def train_judge(checkpoint: Path, seed: int = 0, steps: int = 400, count: int = 1536, log=print) -> Judge:
-    """Train a judge for the VAE of `checkpoint` (cached beside it; a cached one is loaded)."""
+def latent_stats(checkpoint: Path) -> tuple[float, float]:
+    """The raw-latent mean and std the toy base was built with (in its metadata)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), "pt") as f:
+        meta = f.metadata() or {}
+    if "toyworld" not in meta:
+        raise ValueError(f"{checkpoint} is not a toy-world checkpoint (no toyworld metadata)")
+    return tuple(json.loads(meta["toyworld"])["latent_stats"])
+
+
+def train_judge(checkpoint: Path, seed: int = 0, steps: int = 400, count: int = 1024, decoded: int = 768,
+                held_out: int = 256, log=print) -> Judge:
+    """Train a judge for the VAE of `checkpoint` on `count` clean and `decoded` VAE-decoded images.
+
+    Cached beside the checkpoint; a cached one is loaded. Its held-out accuracy is in `Judge.accuracy`.
+    """
     from harness.comfy import setup_inprocess
     from safetensors.torch import load_file, save_file
 
@@ -103,11 +126,12 @@ def train_judge(checkpoint: Path, seed: int = 0, steps: int = 400, count: int = 
 
     started = time.monotonic()
     _, _, vae, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_model=False, output_clip=False)
-    scenes = _scenes(seed, count + 256)
+    stats = latent_stats(checkpoint)
+    scenes = _scenes(seed, count + decoded + held_out)
     clean = to_pixels(world.images(scenes, seed))
-    trip = round_trip(vae, clean, 0.15, seed)
-    train_x = torch.cat([clean[:count], trip[:count]])
-    train_y = {k: torch.cat([v[:count], v[:count]]) for k, v in _labels(scenes).items()}
+    through_vae = vae_decoded(vae, clean[count:], stats, 0.15, seed)
+    train_x = torch.cat([clean[:count], through_vae[:decoded]])
+    train_y = {k: v[:count + decoded] for k, v in _labels(scenes).items()}
     log(f"  judge: {len(train_x)} training images ready ({time.monotonic() - started:.0f}s)")
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -121,9 +145,9 @@ def train_judge(checkpoint: Path, seed: int = 0, steps: int = 400, count: int = 
         loss.backward()
         opt.step()
     judge = Judge(net)
-    held_out = scenes[count:]
-    accuracy = {f"clean_{k}": v for k, v in judge.score(clean[count:], held_out).items()}
-    accuracy.update({f"vae_{k}": v for k, v in judge.score(trip[count:], held_out).items()})
+    rest = scenes[count + decoded:]
+    accuracy = {f"clean_{k}": v for k, v in judge.score(clean[count + decoded:], rest).items()}
+    accuracy.update({f"vae_{k}": v for k, v in judge.score(through_vae[decoded:], rest).items()})
     judge.accuracy = accuracy
     save_file(net.state_dict(), str(path), metadata={k: str(v) for k, v in accuracy.items()})
     log(f"  judge trained in {time.monotonic() - started:.0f}s; held-out accuracy {accuracy}")
