@@ -26,7 +26,7 @@ EXAMPLE = REPO_ROOT / "example_workflows" / "train_lora_before_after.json"
 DATASET_NAME = "lora_dataset"
 PRIOR_NAME = "lora_prior"
 STEPS_WIDGET = 7  # Train LoRA's widgets_values index of `steps`
-REG_WIDGET = 9  # Load Dataset's widgets_values index of `reg_folder`
+REG_WIDGET = 10  # Load Dataset's widgets_values index of `reg_folder`
 
 
 def example_workflow(checkpoint_name: str, steps: int | None = None, path: Path = EXAMPLE,

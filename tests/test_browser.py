@@ -13,7 +13,7 @@ import urllib.parse
 import pytest
 from conftest import ARTIFACTS
 from harness.comfy import REPO_ROOT
-from harness.examples import add_seed_controls, make_fast, needed_files, provide, set_widget
+from harness.examples import make_fast, needed_files, provide, set_widget
 from harness.server import ComfyServer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -140,7 +140,7 @@ def finished(server: ComfyServer, count: int) -> list[dict]:
 
 def test_training_view_updates_live_survives_a_reload_and_finishes(browser, ui_server):
     info = ui_server.info
-    workflow = add_seed_controls(make_fast(example("train_lora_before_after.json"), info), info)
+    workflow = make_fast(example("train_lora_before_after.json"), info)
     train = next(n for n in workflow["nodes"] if n["type"] == "LoraFoundryTrainLoRA")
     for name, value in (("steps", TRAIN_STEPS), ("sample_every", 3), ("validation_every", 3)):
         set_widget(train, info["LoraFoundryTrainLoRA"], name, value)

@@ -53,14 +53,7 @@ def test_every_example_workflow_is_covered_and_uses_only_core_nodes_and_ours(obj
         assert any(n["type"] in ("Note", "MarkdownNote") for n in workflow["nodes"]), f"{path.name}: no note"
 
 
-# Written without the control widget the frontend puts after `seed`: in the real UI every later value
-# shifts by one and the prompt fails validation (the harness's converter tolerates it). Owners: add "fixed".
-MISSING_SEED_CONTROL = {"train_lora_before_after", "caption_then_train"}
-
-
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="no seed control value")) if p.stem in
-    MISSING_SEED_CONTROL else p for p in WORKFLOWS], ids=[p.stem for p in WORKFLOWS])
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_example_widget_values_match_the_frontends_widgets(path, object_info):
     """Each seed value is followed by its control value ("fixed", ...), as the frontend saves and loads them."""
     for node in json.loads(path.read_text())["nodes"]:

@@ -159,21 +159,3 @@ def frontend_widget_count(info: dict) -> int:
     adds after every `seed` / `noise_seed` / control_after_generate INT."""
     widgets = widget_inputs(info)
     return len(widgets) + sum(1 for name, spec in widgets if _has_seed_control(name, spec))
-
-
-def add_seed_controls(workflow: dict, object_info: dict) -> dict:
-    """Insert a missing "fixed" after seed values, where a file was written without the frontend's control widget."""
-    for node in workflow["nodes"]:
-        info = object_info.get(node["type"])
-        values = node.get("widgets_values")
-        if info is None or not isinstance(values, list) or len(values) >= frontend_widget_count(info):
-            continue
-        i = 0
-        for name, spec in widget_inputs(info):
-            i += 1
-            if _has_seed_control(name, spec) and i <= len(values) and (i == len(values) or values[i] not in SEED_CONTROL_VALUES):
-                values.insert(i, "fixed")
-                i += 1
-            elif _has_seed_control(name, spec):
-                i += 1
-    return workflow
