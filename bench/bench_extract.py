@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--preset", default="kohya", help="layers: attention | kohya | locon | all")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each table line as it comes, also into a file
     ranks = [int(r) for r in args.ranks.split(",")]
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"})
