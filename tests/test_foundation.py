@@ -10,7 +10,8 @@ from harness.comfy import REPO_ROOT
 from harness.server import PACK_DIR_NAME, WorkflowError
 from harness.workflow import to_api_prompt
 
-DISPLAY_NAMES = {"Load Dataset", "Caption Images", "Train LoRA", "Save LoRA", "Merge LoRA", "Extract LoRA", "Apply LoRA", "Resize LoRA"}
+DISPLAY_NAMES = {"Load Dataset", "Caption Images", "Train LoRA", "Save LoRA", "Merge LoRA", "Extract LoRA", "Apply LoRA",
+                 "Apply LoRA Stack", "LoRA Stack", "Resize LoRA"}
 
 
 def test_pyproject_follows_pep621_and_comfy_registry():
