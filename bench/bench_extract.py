@@ -17,9 +17,11 @@ In one process, on the same layers:
              full SVD fallback) at each rank, back to back, so that load from other processes hits both
   memory     extract_lora end to end, ours at each rank and svd="full" at the largest
   merge      merge_exact of two extracted LoRAs to a rank (factored SVD), and merge_concat
-Working memory is the peak process RSS during a run (sampled every millisecond) above the larger of
-its levels before and after, so the LoRA a run produces and keeps is not counted (glibc is told to
-return large blocks to the system at once: MALLOC_MMAP_THRESHOLD_, set by re-executing the script).
+Working memory is the largest rise of the process RSS (sampled every millisecond) within one layer above
+the level at that layer's start, so the LoRA that earlier layers produced and keep is not counted (glibc
+is told to return large blocks to the system at once: MALLOC_MMAP_THRESHOLD_, set by re-executing the
+script). An earlier version subtracted the level after the whole run, which holds the entire LoRA, from a
+peak reached while part of it existed: it under-counted, the more the larger the rank.
 """
 
 from __future__ import annotations
@@ -93,11 +95,15 @@ def plant(model, keys: list[str], seed: int) -> None:
 
 
 class PeakRss:
-    """Peak resident memory above the level at entry, sampled by a thread every millisecond."""
+    """Working memory of a layer-by-layer run: the largest rise of resident memory within one step above the
+    level at that step's start (`mark` ends a step), sampled by a thread every millisecond. Measured per step,
+    the LoRA that earlier layers produced and keep is never counted as working memory."""
 
     def __enter__(self):
         self.page = os.sysconf("SC_PAGE_SIZE")
-        self.start = self.peak = self._rss()
+        self.lock = threading.Lock()
+        self.base = self.peak = self._rss()
+        self.rise = 0
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
@@ -109,18 +115,25 @@ class PeakRss:
 
     def _sample(self):
         while self.running:
-            self.peak = max(self.peak, self._rss())
+            with self.lock:
+                self.peak = max(self.peak, self._rss())
             time.sleep(0.001)
+
+    def mark(self, *_) -> None:
+        """End a step (usable as extract_lora's progress callback)."""
+        with self.lock:
+            now = self._rss()
+            self.rise = max(self.rise, max(self.peak, now) - self.base)
+            self.base = self.peak = now
 
     def __exit__(self, *exc):
         self.running = False
         self.thread.join()
-        self.end = self._rss()
-        self.peak = max(self.peak, self.end)
+        self.mark()
 
     @property
     def working_mb(self) -> float:
-        return (self.peak - max(self.start, self.end)) / 2**20
+        return self.rise / 2**20
 
 
 def interleaved(extract, tb, base, tuned, layers, ranks) -> dict:
@@ -228,13 +241,13 @@ def main() -> None:
         with PeakRss() as mem:
             network, report = extract.extract_lora(base, tuned, rule=tb.RankRule(rank), preset=args.preset,
                                                    clamp_quantile=1.0, min_diff=0.0,
-                                                   options=tb.SvdOptions(method=method))
+                                                   options=tb.SvdOptions(method=method), progress=mem.mark)
         if method == "randomized":
             networks[rank] = network
         runs.append((label, report.seconds, mem.working_mb, report.energy))
     print()
     print("extract_lora end to end (weights fetched and diffed layer by layer, LoRA built); working memory: "
-          "peak RSS above the kept result")
+          "largest per-layer rise of RSS (the LoRA kept so far not counted)")
     print(f"{'run':<22} | {'seconds':>7} | {'working MB':>10} | {'vs full SVD':>11} | energy kept")
     full_mb = runs[-1][2]
     for label, seconds, mb, energy in runs:
