@@ -343,3 +343,30 @@ def test_disk_latent_cache_is_reused_and_follows_image_changes(pack, loaded_chec
         assert sum("cannot write" in r.getMessage() for r in caplog.records) == 1
     finally:
         vae.encode = encode
+
+
+def test_the_trigger_word_is_not_put_on_regularisation_captions(pack, loaded_checkpoint, concept_dataset, tmp_path):
+    import shutil
+
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.training.captions import CaptionOptions, process_caption
+    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.trainer import TrainConfig, Trainer
+
+    reg = tmp_path / "reg" / "1_circle"
+    reg.mkdir(parents=True)
+    for image in sorted((concept_dataset / "10_sks circle").glob("*.png"))[:3]:
+        shutil.copy(image, reg / image.name)
+        (reg / image.name).with_suffix(".txt").write_text("a circle")
+    model, clip, vae = loaded_checkpoint
+    dataset = load_dataset(concept_dataset, resolution=64, min_side=32, max_side=128, bucket_step=32,
+                           reg_folder=tmp_path / "reg")
+    config = TrainConfig(steps=1, captions=CaptionOptions(trigger_word="sks"))
+    with torch.inference_mode(False):
+        trainer = Trainer(model, clip, vae, dataset, LoraNetwork.create(NetworkConfig(rank=2), model), config)
+    regs = [i for i in dataset.items if i.is_reg]
+    assert len(regs) == 3
+    for item in dataset.items:
+        caption = process_caption(item.caption, trainer.caption_options(item), random.Random(0))
+        assert caption.startswith("sks") != item.is_reg, (item.path, caption)
+        assert trainer.fixed_caption(item) == caption

@@ -213,12 +213,17 @@ class Trainer:
             return
         rng = random.Random(0)
         for item in self.dataset.items:
-            self.encode_text(process_caption(item.caption, c, rng))
+            self.encode_text(process_caption(item.caption, self.caption_options(item), rng))
+
+    def caption_options(self, item, options: CaptionOptions | None = None) -> CaptionOptions:
+        """Regularisation images keep their own captions: the trigger word is what they must not learn."""
+        options = options or self.config.captions
+        return replace(options, trigger_word="") if item.is_reg else options
 
     def fixed_caption(self, item) -> str:
         """The caption with trigger word, prefix and suffix, and nothing random (for validation)."""
         c = replace(self.config.captions, shuffle_tags=False, caption_dropout=0.0, tag_dropout=0.0)
-        return process_caption(item.caption, c, random.Random(0))
+        return process_caption(item.caption, self.caption_options(item, c), random.Random(0))
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -361,7 +366,7 @@ class Trainer:
         items = [self.dataset.items[i] for i in batch]
         flips = [cfg.flip and rng.random() < 0.5 for _ in batch]
         x0 = torch.stack([self.latents[(i, f)] for i, f in zip(batch, flips, strict=True)]).to(device)
-        captions = [process_caption(item.caption, cfg.captions, rng) for item in items]
+        captions = [process_caption(item.caption, self.caption_options(item), rng) for item in items]
         levels = objective.sample_noise_levels(len(batch), rng, cfg.timestep_sampling,
                                                cfg.min_timestep / 1000, cfg.max_timestep / 1000)
         noise = torch.randn(x0.shape, generator=gen)
