@@ -87,13 +87,13 @@ class SvdOptions:
     """Randomized SVD: subspace iteration with `oversample` extra columns and `power_iters` passes.
 
     After it, a cheap bound on how much of ||dW||_F^2 the kept part may lack compared with an
-    exact SVD (see `_shortfall`). While the bound exceeds `tol` * ||dW||_F^2, two more passes
-    are made, up to `max_power_iters`; then that layer is redone with a full SVD.
+    exact SVD (see `_shortfall`). While the bound exceeds `tol` * ||dW||_F^2, one more pass is
+    made, up to `max_power_iters`; then that layer is redone with a full SVD.
     """
 
     method: str = "randomized"
     oversample: int = 16  # 8 takes up to twice the passes on slowly decaying spectra, for less than half the cost
-    power_iters: int = 2
+    power_iters: int = 1  # most layers pass the check after one; the rest get more as the check asks
     max_power_iters: int = 8
     tol: float = 1e-3
     seed: int = 0
@@ -152,8 +152,29 @@ def block_size(rule: RankRule, options: SvdOptions) -> int:
     return max(rule.rank + options.oversample, MIN_BLOCK)
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """X^T X in float64 (exact enough for a Cholesky factor or a spectral norm of a float32 X)."""
+    x = x.double()
+    return x.T @ x
+
+
+def _norm2_sq(x: torch.Tensor) -> float:
+    """||X||_2^2 as the largest eigenvalue of X^T X (X has few columns): one product, no SVD of a long X."""
+    return max(0.0, float(torch.linalg.eigvalsh(_gram(x))[-1]))
+
+
 def _orth(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(x).Q
+    """Orthonormal basis of X's columns by CholeskyQR2 (float64 Gram, two passes): two products and two
+    triangular solves, where Householder QR of a long, thin X makes many small threaded calls (on a busy
+    machine each waits for its threads, up to 100x slower). Householder QR when X is too ill-conditioned."""
+    q = x
+    for _ in range(2):
+        r, info = torch.linalg.cholesky_ex(_gram(q), upper=True)
+        diag = r.diagonal()
+        if info or not bool(diag.min() > 1e-6 * diag.max()):
+            return torch.linalg.qr(x).Q
+        q = torch.linalg.solve_triangular(r.to(x.dtype), q, upper=True, left=False)
+    return q if bool((diag - 1).abs().max() < 1e-2) else torch.linalg.qr(x).Q
 
 
 def _outside_norm_sq(d: torch.Tensor, kept: torch.Tensor, start: torch.Tensor, gen: torch.Generator,
@@ -166,14 +187,14 @@ def _outside_norm_sq(d: torch.Tensor, kept: torch.Tensor, start: torch.Tensor, g
     for _ in range(iters):
         x = _orth(x - kept @ (kept.T @ x))
         y = d.T @ x
-        value = float(torch.linalg.matrix_norm(y.double(), ord=2)) ** 2
+        value = _norm2_sq(y)
         x = d @ y
     return value
 
 
-def _shortfall(d, q, b, u, ub, s2, rank: int, total: float, oversample: int, gen) -> float:
+def _shortfall(d, q, b, z, u, ub, s2, rank: int, total: float, oversample: int, gen) -> float:
     """Bound on sum_{i <= rank} (sigma_i^2 - S_i^2): how much less of ||D||_F^2 the top-`rank` Ritz
-    part (Ritz vectors u = Q ub of the range of Q, b = Q^T D) keeps than the exact top-`rank` SVD part.
+    part (Ritz vectors u = Q ub of the range of Q, b = Q^T D, z = D D^T Q) keeps than the exact top-`rank` SVD part.
 
     Split M = D D^T on U_r (the top-r Ritz vectors) and the rest: the diagonal blocks are diag(S_i^2)
     and G with ||G|| = g = ||(I - U_r U_r^T) D||_2^2 >= S_{r+1}^2, the coupling is E = (I - P) D D^T U_r
@@ -186,8 +207,8 @@ def _shortfall(d, q, b, u, ub, s2, rank: int, total: float, oversample: int, gen
     if residual <= 0 or rank == 0:
         return 0.0
     top = ub[:, :rank]
-    coupling = d @ (b.T @ top) - q @ ((b @ b.T) @ top)  # (I - P) D D^T U_r
-    e2 = float(torch.linalg.matrix_norm(coupling.double(), ord=2)) ** 2
+    coupling = z @ top - q @ ((b @ b.T) @ top)  # (I - P) D D^T U_r
+    e2 = _norm2_sq(coupling)
     next_value = float(s2[rank]) if rank < s2.numel() else 0.0
     g = max(next_value, 1.02 * _outside_norm_sq(d, u[:, :rank], u[:, rank:rank + oversample], gen))
     gaps = s2[:rank] - g
@@ -196,25 +217,50 @@ def _shortfall(d, q, b, u, ub, s2, rank: int, total: float, oversample: int, gen
     return min(float(per_value.sum()), residual)
 
 
+def _ritz(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of B = Q^T D [k, n] from the eigenvectors of B B^T in float64 (k x k): (b, ub, s^2, vh).
+
+    S is the norm of each row ub_i^T B and vh its direction (zero for a zero row), so U S Vh is the
+    projection Q ub ub^T B exactly and sum S^2 its energy, also for directions B barely has."""
+    b = q.T @ d
+    bd = b.double()
+    _, ub = torch.linalg.eigh(bd @ bd.T)
+    rows = ub.flip(1).T @ bd
+    s2 = (rows * rows).sum(1)
+    order = s2.argsort(descending=True)
+    s2, rows, ub = s2[order], rows[order], ub.flip(1)[:, order]
+    s = s2.sqrt()
+    vh = torch.where(s[:, None] > 0, rows / s.clamp_min(1e-300)[:, None], 0.0)
+    return b, ub.to(d.dtype), s2, vh.to(d.dtype)
+
+
 def randomized_svd(d: torch.Tensor, rule: RankRule, options: SvdOptions, seed: int = 0) -> tuple[Decomposition, int]:
     """Top rule.rank + oversample triplets of D by subspace iteration, iterated until the kept part is
-    within options.tol of an exact SVD's energy or max_power_iters is reached: (decomposition, rank kept)."""
+    within options.tol of an exact SVD's energy or max_power_iters is reached: (decomposition, rank kept).
+
+    Works on the orientation whose short side holds the basis (D^T when D is tall), so each pass is two
+    products with D and one orthonormalization of a short block; the check's product D D^T Q is the
+    next pass's, so a failed check costs little more than that pass."""
+    if d.shape[0] > d.shape[1]:
+        dec, rank = randomized_svd(d.T, rule, options, seed)
+        return Decomposition(dec.vh.T, dec.s, dec.u.T, dec.total, None, dec.method, dec.shortfall), rank
     gen = torch.Generator().manual_seed(seed)
     total = squared_norm(d)
     q = _orth(d @ torch.randn(d.shape[1], block_size(rule, options), generator=gen).to(d))
-    done, steps = 0, options.power_iters
+    for _ in range(options.power_iters):
+        q = _orth(d @ (d.T @ q))
+    done = options.power_iters
     while True:
-        for _ in range(steps):
-            q = _orth(d @ _orth(d.T @ q))
-        done += steps
-        b = q.T @ d
-        ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+        b, ub, s2, vh = _ritz(q, d)
+        s = s2.sqrt().to(d.dtype)
         u = q @ ub
         rank = rule.choose(s, total)
-        shortfall = _shortfall(d, q, b, u, ub, s.double() ** 2, rank, total, options.oversample, gen)
+        z = d @ b.T  # D D^T Q
+        shortfall = _shortfall(d, q, b, z, u, ub, s2, rank, total, options.oversample, gen)
         if shortfall <= options.tol * total or done >= options.max_power_iters:
             return Decomposition(u, s, vh, total, None, "randomized", shortfall), rank
-        steps = min(2, options.max_power_iters - done)
+        q = _orth(z)
+        done += 1
 
 
 def decompose(d: torch.Tensor, rule: RankRule, options: SvdOptions, seed: int = 0) -> tuple[Decomposition, int, str]:
