@@ -93,7 +93,7 @@ class SvdOptions:
 
     method: str = "randomized"
     oversample: int = 16  # 8 takes up to twice the passes on slowly decaying spectra, for less than half the cost
-    power_iters: int = 1  # most layers pass the check after one; the rest get more as the check asks
+    power_iters: int = 2
     max_power_iters: int = 8
     tol: float = 1e-3
     seed: int = 0
@@ -177,24 +177,18 @@ def _orth(x: torch.Tensor) -> torch.Tensor:
     return q if bool((diag - 1).abs().max() < 1e-2) else torch.linalg.qr(x).Q
 
 
-def _outside_norm_sq(d: torch.Tensor, kept: torch.Tensor, start: torch.Tensor, gen: torch.Generator,
-                     iters: int = 2) -> float:
-    """Estimate of ||(I - K K^T) D||_2^2 (K = `kept`, orthonormal) by block power iteration from `start`
-    plus random columns; a lower estimate, close when `start` holds the next singular vectors."""
-    extra = max(2, MIN_BLOCK - start.shape[1])
-    x = torch.cat([start, torch.randn(d.shape[0], extra, generator=gen).to(d)], dim=1)
-    value = 0.0
-    for _ in range(iters):
-        x = _orth(x - kept @ (kept.T @ x))
-        y = d.T @ x
-        value = _norm2_sq(y)
-        x = d @ y
-    return value
+def _outside_norm_sq(d: torch.Tensor, kept: torch.Tensor, image: torch.Tensor) -> float:
+    """Estimate of ||(I - K K^T) D||_2^2 (K = `kept`, orthonormal) by block power iteration: `image` is
+    D D^T X for an orthonormal start X outside K (the caller had it from its own products), then one more
+    step. A lower estimate, close when X holds the next singular vectors."""
+    x = _orth(image - kept @ (kept.T @ image))
+    return _norm2_sq(d.T @ x)
 
 
-def _shortfall(d, q, b, z, u, ub, s2, rank: int, total: float, oversample: int, gen) -> float:
+def _shortfall(d, q, b, z, zw, u, ub, s2, rank: int, total: float, oversample: int) -> float:
     """Bound on sum_{i <= rank} (sigma_i^2 - S_i^2): how much less of ||D||_F^2 the top-`rank` Ritz
-    part (Ritz vectors u = Q ub of the range of Q, b = Q^T D, z = D D^T Q) keeps than the exact top-`rank` SVD part.
+    part (Ritz vectors u = Q ub of the range of Q, b = Q^T D, z = D D^T Q) keeps than the exact top-`rank`
+    SVD part. zw = D D^T W for a few random orthonormal columns W outside Q (they join the power estimate).
 
     Split M = D D^T on U_r (the top-r Ritz vectors) and the rest: the diagonal blocks are diag(S_i^2)
     and G with ||G|| = g = ||(I - U_r U_r^T) D||_2^2 >= S_{r+1}^2, the coupling is E = (I - P) D D^T U_r
@@ -210,19 +204,19 @@ def _shortfall(d, q, b, z, u, ub, s2, rank: int, total: float, oversample: int, 
     coupling = z @ top - q @ ((b @ b.T) @ top)  # (I - P) D D^T U_r
     e2 = _norm2_sq(coupling)
     next_value = float(s2[rank]) if rank < s2.numel() else 0.0
-    g = max(next_value, 1.02 * _outside_norm_sq(d, u[:, :rank], u[:, rank:rank + oversample], gen))
+    image = torch.cat([z @ ub[:, rank:rank + oversample], zw], dim=1)  # D D^T [next Ritz vectors, W]
+    g = max(next_value, 1.02 * _outside_norm_sq(d, u[:, :rank], image))
     gaps = s2[:rank] - g
     li = 2 * e2 / (gaps + torch.sqrt(gaps * gaps + 4 * e2)).clamp_min(1e-300)
     per_value = torch.where(gaps > 0, li.clamp_max(min(math.sqrt(e2), g)), torch.full_like(gaps, g))
     return min(float(per_value.sum()), residual)
 
 
-def _ritz(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ritz(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD of B = Q^T D [k, n] from the eigenvectors of B B^T in float64 (k x k): (b, ub, s^2, vh).
 
     S is the norm of each row ub_i^T B and vh its direction (zero for a zero row), so U S Vh is the
     projection Q ub ub^T B exactly and sum S^2 its energy, also for directions B barely has."""
-    b = q.T @ d
     bd = b.double()
     _, ub = torch.linalg.eigh(bd @ bd.T)
     rows = ub.flip(1).T @ bd
@@ -231,7 +225,7 @@ def _ritz(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     s2, rows, ub = s2[order], rows[order], ub.flip(1)[:, order]
     s = s2.sqrt()
     vh = torch.where(s[:, None] > 0, rows / s.clamp_min(1e-300)[:, None], 0.0)
-    return b, ub.to(d.dtype), s2, vh.to(d.dtype)
+    return b, ub.to(b.dtype), s2, vh.to(b.dtype)
 
 
 def randomized_svd(d: torch.Tensor, rule: RankRule, options: SvdOptions, seed: int = 0) -> tuple[Decomposition, int]:
@@ -250,13 +244,18 @@ def randomized_svd(d: torch.Tensor, rule: RankRule, options: SvdOptions, seed: i
     for _ in range(options.power_iters):
         q = _orth(d @ (d.T @ q))
     done = options.power_iters
+    extra = max(2, MIN_BLOCK - options.oversample)
     while True:
-        b, ub, s2, vh = _ritz(q, d)
+        w = torch.randn(d.shape[0], extra, generator=gen).to(d)
+        w = _orth(w - q @ (q.T @ w))
+        bw = torch.cat([q, w], dim=1).T @ d  # [Q^T D; W^T D]: the random probe rides along the products
+        zw = d @ bw.T  # D D^T [Q, W]
+        b, ub, s2, vh = _ritz(bw[:-extra])
         s = s2.sqrt().to(d.dtype)
         u = q @ ub
         rank = rule.choose(s, total)
-        z = d @ b.T  # D D^T Q
-        shortfall = _shortfall(d, q, b, z, u, ub, s2, rank, total, options.oversample, gen)
+        z = zw[:, :-extra]
+        shortfall = _shortfall(d, q, b, z, zw[:, -extra:], u, ub, s2, rank, total, options.oversample)
         if shortfall <= options.tol * total or done >= options.max_power_iters:
             return Decomposition(u, s, vh, total, None, "randomized", shortfall), rank
         q = _orth(z)
