@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,38 @@ def server(tmp_path_factory, tiny_checkpoint, tiny_parts):
         srv.stop()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         (ARTIFACTS / "server.log").write_text(srv.log())
+
+
+@pytest.fixture
+def one_thread():
+    """Small matrices: on a busy 2-core machine two OpenMP threads spin-wait for each other and run such
+    work 10-100x slower than one thread does."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def comfy_nodes(comfy_root):
+    """ComfyUI's nodes.py. A plain `import nodes` finds this repository's nodes/ package when the
+    working directory is on sys.path (`python -m pytest`), so it is loaded from the host's file."""
+    module = sys.modules.get("nodes")
+    if not hasattr(module, "LoraLoader"):
+        spec = importlib.util.spec_from_file_location("nodes", comfy_root / "nodes.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["nodes"] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def loras_dir(comfy_root, tmp_path_factory):
+    """A folder registered as ComfyUI's "loras", where LoraLoader finds our files."""
+    import folder_paths
+
+    path = tmp_path_factory.mktemp("loras")
+    folder_paths.add_model_folder_path("loras", str(path))
+    return path

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -99,29 +98,6 @@ def inputs():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=gen)
     return x, torch.tensor([5.0, 0.5]), torch.randn(2, 7, NARROW_UNET["context_dim"], generator=gen)
-
-
-@pytest.fixture(scope="module")
-def comfy_nodes(comfy_root):
-    """ComfyUI's nodes.py. A plain `import nodes` finds this repository's nodes/ package when the
-    working directory is on sys.path (`python -m pytest`), so it is loaded from the host's file."""
-    module = sys.modules.get("nodes")
-    if not hasattr(module, "LoraLoader"):
-        spec = importlib.util.spec_from_file_location("nodes", comfy_root / "nodes.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["nodes"] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def loras_dir(comfy_root, tmp_path_factory):
-    """A folder registered as ComfyUI's "loras", where LoraLoader finds our files."""
-    import folder_paths
-
-    path = tmp_path_factory.mktemp("loras")
-    folder_paths.add_model_folder_path("loras", str(path))
-    return path
 
 
 def unet_output(patcher, inputs, grad: bool = False) -> torch.Tensor:

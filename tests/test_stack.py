@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -22,13 +21,7 @@ FIXTURE_LORAS = {
 ROWS = [("stack/locon.safetensors", 0.8, 0.6), ("stack/loha.safetensors", -0.7, 1.3), ("stack/lokr.safetensors", 1.2, 1.2)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices: on a busy 2-core machine one thread runs them much faster than two spinning ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +33,6 @@ def lf(pack) -> SimpleNamespace:
     return SimpleNamespace(stack=load("lora_core.stack"), bw=load("lora_core.block_weights"),
                            files=load("lora_core.files"), nodes=load("nodes.apply"),
                            Network=network.LoraNetwork, Config=network.NetworkConfig)
-
-
-@pytest.fixture(scope="module")
-def comfy_nodes(comfy_root):
-    """ComfyUI's nodes.py (a plain `import nodes` may find this repository's nodes/ package)."""
-    module = sys.modules.get("nodes")
-    if not hasattr(module, "LoraLoader"):
-        spec = importlib.util.spec_from_file_location("nodes", comfy_root / "nodes.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["nodes"] = module
-        spec.loader.exec_module(module)
-    return module
 
 
 def random_network(lf, model, clip, algorithm, rank, alpha, preset, seed, scale=0.1):

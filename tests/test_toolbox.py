@@ -12,7 +12,6 @@ import importlib.util
 import logging
 import math
 import re
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -28,14 +27,7 @@ LOADER_COMPLAINTS = ("lora key not loaded", "NOT LOADED", "ERROR", "SHAPE MISMAT
 
 # --- helpers ---------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The matrices here are small: on a busy machine two OpenMP threads spin-wait for each other and
-    run such work 10-100x slower than one thread does."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -131,27 +123,6 @@ def weighted_sum(networks, ratios) -> dict[str, torch.Tensor]:
 
 def flat_deltas(network) -> dict[str, torch.Tensor]:
     return {n: d.reshape(d.shape[0], -1) for n, d in network.deltas().items()}
-
-
-@pytest.fixture(scope="module")
-def comfy_nodes(comfy_root):
-    """ComfyUI's nodes.py (a plain `import nodes` may find this repository's nodes/ package)."""
-    module = sys.modules.get("nodes")
-    if not hasattr(module, "LoraLoader"):
-        spec = importlib.util.spec_from_file_location("nodes", comfy_root / "nodes.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["nodes"] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def loras_dir(comfy_root, tmp_path_factory):
-    import folder_paths
-
-    path = tmp_path_factory.mktemp("toolbox-loras")
-    folder_paths.add_model_folder_path("loras", str(path))
-    return path
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -29,13 +28,7 @@ TUCKER_KEYS = {"locon": "lora_mid.weight", "loha": "hada_t1", "lokr": "lokr_t2"}
 LOADER_COMPLAINTS = ("lora key not loaded", "NOT LOADED", "ERROR", "SHAPE MISMATCH")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices: on a busy 2-core machine two OpenMP threads mostly wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -88,27 +81,6 @@ def inputs():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=gen)
     return x, torch.tensor([5.0, 0.5]), torch.randn(2, 7, NARROW_UNET["context_dim"], generator=gen)
-
-
-@pytest.fixture(scope="module")
-def comfy_nodes(comfy_root):
-    """ComfyUI's nodes.py (a plain `import nodes` may find this repository's nodes/ package)."""
-    module = sys.modules.get("nodes")
-    if not hasattr(module, "LoraLoader"):
-        spec = importlib.util.spec_from_file_location("nodes", comfy_root / "nodes.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["nodes"] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def loras_dir(comfy_root, tmp_path_factory):
-    import folder_paths
-
-    path = tmp_path_factory.mktemp("tucker-loras")
-    folder_paths.add_model_folder_path("loras", str(path))
-    return path
 
 
 @pytest.fixture
