@@ -164,10 +164,10 @@ def _norm2_sq(x: torch.Tensor) -> float:
 
 
 def _orth(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of X's columns by CholeskyQR2 (float64 Gram, two passes): two products and two
-    triangular solves, where Householder QR of a long, thin X makes many small threaded calls (on a busy
-    machine each waits for its threads, up to 100x slower). Householder QR when X is too ill-conditioned."""
-    q = x
+    """Orthonormal basis of X's columns by CholeskyQR2 (float64 Gram, two passes), Householder QR when X is
+    too ill-conditioned for it. Householder QR of a long, thin X makes many small threaded calls: on a busy
+    2-core machine 250 ms for 10240 x 32, where this takes 80 ms (1-3 ms each on an idle core)."""
+    q = x / x.norm(dim=0).clamp_min(1e-30)  # scaled columns: only their span counts, and cond(X) drops
     for _ in range(2):
         r, info = torch.linalg.cholesky_ex(_gram(q), upper=True)
         diag = r.diagonal()
