@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 from ..lora_core.apply import apply_lora
-from ..lora_core.block_weights import LAYOUTS, presets
 from ..lora_core.files import read_safetensors
 from ..lora_core.stack import apply_stack, parse_rows
 
@@ -96,25 +94,6 @@ class ApplyLoraStack:
         if not report.ok:
             log.warning("Apply LoRA Stack: %s", report.summary())
         return (model, clip, rows, report.summary())
-
-
-def _register_routes() -> None:
-    """GET /lora_foundry/block_presets[?family=sdxl]: {preset: short vector}. Only inside a running server."""
-    server = sys.modules.get("server")  # ComfyUI's server module, imported before custom nodes load
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if instance is None:
-        return
-    from aiohttp import web
-
-    @instance.routes.get("/lora_foundry/block_presets")
-    async def block_presets(request):
-        family = request.query.get("family", "sd1")
-        if family not in LAYOUTS:
-            return web.json_response({"error": f"family {family!r}: choose {', '.join(LAYOUTS)}"}, status=400)
-        return web.json_response(presets(LAYOUTS[family]))
-
-
-_register_routes()
 
 NODE_CLASS_MAPPINGS = {
     "LoraFoundryApplyLoRA": ApplyLoRA,

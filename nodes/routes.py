@@ -1,9 +1,10 @@
-"""Our read-only HTTP routes: LoRA file info (loras folders only) and the live training state per node."""
+"""Our read-only HTTP routes: LoRA file info (loras folders only), block-weight presets, live training state."""
 
 from __future__ import annotations
 
 import sys
 
+from ..lora_core.block_weights import LAYOUTS, presets
 from ..lora_core.files import AdapterFileError, path_inside
 from ..lora_core.info import lora_info
 from .live import TRAINING_LOG
@@ -40,6 +41,13 @@ def register(routes) -> None:
             return web.json_response({"error": str(e)}, status=404)
         except (ValueError, AdapterFileError) as e:
             return web.json_response({"error": str(e)}, status=400)
+
+    @routes.get("/lora_foundry/block_presets")
+    async def get_block_presets(request):
+        family = request.query.get("family", "sd1")
+        if family not in LAYOUTS:
+            return web.json_response({"error": f"family {family!r}: choose {', '.join(LAYOUTS)}"}, status=400)
+        return web.json_response(presets(LAYOUTS[family]))
 
     @routes.get("/lora_foundry/train_state")
     async def get_train_state(request):

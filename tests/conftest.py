@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from harness import fixtures
@@ -103,3 +105,32 @@ def loras_dir(comfy_root, tmp_path_factory):
     path = tmp_path_factory.mktemp("loras")
     folder_paths.add_model_folder_path("loras", str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def core(pack) -> SimpleNamespace:
+    """The engine modules, imported the way ComfyUI imports the pack."""
+    def load(name):
+        return importlib.import_module(f"{pack.__name__}.lora_core.{name}")
+
+    network = load("network")
+    return SimpleNamespace(
+        adapters=load("adapters"), apply=load("apply"), files=load("files"), kohya_keys=load("kohya_keys"),
+        targets=load("targets"), tb=load("toolbox"), merge=load("merge"), extract=load("extract"),
+        resize=load("resize"), metadata=load("metadata"), network=network,
+        Config=network.NetworkConfig, Network=network.LoraNetwork,
+    )
+
+
+def comfy_weights(patcher, keys) -> dict:
+    """The weights ComfyUI computes from `patcher`'s patches for `keys` (what patch_model writes)."""
+    import comfy.lora
+    import torch
+
+    entries = patcher.get_key_patches()
+    out = {}
+    with torch.no_grad():
+        for key in keys:
+            (weight, convert), *patches = entries[key]
+            out[key] = comfy.lora.calculate_weight(patches, convert(weight.float().clone(), inplace=True), key)
+    return out

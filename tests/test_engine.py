@@ -9,8 +9,6 @@ path (gradients, partial loading, adapters moving with the model).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 from types import SimpleNamespace
 
@@ -50,19 +48,6 @@ LOADER_COMPLAINTS = ("lora key not loaded", "NOT LOADED", "ERROR", "SHAPE MISMAT
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def core(pack) -> SimpleNamespace:
-    """The engine modules, imported the way ComfyUI imports the pack."""
-    def load(name):
-        return importlib.import_module(f"{pack.__name__}.lora_core.{name}")
-
-    network = load("network")
-    return SimpleNamespace(
-        adapters=load("adapters"), apply=load("apply"), files=load("files"), kohya_keys=load("kohya_keys"),
-        targets=load("targets"), network=network, Config=network.NetworkConfig, Network=network.LoraNetwork,
-    )
-
 
 def init_weights(module: torch.nn.Module, seed: int) -> None:
     """The fixtures' init, with every norm scale at 1 (GroupNorm `out.0` / `in_layers.0` would stay 0)."""

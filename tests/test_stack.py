@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import comfy_weights
 
 # Three fixture LoRAs on the tiny SD1.5 checkpoint (UNet + CLIP-L): (algorithm, rank, alpha, preset, seed).
 FIXTURE_LORAS = {
@@ -75,21 +76,8 @@ def chain(comfy_nodes, model, clip, rows):
     return model, clip
 
 
-def weights(patcher, keys) -> dict[str, torch.Tensor]:
-    """The weights ComfyUI computes from `patcher`'s patches for `keys` (what patch_model writes)."""
-    import comfy.lora
-
-    entries = patcher.get_key_patches()
-    out = {}
-    with torch.no_grad():
-        for key in keys:
-            (weight, convert), *patches = entries[key]
-            out[key] = comfy.lora.calculate_weight(patches, convert(weight.float().clone(), inplace=True), key)
-    return out
-
-
 def assert_same_weights(a, b, keys, tol=1e-5):
-    wa, wb = weights(a, keys), weights(b, keys)
+    wa, wb = comfy_weights(a, keys), comfy_weights(b, keys)
     for key in keys:
         err = ((wa[key].double() - wb[key].double()).norm() / wb[key].double().norm()).item()
         assert err <= tol, f"{key}: relative difference {err:.2e}"

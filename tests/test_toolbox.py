@@ -7,15 +7,13 @@ against what ComfyUI's own LoraLoader does with the file written.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import math
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import comfy_weights
 from harness import fixtures
 
 NARROW_UNET = {
@@ -28,18 +26,6 @@ LOADER_COMPLAINTS = ("lora key not loaded", "NOT LOADED", "ERROR", "SHAPE MISMAT
 # --- helpers ---------------------------------------------------------------------------------
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def core(pack) -> SimpleNamespace:
-    def load(name):
-        return importlib.import_module(f"{pack.__name__}.lora_core.{name}")
-
-    network = load("network")
-    return SimpleNamespace(
-        apply=load("apply"), files=load("files"), tb=load("toolbox"), merge=load("merge"), extract=load("extract"),
-        resize=load("resize"), Config=network.NetworkConfig, Network=network.LoraNetwork,
-    )
 
 
 def make_patcher(seed: int = 0):
@@ -78,19 +64,6 @@ def unet_output(patcher, inputs) -> torch.Tensor:
     x, sigma, context = inputs
     with torch.no_grad():
         return patcher.model.apply_model(x, sigma, c_crossattn=context)
-
-
-def comfy_weights(patcher, keys) -> dict[str, torch.Tensor]:
-    """The weights ComfyUI computes from `patcher`'s patches for `keys` (what patch_model writes)."""
-    import comfy.lora
-
-    entries = patcher.get_key_patches()
-    out = {}
-    with torch.no_grad():
-        for key in keys:
-            (weight, convert), *patches = entries[key]
-            out[key] = comfy.lora.calculate_weight(patches, convert(weight.float().clone(), inplace=True), key)
-    return out
 
 
 def random_network(core, patcher, algorithm="lora", rank=4, alpha=3.0, preset="locon", seed=1, scale=0.2, **kw):

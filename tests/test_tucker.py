@@ -8,13 +8,11 @@ same tensors; Merge / Resize must take them exactly; and `use_tucker` must train
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
-from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import comfy_weights
 from harness import fixtures
 
 NARROW_UNET = {
@@ -29,19 +27,6 @@ LOADER_COMPLAINTS = ("lora key not loaded", "NOT LOADED", "ERROR", "SHAPE MISMAT
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def core(pack) -> SimpleNamespace:
-    def load(name):
-        return importlib.import_module(f"{pack.__name__}.lora_core.{name}")
-
-    network = load("network")
-    return SimpleNamespace(
-        adapters=load("adapters"), apply=load("apply"), files=load("files"), tb=load("toolbox"),
-        merge=load("merge"), resize=load("resize"), metadata=load("metadata"),
-        Config=network.NetworkConfig, Network=network.LoraNetwork,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -96,19 +81,6 @@ def comfy_load(core, comfy_nodes, loras_dir, caplog):
         return new_model
 
     return load
-
-
-def comfy_weights(patcher, keys) -> dict[str, torch.Tensor]:
-    """The weights ComfyUI computes from `patcher`'s patches (what patch_model writes)."""
-    import comfy.lora
-
-    entries = patcher.get_key_patches()
-    out = {}
-    with torch.no_grad():
-        for key in keys:
-            (weight, convert), *patches = entries[key]
-            out[key] = comfy.lora.calculate_weight(patches, convert(weight.float().clone(), inplace=True), key)
-    return out
 
 
 def unet_output(patcher, inputs) -> torch.Tensor:
