@@ -4,4 +4,4 @@ Dev/demo tooling (not part of the shipped pack): the main job and the tests use 
 default, so a LoRA can be trained and its effect measured on a CPU with nothing downloaded.
 """
 
-VERSION = 1
+VERSION = 2

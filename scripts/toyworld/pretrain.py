@@ -28,15 +28,15 @@ from . import VERSION, vae, world
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    steps: int = 400
+    steps: int = 800
     batch_size: int = 32
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     warmup_steps: int = 25
     final_lr_fraction: float = 0.1
     ema_decay: float = 0.99
     min_snr_gamma: float = 5.0
     caption_dropout: float = 0.1
-    pool: int = 4096  # distinct training images
+    pool: int = 8192  # distinct training images
 
 
 DEFAULT = PretrainConfig()
