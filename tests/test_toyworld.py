@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from harness.comfy import REPO_ROOT
+from harness.comfy import REPO_ROOT, import_pack
 from harness.server import ComfyServer
 from toyworld import evaluate, vae, world
 from toyworld.pretrain import cache_dir, pretrain, to_pixels
@@ -39,13 +39,25 @@ def test_world_is_deterministic_and_never_shows_the_concept_to_the_base():
     assert a[0].shape == (world.SIZE, world.SIZE, 3)
 
 
-def test_concept_dataset_layout(tmp_path):
-    data = world.concept_dataset(tmp_path / "d", seed=0, count=4, repeats=10, prior_count=6)
+def test_concept_dataset_layout(tmp_path, comfy_root):
+    data = world.concept_dataset(tmp_path / "d", seed=0, count=4, repeats=10, prior_count=6, unconditional_count=3)
     concept = sorted((data["concept"] / f"10_{world.TRIGGER}").glob("*.png"))
     prior = sorted((data["prior"] / "1_toy").glob("*.txt"))
-    assert len(concept) == 4 and len(prior) == 6
+    unconditional = sorted((data["prior"] / "unconditional").glob("*.png"))
+    assert len(concept) == 4 and len(prior) == 6 and len(unconditional) == 3
     assert concept[0].with_suffix(".txt").read_text() == world.TRIGGER
     assert prior[0].read_text().endswith("background")
+    # Load Dataset reads them as the example workflow will: the trigger on the concept, the prior
+    # images' own captions, and the empty prompt for the uncaptioned ones.
+    import_pack()
+    from lora_foundry.training.dataset import load_dataset
+
+    dataset = load_dataset(data["concept"], resolution=64, min_side=32, max_side=128, bucket_step=32,
+                           reg_folder=data["prior"])
+    captions = sorted((item.is_reg, item.caption, item.repeats) for item in dataset.items)
+    assert captions.count((False, world.TRIGGER, 10)) == 4
+    assert captions.count((True, "", 1)) == 3
+    assert sum(1 for reg, caption, _ in captions if reg and caption.endswith("background")) == 6
 
 
 def test_vae_is_an_exact_average_pool_with_unit_latents(comfy_root):

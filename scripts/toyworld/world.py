@@ -7,10 +7,13 @@ concept (a yellow plus on teal) is never shown to it: the LoRA teaches it under 
 from __future__ import annotations
 
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.fixtures import COLOURS, draw_shape
+
+from . import VERSION
 
 SIZE = 64
 BASE_SHAPES = ("circle", "square", "triangle")
@@ -87,19 +90,26 @@ def write_folder(folder: Path, scenes: list[Scene], seed: int, captions: list[st
     return folder
 
 
-def concept_dataset(root: Path, seed: int = 0, count: int = 10, repeats: int = 10, prior_count: int = 60) -> dict:
+def concept_dataset(root: Path, seed: int = 0, count: int = 10, repeats: int = 10, prior_count: int = 60,
+                    unconditional_count: int = 30) -> dict:
     """The LoRA's dataset in kohya layout: `<root>/concept/<repeats>_<trigger>/` (captioned with the
-    trigger only) and `<root>/prior/1_toy/` (ordinary toy-world images with their captions).
+    trigger only) and the prior images: `<root>/prior/1_toy/` (ordinary toy-world images with their
+    captions) and `<root>/prior/unconditional/` (more of them, uncaptioned, so trained with the empty
+    prompt: they keep the LoRA from changing what the model draws for an empty negative prompt, which
+    classifier-free guidance would otherwise carry into every other prompt).
 
-    Returns {"concept": folder, "prior": folder}; an existing complete dataset is reused.
+    Returns {"concept": folder, "prior": folder}; a dataset made by this version with these settings is reused.
     """
     concept = root / "concept"
     prior = root / "prior"
-    concept_dir, prior_dir = concept / f"{repeats}_{TRIGGER}", prior / "1_toy"
-    done = root / "done"
-    if not done.exists():
-        scenes = [Scene(*CONCEPT)] * count
-        write_folder(concept_dir, scenes, seed + 1000, captions=[TRIGGER] * count)
-        write_folder(prior_dir, base_scenes(seed + 2000, prior_count), seed + 2000)
-        done.write_text("ok")
+    concept_dir = concept / f"{repeats}_{TRIGGER}"
+    done, stamp = root / "done", f"v{VERSION} {seed} {count} {repeats} {prior_count} {unconditional_count}"
+    if not done.exists() or done.read_text() != stamp:
+        for folder in (concept, prior):
+            shutil.rmtree(folder, ignore_errors=True)
+        write_folder(concept_dir, [Scene(*CONCEPT)] * count, seed + 1000, captions=[TRIGGER] * count)
+        write_folder(prior / "1_toy", base_scenes(seed + 2000, prior_count), seed + 2000)
+        write_folder(prior / "unconditional", base_scenes(seed + 3000, unconditional_count), seed + 3000,
+                     captions=[""] * unconditional_count)
+        done.write_text(stamp)
     return {"concept": concept, "prior": prior}
