@@ -30,20 +30,22 @@ def example_settings() -> dict:
     return {name: node["widgets_values"][i] for name, i in WIDGETS.items()}
 
 
-def folder_items(root: Path, trigger: str = "") -> list[tuple[Path, str]]:
-    """(image, caption) pairs of a kohya-layout folder, each repeated as its `N_name` folder says."""
+def folder_items(root: Path) -> list[tuple[Path, str]]:
+    """(image, caption) pairs of a kohya-layout folder, each repeated as its `N_name` folder says (else once).
+
+    Uncaptioned images keep the empty caption, as Load Dataset reads them (the concept's captions are its trigger).
+    """
     items = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        repeats = int(sub.name.split("_", 1)[0])
+        count, _, _ = sub.name.partition("_")
+        repeats = int(count) if count.isdigit() else 1
         for image in sorted(sub.glob("*.png")):
             caption = image.with_suffix(".txt").read_text().strip()
-            if trigger and not caption.startswith(trigger):
-                caption = f"{trigger}, {caption}"
             items += [(image, caption)] * repeats
     return items
 
 
-def train_native(checkpoint: Path, folders: list[Path], settings: dict, trigger: str) -> tuple[dict, float]:
+def train_native(checkpoint: Path, folders: list[Path], settings: dict) -> tuple[dict, float]:
     """ComfyUI's TrainLoraNode on the same data; returns (its LoRA state dict, seconds)."""
     import comfy.sd
     import torch
@@ -51,7 +53,7 @@ def train_native(checkpoint: Path, folders: list[Path], settings: dict, trigger:
     from toyworld.pretrain import to_pixels
 
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint))
-    items = [item for folder in folders for item in folder_items(folder, trigger)]
+    items = [item for folder in folders for item in folder_items(folder)]
     from PIL import Image
 
     cache: dict = {}
@@ -100,7 +102,7 @@ def main() -> None:
         started = time.perf_counter()
         ours = run_example(server, checkpoint, data["concept"], reg=data["prior"])
         ours_seconds = time.perf_counter() - started
-        native_sd, native_seconds = train_native(checkpoint, [data["concept"], data["prior"]], settings, world.TRIGGER)
+        native_sd, native_seconds = train_native(checkpoint, [data["concept"], data["prior"]], settings)
         native_path = server.base_dir / "models" / "loras" / "bench" / "native_toy_concept.safetensors"
         native_path.parent.mkdir(parents=True, exist_ok=True)
         save_file(native_sd, str(native_path))

@@ -113,6 +113,7 @@ def train_judge(checkpoint: Path, seed: int = 0, steps: int = 400, count: int = 
     from .pretrain import to_pixels
 
     path = judge_path(checkpoint, seed)
+    torch.manual_seed(seed)  # the same judge in every process, whatever ran before
     net = JudgeNet()
     if path.exists():
         from safetensors import safe_open
@@ -133,7 +134,6 @@ def train_judge(checkpoint: Path, seed: int = 0, steps: int = 400, count: int = 
     train_x = torch.cat([clean[:count], through_vae[:decoded]])
     train_y = {k: v[:count + decoded] for k, v in _labels(scenes).items()}
     log(f"  judge: {len(train_x)} training images ready ({time.monotonic() - started:.0f}s)")
-    torch.manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     net.train()
