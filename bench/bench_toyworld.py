@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,14 +59,15 @@ def train_native(checkpoint: Path, folders: list[Path], settings: dict) -> tuple
 
     cache: dict = {}
     latents, positive = [], []
-    for image, caption in items:
-        if image not in cache:
-            with Image.open(image) as img:
-                cache[image] = vae.encode(to_pixels([img.convert("RGB")]).permute(0, 2, 3, 1))
-        if caption not in cache:
-            cache[caption] = clip.encode_from_tokens(clip.tokenize(caption))
-        latents.append({"samples": cache[image]})
-        positive.append([[cache[caption], {}]])
+    with torch.no_grad():  # frozen inputs: no graph back into the VAE or the text encoder
+        for image, caption in items:
+            if image not in cache:
+                with Image.open(image) as img:
+                    cache[image] = vae.encode(to_pixels([img.convert("RGB")]).permute(0, 2, 3, 1))
+            if caption not in cache:
+                cache[caption] = clip.encode_from_tokens(clip.tokenize(caption))
+            latents.append({"samples": cache[image]})
+            positive.append([[cache[caption], {}]])
     start = time.perf_counter()
     with torch.inference_mode(False):
         out = TrainLoraNode.execute(
@@ -83,6 +85,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base-dir", type=Path, default=HERE.parent / "out" / "bench_toyworld")
     args = parser.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # TrainLoraNode's per-step progress bar would bury the table
 
     from harness.comfy import setup_inprocess
     from harness.server import ComfyServer
@@ -113,8 +116,8 @@ def main() -> None:
             scores.pop("files")
             results[name] = {**scores, "seconds": seconds, "passes": evaluate.passes(scores)}
     print(f"toy-world concept LoRA, {settings['steps']} steps, rank {settings['rank']}, lr {settings['learning_rate']}, "
-          f"batch {settings['batch_size']} (ours: the example workflow, alpha = rank, min-SNR 5, prior weight 1; "
-          "native: TrainLoraNode, alpha 1, x0 loss, every layer)")
+          f"batch {settings['batch_size']} (ours: the example workflow, alpha = rank, min-SNR 5, prior weight 1, "
+          "one concept image held out for validation; native: TrainLoraNode, alpha 1, x0 loss, every layer)")
     print(f"{'':8} {'colour':>7} {'shape':>7} {'bg':>7} {'concept':>8} {'base':>6} {'control':>8} {'base ctl':>9} "
           f"{'seconds':>8}")
     for name, r in results.items():
