@@ -31,22 +31,19 @@ def example_settings() -> dict:
     return {name: node["widgets_values"][i] for name, i in WIDGETS.items()}
 
 
-def folder_items(root: Path) -> list[tuple[Path, str]]:
-    """(image, caption) pairs of a kohya-layout folder, each repeated as its `N_name` folder says (else once).
+def dataset_items(concept: Path, prior: Path) -> list[tuple[Path, str]]:
+    """(image, caption) pairs as Load Dataset reads the folders (kohya repeats, reg images uncaptioned or
+    with their own captions), each repeated as often as one of our epochs shows it."""
+    from harness.comfy import import_pack
 
-    Uncaptioned images keep the empty caption, as Load Dataset reads them (the concept's captions are its trigger).
-    """
-    items = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        count, _, _ = sub.name.partition("_")
-        repeats = int(count) if count.isdigit() else 1
-        for image in sorted(sub.glob("*.png")):
-            caption = image.with_suffix(".txt").read_text().strip()
-            items += [(image, caption)] * repeats
-    return items
+    import_pack()
+    from lora_foundry.training.dataset import load_dataset
+
+    dataset = load_dataset(concept, resolution=64, min_side=32, max_side=128, bucket_step=32, reg_folder=prior)
+    return [(item.path, item.caption) for item in dataset.items for _ in range(item.repeats)]
 
 
-def train_native(checkpoint: Path, folders: list[Path], settings: dict) -> tuple[dict, float]:
+def train_native(checkpoint: Path, concept: Path, prior: Path, settings: dict) -> tuple[dict, float]:
     """ComfyUI's TrainLoraNode on the same data; returns (its LoRA state dict, seconds)."""
     import comfy.sd
     import torch
@@ -54,7 +51,7 @@ def train_native(checkpoint: Path, folders: list[Path], settings: dict) -> tuple
     from toyworld.pretrain import to_pixels
 
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint))
-    items = [item for folder in folders for item in folder_items(folder)]
+    items = dataset_items(concept, prior)
     from PIL import Image
 
     cache: dict = {}
@@ -105,7 +102,7 @@ def main() -> None:
         started = time.perf_counter()
         ours = run_example(server, checkpoint, data["concept"], reg=data["prior"])
         ours_seconds = time.perf_counter() - started
-        native_sd, native_seconds = train_native(checkpoint, [data["concept"], data["prior"]], settings)
+        native_sd, native_seconds = train_native(checkpoint, data["concept"], data["prior"], settings)
         native_path = server.base_dir / "models" / "loras" / "bench" / "native_toy_concept.safetensors"
         native_path.parent.mkdir(parents=True, exist_ok=True)
         save_file(native_sd, str(native_path))

@@ -29,6 +29,7 @@ from .toolbox import (
     lora_from,
     refuse_dora,
     result_metadata,
+    scaled_matrices,
 )
 
 Inputs = list[tuple[LoraNetwork, float]]
@@ -66,13 +67,6 @@ def _template(inputs: Inputs) -> dict | None:
     return next((n.metadata for n, _ in inputs if getattr(n, "metadata", None)), None)
 
 
-def _lora_matrices(adapter: LoRA) -> tuple[torch.Tensor, torch.Tensor]:
-    """up [out, r] with the scale alpha / r folded in, down [r, in * k * k] (a Tucker core folded in)."""
-    with inference(adapter):
-        up, down = adapter.matrices(adapter.rank)
-    return up.float() * (adapter.alpha / adapter.rank), down.float()
-
-
 @torch.no_grad()
 def merge_exact(inputs: Inputs, rule: RankRule, options: SvdOptions = SvdOptions(),
                 progress: Progress | None = None, device=None) -> tuple[LoraNetwork, ToolReport]:
@@ -87,7 +81,7 @@ def merge_exact(inputs: Inputs, rule: RankRule, options: SvdOptions = SvdOptions
     adapters: dict[str, LoRA] = {}
     for i, (name, (shape, parts)) in enumerate(sorted(modules.items())):
         if all(isinstance(a, LoRA) for a, _ in parts):
-            factors = [(*_lora_matrices(adapter), ratio) for adapter, ratio in parts]
+            factors = [(*scaled_matrices(adapter), ratio) for adapter, ratio in parts]
             up = torch.cat([u * ratio for u, _, ratio in factors], dim=1).to(device)
             down = torch.cat([d for _, d, _ in factors], dim=0).to(device)
             dec = factored_svd(up, down)
@@ -125,7 +119,7 @@ def merge_concat(inputs: Inputs, progress: Progress | None = None) -> tuple[Lora
             if not isinstance(adapter, LoRA):
                 raise ValueError(f"module {name}: concat merges LoRA / LoCon only, this input is "
                                  f"{adapter.algorithm}; use mode 'exact'")
-            up, down = _lora_matrices(adapter)
+            up, down = scaled_matrices(adapter)
             ups.append(up * ratio)
             downs.append(down)
         up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)

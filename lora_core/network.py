@@ -218,7 +218,7 @@ class LoraNetwork(nn.Module):
                     raise ValueError("no adaptable layer of this model has this name")
                 our_name, shape = host[key] if bound else (name.replace(".", "_"), None)
                 adapters[our_name] = _read_adapter(parts, shape)
-            except (ValueError, NotImplementedError) as e:
+            except ValueError as e:
                 problems.append(f"{name}: {e}")
                 continue
             if bound:

@@ -25,6 +25,7 @@ from .toolbox import (
     lora_from,
     refuse_dora,
     result_metadata,
+    scaled_matrices,
 )
 
 
@@ -42,9 +43,8 @@ def resize_lora(network: LoraNetwork, rule: RankRule, options: SvdOptions = SvdO
         scale, note = 1.0, ""
         if isinstance(adapter, LoRA):
             scale = adapter.alpha / adapter.rank
-            with inference(adapter):
-                up, down = adapter.matrices(adapter.rank)  # a Tucker core is folded into down
-            dec = factored_svd(up.float().to(device) * scale, down.float().to(device))
+            up, down = scaled_matrices(adapter)
+            dec = factored_svd(up.to(device), down.to(device))
             rank = rule.choose(dec.s, dec.total, dec.nuclear)
         else:
             with inference(adapter):

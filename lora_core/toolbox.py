@@ -309,6 +309,13 @@ def lora_from(dec: Decomposition, rank: int, shape: tuple[int, ...], scale: floa
     return LoRA(down, up / scale if scale != 1 else up, scale * rank)
 
 
+def scaled_matrices(adapter: LoRA) -> tuple[torch.Tensor, torch.Tensor]:
+    """up [out, r] with the scale alpha / r folded in, down [r, in * k * k] (a Tucker core folded in), float32."""
+    with inference(adapter):
+        up, down = adapter.matrices(adapter.rank)
+    return up.float() * (adapter.alpha / adapter.rank), down.float()
+
+
 @contextmanager
 def inference(adapter: Adapter) -> Iterator[Adapter]:
     """The adapter in eval mode without gradients (every rank, no dropout), its mode restored after."""

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from harness.comfy import REPO_ROOT, import_pack
+from harness.comfy import REPO_ROOT
 from harness.server import ComfyServer
 from toyworld import evaluate, vae, world
 from toyworld.pretrain import cache_dir, pretrain, to_pixels
@@ -34,7 +34,7 @@ def test_world_is_deterministic_and_never_shows_the_concept_to_the_base():
     assert a[0].shape == (world.SIZE, world.SIZE, 3)
 
 
-def test_concept_dataset_layout(tmp_path, comfy_root):
+def test_concept_dataset_layout(tmp_path, pack):
     data = world.concept_dataset(tmp_path / "d", seed=0, count=4, repeats=10, prior_count=6, unconditional_count=3)
     concept = sorted((data["concept"] / f"10_{world.TRIGGER}").glob("*.png"))
     prior = sorted((data["prior"] / "1_toy").glob("*.txt"))
@@ -44,7 +44,6 @@ def test_concept_dataset_layout(tmp_path, comfy_root):
     assert prior[0].read_text().endswith("background")
     # Load Dataset reads them as the example workflow will: the trigger on the concept, the prior
     # images' own captions, and the empty prompt for the uncaptioned ones.
-    import_pack()
     from lora_foundry.training.dataset import load_dataset
 
     dataset = load_dataset(data["concept"], resolution=64, min_side=32, max_side=128, bucket_step=32,

@@ -10,7 +10,7 @@ import torch
 
 from . import fixtures
 from .server import ComfyServer
-from .workflow import SEED_CONTROL_VALUES, _has_seed_control, widget_inputs
+from .workflow import _has_seed_control, widget_inputs, widget_positions, widget_values_to_inputs
 
 TUNED_LAYERS = {  # layers changed in the "fine-tuned" checkpoint: {ldm name: kohya LoRA name}
     "input_blocks.1.1.transformer_blocks.0.attn1.to_q": "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
@@ -27,33 +27,15 @@ def set_widget(node: dict, info: dict, name: str, value) -> bool:
     if isinstance(values, dict):
         values[name] = value
         return True
-    i = 0
-    for widget, _ in widget_inputs(info):
-        if i >= len(values or []):
-            return False
-        if widget == name:
-            values[i] = value
-            return True
-        i += 1
-        if i < len(values) and values[i] in SEED_CONTROL_VALUES:
-            i += 1
-    return False
+    position = widget_positions(values or [], info).get(name)
+    if position is None:
+        return False
+    values[position] = value
+    return True
 
 
 def widget_value(node: dict, info: dict, name: str):
-    values = node.get("widgets_values") or []
-    if isinstance(values, dict):
-        return values.get(name)
-    i = 0
-    for widget, _ in widget_inputs(info):
-        if i >= len(values):
-            return None
-        if widget == name:
-            return values[i]
-        i += 1
-        if i < len(values) and values[i] in SEED_CONTROL_VALUES:
-            i += 1
-    return None
+    return widget_values_to_inputs(node.get("widgets_values"), info).get(name)
 
 
 def needed_files(workflow: dict, object_info: dict) -> dict[str, set[str]]:

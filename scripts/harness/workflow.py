@@ -31,20 +31,25 @@ def widget_inputs(info: dict) -> list[tuple[str, list]]:
     return out
 
 
+def widget_positions(values: list, info: dict) -> dict[str, int]:
+    """{input name: index} in a list widgets_values (the frontend's seed control values skipped)."""
+    out, i = {}, 0
+    for name, spec in widget_inputs(info):
+        if i >= len(values):
+            break
+        out[name] = i
+        i += 1
+        if _has_seed_control(name, spec) and i < len(values) and values[i] in SEED_CONTROL_VALUES:
+            i += 1
+    return out
+
+
 def widget_values_to_inputs(values, info: dict) -> dict:
     """Map a node's widgets_values (list, or dict in newer frontends) to named inputs."""
     if isinstance(values, dict):
         return dict(values)
     values = list(values or [])
-    out, i = {}, 0
-    for name, spec in widget_inputs(info):
-        if i >= len(values):
-            break
-        out[name] = values[i]
-        i += 1
-        if _has_seed_control(name, spec) and i < len(values) and values[i] in SEED_CONTROL_VALUES:
-            i += 1
-    return out
+    return {name: values[i] for name, i in widget_positions(values, info).items()}
 
 
 def to_api_prompt(workflow: dict, object_info: dict) -> dict:

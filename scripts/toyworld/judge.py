@@ -88,7 +88,7 @@ def judge_path(checkpoint: Path, seed: int) -> Path:
     return checkpoint.with_name(f"judge-v{VERSION}-s{seed}-{checkpoint.stem}.safetensors")
 
 
-def latent_stats(checkpoint: Path) -> tuple[float, float]:
+def stored_latent_stats(checkpoint: Path) -> tuple[float, float]:
     """The raw-latent mean and std the toy base was built with (in its metadata)."""
     import json
 
@@ -127,7 +127,7 @@ def train_judge(checkpoint: Path, seed: int = 0, steps: int = 400, count: int = 
 
     started = time.monotonic()
     _, _, vae, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_model=False, output_clip=False)
-    stats = latent_stats(checkpoint)
+    stats = stored_latent_stats(checkpoint)
     scenes = _scenes(seed, count + decoded + held_out)
     clean = to_pixels(world.images(scenes, seed))
     through_vae = vae_decoded(vae, clean[count:], stats, 0.15, seed)
