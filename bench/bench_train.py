@@ -76,7 +76,7 @@ def run_native(trainer, args) -> dict:
 
     items = trainer.dataset.items
     latents = [{"samples": trainer.latents[(i, False)][None]} for i in range(len(items))]
-    positive = [[[trainer.encode_text(trainer.fixed_caption(item)), {}]] for item in items]
+    positive = [trainer.encode_text(trainer.fixed_caption(item)) for item in items]
     start = time.perf_counter()
     with torch.inference_mode(False):
         out = TrainLoraNode.execute(

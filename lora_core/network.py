@@ -175,6 +175,11 @@ class LoraNetwork(nn.Module):
                 new_clip.patcher.add_weight_wrapper(key, adapter)
         return new_model, new_clip
 
+    def new_step(self) -> None:
+        """Every adapter draws this step's random choices (DyLoRA rank, dropouts) once."""
+        for adapter in self.adapters.values():
+            adapter.new_step()
+
     def trainable_parameters(self, part: str | None = None) -> list[nn.Parameter]:
         """Parameters of all adapters, or of the UNet ("unet") or text-encoder ("te") ones."""
         out = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from ..lora_core.files import path_inside
 from ..lora_core.network import LoraNetwork, NetworkConfig
 from ..lora_core.targets import PRESETS
 from ..training.captions import CaptionOptions
-from ..training.objective import LOSSES, TIMESTEP_SAMPLING
+from ..training.objective import LOSSES, TIMESTEP_SAMPLING, TIMESTEP_SHIFTS
 from ..training.optim import OPTIMIZERS, SCHEDULERS
 from ..training.plots import loss_graph
 from ..training.trainer import LATENT_CACHES, PRECISIONS, TrainConfig, Trainer
@@ -49,19 +50,35 @@ def progress_reporter(node_id: str | None, total: int):
     return report
 
 
-def run_folder(loras: str, output_name: str, resume: bool) -> tuple[Path, Path | None]:
-    """(checkpoint folder, state to resume or None): a new run gets a fresh folder, never a used one."""
-    folder = path_inside(loras, output_name)
-    state = folder / f"{folder.name}-state.safetensors"
-    if resume:
-        if not state.is_file():
-            raise ValueError(f"resume: no saved state at {state}; train once with this output_name first")
-        return folder, state
+@dataclass
+class RunFolders:
+    loras: Path  # the run's adapters: final and intermediate LoRAs, listed by every LoRA loader
+    states: Path  # the resume state: not a LoRA, so never inside a loras folder
+    resume: Path | None  # the state to continue, or None for a new run
+
+    @property
+    def name(self) -> str:
+        return self.loras.name
+
+
+STATES_FOLDER = "lora_foundry_runs"
+
+
+def run_folders(loras: str, output: str, output_name: str, resume: bool) -> RunFolders:
+    """Where a run writes; a new run gets fresh folders, never used ones, and `resume` needs a saved state."""
     n = 1
-    while folder.exists() and any(folder.iterdir()):
+    while True:
+        name = output_name if n == 1 else f"{output_name}_{n}"
+        folders = RunFolders(path_inside(loras, name), path_inside(output, f"{STATES_FOLDER}/{name}"), None)
+        state = folders.states / f"{folders.name}-state.safetensors"
+        if resume:
+            if not state.is_file():
+                raise ValueError(f"resume: no saved state at {state}; train once with this output_name first")
+            folders.resume = state
+            return folders
+        if not any(f.exists() and any(f.iterdir()) for f in (folders.loras, folders.states)):
+            return folders
         n += 1
-        folder = path_inside(loras, f"{output_name}_{n}")
-    return folder, None
 
 
 class TrainLoRA:
@@ -101,7 +118,8 @@ class TrainLoRA:
                 "grad_clip": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1}),
                 "lora_plus_ratio": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 64.0, "step": 1.0}),
                 "loss": (LOSSES, {"default": "mse"}),
-                "min_snr_gamma": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.5}),
+                "min_snr_gamma": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.5,
+                                          "tooltip": "eps / v-prediction models; flow models train without it."}),
                 "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
                 "timestep_sampling": (TIMESTEP_SAMPLING, {"default": "uniform"}),
                 "conv_rank": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "kxk convolutions; 0 = rank."}),
@@ -123,6 +141,14 @@ class TrainLoRA:
                                   "hidden .lora_foundry_cache folder next to the images, so the next run skips the VAE."}),
                 "use_tucker": ("BOOLEAN", {"default": False, "tooltip": "LoCon / LoHa: a Tucker core for kxk "
                                "convolutions (LyCORIS use_tucker)."}),
+                "timestep_shift": (TIMESTEP_SHIFTS, {"default": "model", "tooltip": "Flow models (SD3, Flux, Qwen, "
+                                   "Wan, ...): model = the model's own shift, as it samples; none; fixed = the shift "
+                                   "below; resolution = kohya's flux_shift."}),
+                "shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 100.0, "step": 0.05,
+                                    "tooltip": "The shift for timestep_shift = fixed."}),
+                "guidance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                                       "tooltip": "Distilled guidance while training (Flux.1-dev, HunyuanVideo); "
+                                       "other models ignore it. kohya and ai-toolkit train Flux-dev at 1.0."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -133,7 +159,8 @@ class TrainLoRA:
               min_snr_gamma=5.0, noise_offset=0.0, timestep_sampling="uniform", conv_rank=0, shuffle_tags=False,
               keep_tokens=1, caption_dropout=0.0, flip=False, save_every=0, validation_every=0, sample_every=0, sample_prompts="",
               train_text_encoder=False,
-              text_encoder_lr=0.0, resume=False, cache_latents="memory", use_tucker=False, unique_id=None):
+              text_encoder_lr=0.0, resume=False, cache_latents="memory", use_tucker=False,
+              timestep_shift="model", shift=3.0, guidance=1.0, unique_id=None):
         import folder_paths
 
         network_config = NetworkConfig(algorithm=algorithm, rank=rank, alpha=alpha, preset=targets, dora=dora,
@@ -147,14 +174,17 @@ class TrainLoRA:
             warmup_steps=warmup_steps, lora_plus_ratio=lora_plus_ratio, grad_clip=grad_clip, grad_accum=grad_accum,
             seed=seed, precision=precision, gradient_checkpointing=gradient_checkpointing, loss=loss,
             min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, timestep_sampling=timestep_sampling,
+            timestep_shift=timestep_shift, shift=shift, guidance=guidance,
             flip=flip, save_every=save_every, latent_cache=cache_latents, validation_every=validation_every, captions=captions,
             sample_every=sample_every, sample_prompts=[p.strip() for p in sample_prompts.splitlines() if p.strip()],
         )
-        output_dir, resume_from = run_folder(folder_paths.get_folder_paths("loras")[0], output_name, resume)
+        folders = run_folders(folder_paths.get_folder_paths("loras")[0], folder_paths.get_output_directory(),
+                              output_name, resume)
         with torch.inference_mode(False):
             network = LoraNetwork.create(network_config, model, clip)
-            trainer = Trainer(model, clip, vae, dataset, network, config, output_dir=output_dir,
-                              name=output_dir.name, on_step=progress_reporter(unique_id, steps), resume=resume_from)
+            trainer = Trainer(model, clip, vae, dataset, network, config, output_dir=folders.loras,
+                              name=folders.name, on_step=progress_reporter(unique_id, steps), resume=folders.resume,
+                              state_dir=folders.states)
             result = trainer.run()
         network.metadata = trainer.metadata(result.steps)
         trained_model, trained_clip, _ = apply_lora(model, clip, network.state_dict_kohya(), 1.0, 1.0)

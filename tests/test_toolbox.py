@@ -181,6 +181,7 @@ def test_exact_merge_takes_loha_lokr_and_lora_of_different_ranks(core, narrow, c
 def test_concat_merge_is_exact_at_the_sum_of_ranks(core, narrow, two_loras, comfy_load):
     dylora = random_network(core, narrow, algorithm="dylora", rank=3, alpha=2.0, preset="attention", seed=6)
     dylora.train()  # a training-mode DyLoRA samples ranks; merging must use all of them
+    dylora.new_step()
     networks, ratios = (*two_loras, dylora), (0.6, -1.2, 0.9)
     merged, report = core.merge.merge_concat(list(zip(networks, ratios, strict=True)))
     dylora.eval()

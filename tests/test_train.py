@@ -225,20 +225,26 @@ def test_resume_continues_exactly(pack, loaded_checkpoint, concept_dataset, tmp_
 
 
 def test_a_new_run_never_reuses_a_folder_and_resume_needs_a_state(pack, tmp_path):
-    from lora_foundry.nodes.train import run_folder
+    from lora_foundry.nodes.train import run_folders
 
-    folder, state = run_folder(str(tmp_path), "style", resume=False)
-    assert folder == tmp_path / "style" and state is None
-    folder.mkdir()
-    (folder / "style-step000010.safetensors").write_bytes(b"x")
-    again, _ = run_folder(str(tmp_path), "style", resume=False)
-    assert again == tmp_path / "style_2"
+    loras, output = tmp_path / "loras", tmp_path / "output"
+    folders = run_folders(str(loras), str(output), "style", resume=False)
+    assert (folders.loras, folders.states, folders.resume) == (loras / "style", output / "lora_foundry_runs" / "style",
+                                                               None)
+    folders.loras.mkdir(parents=True)
+    (folders.loras / "style-step000010.safetensors").write_bytes(b"x")
+    assert run_folders(str(loras), str(output), "style", resume=False).loras == loras / "style_2"
     with pytest.raises(ValueError, match="no saved state"):
-        run_folder(str(tmp_path), "style", resume=True)
-    (folder / "style-state.safetensors").write_bytes(b"x")
-    assert run_folder(str(tmp_path), "style", resume=True) == (folder, folder / "style-state.safetensors")
+        run_folders(str(loras), str(output), "style", resume=True)
+    folders.states.mkdir(parents=True)
+    (folders.states / "style-state.safetensors").write_bytes(b"x")
+    resumed = run_folders(str(loras), str(output), "style", resume=True)
+    assert (resumed.loras, resumed.resume) == (folders.loras, folders.states / "style-state.safetensors")
+    # A run whose LoRAs were moved away still owns its state: the next new run takes the next name.
+    (folders.loras / "style-step000010.safetensors").unlink()
+    assert run_folders(str(loras), str(output), "style", resume=False).name == "style_2"
     with pytest.raises(ValueError, match="not allowed"):
-        run_folder(str(tmp_path), "../escape", resume=False)
+        run_folders(str(loras), str(output), "../escape", resume=False)
 
 
 @pytest.mark.slow

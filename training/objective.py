@@ -18,19 +18,30 @@ import torch.nn.functional as F
 
 LOSSES = ("mse", "l1", "huber")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+# How noise levels become flow-matching sigmas: the model's own schedule (its shift, as it samples),
+# none (sigma = level), a fixed shift, or kohya's resolution-dependent `flux_shift`.
+TIMESTEP_SHIFTS = ("model", "none", "fixed", "resolution")
 
 
 def family(model_sampling) -> str:
-    """'eps', 'v' or 'flow' for a ComfyUI model_sampling object."""
+    """'eps', 'v' or 'flow' for a ComfyUI model_sampling object, by its prediction class.
+
+    The host composes model_sampling from a schedule and a prediction class (EPS, V_PREDICTION,
+    CONST, X0, ...); X0 and IMG_TO_IMG subclass EPS but predict something else, so the most
+    derived prediction class decides, and any we do not train is named.
+    """
     import comfy.model_sampling as ms
 
-    if isinstance(model_sampling, ms.CONST):
-        return "flow"
-    if isinstance(model_sampling, ms.V_PREDICTION):
-        return "v"
-    if isinstance(model_sampling, ms.EPS):
-        return "eps"
-    raise ValueError(f"training does not support the {type(model_sampling).__name__} objective yet")
+    kinds = {ms.EPS: "eps", ms.V_PREDICTION: "v", ms.EDM: "v", ms.CONST: "flow"}
+    for cls in type(model_sampling).__mro__:
+        if cls in kinds:
+            return kinds[cls]
+        if cls.__module__ == ms.__name__ and cls.__name__ in ("X0", "IMG_TO_IMG", "COSMOS_RFLOW"):
+            break
+    prediction = next((c.__name__ for c in type(model_sampling).__mro__
+                       if c.__module__ == ms.__name__ and not c.__name__.startswith("ModelSampling")), "unknown")
+    raise ValueError(f"training does not support models that predict {prediction} "
+                     f"({type(model_sampling).__name__}); eps, v-prediction and flow-matching models train")
 
 
 def error_scale(kind: str, sigma: torch.Tensor, sigma_data: float = 1.0) -> torch.Tensor:
@@ -67,9 +78,30 @@ def sample_noise_levels(count: int, rng: random.Random, sampling: str = "uniform
     return out
 
 
-def sigmas_for(model_sampling, levels: list[float]) -> torch.Tensor:
-    """Host sigmas for noise levels, via percent_to_sigma (which every model_sampling has)."""
-    return torch.tensor([float(model_sampling.percent_to_sigma(1.0 - u)) for u in levels], dtype=torch.float32)
+def sigmas_for(model_sampling, levels: list[float], shift: str = "model", shift_value: float = 3.0,
+               tokens: int = 4096) -> torch.Tensor:
+    """Host sigmas for noise levels.
+
+    "model": the host's own schedule via percent_to_sigma (every model_sampling has it; for flow
+    models it carries the family's shift: SD3 3.0, Flux 1.15 as mu, ...). The others exist for
+    flow models only: "none" (sigma = level), "fixed" (SD3-style shift by `shift_value`) and
+    "resolution" (kohya's flux_shift: mu grows linearly from 0.5 at 256 to 1.15 at 4096 image
+    tokens, `tokens` being the latent's 2x2 patches).
+    """
+    if shift not in TIMESTEP_SHIFTS:
+        raise ValueError(f"timestep_shift: {shift!r} is not one of {', '.join(TIMESTEP_SHIFTS)}")
+    if shift == "model":
+        return torch.tensor([float(model_sampling.percent_to_sigma(1.0 - u)) for u in levels], dtype=torch.float32)
+    if family(model_sampling) != "flow":
+        raise ValueError(f"timestep_shift {shift!r}: only flow-matching models (SD3, Flux, Qwen-Image, Wan, ...) "
+                         "have a shift; use 'model' for this one")
+    u = torch.tensor(levels, dtype=torch.float64)
+    if shift == "fixed":
+        u = shift_value * u / (1 + (shift_value - 1) * u)
+    elif shift == "resolution":
+        mu = 0.5 + (1.15 - 0.5) * (tokens - 256) / (4096 - 256)
+        u = math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+    return u.clamp(1e-4, 1.0).float()
 
 
 def prediction_loss(kind: str, denoised: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, loss: str = "mse",

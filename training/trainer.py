@@ -16,7 +16,9 @@ from ..lora_core.files import write_safetensors
 from ..lora_core.metadata import kohya_metadata
 from ..lora_core.network import LoraNetwork
 from . import objective
+from .buckets import cover_size
 from .captions import CaptionOptions, process_caption
+from .conditioning import ImageGeometry, apply_model, encode_caption, model_inputs, to_device, training_guidance
 from .dataset import Dataset
 from .latent_cache import LatentCache, vae_fingerprint
 from .optim import build_optimizer, build_scheduler, lora_plus_groups
@@ -48,13 +50,15 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     loss: str = "mse"
     huber_delta: float = 1.0
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float = 5.0  # eps / v models only: kohya applies none to flow matching
     noise_offset: float = 0.0
     timestep_sampling: str = "uniform"
+    timestep_shift: str = "model"  # flow models: model | none | fixed | resolution (objective.sigmas_for)
+    shift: float = 3.0  # the shift for timestep_shift "fixed"
+    guidance: float = 1.0  # fed to guidance-distilled models (Flux.1-dev, HunyuanVideo); others get the host's
     min_timestep: int = 0
     max_timestep: int = 1000
     flip: bool = False
-    crop: str = "center"
     save_every: int = 0
     latent_cache: str = "memory"  # "disk": also keep latents next to the images for the next run
     validation_every: int = 0
@@ -73,6 +77,9 @@ class TrainConfig:
             raise ValueError(f"latent_cache: {self.latent_cache!r} is not one of {', '.join(LATENT_CACHES)}")
         if not 0 <= self.min_timestep < self.max_timestep <= 1000:
             raise ValueError("min_timestep / max_timestep: need 0 <= min < max <= 1000")
+        if self.timestep_shift not in objective.TIMESTEP_SHIFTS:
+            raise ValueError(f"timestep_shift: {self.timestep_shift!r} is not one of "
+                             f"{', '.join(objective.TIMESTEP_SHIFTS)}")
 
 
 @dataclass
@@ -85,15 +92,37 @@ class TrainResult:
     checkpoints: list[Path]
 
 
+def checkpoint_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks the model's forward really calls, one level below its block lists.
+
+    DiTs keep their blocks in ModuleLists and call each one. UNets keep TimestepEmbedSequential
+    containers (in lists, and the middle block on its own) whose forward ComfyUI never calls: it
+    iterates their layers (ResBlock, SpatialTransformer, ...), so those layers are the blocks.
+    """
+    blocks = []
+    for child in diffusion_model.children():
+        if isinstance(child, torch.nn.ModuleList):
+            items = list(child)
+        elif isinstance(child, torch.nn.Sequential) and type(child) is not torch.nn.Sequential:
+            items = [child]  # the UNet's middle block
+        else:
+            continue
+        for item in items:
+            if isinstance(item, torch.nn.Sequential):
+                blocks += [layer for layer in item if any(True for _ in layer.parameters())]
+            else:
+                blocks.append(item)
+    return blocks
+
+
 @contextlib.contextmanager
 def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool):
-    """Recompute each top-level block in the backward pass instead of storing its activations."""
+    """Recompute each block in the backward pass instead of storing its activations."""
     import torch.utils.checkpoint as cp
 
-    blocks = [b for child in diffusion_model.children() if isinstance(child, torch.nn.ModuleList) for b in child]
     originals = {}
     if enabled:
-        for block in blocks:
+        for block in checkpoint_blocks(diffusion_model):
             originals[block] = block.forward
 
             def run(*args, _forward=block.forward, **kwargs):
@@ -103,8 +132,8 @@ def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool):
     try:
         yield
     finally:
-        for block, forward in originals.items():
-            block.forward = forward
+        for block in originals:
+            del block.forward
 
 
 def normal_tensors_(module: torch.nn.Module) -> None:
@@ -145,17 +174,25 @@ def out_of_place_residuals(text_model: torch.nn.Module | None):
 
 
 class Trainer:
-    """Trains `network` (created on `model`) on `dataset`; the host's CLIP and VAE encode the data."""
+    """Trains `network` (created on `model`) on `dataset`; the host's CLIP and VAE encode the data.
+
+    Adapter files go to `output_dir` (a loras folder: they are LoRAs); the resume state, which
+    is not, goes to `state_dir` (default: `output_dir`).
+    """
 
     def __init__(self, model, clip, vae, dataset: Dataset, network: LoraNetwork, config: TrainConfig,
                  output_dir: Path | None = None, name: str = "lora",
-                 on_step: Callable[[dict], None] | None = None, resume: Path | None = None):
+                 on_step: Callable[[dict], None] | None = None, resume: Path | None = None,
+                 state_dir: Path | None = None):
         self.model, self.clip, self.vae = model, clip, vae
         self.dataset, self.network, self.config = dataset, network, config
         self.output_dir, self.name, self.on_step, self.resume = output_dir, name, on_step, resume
+        self.state_dir = state_dir if state_dir is not None else output_dir
         self.kind = objective.family(model.get_model_object("model_sampling"))
+        self.guidance = training_guidance(model.model, config.guidance)
         self.latents: dict[tuple[int, bool], torch.Tensor] = {}
-        self.text: dict[str, torch.Tensor] = {}
+        self.geometry: dict[tuple[int, bool], ImageGeometry] = {}
+        self.text: dict[str, list] = {}  # host conditioning of captions that never change
         self.checkpoints: list[Path] = []
         self.train_clip = None  # the CLIP clone carrying text-encoder adapters, while training them
         self._disk_cache: LatentCache | None = None
@@ -165,16 +202,21 @@ class Trainer:
         """Encode every image (and its mirror when flipping) once, in the model's latent space.
 
         Images of one bucket go through the VAE together: each host encode call has a fixed cost.
+        A video VAE reads a batch of images as the frames of one clip, so there each image is
+        encoded alone, as a one-frame clip.
         With the disk cache, latents found next to the images are read instead, and new ones written.
         """
         disk = self.disk_cache()
         flips = (False, True) if self.config.flip and not validation else (False,)
+        if getattr(self.vae, "latent_dim", 2) == 3:
+            batch = 1
         todo: dict[tuple, list[tuple[int, bool]]] = {}
         for index, item in enumerate(items):
             for flip in flips:
                 key = (index if not validation else -1 - index, flip)
                 if key in self.latents:
                     continue
+                self.geometry[key] = image_geometry(item, flip)
                 cached = disk.load(item, flip) if disk else None
                 if cached is not None:
                     self.latents[key] = self.model.model.process_latent_in(cached).float()[0]
@@ -199,17 +241,23 @@ class Trainer:
             self._disk_cache = LatentCache(vae_fingerprint(self.vae))
         return self._disk_cache
 
-    def encode_text(self, caption: str) -> torch.Tensor:
-        if caption not in self.text:
-            with torch.no_grad():
-                cond = self.clip.encode_from_tokens(self.clip.tokenize(caption))
-            self.text[caption] = cond.float().cpu()
-        return self.text[caption]
+    def encode_text(self, caption: str, cache: bool = True) -> list:
+        """The frozen text encoder's host conditioning for `caption` (on the CPU), kept when `cache`."""
+        if caption in self.text:
+            return self.text[caption]
+        with torch.no_grad():
+            conditioning = to_device(encode_caption(self.clip, caption), "cpu")
+        if cache:
+            self.text[caption] = conditioning
+        return conditioning
+
+    def captions_change(self) -> bool:
+        c = self.config.captions
+        return bool(c.shuffle_tags or c.caption_dropout or c.tag_dropout)
 
     def encode_fixed_captions(self) -> None:
         """Encode captions up front when they never change, so the text encoder and UNet don't alternate."""
-        c = self.config.captions
-        if c.shuffle_tags or c.caption_dropout or c.tag_dropout:
+        if self.captions_change():
             return
         rng = random.Random(0)
         for item in self.dataset.items:
@@ -259,7 +307,9 @@ class Trainer:
         params = [p for g in groups for p in g["params"]]
         good = [p.detach().clone() for p in params]  # the adapter that last gave a finite loss
         autocast_dtype = PRECISIONS[cfg.precision]
-        scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        # fp32 asks for no autocast, but the host still computes in the base's dtype: scale whenever that is fp16.
+        compute_dtype = autocast_dtype or patched.model.manual_cast_dtype or patched.model.get_dtype()
+        scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
         loop = {"step": 0, "epoch": 0, "order": [], "losses": [], "validation": []}
         if self.resume is not None:
             loop = load_state(self.resume, self.network, optimizer, scheduler, rng, gen)
@@ -278,6 +328,7 @@ class Trainer:
                             order.extend(self.dataset.epoch_order(loop["epoch"], cfg.seed, cfg.batch_size))
                             loop["epoch"] += 1
                         batch = order.pop(0)
+                        self.network.new_step()
                         loss = self.batch_loss(patched, batch, rng, gen, device, autocast_dtype)
                         if not torch.isfinite(loss):
                             with torch.no_grad():
@@ -329,63 +380,77 @@ class Trainer:
                            time.monotonic() - start, self.checkpoints)
 
     def sample(self, patched, step: int):
-        """A preview grid (one image per sample prompt) from the model with the adapter as it is now."""
+        """A preview grid (one image per sample prompt) from the model with the adapter as it is now.
+
+        Exactly what KSampler (euler, normal, seed + i) on an empty latent of the first bucket's size,
+        with CLIPTextEncode prompts and an empty negative, then VAEDecode would give.
+        """
         import comfy.sample
         from PIL import Image
 
         cfg = self.config
         width, height = self.dataset.items[0].bucket
+        empty = torch.zeros((1, *next(iter(self.latents.values())).shape))
         self.network.eval()
         images = []
         try:
             with torch.no_grad():
+                negative = self.conditioning([""], "cpu")[0]
                 for i, prompt in enumerate(cfg.sample_prompts):
-                    positive = [[self.conditioning([prompt], "cpu"), {}]]
-                    negative = [[self.conditioning([""], "cpu"), {}]]
-                    latent = torch.zeros(1, 4, height // 8, width // 8)
-                    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(cfg.seed + i))
+                    positive = self.conditioning([prompt], "cpu")[0]
+                    latent = comfy.sample.fix_empty_latent_channels(patched, empty)
+                    noise = comfy.sample.prepare_noise(latent, cfg.seed + i)
                     out = comfy.sample.sample(patched, noise, cfg.sample_steps, cfg.sample_cfg, "euler", "normal",
                                               positive, negative, latent, seed=cfg.seed + i, disable_pbar=True)
-                    pixels = self.vae.decode(self.model.model.process_latent_out(out))[0].clamp(0, 1)
-                    images.append(Image.fromarray((pixels.float().cpu().numpy() * 255).astype("uint8")))
+                    pixels = self.vae.decode(out)  # sample() already returns latents in the VAE's space
+                    pixels = pixels.reshape(-1, *pixels.shape[-3:])[0].clamp(0, 1)
+                    images.append(Image.fromarray((pixels.float().cpu().numpy() * 255).round().astype("uint8")))
         finally:
             self.network.train()
-        grid = Image.new("RGB", (width * len(images), height))
+        grid = Image.new("RGB", (sum(img.width for img in images), height))
         for i, img in enumerate(images):
             grid.paste(img, (i * width, 0))
         return grid
 
-    def conditioning(self, captions: list[str], device) -> torch.Tensor:
+    def conditioning(self, captions: list[str], device) -> list[list]:
+        """Host conditioning per caption; through the text-encoder adapters (uncached) while they train."""
         if self.train_clip is not None:
-            # Text-encoder adapters are training: encode through them (with gradients when enabled), uncached.
-            return torch.cat([self.train_clip.encode_from_tokens(self.clip.tokenize(c)) for c in captions]).to(device)
-        return torch.cat([self.encode_text(c) for c in captions]).to(device)
+            return [to_device(encode_caption(self.train_clip, c), device) for c in captions]
+        cache = not self.captions_change()
+        return [to_device(self.encode_text(c, cache), device) for c in captions]
 
     def batch_loss(self, patched, batch: list[int], rng, gen, device, autocast_dtype) -> torch.Tensor:
         cfg = self.config
         items = [self.dataset.items[i] for i in batch]
         flips = [cfg.flip and rng.random() < 0.5 for _ in batch]
-        x0 = torch.stack([self.latents[(i, f)] for i, f in zip(batch, flips, strict=True)]).to(device)
+        keys = list(zip(batch, flips, strict=True))
+        x0 = torch.stack([self.latents[key] for key in keys]).to(device)
         captions = [process_caption(item.caption, self.caption_options(item), rng) for item in items]
         levels = objective.sample_noise_levels(len(batch), rng, cfg.timestep_sampling,
                                                cfg.min_timestep / 1000, cfg.max_timestep / 1000)
         noise = torch.randn(x0.shape, generator=gen)
         if cfg.noise_offset:
-            noise = noise + cfg.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=gen)
+            noise = noise + cfg.noise_offset * torch.randn((*x0.shape[:2], *[1] * (x0.dim() - 2)), generator=gen)
         weights = torch.tensor([item.loss_weight for item in items], device=device)
-        return self.loss(patched, x0, noise.to(device), levels, self.conditioning(captions, device), weights,
-                         autocast_dtype, min_snr=cfg.min_snr_gamma)
+        return self.loss(patched, x0, noise.to(device), levels, self.conditioning(captions, device),
+                         [self.geometry[key] for key in keys], weights, autocast_dtype, min_snr=cfg.min_snr_gamma)
 
-    def loss(self, patched, x0, noise, levels, cond, weights, autocast_dtype, min_snr: float = 0.0) -> torch.Tensor:
+    def loss(self, patched, x0, noise, levels, conditionings, geometries, weights, autocast_dtype,
+             min_snr: float = 0.0) -> torch.Tensor:
+        """The weighted native-space loss of the model's prediction for x0 noised to `levels`."""
+        cfg = self.config
         model_sampling = patched.get_model_object("model_sampling")
-        sigma = objective.sigmas_for(model_sampling, levels).to(x0.device)
+        sigma = objective.sigmas_for(model_sampling, levels, cfg.timestep_shift, cfg.shift,
+                                     tokens=x0[0, 0].numel() // 4).to(x0.device)
         sigma_data = float(getattr(model_sampling, "sigma_data", 1.0))
         x = model_sampling.noise_scaling(sigma.view(-1, *[1] * (x0.dim() - 1)), noise, x0)
+        inputs = model_inputs(patched.model, conditionings, x, geometries, self.guidance,
+                              patched.model_options.get("transformer_options"))
         with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            denoised = patched.model.apply_model(x, sigma, c_crossattn=cond)
+            denoised = apply_model(patched.model, x, sigma, inputs)
         per_sample = objective.prediction_loss(self.kind, denoised, x0, sigma, self.config.loss,
                                                self.config.huber_delta, sigma_data)
-        if min_snr:
+        if min_snr and self.kind != "flow":
             per_sample = per_sample * objective.min_snr_weight(self.kind, sigma, min_snr, sigma_data)
         return (per_sample * weights).mean()
 
@@ -409,7 +474,7 @@ class Trainer:
 
     @property
     def state_path(self) -> Path | None:
-        return Path(self.output_dir) / f"{self.name}-state.safetensors" if self.output_dir is not None else None
+        return Path(self.state_dir) / f"{self.name}-state.safetensors" if self.state_dir is not None else None
 
     def save_state(self, optimizer, scheduler, loop, rng, gen) -> None:
         """Write the full training state next to the checkpoints (to resume with `resume=state_path`)."""
@@ -436,14 +501,26 @@ def held_out_loss(trainer: Trainer, patched, device, levels=(0.1, 0.3, 0.5, 0.7,
     total, count = 0.0, 0
     with torch.no_grad():
         for index, item in enumerate(items):
-            x0 = trainer.latents[(-1 - index, False)][None].to(device)
-            cond = trainer.conditioning([trainer.fixed_caption(item)], device)
+            key = (-1 - index, False)
+            x0 = trainer.latents[key][None].to(device)
+            conditioning = trainer.conditioning([trainer.fixed_caption(item)], device)
             for level in levels:
                 noise = torch.randn(x0.shape, generator=gen).to(device)
-                loss = trainer.loss(patched, x0, noise, [level], cond, torch.ones(1, device=device), None)
+                loss = trainer.loss(patched, x0, noise, [level], conditioning, [trainer.geometry[key]],
+                                    torch.ones(1, device=device), None)
                 total += loss.item()
                 count += 1
     return total / count
+
+
+def image_geometry(item, flip: bool = False) -> ImageGeometry:
+    """Original size, centre-crop corner and bucket of a dataset item (the crop mirrored with the image)."""
+    bucket = tuple(item.bucket)
+    resized = cover_size(tuple(item.size), bucket)
+    top, left = (resized[1] - bucket[1]) // 2, (resized[0] - bucket[0]) // 2
+    if flip:
+        left = resized[0] - bucket[0] - left
+    return ImageGeometry(original=tuple(item.size), crop=(top, left), target=bucket)
 
 
 def _json(value) -> str:

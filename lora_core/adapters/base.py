@@ -48,6 +48,8 @@ class Adapter(nn.Module):
         self.module_dropout = module_dropout
         self.multiplier = 1.0
         self.dora_scale: nn.Parameter | None = None
+        self._skip = False  # this step's module-dropout draw
+        self._masks: dict[int, torch.Tensor] = {}  # this step's rank-dropout masks, by rank
 
     # --- the three things every algorithm defines -----------------------------------------
     @classmethod
@@ -86,7 +88,7 @@ class Adapter(nn.Module):
 
         DoRA at strength s is W + s * (DoRA(W, dW) - W), as ComfyUI's `weight_decompose` applies it.
         """
-        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
+        if self.training and self._skip:
             return weight
         if self.dora_scale is None:
             return self.add_delta(weight, self.multiplier)
@@ -109,12 +111,22 @@ class Adapter(nn.Module):
             return f"factors do not fit together ({sizes})"
         return None
 
+    def new_step(self) -> None:
+        """Draw this step's random choices (module and rank dropout) once.
+
+        A forward recomputed under gradient checkpointing must see the same adapter as the first one.
+        """
+        self._skip = bool(self.training and self.module_dropout and torch.rand(()) < self.module_dropout)
+        self._masks = {}
+
     def rank_mask(self, rank: int, device) -> torch.Tensor | None:
-        """A random keep-mask over rank dimensions (scaled), when training with rank dropout."""
+        """This step's keep-mask over rank dimensions (scaled), when training with rank dropout."""
         if not (self.training and self.rank_dropout):
             return None
-        keep = (torch.rand(rank, device=device) >= self.rank_dropout).float()
-        return keep / (1.0 - self.rank_dropout)
+        if rank not in self._masks:
+            keep = (torch.rand(rank) >= self.rank_dropout).float()
+            self._masks[rank] = keep / (1.0 - self.rank_dropout)
+        return self._masks[rank].to(device)
 
     def state_dict_kohya(self) -> dict[str, torch.Tensor]:
         out = dict(self.factors())

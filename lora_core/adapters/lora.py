@@ -123,16 +123,20 @@ class DyLoRA(LoRA):
         super().__init__(down, up, alpha, **options)
         self.unit = unit
         self.rng = random.Random(seed)
+        self._rank = self.rank
 
     @classmethod
     def create(cls, weight, rank, alpha, unit: int = 1, seed: int | None = None, **options):
         base = LoRA.create(weight, rank, alpha)
         return cls(base.lora_down.data, base.lora_up.data, alpha, unit=unit, seed=seed, **options)
 
+    def new_step(self) -> None:
+        super().new_step()
+        self._rank = self.rng.randrange(self.unit, self.rank + 1, self.unit)
+
     def step_rank(self) -> int:
-        if not self.training:
-            return self.rank
-        return self.rng.randrange(self.unit, self.rank + 1, self.unit)
+        """The leading rank drawn for this step (the same in a recomputed forward); all of them in eval."""
+        return self._rank if self.training else self.rank
 
     def at_rank(self, rank: int) -> LoRA:
         """A plain LoRA made of the leading `rank` rows/columns, with the same effective scale."""

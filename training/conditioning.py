@@ -1,0 +1,110 @@
+"""What the model receives besides the noisy latent, built by the host exactly as at inference.
+
+Captions are encoded the way ComfyUI's CLIPTextEncode does (`encode_from_tokens_scheduled`:
+the cross-attention tensor plus whatever the family's encoder returns: pooled output, attention
+masks, ...), and turned into the model's keyword inputs by the model's own `extra_conds`, as
+`comfy.samplers` does for sampling. So SDXL gets its `y` (pooled text + size and crop embedding),
+Flux its pooled vector and guidance, Chroma / Qwen-Image / Z-Image their masks; the loop knows
+nothing of any family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# The guidance distilled models (Flux.1-dev, HunyuanVideo) are trained with: kohya sd-scripts,
+# ai-toolkit and musubi-tuner all feed 1.0 while training, whatever users sample with.
+TRAINING_GUIDANCE = 1.0
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """How a training image became its latent: SDXL-style size conditioning (kohya's convention)."""
+
+    original: tuple[int, int]  # (width, height) of the image file
+    crop: tuple[int, int]  # (top, left) of the crop in the resized image
+    target: tuple[int, int]  # (width, height) of the bucket
+
+    def as_params(self) -> dict:
+        """The keys CLIPTextEncodeSDXL puts into a conditioning, which SDXL's encode_adm reads."""
+        return {"width": self.original[0], "height": self.original[1], "crop_h": self.crop[0],
+                "crop_w": self.crop[1], "target_width": self.target[0], "target_height": self.target[1]}
+
+
+def encode_caption(clip, caption: str) -> list:
+    """The host conditioning for `caption`: [[cond, {pooled_output, attention_mask, ...}]], as CLIPTextEncode."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(caption), show_pbar=False)
+
+
+def to_device(conditioning: list, device) -> list:
+    """The same conditioning with its tensors on `device` (and detached copies stay shared)."""
+    return [[c.to(device), {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in extras.items()}]
+            for c, extras in conditioning]
+
+
+def host_default_guidance(model) -> float | None:
+    """The guidance the model's extra_conds gives when a conditioning sets none (None: it takes none)."""
+    try:
+        probe = model.extra_conds(noise=torch.zeros(1, 1, 1, 1), device="cpu", cross_attn=None, pooled_output=None)
+    except Exception:  # noqa: BLE001 - an extra_conds that needs real inputs has no guidance of its own
+        return None
+    guidance = probe.get("guidance")
+    return float(guidance.cond.flatten()[0]) if guidance is not None else None
+
+
+def training_guidance(model, guidance: float = TRAINING_GUIDANCE) -> float | None:
+    """`guidance` for guidance-distilled models (a nonzero host default), else whatever the host gives."""
+    default = host_default_guidance(model)
+    return guidance if default else default
+
+
+def model_inputs(model, conditionings: list[list], noisy: torch.Tensor, geometries: list[ImageGeometry | None],
+                 guidance: float | None = None, transformer_options: dict | None = None) -> list[tuple[list[int], dict]]:
+    """Keyword inputs for `model.apply_model(noisy[idx], sigma[idx], **kwargs)`, as (idx, kwargs) groups.
+
+    One conditioning per sample. Samples whose inputs the host can batch (same keys, `can_concat`,
+    which pads longer captions by repetition as CONDCrossAttn does) share a group, the way
+    `comfy.samplers.calc_cond_batch` batches them.
+    """
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    per_sample = []
+    for index, (conditioning, geometry) in enumerate(zip(conditionings, geometries, strict=True)):
+        entry = comfy.sampler_helpers.convert_cond(conditioning[:1])
+        extras = dict(geometry.as_params()) if geometry is not None else {}
+        if guidance is not None:
+            extras["guidance"] = guidance
+        for key, value in extras.items():
+            entry[0].setdefault(key, value)
+        noise = noisy[index:index + 1]
+        entry = comfy.samplers.encode_model_conds(model.extra_conds, entry, noise, noisy.device, "positive",
+                                                  latent_image=torch.zeros_like(noise), denoise_mask=None, seed=None)
+        conds = entry[0]["model_conds"]
+        per_sample.append({k: c.process_cond(batch_size=1, device=noisy.device, area=None) for k, c in conds.items()})
+    groups: list[list[int]] = []
+    for index, conds in enumerate(per_sample):
+        for group in groups:
+            first = per_sample[group[0]]
+            if first.keys() == conds.keys() and all(first[k].can_concat(conds[k]) for k in conds):
+                group.append(index)
+                break
+        else:
+            groups.append([index])
+    options = dict(transformer_options or {})
+    return [(group, {**comfy.samplers.cond_cat([per_sample[i] for i in group]), "transformer_options": options})
+            for group in groups]
+
+
+def apply_model(model, noisy: torch.Tensor, sigma: torch.Tensor, inputs: list[tuple[list[int], dict]]) -> torch.Tensor:
+    """The model's denoised prediction for every sample, running each group of `model_inputs` once."""
+    if len(inputs) == 1:
+        return model.apply_model(noisy, sigma, **inputs[0][1])
+    outputs, order = [], []
+    for group, kwargs in inputs:
+        index = torch.tensor(group, device=noisy.device)
+        outputs.append(model.apply_model(noisy[index], sigma[index], **kwargs))
+        order += group
+    return torch.cat(outputs)[torch.argsort(torch.tensor(order, device=noisy.device))]
