@@ -16,16 +16,20 @@ PRESETS = ("attention", "kohya", "locon", "all")
 
 # Blocks kohya adapts by default: diffusion transformer blocks and text-encoder layers.
 TRANSFORMER_BLOCKS = {
-    "SpatialTransformer", "SpatialVideoTransformer", "BasicTransformerBlock",  # SD1/SD2/SDXL
-    "DoubleStreamBlock", "SingleStreamBlock",  # Flux
+    "SpatialTransformer", "SpatialVideoTransformer", "BasicTransformerBlock",  # SD1/SD2/SDXL, LTX-Video
+    "DoubleStreamBlock", "SingleStreamBlock",  # Flux, Chroma, HunyuanVideo
     "JointBlock", "DismantledBlock",  # SD3
+    "QwenImageTransformerBlock",  # Qwen-Image
+    "JointTransformerBlock",  # Lumina 2 / Z-Image
+    "WanAttentionBlock",  # Wan 2.1 / 2.2 (and its VACE / audio subclasses)
     "CLIPAttention", "CLIPMLP",  # CLIP text encoders
 }
 # Blocks LoCon adds: residual blocks and resamplers.
 CONV_BLOCKS = {"ResBlock", "Downsample", "Upsample", "VideoResBlock"}
 ATTENTION_LAYER = re.compile(
-    r"(^|\.)(attn\d?|attention|self_attn|img_attn|txt_attn|SelfAttention)\."
-    r"(to_q|to_k|to_v|to_out\.0|q_proj|k_proj|v_proj|out_proj|qkv|proj|q|k|v|o)$"
+    r"(^|\.)(attn\d?|attention|self_attn|cross_attn|img_attn|txt_attn|SelfAttention)\."
+    r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|q_proj|k_proj|v_proj|out_proj"
+    r"|qkv|proj|out|q|k|v|o)$"
 )
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -59,7 +63,7 @@ def find_layers(
         if not isinstance(module, ADAPTABLE) or module.weight is None:
             continue
         parts = path.split(".")
-        blocks = {type(modules[".".join(parts[:i])]).__name__ for i in range(1, len(parts))}
+        blocks = {cls.__name__ for i in range(1, len(parts)) for cls in type(modules[".".join(parts[:i])]).__mro__}
         kind = layer_kind(module)
         if preset == "attention":
             picked = kind == "linear" and ATTENTION_LAYER.search(path) is not None
@@ -89,4 +93,6 @@ def block_of(path: str) -> str:
     return {
         "input_blocks": "input", "middle_block": "middle", "output_blocks": "output",
         "double_blocks": "double", "single_blocks": "single", "joint_blocks": "joint",
+        "transformer_blocks": "transformer", "blocks": "transformer", "layers": "transformer",
+        "noise_refiner": "refiner", "context_refiner": "refiner",
     }.get(head, "other")

@@ -1,0 +1,395 @@
+"""Tiny-but-real models of each model family, built from a seed with the ComfyUI host's own classes.
+
+`build_family(name, seed)` gives what the host's loaders give for that family (a ModelPatcher of the
+diffusion model, a `comfy.sd.CLIP`, a `comfy.sd.VAE`), small enough to build, run and train on CPU.
+The diffusion model is built by `comfy.supported_models.<Family>(unet_config).get_model` and, where the
+host's detection allows a small model, round-tripped through `comfy.sd.load_diffusion_model_state_dict`
+so that detection picks the family. The text encoders are the host's classes for the family, shrunk
+through the host's own `<name>_model_config` model option, with the host's real tokenizers.
+Everything is float32 and deterministic from the seed: the diffusion model uses `seed`, the text
+encoders `seed + 1` and the VAE `seed + 2` (as in `fixtures`). Nothing is cached on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .comfy import setup_inprocess
+from .fixtures import build_taesd, build_unet, init_weights_
+
+FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "chroma", "qwen_image", "zimage", "wan21")
+
+# A CLIP text model of width 64; three layers since SDXL and SD3 take the penultimate one.
+SMALL_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+              "num_hidden_layers": 3, "projection_dim": 64}
+SMALL_T5 = {"d_model": 64, "d_kv": 32, "num_heads": 2, "d_ff": 128, "num_layers": 2}
+# Llama-style encoders keep the host's fixed head_dim (128); three layers since Z-Image takes the penultimate one.
+SMALL_QWEN = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "num_hidden_layers": 3}
+
+
+@dataclass
+class Family:
+    """One family's models, as the host's loaders would give them."""
+
+    name: str
+    model: Any  # comfy.model_patcher.ModelPatcher
+    clip: Any | None  # comfy.sd.CLIP
+    vae: Any | None  # comfy.sd.VAE
+    latent_channels: int
+    video: bool  # 5-D latents [B, C, T, H, W]
+    detected: str  # class name of the model_config the host detected; "" when built directly
+    notes: str
+
+
+def build_family(name: str, seed: int = 0) -> Family:
+    """Build family `name` (one of FAMILIES) from `seed`."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}; expected one of {FAMILIES}")
+    setup_inprocess()
+    return globals()[f"_build_{name}"](seed)
+
+
+# --- weights ------------------------------------------------------------------------------
+
+
+def init_module_(module, seed: int, std: float = 0.02) -> None:
+    """`fixtures.init_weights_`, then every norm's scale set to 1 and its shift to 0.
+
+    init_weights_ only knows torch's GroupNorm/LayerNorm; the host's RMS norms (T5, Llama, Flux, Wan...)
+    would get zero (1-D) or random (Wan's [C,1,1]) scales, which zero or scramble what passes through them.
+    """
+    import torch
+
+    init_weights_(module, seed, std)
+    with torch.no_grad():
+        for m in module.modules():
+            if "norm" not in type(m).__name__.lower():
+                continue
+            for pname, p in m.named_parameters(recurse=False):
+                if pname in ("weight", "scale", "gamma"):
+                    p.fill_(1.0)
+                elif pname in ("bias", "beta"):
+                    p.zero_()
+
+
+def _patcher(model):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def _new_model(config_cls, unet_config: dict, seed: int):
+    """The host's BaseModel subclass for `config_cls`, float32, deterministically initialised."""
+    import comfy.model_management as mm
+    import torch
+
+    model_config = config_cls(unet_config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, "", device=mm.unet_offload_device())
+    init_module_(model.diffusion_model, seed)
+    return model
+
+
+def _detected(state_dict: dict):
+    """Load a diffusion model state dict the way UNETLoader does; the host's detection picks the family."""
+    import comfy.sd
+    import torch
+
+    patcher = comfy.sd.load_diffusion_model_state_dict(dict(state_dict), model_options={"dtype": torch.float32})
+    if patcher is None:
+        raise RuntimeError("the host did not detect a model in the state dict")
+    return patcher, type(patcher.model.model_config).__name__
+
+
+# --- text encoders ------------------------------------------------------------------------
+
+
+def _clip(clip_cls, tokenizer_cls, seed: int, model_options: dict, tokenizer_data: dict | None = None):
+    """A comfy.sd.CLIP of the host's `clip_cls`/`tokenizer_cls`, float32, deterministically initialised."""
+    import comfy.sd
+    import comfy.supported_models_base
+    import torch
+
+    target = comfy.supported_models_base.ClipTarget(tokenizer_cls, clip_cls)
+    clip = comfy.sd.CLIP(target=target, embedding_directory=None, tokenizer_data=tokenizer_data or {},
+                         parameters=0, model_options={"dtype": torch.float32, **model_options})
+    init_module_(clip.cond_stage_model, seed)
+    return clip
+
+
+def _qwen25_vl_small_vision(device="cpu", dtype=None, model_options=None, **kwargs):
+    """The host's Qwen2.5-VL text model with a one-block vision tower of width 32.
+
+    The host builds the vision tower at a fixed 32 blocks x 1280 (~670M parameters) whatever the text
+    config, so the model is built on the meta device, the tower swapped, and then materialised.
+    """
+    import comfy.text_encoders.qwen_image
+    import comfy.text_encoders.qwen_vl
+
+    te = comfy.text_encoders.qwen_image.Qwen25_7BVLIModel(device="meta", dtype=dtype,
+                                                           model_options=model_options or {}, **kwargs)
+    lm = te.transformer
+    lm.visual = comfy.text_encoders.qwen_vl.Qwen2VLVisionTransformer(
+        hidden_size=32, output_hidden_size=lm.model.config.hidden_size, intermediate_size=64, num_heads=2,
+        num_layers=1, device="meta", dtype=dtype, ops=te.operations)
+    return te.to_empty(device=device)
+
+
+def umt5_spiece_stand_in() -> bytes:
+    """The host's pile-T5 sentencepiece model renumbered to UMT5's special ids (pad 0, eos 1, unk 2).
+
+    Wan's UMT5 tokenizer does not ship with the host (ComfyUI reads it from the text encoder file);
+    renumbering keeps the host's padding, end-of-text detection and attention mask working as with UMT5.
+    """
+    import comfy.text_encoders
+    from sentencepiece import sentencepiece_model_pb2 as spm
+
+    proto = spm.ModelProto()
+    path = Path(comfy.text_encoders.__file__).parent / "t5_pile_tokenizer" / "tokenizer.model"
+    proto.ParseFromString(path.read_bytes())
+    kinds = spm.ModelProto.SentencePiece
+    for i, (piece, kind) in enumerate((("<pad>", kinds.CONTROL), ("</s>", kinds.CONTROL), ("<unk>", kinds.UNKNOWN))):
+        proto.pieces[i].piece = piece
+        proto.pieces[i].type = kind
+    spec = proto.trainer_spec
+    spec.pad_id, spec.eos_id, spec.unk_id, spec.bos_id = 0, 1, 2, -1
+    spec.pad_piece, spec.eos_piece, spec.unk_piece = "<pad>", "</s>", "<unk>"
+    return proto.SerializeToString()
+
+
+# --- VAEs ---------------------------------------------------------------------------------
+
+
+def _taesd_vae(seed: int, latent_channels: int):
+    """A TAESD-shaped VAE (taesd_encoder./taesd_decoder. keys, as VAELoader gives taesd/taesd3/taef1)."""
+    import comfy.sd
+    import comfy.taesd.taesd
+    import torch
+
+    if latent_channels == 4:
+        module = build_taesd(seed)
+    else:  # as fixtures.build_taesd, with the latent width of taesd3/taef1
+        module = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
+        init_weights_(module, seed + 2, std=0.05)
+        with torch.no_grad():
+            module.vae_scale.fill_(1.0)
+            module.vae_shift.fill_(0.0)
+    return comfy.sd.VAE(sd=module.state_dict(), dtype=torch.float32)
+
+
+def _wan21_vae(seed: int, dim: int = 8):
+    """The Wan 2.1 VAE at base width `dim` (the host reads it from decoder.head.0.gamma; real: 96)."""
+    import comfy.ldm.wan.vae
+    import comfy.sd
+    import torch
+
+    # The same config comfy.sd.VAE builds for a Wan 2.1 state dict.
+    module = comfy.ldm.wan.vae.WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                      temperal_downsample=[False, True, True], dropout=0.0)
+    init_module_(module, seed + 2, std=0.05)
+    return comfy.sd.VAE(sd=module.state_dict(), dtype=torch.float32)
+
+
+# --- families -----------------------------------------------------------------------------
+
+
+def _unet_config(**overrides) -> dict:
+    """An SD-UNet config in the form model_detection.detect_unet_config returns."""
+    config = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+              "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+              "num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
+              "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
+              "use_temporal_resblock": False, "use_temporal_attention": False}
+    config.update(overrides)
+    return config
+
+
+def _build_sd15(seed: int) -> Family:
+    import comfy.sd1_clip
+
+    model, detected = _detected(build_unet(seed).state_dict())
+    clip = _clip(comfy.sd1_clip.SD1ClipModel, comfy.sd1_clip.SD1Tokenizer, seed + 1,
+                 {"clip_l_model_config": {"num_hidden_layers": 1, "intermediate_size": 64}})
+    return Family("sd15", model, clip, _taesd_vae(seed, 4), 4, False, detected,
+                  "UNet = fixtures.build_unet (SD15_TINY_UNET: one level at 320 channels, which detection needs); "
+                  "CLIP-L at its real width 768 (the UNet's context, which detection needs) but 1 layer and "
+                  "MLP 64, so its 49408x768 token embedding is most of its size; TAESD-shaped VAE")
+
+
+def _build_sd2v(seed: int) -> Family:
+    import comfy.model_base
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.supported_models
+    import comfy.text_encoders.sd2_clip
+    import torch
+
+    config = _unet_config(context_dim=1024, use_linear_in_transformer=True)
+    state_dict = _new_model(comfy.supported_models.SD20, config, seed).diffusion_model.state_dict()
+    # The host's detection picks the family; it would pick v-prediction only from the std of
+    # output_blocks.11.1.transformer_blocks.0.norm1.bias (> 0.09), i.e. a UNet with 12 output blocks at
+    # 320+ channels (~45M parameters), so the model is made from the detected config as V_PREDICTION.
+    model_config = comfy.model_detection.model_config_from_unet(state_dict, "")
+    model_config.set_inference_dtype(torch.float32, None)
+    model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.V_PREDICTION,
+                                       device=mm.unet_offload_device())
+    model.load_model_weights(state_dict, "")
+    clip = _clip(comfy.text_encoders.sd2_clip.SD2ClipModel, comfy.text_encoders.sd2_clip.SD2Tokenizer, seed + 1,
+                 {"clip_h_model_config": {"num_hidden_layers": 3, "intermediate_size": 64}})
+    return Family("sd2v", _patcher(model), clip, _taesd_vae(seed, 4), 4, False, type(model_config).__name__,
+                  "SD2 UNet layout at one level of 320 channels, context 1024 (detection needs both); detected "
+                  "SD20 but v-prediction set explicitly (the host infers it from output_blocks.11...norm1.bias, "
+                  "which needs a ~45M UNet); CLIP-H at its real width 1024 (the context) but 3 layers "
+                  "(penultimate layer) and MLP 64; TAESD-shaped VAE")
+
+
+def _build_sdxl(seed: int) -> Family:
+    import comfy.sdxl_clip
+    import comfy.supported_models
+
+    width = SMALL_CLIP["hidden_size"]
+    # SDXL's adm input: CLIP-G's projected pooled output + 6 size embeddings of 256 (model_base.SDXL.encode_adm).
+    config = _unet_config(num_classes="sequential", adm_in_channels=SMALL_CLIP["projection_dim"] + 6 * 256,
+                          model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[0, 1],
+                          transformer_depth_output=[0, 0, 1, 1], use_linear_in_transformer=True,
+                          context_dim=2 * width)
+    model = _patcher(_new_model(comfy.supported_models.SDXL, config, seed))
+    clip = _clip(comfy.sdxl_clip.SDXLClipModel, comfy.sdxl_clip.SDXLTokenizer, seed + 1,
+                 {"clip_l_model_config": SMALL_CLIP, "clip_g_model_config": SMALL_CLIP})
+    return Family("sdxl", model, clip, _taesd_vae(seed, 4), 4, False, "",
+                  f"built directly: detection needs model_channels 320, transformer depths [0,0,2,2,10,10] (or a "
+                  f"listed variant's) and context 2048 = CLIP-L 768 + CLIP-G 1280 (~100M of token embeddings); "
+                  f"SDXL layout at model_channels 32 (transformers at the second level only, as in SDXL), "
+                  f"CLIP-L and CLIP-G reduced to width {width}, 3 layers (context {2 * width}, pooled "
+                  f"{SMALL_CLIP['projection_dim']}); TAESD-shaped VAE")
+
+
+def _build_sd3(seed: int) -> Family:
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+    import comfy.supported_models
+    import comfy.text_encoders.sd3_clip
+    import torch
+
+    depth, grid = 2, 32  # hidden = 64 * depth; pos_embed covers latents up to 64x64 (512 px)
+    hidden = 64 * depth
+    # SD3ClipModel zero-pads CLIP-L+G output to 4096 wide (T5-XXL's width) whatever the CLIP widths.
+    config = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": depth, "input_size": None,
+              "adm_in_channels": 2 * SMALL_CLIP["hidden_size"],
+              "context_embedder_config": {"target": "torch.nn.Linear",
+                                          "params": {"in_features": 4096, "out_features": hidden}},
+              "num_patches": grid * grid, "pos_embed_max_size": grid, "pos_embed_scaling_factor": None,
+              "x_block_self_attn_layers": []}
+    built = _new_model(comfy.supported_models.SD3, config, seed)
+    with torch.no_grad():  # a buffer, left uninitialised by the host; real checkpoints hold this sin-cos table
+        table = mmdit.get_2d_sincos_pos_embed(hidden, grid)
+        built.diffusion_model.pos_embed.copy_(torch.from_numpy(table).float().unsqueeze(0))
+    model, detected = _detected(built.diffusion_model.state_dict())
+    clip = _clip(comfy.text_encoders.sd3_clip.sd3_clip(clip_l=True, clip_g=True, t5=False),
+                 comfy.text_encoders.sd3_clip.SD3Tokenizer, seed + 1,
+                 {"clip_l_model_config": SMALL_CLIP, "clip_g_model_config": SMALL_CLIP})
+    return Family("sd3", model, clip, _taesd_vae(seed, 16), 16, False, detected,
+                  f"MMDiT depth {depth} (hidden {hidden}); CLIP-L and CLIP-G reduced to width "
+                  f"{SMALL_CLIP['hidden_size']}, 3 layers; no T5-XXL (the host joins it to the CLIP output padded to "
+                  f"4096, so it would need d_model 4096: 131M of token embeddings), as when SD3 runs without T5: cond "
+                  f"is CLIP-L+G padded to 4096; TAESD-shaped VAE with 16 channels (as taesd3)")
+
+
+def _flux_like_config(**overrides) -> dict:
+    config = {"in_channels": 16, "out_channels": 16, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2,
+              "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2,
+              "qkv_bias": True, "context_in_dim": SMALL_T5["d_model"]}
+    config.update(overrides)
+    return config
+
+
+def _build_flux(seed: int) -> Family:
+    import comfy.supported_models
+    import comfy.text_encoders.flux
+
+    config = _flux_like_config(image_model="flux", vec_in_dim=SMALL_CLIP["hidden_size"], guidance_embed=True)
+    model = _patcher(_new_model(comfy.supported_models.Flux, config, seed))
+    clip = _clip(comfy.text_encoders.flux.flux_clip(), comfy.text_encoders.flux.FluxTokenizer, seed + 1,
+                 {"clip_l_model_config": SMALL_CLIP, "t5xxl_model_config": SMALL_T5})
+    return Family("flux", model, clip, _taesd_vae(seed, 16), 16, False, "",
+                  "built directly: detection fixes 24 heads with rope axes [16,56,56], i.e. hidden 3072; Flux-dev "
+                  "(guidance embed) at hidden 64, 2 heads, 1 double + 1 single block; CLIP-L and T5-XXL reduced "
+                  f"to width {SMALL_CLIP['hidden_size']}; TAESD-shaped VAE with 16 channels (as taef1)")
+
+
+def _build_chroma(seed: int) -> Family:
+    import comfy.supported_models
+    import comfy.text_encoders.pixart_t5
+
+    hidden = 64
+    # The approximator's input is fixed by the model: 16 + 16 (timestep, guidance) + 32 (modulation index).
+    config = _flux_like_config(image_model="chroma", in_channels=64, out_channels=64, hidden_size=hidden,
+                               in_dim=64, out_dim=hidden, hidden_dim=128, n_layers=2)
+    model = _patcher(_new_model(comfy.supported_models.Chroma, config, seed))
+    clip = _clip(comfy.text_encoders.pixart_t5.pixart_te(), comfy.text_encoders.pixart_t5.PixArtTokenizer,
+                 seed + 1, {"t5xxl_model_config": SMALL_T5})
+    return Family("chroma", model, clip, _taesd_vae(seed, 16), 16, False, "",
+                  "built directly: detection fixes hidden 3072 and the approximator (5120 wide, 5 layers); Chroma "
+                  "at hidden 64, 1 double + 1 single block, approximator 128 wide x 2 layers; T5-XXL reduced to "
+                  f"width {SMALL_T5['d_model']}; TAESD-shaped VAE with 16 channels (as taef1)")
+
+
+def _build_qwen_image(seed: int) -> Family:
+    import comfy.supported_models
+    import comfy.text_encoders.qwen_image
+
+    config = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 2,
+              "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": SMALL_QWEN["hidden_size"],
+              "axes_dims_rope": (8, 12, 12)}
+    model = _patcher(_new_model(comfy.supported_models.QwenImage, config, seed))
+    clip = _clip(comfy.text_encoders.qwen_image.te(), comfy.text_encoders.qwen_image.QwenImageTokenizer, seed + 1,
+                 {"qwen25_7b_model_config": SMALL_QWEN, "qwen25_7b_class": _qwen25_vl_small_vision})
+    return Family("qwen_image", model, clip, _wan21_vae(seed), 16, True, "",
+                  "built directly: detection reads only in_channels and the layer count, the rest is the 20B "
+                  "model's (24 heads x 128, text width 3584); 2 blocks at 2 heads x 32; Qwen2.5-VL reduced to "
+                  f"width {SMALL_QWEN['hidden_size']}, {SMALL_QWEN['num_hidden_layers']} layers (head_dim stays the "
+                  "host's 128) and its vision tower to 1 block of width 32; Wan 2.1 VAE at width 8; an image model "
+                  "with 5-D latents [B,16,1,H,W] (Wan21 latent format)")
+
+
+def _build_zimage(seed: int) -> Family:
+    import comfy.supported_models
+    import comfy.text_encoders.z_image
+
+    # Z-Image's settings from model_detection (dim 3840 branch), at dim 64.
+    config = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64,
+              "cap_feat_dim": SMALL_QWEN["hidden_size"], "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2,
+              "n_kv_heads": 2, "qk_norm": True, "axes_dims": [8, 12, 12], "axes_lens": [1536, 512, 512],
+              "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,
+              "pad_tokens_multiple": 32}
+    model = _patcher(_new_model(comfy.supported_models.ZImage, config, seed))
+    clip = _clip(comfy.text_encoders.z_image.te(), comfy.text_encoders.z_image.ZImageTokenizer, seed + 1,
+                 {"qwen3_4b_model_config": SMALL_QWEN})
+    return Family("zimage", model, clip, _taesd_vae(seed, 16), 16, False, "",
+                  "built directly: the host detects Z-Image only at dim 3840 (else Lumina2); NextDiT with Z-Image's "
+                  "settings at dim 64, 2 heads, 2 layers + 1 refiner layer each; Qwen3-4B reduced to width "
+                  f"{SMALL_QWEN['hidden_size']}, {SMALL_QWEN['num_hidden_layers']} layers (penultimate layer; "
+                  "head_dim stays 128); TAESD-shaped VAE with 16 channels (as taef1; Z-Image uses the Flux VAE)")
+
+
+def _build_wan21(seed: int) -> Family:
+    import comfy.supported_models
+    import comfy.text_encoders.wan
+
+    config = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "out_dim": 16, "num_heads": 2, "ffn_dim": 128,
+              "num_layers": 2, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1), "qk_norm": True,
+              "cross_attn_norm": True, "eps": 1e-6, "in_dim": 16, "text_dim": SMALL_T5["d_model"]}
+    model = _patcher(_new_model(comfy.supported_models.WAN21_T2V, config, seed))
+    clip = _clip(comfy.text_encoders.wan.te(), comfy.text_encoders.wan.WanT5Tokenizer, seed + 1,
+                 {"umt5xxl_model_config": {**SMALL_T5, "vocab_size": 32000}},
+                 tokenizer_data={"spiece_model": umt5_spiece_stand_in()})
+    return Family("wan21", model, clip, _wan21_vae(seed), 16, True, "",
+                  "built directly: detection gives heads = dim // 128 and leaves text_dim at 4096 (UMT5-XXL's width: "
+                  "a 1B token embedding); Wan 2.1 T2V at dim 64, 2 heads, 2 blocks; UMT5 reduced to width "
+                  f"{SMALL_T5['d_model']}; tokenizer: the host's pile-T5 sentencepiece model renumbered to UMT5's "
+                  "special ids (the UMT5 one ships inside the text encoder file, not with the host), vocab 32000; "
+                  "Wan 2.1 VAE at width 8")
