@@ -85,12 +85,18 @@ def _text_encoder_layers(clip, config: NetworkConfig):
     preset = "attention" if config.preset == "attention" else "kohya"
     out = []
     for enc_name, encoder in encoders.items():
-        if enc_name.startswith("t5"):
-            continue  # kohya never trains T5; its layers would dwarf the adapter
+        if not is_trainable_text_encoder(enc_name):
+            continue
         for path, module in find_layers(encoder, preset, config.include, config.exclude):
             full = f"{enc_name}.{path}" if enc_name else path
             out.append((kohya_keys.text_encoder_name(prefixes[enc_name], full), f"{full}.weight", module, "te"))
     return out
+
+
+def is_trainable_text_encoder(name: str) -> bool:
+    """CLIP encoders (L, G, H) train; T5 and LLM encoders stay frozen, as in kohya and ai-toolkit (their
+    layers would dwarf the adapter and their memory the GPU)."""
+    return name.startswith("clip_") or name == ""
 
 
 def _host_layers(model, clip) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -127,7 +133,12 @@ class LoraNetwork(nn.Module):
         """New adapters (dW = 0) for the layers of `model` (and `clip` if config.text_encoder) the config targets."""
         layers = _unet_layers(model, config) if model is not None else []
         if config.text_encoder and clip is not None:
-            layers += _text_encoder_layers(clip, config)
+            te_layers = _text_encoder_layers(clip, config)
+            if not te_layers:
+                names = ", ".join(text_encoders(clip.cond_stage_model))
+                raise ValueError(f"train_text_encoder: this model's text encoders ({names}) are T5 / LLM encoders, "
+                                 "which stay frozen (only CLIP encoders train); turn train_text_encoder off")
+            layers += te_layers
         if not layers:
             raise ValueError(
                 f"no layer matches preset {config.preset!r} with include {config.include} / exclude {config.exclude}; "

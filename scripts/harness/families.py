@@ -14,10 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .comfy import setup_inprocess
 from .fixtures import build_taesd, build_unet, init_weights_
+
+if TYPE_CHECKING:
+    import torch
 
 FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "chroma", "qwen_image", "zimage", "wan21")
 
@@ -49,13 +52,13 @@ def build_family(name: str, seed: int = 0) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"unknown family {name!r}; expected one of {FAMILIES}")
     setup_inprocess()
-    return globals()[f"_build_{name}"](seed)
+    return _BUILDERS[name](seed)
 
 
 # --- weights ------------------------------------------------------------------------------
 
 
-def init_module_(module, seed: int, std: float = 0.02) -> None:
+def init_module_(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
     """`fixtures.init_weights_`, then every norm's scale set to 1 and its shift to 0.
 
     init_weights_ only knows torch's GroupNorm/LayerNorm; the host's RMS norms (T5, Llama, Flux, Wan...)
@@ -146,11 +149,11 @@ def umt5_spiece_stand_in() -> bytes:
     Wan's UMT5 tokenizer does not ship with the host (ComfyUI reads it from the text encoder file);
     renumbering keeps the host's padding, end-of-text detection and attention mask working as with UMT5.
     """
-    import comfy.text_encoders
+    import comfy.text_encoders.aura_t5
     from sentencepiece import sentencepiece_model_pb2 as spm
 
     proto = spm.ModelProto()
-    path = Path(comfy.text_encoders.__file__).parent / "t5_pile_tokenizer" / "tokenizer.model"
+    path = Path(comfy.text_encoders.aura_t5.__file__).parent / "t5_pile_tokenizer" / "tokenizer.model"
     proto.ParseFromString(path.read_bytes())
     kinds = spm.ModelProto.SentencePiece
     for i, (piece, kind) in enumerate((("<pad>", kinds.CONTROL), ("</s>", kinds.CONTROL), ("<unk>", kinds.UNKNOWN))):
@@ -262,9 +265,9 @@ def _build_sdxl(seed: int) -> Family:
     clip = _clip(comfy.sdxl_clip.SDXLClipModel, comfy.sdxl_clip.SDXLTokenizer, seed + 1,
                  {"clip_l_model_config": SMALL_CLIP, "clip_g_model_config": SMALL_CLIP})
     return Family("sdxl", model, clip, _taesd_vae(seed, 4), 4, False, "",
-                  f"built directly: detection needs model_channels 320, transformer depths [0,0,2,2,10,10] (or a "
-                  f"listed variant's) and context 2048 = CLIP-L 768 + CLIP-G 1280 (~100M of token embeddings); "
-                  f"SDXL layout at model_channels 32 (transformers at the second level only, as in SDXL), "
+                  "built directly: detection needs model_channels 320, transformer depths [0,0,2,2,10,10] (or a "
+                  "listed variant's) and context 2048 = CLIP-L 768 + CLIP-G 1280 (~100M of token embeddings); "
+                  "SDXL layout at model_channels 32 (transformers at the second level only, as in SDXL), "
                   f"CLIP-L and CLIP-G reduced to width {width}, 3 layers (context {2 * width}, pooled "
                   f"{SMALL_CLIP['projection_dim']}); TAESD-shaped VAE")
 
@@ -295,8 +298,8 @@ def _build_sd3(seed: int) -> Family:
     return Family("sd3", model, clip, _taesd_vae(seed, 16), 16, False, detected,
                   f"MMDiT depth {depth} (hidden {hidden}); CLIP-L and CLIP-G reduced to width "
                   f"{SMALL_CLIP['hidden_size']}, 3 layers; no T5-XXL (the host joins it to the CLIP output padded to "
-                  f"4096, so it would need d_model 4096: 131M of token embeddings), as when SD3 runs without T5: cond "
-                  f"is CLIP-L+G padded to 4096; TAESD-shaped VAE with 16 channels (as taesd3)")
+                  "4096, so it would need d_model 4096: 131M of token embeddings), as when SD3 runs without T5: cond "
+                  "is CLIP-L+G padded to 4096; TAESD-shaped VAE with 16 channels (as taesd3)")
 
 
 def _flux_like_config(**overrides) -> dict:
@@ -360,10 +363,11 @@ def _build_zimage(seed: int) -> Family:
     import comfy.supported_models
     import comfy.text_encoders.z_image
 
-    # Z-Image's settings from model_detection (dim 3840 branch), at dim 64.
-    config = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64,
+    # Z-Image's settings from model_detection (dim 3840 branch) with 2 of its 30 heads; its modulation
+    # layers take min(dim, 256) features from a 256-wide timestep embedding, so dim can't go below 256.
+    config = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256,
               "cap_feat_dim": SMALL_QWEN["hidden_size"], "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2,
-              "n_kv_heads": 2, "qk_norm": True, "axes_dims": [8, 12, 12], "axes_lens": [1536, 512, 512],
+              "n_kv_heads": 2, "qk_norm": True, "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512],
               "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,
               "pad_tokens_multiple": 32}
     model = _patcher(_new_model(comfy.supported_models.ZImage, config, seed))
@@ -371,7 +375,8 @@ def _build_zimage(seed: int) -> Family:
                  {"qwen3_4b_model_config": SMALL_QWEN})
     return Family("zimage", model, clip, _taesd_vae(seed, 16), 16, False, "",
                   "built directly: the host detects Z-Image only at dim 3840 (else Lumina2); NextDiT with Z-Image's "
-                  "settings at dim 64, 2 heads, 2 layers + 1 refiner layer each; Qwen3-4B reduced to width "
+                  "settings at dim 256 (its smallest: the modulation input is 256 wide), 2 heads of 128, 2 layers + "
+                  "1 noise and 1 context refiner layer; Qwen3-4B reduced to width "
                   f"{SMALL_QWEN['hidden_size']}, {SMALL_QWEN['num_hidden_layers']} layers (penultimate layer; "
                   "head_dim stays 128); TAESD-shaped VAE with 16 channels (as taef1; Z-Image uses the Flux VAE)")
 
@@ -393,3 +398,7 @@ def _build_wan21(seed: int) -> Family:
                   f"{SMALL_T5['d_model']}; tokenizer: the host's pile-T5 sentencepiece model renumbered to UMT5's "
                   "special ids (the UMT5 one ships inside the text encoder file, not with the host), vocab 32000; "
                   "Wan 2.1 VAE at width 8")
+
+
+_BUILDERS = {"sd15": _build_sd15, "sd2v": _build_sd2v, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux,
+             "chroma": _build_chroma, "qwen_image": _build_qwen_image, "zimage": _build_zimage, "wan21": _build_wan21}
