@@ -145,12 +145,13 @@ def test_family_trains_and_its_file_loads_in_comfyui(family, dataset_dir, tmp_pa
 
 def _inference_conditioning(fam, nodes, prompt, geometry):
     """What a ComfyUI user's graph gives the sampler for `prompt`: the family's own text-encode node."""
+    import comfy_extras.nodes_clip_sdxl as nodes_sdxl
     import comfy_extras.nodes_flux as nodes_flux
 
     if fam.name == "sdxl":
         width, height = geometry.original
-        return nodes.CLIPTextEncodeSDXL().encode(fam.clip, width, height, geometry.crop[1], geometry.crop[0],
-                                                 *geometry.target, prompt, prompt)[0]
+        return nodes_sdxl.CLIPTextEncodeSDXL.execute(fam.clip, width, height, geometry.crop[1], geometry.crop[0],
+                                                     *geometry.target, prompt, prompt).result[0]
     conditioning = nodes.CLIPTextEncode().encode(fam.clip, prompt)[0]
     if fam.name == "flux":  # kohya / ai-toolkit train Flux-dev at guidance 1.0: the same as FluxGuidance 1.0
         conditioning = nodes_flux.FluxGuidance.execute(conditioning, 1.0).result[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import time
@@ -16,6 +17,7 @@ from ..lora_core.files import write_safetensors
 from ..lora_core.metadata import kohya_metadata
 from ..lora_core.network import LoraNetwork
 from . import objective
+from .blocks import INPLACE_ERROR, BlockOptions, training_blocks
 from .buckets import cover_size
 from .captions import CaptionOptions, process_caption
 from .conditioning import ImageGeometry, apply_model, encode_caption, model_inputs, to_device, training_guidance
@@ -90,50 +92,6 @@ class TrainResult:
     steps: int
     seconds: float
     checkpoints: list[Path]
-
-
-def checkpoint_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The blocks the model's forward really calls, one level below its block lists.
-
-    DiTs keep their blocks in ModuleLists and call each one. UNets keep TimestepEmbedSequential
-    containers (in lists, and the middle block on its own) whose forward ComfyUI never calls: it
-    iterates their layers (ResBlock, SpatialTransformer, ...), so those layers are the blocks.
-    """
-    blocks = []
-    for child in diffusion_model.children():
-        if isinstance(child, torch.nn.ModuleList):
-            items = list(child)
-        elif isinstance(child, torch.nn.Sequential) and type(child) is not torch.nn.Sequential:
-            items = [child]  # the UNet's middle block
-        else:
-            continue
-        for item in items:
-            if isinstance(item, torch.nn.Sequential):
-                blocks += [layer for layer in item if any(True for _ in layer.parameters())]
-            else:
-                blocks.append(item)
-    return blocks
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool):
-    """Recompute each block in the backward pass instead of storing its activations."""
-    import torch.utils.checkpoint as cp
-
-    originals = {}
-    if enabled:
-        for block in checkpoint_blocks(diffusion_model):
-            originals[block] = block.forward
-
-            def run(*args, _forward=block.forward, **kwargs):
-                return cp.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-            block.forward = run
-    try:
-        yield
-    finally:
-        for block in originals:
-            del block.forward
 
 
 def normal_tensors_(module: torch.nn.Module) -> None:
@@ -318,8 +276,9 @@ class Trainer:
         diffusion_model = patched.model.diffusion_model
         try:
             text_model = self.train_clip.cond_stage_model if self.train_clip is not None else None
-            with torch.inference_mode(False), torch.enable_grad(), gradient_checkpointing(
-                    diffusion_model, cfg.gradient_checkpointing), out_of_place_residuals(text_model):
+            blocks = BlockOptions(checkpointing=cfg.gradient_checkpointing)
+            with torch.inference_mode(False), torch.enable_grad(), training_blocks(diffusion_model, blocks), \
+                    out_of_place_residuals(text_model):
                 for step in range(loop["step"] + 1, cfg.steps + 1):
                     mm.throw_exception_if_processing_interrupted()
                     step_loss = 0.0
@@ -328,6 +287,7 @@ class Trainer:
                             order.extend(self.dataset.epoch_order(loop["epoch"], cfg.seed, cfg.batch_size))
                             loop["epoch"] += 1
                         batch = order.pop(0)
+                        draws = (rng.getstate(), gen.get_state(), torch.get_rng_state())
                         self.network.new_step()
                         loss = self.batch_loss(patched, batch, rng, gen, device, autocast_dtype)
                         if not torch.isfinite(loss):
@@ -339,7 +299,23 @@ class Trainer:
                                 f"that gave a finite loss is kept at {path}. Lower the learning rate or use fp32/bf16.")
                         with torch.no_grad():
                             torch._foreach_copy_(good, params)
-                        scaler.scale(loss / cfg.grad_accum).backward()
+                        try:
+                            scaler.scale(loss / cfg.grad_accum).backward()
+                        except RuntimeError as error:
+                            if INPLACE_ERROR not in str(error) or blocks.out_of_place:
+                                raise
+                            # The model's blocks add residuals in place (Flux, Chroma): sum them out of
+                            # place from now on and run this micro-batch again with the same draws.
+                            logging.info("Train LoRA: %s adds residuals in place; training sums them out of place",
+                                         type(diffusion_model).__name__)
+                            blocks.out_of_place = True
+                            optimizer.zero_grad(set_to_none=True)
+                            rng.setstate(draws[0])
+                            gen.set_state(draws[1])
+                            torch.set_rng_state(draws[2])
+                            self.network.new_step()
+                            loss = self.batch_loss(patched, batch, rng, gen, device, autocast_dtype)
+                            scaler.scale(loss / cfg.grad_accum).backward()
                         step_loss += loss.item() / cfg.grad_accum
                     if cfg.grad_clip > 0:
                         scaler.unscale_(optimizer)

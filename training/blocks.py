@@ -1,0 +1,93 @@
+"""The diffusion model's blocks while training: gradient checkpointing, and residuals summed out of place."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+INPLACE_ERROR = "modified by an inplace operation"
+
+
+def checkpoint_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks the model's forward really calls, one level below its block lists.
+
+    DiTs keep their blocks in ModuleLists and call each one. UNets keep TimestepEmbedSequential
+    containers (in lists, and the middle block on its own) whose forward ComfyUI never calls: it
+    iterates their layers (ResBlock, SpatialTransformer, ...), so those layers are the blocks.
+    """
+    blocks = []
+    for child in diffusion_model.children():
+        if isinstance(child, torch.nn.ModuleList):
+            items = list(child)
+        elif isinstance(child, torch.nn.Sequential) and type(child) is not torch.nn.Sequential:
+            items = [child]  # the UNet's middle block
+        else:
+            continue
+        for item in items:
+            if isinstance(item, torch.nn.Sequential):
+                blocks += [layer for layer in item if any(True for _ in layer.parameters())]
+            else:
+                blocks.append(item)
+    return blocks
+
+
+class OutOfPlace(torch.Tensor):
+    """A tensor whose `x += y` makes a new tensor instead of changing x.
+
+    Some host blocks (Flux's and Chroma's double-stream blocks) add residuals in place, which
+    autograd refuses once a tensor it saved for the backward pass changes. Everything computed
+    from an OutOfPlace tensor is one too, so every `+=` in such a block becomes a plain sum.
+    """
+
+    def __iadd__(self, other):
+        return torch.add(self, other)
+
+    def __isub__(self, other):
+        return torch.sub(self, other)
+
+    def __imul__(self, other):
+        return torch.mul(self, other)
+
+
+def _convert(value, cls):
+    """`value` with its floating-point tensors (also inside tuples, lists and keyword dicts) viewed as `cls`."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.as_subclass(cls)
+    if isinstance(value, tuple | list):
+        return type(value)(_convert(v, cls) for v in value)
+    return value
+
+
+@dataclass
+class BlockOptions:
+    checkpointing: bool = False
+    out_of_place: bool = False  # switched on when a block turns out to add in place (see INPLACE_ERROR)
+
+
+@contextlib.contextmanager
+def training_blocks(diffusion_model: torch.nn.Module, options: BlockOptions):
+    """Wrap every block's forward for the duration: checkpointed and/or out of place, as `options` say now."""
+    import torch.utils.checkpoint as cp
+
+    blocks = checkpoint_blocks(diffusion_model)
+    for block in blocks:
+
+        def out_of_place(*args, _forward=block.forward, **kwargs):
+            args = _convert(args, OutOfPlace)
+            kwargs = {k: _convert(v, OutOfPlace) for k, v in kwargs.items()}
+            return _convert(_forward(*args, **kwargs), torch.Tensor)
+
+        def run(*args, _forward=block.forward, _out_of_place=out_of_place, **kwargs):
+            forward = _out_of_place if options.out_of_place else _forward
+            if options.checkpointing:
+                return cp.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return forward(*args, **kwargs)
+
+        block.forward = run
+    try:
+        yield options
+    finally:
+        for block in blocks:
+            del block.forward
