@@ -7,6 +7,7 @@ small width with the real tokenizers, and a VAE of its latent space.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -229,3 +230,203 @@ def test_family_text_encoder_lora(family, dataset_dir, tmp_path, caplog):
     _, clip = comfy.sd.load_lora_for_models(family.model, family.clip, result.network.state_dict_kohya(), 1.0, 1.0)
     assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
     assert len(clip.patcher.patches) == len(te)
+
+
+@pytest.mark.parametrize("name", ["flux", "chroma"])
+def test_blocks_that_add_in_place_get_true_gradients(pack, name, dataset_dir):
+    """Flux's blocks add residuals in place; summed out of place, the gradient matches a finite difference."""
+    from lora_foundry.training.blocks import BlockOptions, training_blocks
+    from lora_foundry.training.conditioning import apply_model, model_inputs
+
+    fam = build_family(name)
+    trainer = _trainer(fam, dataset_dir)
+    trainer.encode_images(trainer.dataset.items[:1])
+    x0 = trainer.latents[(0, False)][None]
+    gen = torch.Generator().manual_seed(0)
+    noisy, sigma = x0 + 0.7 * torch.randn(x0.shape, generator=gen), torch.tensor([0.7])
+    with torch.inference_mode(False):
+        model = fam.model
+        inputs = model_inputs(model.model, trainer.conditioning([CAPTIONS[0]], "cpu"), noisy,
+                              [trainer.geometry[(0, False)]], trainer.guidance)
+        weight = model.model.diffusion_model.double_blocks[0].img_attn.qkv.weight
+        weight.requires_grad_(True)
+        options = BlockOptions()
+        with training_blocks(model.model.diffusion_model, options):
+            with pytest.raises(RuntimeError, match="inplace"):
+                (apply_model(model.model, noisy, sigma, inputs) ** 2).mean().backward()
+            options.out_of_place = True
+            loss = (apply_model(model.model, noisy, sigma, inputs) ** 2).mean()
+            (grad,) = torch.autograd.grad(loss, weight)
+            direction = torch.randn(weight.shape, generator=gen)
+            eps = 1e-2
+            with torch.no_grad():
+                weight += eps * direction
+                plus = (apply_model(model.model, noisy, sigma, inputs) ** 2).mean()
+                weight -= 2 * eps * direction
+                minus = (apply_model(model.model, noisy, sigma, inputs) ** 2).mean()
+                weight += eps * direction
+        weight.requires_grad_(False)
+    numeric = (plus - minus) / (2 * eps)
+    analytic = (grad * direction).sum()
+    assert abs(float(analytic)) > 1e-8
+    assert abs(float(numeric - analytic)) <= 2e-2 * abs(float(analytic)), (float(numeric), float(analytic))
+
+
+def test_a_prediction_we_do_not_train_is_named(pack, dataset_dir):
+    """A model whose sampling predicts something else (X0, image-to-image) fails with a message, not a shape error."""
+    import comfy.model_sampling as ms
+
+    fam = build_family("sd15")
+
+    class X0Sampling(ms.ModelSamplingDiscrete, ms.X0):
+        pass
+
+    patched = fam.model.clone()
+    patched.add_object_patch("model_sampling", X0Sampling(fam.model.model.model_config))
+    with pytest.raises(ValueError, match="predict X0"):
+        _trainer(dataclasses.replace(fam, model=patched), dataset_dir)
+
+
+DIT_LISTS = {"sd3": ["J"], "flux": ["D", "S"], "chroma": ["D", "S"], "qwen_image": ["T"], "zimage": ["N", "C", "L"],
+             "wan21": ["B"]}
+
+
+@pytest.mark.parametrize("name", sorted(DIT_LISTS))
+def test_dit_block_weights_scale_each_block(pack, name):
+    """Block weights on a DiT: one value per block (long) or per block list (short); layers outside blocks keep 1."""
+    from conftest import comfy_weights
+    from lora_foundry.lora_core import block_weights as bw
+    from lora_foundry.lora_core.apply import apply_lora
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+
+    fam = build_family(name)
+    layout = bw.layout_of(fam.model)
+    assert layout.short_ids == ["BASE", *DIT_LISTS[name]]
+    with torch.inference_mode(False):
+        network = LoraNetwork.create(NetworkConfig(rank=2, alpha=2, preset="all", seed=1), fam.model)
+        gen = torch.Generator().manual_seed(1)
+        for adapter in network.adapters.values():
+            adapter.lora_up.data = torch.randn(adapter.lora_up.shape, generator=gen) * 0.1
+    tensors = network.state_dict_kohya()
+    keys = sorted(network.weight_keys.values())
+    long = [1.0] + [0.25 * (i + 1) for i in range(len(layout.all_ids) - 1)]
+    weights = bw.parse_block_weights(long, layout)
+    plain, _, _ = apply_lora(fam.model, None, tensors, 1.0, 0.0)
+    scaled, _, report = apply_lora(fam.model, None, tensors, 1.0, 0.0, block_strength=weights.for_key)
+    base = {k: v.float() for k, v in fam.model.model.state_dict().items()}
+    full, got = comfy_weights(plain, keys), comfy_weights(scaled, keys)
+    in_blocks = 0
+    for key in keys:
+        block = bw.block_of(key, layout)
+        w = 1.0 if block is None else weights.weights[block]
+        in_blocks += block is not None
+        torch.testing.assert_close(got[key] - base[key], w * (full[key] - base[key]), rtol=1e-5, atol=1e-6, msg=key)
+    assert in_blocks >= len(layout.all_ids) - 1  # every block holds adapted layers
+    assert any(bw.block_of(k, layout) is None for k in keys)  # embedders / final layer: outside every block
+
+    short = bw.parse_block_weights(",".join(["1"] + ["0"] * len(DIT_LISTS[name])), layout)
+    zeroed, _, _ = apply_lora(fam.model, None, tensors, 1.0, 0.0, block_strength=short.for_key)
+    assert set(zeroed.patches) == {k for k in keys if bw.block_of(k, layout) is None}
+    unet = bw.parse_block_weights("UNET", layout).weights
+    assert unet["BASE"] == 0 and all(v == 1 for k, v in unet.items() if k != "BASE")
+    with pytest.raises(ValueError, match=f"names UNet blocks; a {type(fam.model.model.model_config).__name__}"):
+        bw.parse_block_weights("INALL", layout)
+    with pytest.raises(ValueError, match="BASE and one per block list"):
+        bw.parse_block_weights("1,1,1,1,1,1,1,1,1", layout)
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_sd3_trains_through_the_server_from_files(tmp_path_factory, dataset_dir, tiny_parts, caplog):
+    """A flow-matching family from files through a real server: UNETLoader, CLIPLoader (sd3), VAELoader, Load
+    Dataset, Train LoRA, Save LoRA. The LoRA folder then lists only LoRAs ComfyUI loads without a warning."""
+    import comfy.sd
+    import comfy.utils
+    from harness.families import sd3_files
+    from harness.server import ComfyServer
+    from lora_foundry.lora_core.files import read_safetensors
+
+    files = sd3_files()
+    base = tmp_path_factory.mktemp("sd3server")
+    models = {"diffusion_models": [files["unet"]], "text_encoders": [tiny_parts["clip"]], "vae": [files["vae"]]}
+    prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": files["unet"].name, "weight_dtype": "default"}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": tiny_parts["clip"].name, "type": "sd3"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": files["vae"].name}},
+        "4": {"class_type": "LoraFoundryLoadDataset", "inputs": {
+            "folder": str(dataset_dir), "resolution": 64, "min_side": 64, "max_side": 64, "bucket_step": 64,
+            "no_upscale": False, "caption_extension": ".txt", "validation_split": 0.34, "seed": 1}},
+        "5": {"class_type": "LoraFoundryTrainLoRA", "inputs": {
+            "model": ["1", 0], "clip": ["2", 0], "vae": ["3", 0], "dataset": ["4", 0], "trigger_word": "",
+            "output_name": "sd3_toy", "algorithm": "lora", "rank": 4, "alpha": 4.0, "targets": "all", "dora": False,
+            "steps": 12, "learning_rate": 5e-3, "batch_size": 2, "optimizer": "AdamW", "scheduler": "constant",
+            "warmup_steps": 0, "seed": 0, "precision": "fp32", "save_every": 6, "validation_every": 6}},
+        "6": {"class_type": "LoraFoundrySaveLoRA", "inputs": {
+            "lora": ["5", 0], "filename_prefix": "sd3/toy", "precision": "fp32", "folder": "loras",
+            "overwrite": False}},
+    }
+    with ComfyServer(base, models=models) as server:
+        outputs = server.run(prompt, timeout=600)
+        listed = server.object_info()["LoraLoader"]["input"]["required"]["lora_name"][0]
+    train_ui, saved = outputs["5"], outputs["6"]["text"][0]
+    assert len(train_ui["loss"]) == 12 and all(np.isfinite(train_ui["loss"]))
+    assert train_ui["validation"][-1][1] < train_ui["validation"][0][1]
+    tensors, meta = read_safetensors(saved)
+    assert meta["modelspec.architecture"] == "stable-diffusion-3-medium/lora" and meta["ss_base_model_version"] == "sd3"
+
+    loras = base / "models" / "loras"
+    assert sorted(listed) == ["sd3/toy_00001.safetensors", "sd3_toy/sd3_toy-step000006.safetensors"]
+    assert (base / "output" / "lora_foundry_runs" / "sd3_toy" / "sd3_toy-state.safetensors").is_file()
+    model = comfy.sd.load_diffusion_model(str(files["unet"]))
+    clip = comfy.sd.load_clip([str(tiny_parts["clip"])], clip_type=comfy.sd.CLIPType.SD3)
+    caplog.set_level(logging.WARNING)
+    for name in listed:
+        comfy.sd.load_lora_for_models(model, clip, comfy.utils.load_torch_file(str(loras / name)), 1.0, 1.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert len(tensors) == 3 * len({k.rsplit(".", 2)[0] for k in tensors if k.endswith("lora_up.weight")})
+
+
+def test_a_model_conditioned_on_images_is_named(pack, dataset_dir):
+    """An inpainting / image-to-video model would silently train on blank images: it fails with a message."""
+    fam = build_family("sd15")
+    fam.model.model.set_inpaint()
+    trainer = _trainer(fam, dataset_dir, steps=1)
+    with torch.inference_mode(False), pytest.raises(ValueError, match="conditioned on an image as well as text"):
+        trainer.run()
+
+
+def test_a_diffusers_flux_lora_applies_like_the_same_kohya_lora(pack, caplog):
+    """A Flux LoRA in the diffusers / PEFT layout other trainers write (`transformer.transformer_blocks.0.attn.to_q`,
+    q, k and v apart where ComfyUI fuses them) applies through Apply LoRA exactly as the same change in our layout."""
+    import comfy.utils
+    from conftest import comfy_weights
+    from lora_foundry.lora_core.apply import apply_lora
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+
+    fam = build_family("flux")
+    with torch.inference_mode(False):
+        network = LoraNetwork.create(NetworkConfig(rank=2, alpha=2, preset="kohya", seed=2), fam.model)
+        gen = torch.Generator().manual_seed(2)
+        for adapter in network.adapters.values():
+            adapter.lora_up.data = torch.randn(adapter.lora_up.shape, generator=gen) * 0.1
+    ours = {network.weight_keys[name]: adapter for name, adapter in network.adapters.items()}
+    diffusers = {}
+    for name, target in comfy.utils.flux_to_diffusers(fam.model.model.model_config.unet_config,
+                                                      output_prefix="diffusion_model.").items():
+        key, rows = (target, None) if isinstance(target, str) else target
+        if not name.endswith(".weight") or key not in ours:
+            continue
+        up, down = ours[key].lora_up.detach(), ours[key].lora_down.detach()
+        if rows is not None:
+            up = up[rows[1]:rows[1] + rows[2]]
+        module = "transformer." + name[:-len(".weight")]
+        diffusers[f"{module}.lora_A.weight"], diffusers[f"{module}.lora_B.weight"] = down.clone(), up.clone()
+    covered = {(t if isinstance(t, str) else t[0]) for n, t in comfy.utils.flux_to_diffusers(
+        fam.model.model.model_config.unet_config, output_prefix="diffusion_model.").items()} & set(ours)
+    assert any(".qkv." in k for k in covered) and any("linear1" in k for k in covered)
+    theirs, _, report = apply_lora(fam.model, None, diffusers, 1.0, 0.0)
+    assert report.ok and len(report.applied) == len(diffusers) // 2, report.summary()
+    mine, _, _ = apply_lora(fam.model, None, network.state_dict_kohya(), 1.0, 0.0)
+    got, want = comfy_weights(theirs, sorted(covered)), comfy_weights(mine, sorted(covered))
+    for key in covered:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)

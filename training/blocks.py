@@ -67,11 +67,10 @@ class BlockOptions:
 
 
 @contextlib.contextmanager
-def training_blocks(diffusion_model: torch.nn.Module, options: BlockOptions):
-    """Wrap every block's forward for the duration: checkpointed and/or out of place, as `options` say now."""
+def wrapped_blocks(blocks: list[torch.nn.Module], options: BlockOptions):
+    """Wrap each block's forward for the duration: checkpointed and/or out of place, as `options` say at call time."""
     import torch.utils.checkpoint as cp
 
-    blocks = checkpoint_blocks(diffusion_model)
     for block in blocks:
 
         def out_of_place(*args, _forward=block.forward, **kwargs):
@@ -91,3 +90,19 @@ def training_blocks(diffusion_model: torch.nn.Module, options: BlockOptions):
     finally:
         for block in blocks:
             del block.forward
+
+
+def training_blocks(diffusion_model: torch.nn.Module, options: BlockOptions):
+    """The diffusion model's blocks wrapped for training (see `wrapped_blocks`)."""
+    return wrapped_blocks(checkpoint_blocks(diffusion_model), options)
+
+
+def text_encoder_layers(text_model: torch.nn.Module | None):
+    """The text encoders' layers summed out of place, while text-encoder adapters train.
+
+    The host's CLIPLayer adds its residuals in place (`x += ...`), which autograd rejects as soon
+    as an earlier layer's adapter makes `x` require a gradient.
+    """
+    layers = [layer for module in (text_model.modules() if text_model is not None else ())
+              if isinstance(module, torch.nn.ModuleList) for layer in module]
+    return wrapped_blocks(layers, BlockOptions(out_of_place=True))

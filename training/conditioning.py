@@ -83,6 +83,11 @@ def model_inputs(model, conditionings: list[list], noisy: torch.Tensor, geometri
         entry = comfy.samplers.encode_model_conds(model.extra_conds, entry, noise, noisy.device, "positive",
                                                   latent_image=torch.zeros_like(noise), denoise_mask=None, seed=None)
         conds = entry[0]["model_conds"]
+        if "c_concat" in conds:
+            raise ValueError(
+                f"{type(model.model_config).__name__} is conditioned on an image as well as text (an inpainting, "
+                "image-to-video or edit model: it takes `c_concat`); Train LoRA does not give it those images yet. "
+                "Train on the family's text-to-image / text-to-video model instead")
         per_sample.append({k: c.process_cond(batch_size=1, device=noisy.device, area=None) for k, c in conds.items()})
     groups: list[list[int]] = []
     for index, conds in enumerate(per_sample):

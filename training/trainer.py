@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -17,7 +16,7 @@ from ..lora_core.files import write_safetensors
 from ..lora_core.metadata import kohya_metadata
 from ..lora_core.network import LoraNetwork
 from . import objective
-from .blocks import INPLACE_ERROR, BlockOptions, training_blocks
+from .blocks import INPLACE_ERROR, BlockOptions, text_encoder_layers, training_blocks
 from .buckets import cover_size
 from .captions import CaptionOptions, process_caption
 from .conditioning import ImageGeometry, apply_model, encode_caption, model_inputs, to_device, training_guidance
@@ -109,28 +108,6 @@ def normal_tensors_(module: torch.nn.Module) -> None:
                 sub._buffers[name] = buf.clone()
 
 
-@contextlib.contextmanager
-def out_of_place_residuals(text_model: torch.nn.Module | None):
-    """Let gradients flow through ComfyUI's CLIP layers while text-encoder adapters train.
-
-    The host's CLIPLayer adds its residuals in place (`x += ...`), which autograd rejects as soon
-    as an earlier layer's adapter makes `x` require a gradient; the same sums out of place do not.
-    """
-    layers = [m for m in text_model.modules() if type(m).__name__ == "CLIPLayer"] if text_model is not None else []
-
-    def forward(layer, x, mask=None, optimized_attention=None):
-        x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
-        return x + layer.mlp(layer.layer_norm2(x))
-
-    for layer in layers:
-        layer.forward = forward.__get__(layer)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
-
-
 class Trainer:
     """Trains `network` (created on `model`) on `dataset`; the host's CLIP and VAE encode the data.
 
@@ -153,6 +130,7 @@ class Trainer:
         self.text: dict[str, list] = {}  # host conditioning of captions that never change
         self.checkpoints: list[Path] = []
         self.train_clip = None  # the CLIP clone carrying text-encoder adapters, while training them
+        self.compute_dtype: torch.dtype | None = None  # what the model computes in, once training runs
         self._disk_cache: LatentCache | None = None
 
     # --- data --------------------------------------------------------------------------------
@@ -237,6 +215,7 @@ class Trainer:
 
         cfg = self.config
         start = time.monotonic()
+        self.check_model()
         self.encode_images(self.dataset.items)
         self.encode_images(self.dataset.validation, validation=True)
         self.encode_fixed_captions()
@@ -265,9 +244,12 @@ class Trainer:
         params = [p for g in groups for p in g["params"]]
         good = [p.detach().clone() for p in params]  # the adapter that last gave a finite loss
         autocast_dtype = PRECISIONS[cfg.precision]
-        # fp32 asks for no autocast, but the host still computes in the base's dtype: scale whenever that is fp16.
-        compute_dtype = autocast_dtype or patched.model.manual_cast_dtype or patched.model.get_dtype()
-        scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
+        # "fp32" means no autocast, but the host computes in the base's own dtype: scale whenever that is fp16.
+        self.compute_dtype = autocast_dtype or patched.model.manual_cast_dtype or patched.model.get_dtype()
+        if self.compute_dtype != (autocast_dtype or torch.float32):
+            logging.warning("Train LoRA: precision %s asked, but the base model computes in %s (its weights' dtype)",
+                            cfg.precision, self.compute_dtype)
+        scaler = torch.amp.GradScaler(device.type, enabled=self.compute_dtype == torch.float16)
         loop = {"step": 0, "epoch": 0, "order": [], "losses": [], "validation": []}
         if self.resume is not None:
             loop = load_state(self.resume, self.network, optimizer, scheduler, rng, gen)
@@ -278,7 +260,7 @@ class Trainer:
             text_model = self.train_clip.cond_stage_model if self.train_clip is not None else None
             blocks = BlockOptions(checkpointing=cfg.gradient_checkpointing)
             with torch.inference_mode(False), torch.enable_grad(), training_blocks(diffusion_model, blocks), \
-                    out_of_place_residuals(text_model):
+                    text_encoder_layers(text_model):
                 for step in range(loop["step"] + 1, cfg.steps + 1):
                     mm.throw_exception_if_processing_interrupted()
                     step_loss = 0.0
@@ -354,6 +336,13 @@ class Trainer:
             self.train_clip = None
         return TrainResult(self.network, losses, [tuple(v) for v in validation], loop["step"],
                            time.monotonic() - start, self.checkpoints)
+
+    def check_model(self) -> None:
+        """Fail before anything is encoded if the model needs inputs training cannot give it (the message says)."""
+        latent_format = self.model.get_model_object("latent_format")
+        frames = [1] if getattr(latent_format, "latent_dimensions", 2) == 3 else []
+        noise = torch.zeros(1, latent_format.latent_channels, *frames, 8, 8)
+        model_inputs(self.model.model, [self.encode_text("")], noise, [None], self.guidance)
 
     def sample(self, patched, step: int):
         """A preview grid (one image per sample prompt) from the model with the adapter as it is now.

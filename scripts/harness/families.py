@@ -168,21 +168,27 @@ def umt5_spiece_stand_in() -> bytes:
 # --- VAEs ---------------------------------------------------------------------------------
 
 
-def _taesd_vae(seed: int, latent_channels: int):
-    """A TAESD-shaped VAE (taesd_encoder./taesd_decoder. keys, as VAELoader gives taesd/taesd3/taef1)."""
-    import comfy.sd
+def _taesd_module(seed: int, latent_channels: int):
+    """fixtures.build_taesd, with the latent width of taesd3/taef1 when `latent_channels` is 16."""
     import comfy.taesd.taesd
     import torch
 
     if latent_channels == 4:
-        module = build_taesd(seed)
-    else:  # as fixtures.build_taesd, with the latent width of taesd3/taef1
-        module = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
-        init_weights_(module, seed + 2, std=0.05)
-        with torch.no_grad():
-            module.vae_scale.fill_(1.0)
-            module.vae_shift.fill_(0.0)
-    return comfy.sd.VAE(sd=module.state_dict(), dtype=torch.float32)
+        return build_taesd(seed)
+    module = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
+    init_weights_(module, seed + 2, std=0.05)
+    with torch.no_grad():
+        module.vae_scale.fill_(1.0)
+        module.vae_shift.fill_(0.0)
+    return module
+
+
+def _taesd_vae(seed: int, latent_channels: int):
+    """A TAESD-shaped VAE (taesd_encoder./taesd_decoder. keys, as VAELoader gives taesd/taesd3/taef1)."""
+    import comfy.sd
+    import torch
+
+    return comfy.sd.VAE(sd=_taesd_module(seed, latent_channels).state_dict(), dtype=torch.float32)
 
 
 def _wan21_vae(seed: int, dim: int = 8):
@@ -402,3 +408,44 @@ def _build_wan21(seed: int) -> Family:
 
 _BUILDERS = {"sd15": _build_sd15, "sd2v": _build_sd2v, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux,
              "chroma": _build_chroma, "qwen_image": _build_qwen_image, "zimage": _build_zimage, "wan21": _build_wan21}
+
+
+# --- files for a server ---------------------------------------------------------------------
+
+
+def sd3_files(seed: int = 0) -> dict[str, Path]:
+    """A tiny SD3 as files a user would pick in ComfyUI: {"unet": UNETLoader file, "vae": VAELoader file}.
+
+    The MMDiT takes the pooled vector SD3ClipModel makes from CLIP-L alone (768 + 1280 zeros for
+    CLIP-G), so it runs with the SD1.5 fixture's full-size CLIP-L file through CLIPLoader (type sd3):
+    the host's loaders, detection and text encoder, nothing built in-process.
+    """
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+    import comfy.supported_models
+    import torch
+
+    from .fixtures import FIXTURE_VERSION, _save_atomic, cache_dir
+
+    base = cache_dir()
+    paths = {"unet": base / f"tiny-sd3-mmdit-s{seed}-v{FIXTURE_VERSION}.safetensors",
+             "vae": base / f"tiny-sd3-taesd-s{seed}-v{FIXTURE_VERSION}.safetensors"}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    setup_inprocess()
+    depth, grid = 2, 32
+    hidden = 64 * depth
+    config = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": depth, "input_size": None,
+              "adm_in_channels": 768 + 1280,
+              "context_embedder_config": {"target": "torch.nn.Linear",
+                                          "params": {"in_features": 4096, "out_features": hidden}},
+              "num_patches": grid * grid, "pos_embed_max_size": grid, "pos_embed_scaling_factor": None,
+              "x_block_self_attn_layers": []}
+    built = _new_model(comfy.supported_models.SD3, config, seed)
+    with torch.no_grad():
+        built.diffusion_model.pos_embed.copy_(torch.from_numpy(mmdit.get_2d_sincos_pos_embed(hidden, grid)).float()[None])
+    model, detected = _detected(built.diffusion_model.state_dict())
+    if detected != "SD3":
+        raise RuntimeError(f"the host detects the tiny SD3 file as {detected}")
+    _save_atomic({k: v.half() for k, v in built.diffusion_model.state_dict().items()}, paths["unet"])
+    _save_atomic({k: v.half() for k, v in _taesd_module(seed, 16).state_dict().items()}, paths["vae"])
+    return paths
