@@ -171,6 +171,28 @@ def test_separate_model_files_load_through_the_server(server, tiny_parts):
     assert server.output_files(outputs)
 
 
+def test_separate_model_files_hold_the_checkpoints_weights(tiny_parts, loaded_checkpoint):
+    """What UNETLoader / CLIPLoader / VAELoader read from the parts is the checkpoint's model, not a half-loaded one."""
+    import comfy.sd
+    import comfy.utils
+    import torch
+
+    model, clip, vae = loaded_checkpoint
+    unet = comfy.sd.load_diffusion_model(str(tiny_parts["unet"]))
+    clip_l = comfy.sd.load_clip([str(tiny_parts["clip"])])
+    taesd = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(tiny_parts["vae"])))
+    want, got = model.model.diffusion_model.state_dict(), unet.model.diffusion_model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k].float(), got[k].float()) for k in want)
+    with torch.no_grad():
+        a = clip.encode_from_tokens(clip.tokenize("a blue square"), return_pooled=True)
+        b = clip_l.encode_from_tokens(clip_l.tokenize("a blue square"), return_pooled=True)
+        pixels = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+        latents = vae.encode(pixels), taesd.encode(pixels)
+    for x, y in zip((*a, latents[0]), (*b, latents[1]), strict=True):
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(y.float(), x.float(), rtol=1e-3, atol=1e-3)
+
+
 def test_example_workflows_are_valid_json():
     for path in (REPO_ROOT / "example_workflows").glob("*.json"):
         data = json.loads(path.read_text())

@@ -416,9 +416,10 @@ _BUILDERS = {"sd15": _build_sd15, "sd2v": _build_sd2v, "sdxl": _build_sdxl, "sd3
 def sd3_files(seed: int = 0) -> dict[str, Path]:
     """A tiny SD3 as files a user would pick in ComfyUI: {"unet": UNETLoader file, "vae": VAELoader file}.
 
-    The MMDiT takes the pooled vector SD3ClipModel makes from CLIP-L alone (768 + 1280 zeros for
-    CLIP-G), so it runs with the SD1.5 fixture's full-size CLIP-L file through CLIPLoader (type sd3):
-    the host's loaders, detection and text encoder, nothing built in-process.
+    SD3's own encoders cannot come small from files (the host builds CLIP-G and T5 from fixed
+    configs, 0.7B and 4.7B parameters), and CLIPLoader has no CLIP-L-only SD3 recipe; so this MMDiT
+    takes a plain CLIP-L's output (context and pooled width 768), and runs with the SD1.5 fixture's
+    CLIP-L file through CLIPLoader: the host's loaders, detection, sampling and flow objective.
     """
     import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
     import comfy.supported_models
@@ -427,7 +428,7 @@ def sd3_files(seed: int = 0) -> dict[str, Path]:
     from .fixtures import FIXTURE_VERSION, _save_atomic, cache_dir
 
     base = cache_dir()
-    paths = {"unet": base / f"tiny-sd3-mmdit-s{seed}-v{FIXTURE_VERSION}.safetensors",
+    paths = {"unet": base / f"tiny-sd3-mmdit-clip-l-s{seed}-v{FIXTURE_VERSION}.safetensors",
              "vae": base / f"tiny-sd3-taesd-s{seed}-v{FIXTURE_VERSION}.safetensors"}
     if all(p.exists() for p in paths.values()):
         return paths
@@ -435,9 +436,9 @@ def sd3_files(seed: int = 0) -> dict[str, Path]:
     depth, grid = 2, 32
     hidden = 64 * depth
     config = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": depth, "input_size": None,
-              "adm_in_channels": 768 + 1280,
+              "adm_in_channels": 768,
               "context_embedder_config": {"target": "torch.nn.Linear",
-                                          "params": {"in_features": 4096, "out_features": hidden}},
+                                          "params": {"in_features": 768, "out_features": hidden}},
               "num_patches": grid * grid, "pos_embed_max_size": grid, "pos_embed_scaling_factor": None,
               "x_block_self_attn_layers": []}
     built = _new_model(comfy.supported_models.SD3, config, seed)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .comfy import REPO_ROOT, setup_inprocess
 
-FIXTURE_VERSION = 2
+FIXTURE_VERSION = 3
 SD15_TINY_UNET = {
     "image_size": 32,
     "in_channels": 4,
@@ -128,7 +128,7 @@ def tiny_sd15_parts(seed: int = 0) -> dict[str, Path]:
     if not all(p.exists() for p in paths.values()):
         unet, clip, vae = _parts_state_dicts(seed)
         _save_atomic(unet, paths["unet"])
-        _save_atomic({"transformer." + k: v for k, v in clip.items()}, paths["clip"])
+        _save_atomic(clip, paths["clip"])  # as clip_l.safetensors files are: text_model.* keys
         _save_atomic(vae, paths["vae"])
     return paths
 
