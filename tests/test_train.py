@@ -376,3 +376,29 @@ def test_the_trigger_word_is_not_put_on_regularisation_captions(pack, loaded_che
         caption = process_caption(item.caption, trainer.caption_options(item), random.Random(0))
         assert caption.startswith("sks") != item.is_reg, (item.path, caption)
         assert trainer.fixed_caption(item) == caption
+
+
+def test_flow_timestep_shifts_match_the_hosts_schedules(training):
+    """fixed = SD3's schedule at that shift, resolution = Flux's at the mu kohya's flux_shift gives, none = identity;
+    eps / v models keep their own schedule whatever is asked."""
+    import comfy.model_sampling as ms
+
+    objective, _ = training
+
+    class Flux(ms.ModelSamplingFlux, ms.CONST):
+        pass
+
+    sd3, flux, eps = _sampling("flow"), Flux(), _sampling("eps")
+    levels = [0.05, 0.3, 0.5, 0.8, 0.99]
+    sd3.set_parameters(shift=3.0)
+    torch.testing.assert_close(objective.sigmas_for(sd3, levels, "fixed", 3.0), objective.sigmas_for(sd3, levels))
+    flux.set_parameters(shift=1.15)  # mu at 4096 image tokens (1024 px)
+    torch.testing.assert_close(objective.sigmas_for(flux, levels, "resolution", tokens=4096),
+                               objective.sigmas_for(flux, levels))
+    flux.set_parameters(shift=0.5)  # mu at 256 tokens (256 px)
+    torch.testing.assert_close(objective.sigmas_for(flux, levels, "resolution", tokens=256),
+                               objective.sigmas_for(flux, levels))
+    torch.testing.assert_close(objective.sigmas_for(sd3, levels, "none"), torch.tensor(levels))
+    torch.testing.assert_close(objective.sigmas_for(eps, levels, "fixed", 3.0), objective.sigmas_for(eps, levels))
+    with pytest.raises(ValueError, match="timestep_shift"):
+        objective.sigmas_for(sd3, levels, "sideways")

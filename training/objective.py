@@ -83,18 +83,15 @@ def sigmas_for(model_sampling, levels: list[float], shift: str = "model", shift_
     """Host sigmas for noise levels.
 
     "model": the host's own schedule via percent_to_sigma (every model_sampling has it; for flow
-    models it carries the family's shift: SD3 3.0, Flux 1.15 as mu, ...). The others exist for
-    flow models only: "none" (sigma = level), "fixed" (SD3-style shift by `shift_value`) and
-    "resolution" (kohya's flux_shift: mu grows linearly from 0.5 at 256 to 1.15 at 4096 image
-    tokens, `tokens` being the latent's 2x2 patches).
+    models it carries the family's shift: SD3 3.0, Flux 1.15 as mu, ...); eps and v models always
+    use it. The others choose a flow model's shift: "none" (sigma = level), "fixed" (SD3-style
+    shift by `shift_value`) and "resolution" (kohya's flux_shift: mu grows linearly from 0.5 at 256
+    to 1.15 at 4096 image tokens, `tokens` being the latent's 2x2 patches).
     """
     if shift not in TIMESTEP_SHIFTS:
         raise ValueError(f"timestep_shift: {shift!r} is not one of {', '.join(TIMESTEP_SHIFTS)}")
-    if shift == "model":
+    if shift == "model" or family(model_sampling) != "flow":  # eps / v schedules have no shift to choose
         return torch.tensor([float(model_sampling.percent_to_sigma(1.0 - u)) for u in levels], dtype=torch.float32)
-    if family(model_sampling) != "flow":
-        raise ValueError(f"timestep_shift {shift!r}: only flow-matching models (SD3, Flux, Qwen-Image, Wan, ...) "
-                         "have a shift; use 'model' for this one")
     u = torch.tensor(levels, dtype=torch.float64)
     if shift == "fixed":
         u = shift_value * u / (1 + (shift_value - 1) * u)

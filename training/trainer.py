@@ -125,6 +125,10 @@ class Trainer:
         self.state_dir = state_dir if state_dir is not None else output_dir
         self.kind = objective.family(model.get_model_object("model_sampling"))
         self.guidance = training_guidance(model.model, config.guidance)
+        for setting, unused in (("timestep_shift", config.timestep_shift != "model" and self.kind != "flow"),
+                                ("min_snr_gamma", config.min_snr_gamma and self.kind == "flow")):
+            if unused:
+                logging.info("Train LoRA: %s does not apply to %s models; ignored", setting, self.kind)
         self.latents: dict[tuple[int, bool], torch.Tensor] = {}
         self.geometry: dict[tuple[int, bool], ImageGeometry] = {}
         self.text: dict[str, list] = {}  # host conditioning of captions that never change

@@ -18,6 +18,7 @@ TUNED_LAYERS = {  # layers changed in the "fine-tuned" checkpoint: {ldm name: ko
 }
 LORA_WIDGET = re.compile(r"^lora(_name|_\d+)$")
 FAST = {"LoraFoundryTrainLoRA": {"steps": 4, "sample_every": 4, "validation_every": 4, "save_every": 0},
+        "LoraFoundryLoadDataset": {"resolution": 64, "min_side": 32, "max_side": 128},  # SDXL / Flux examples: 1024
         "KSampler": {"steps": 2}, "KSamplerAdvanced": {"steps": 2}}
 
 
