@@ -130,11 +130,11 @@ def test_shuffled_captions_are_not_cached(pack, loaded_checkpoint, dataset_dir):
                        captions=CaptionOptions(shuffle_tags=True, keep_tokens=0))
     with torch.inference_mode(False):
         trainer.run()
-    assert trainer.text == {}
+    assert set(trainer.text) == {""}  # the empty prompt the model check encodes, and no training caption
     fixed = _trainer(pack, loaded_checkpoint, dataset_dir, steps=1)
     with torch.inference_mode(False):
         fixed.run()
-    assert set(fixed.text) == {LONG_CAPTION, "a red circle"}
+    assert set(fixed.text) == {LONG_CAPTION, "a red circle", ""}
 
 
 def test_preview_equals_ksampler_and_vae_decode(pack, loaded_checkpoint, dataset_dir, comfy_nodes):

@@ -411,20 +411,25 @@ def test_a_diffusers_flux_lora_applies_like_the_same_kohya_lora(pack, caplog):
     diffusers = {}
     for name, target in comfy.utils.flux_to_diffusers(fam.model.model.model_config.unet_config,
                                                       output_prefix="diffusion_model.").items():
-        key, rows = (target, None) if isinstance(target, str) else target
-        if not name.endswith(".weight") or key not in ours:
+        if isinstance(target, str):
+            target = (target, None)
+        if not name.endswith(".weight") or target[0] not in ours or len(target) > 2:  # 3: a transformed adaLN weight
             continue
+        key, rows = target
         up, down = ours[key].lora_up.detach(), ours[key].lora_down.detach()
         if rows is not None:
             up = up[rows[1]:rows[1] + rows[2]]
         module = "transformer." + name[:-len(".weight")]
         diffusers[f"{module}.lora_A.weight"], diffusers[f"{module}.lora_B.weight"] = down.clone(), up.clone()
-    covered = {(t if isinstance(t, str) else t[0]) for n, t in comfy.utils.flux_to_diffusers(
-        fam.model.model.model_config.unet_config, output_prefix="diffusion_model.").items()} & set(ours)
+    covered = {network.weight_keys[name] for name in network.adapters} & {
+        (t if isinstance(t, str) else t[0]) for n, t in comfy.utils.flux_to_diffusers(
+            fam.model.model.model_config.unet_config, output_prefix="diffusion_model.").items()
+        if n.endswith(".weight") and (isinstance(t, str) or len(t) == 2)}
     assert any(".qkv." in k for k in covered) and any("linear1" in k for k in covered)
     theirs, _, report = apply_lora(fam.model, None, diffusers, 1.0, 0.0)
     assert report.ok and len(report.applied) == len(diffusers) // 2, report.summary()
     mine, _, _ = apply_lora(fam.model, None, network.state_dict_kohya(), 1.0, 0.0)
     got, want = comfy_weights(theirs, sorted(covered)), comfy_weights(mine, sorted(covered))
+    assert len(covered) >= 12
     for key in covered:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")

@@ -306,7 +306,7 @@ def test_disk_latent_cache_is_reused_and_follows_image_changes(pack, loaded_chec
     from lora_foundry.training.latent_cache import FOLDER
 
     data = tmp_path / "data"
-    shutil.copytree(concept_dataset, data)
+    shutil.copytree(concept_dataset, data, ignore=shutil.ignore_patterns(FOLDER))
     _, _, vae = loaded_checkpoint
     calls = []
     encode = vae.encode

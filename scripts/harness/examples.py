@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -121,9 +122,8 @@ def provide(server: ComfyServer, needs: dict, pack, loaded_checkpoint, tiny_chec
             write_safetensors(network.state_dict_kohya(), target, metadata)
     for name in needs["datasets"]:
         target = server.base_dir / "input" / name
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(concept_dataset, target_is_directory=True)
+        if not target.exists():  # a copy: examples with a disk latent cache write next to the images
+            shutil.copytree(concept_dataset, target, ignore=shutil.ignore_patterns(".*"))
 
 
 def make_fast(workflow: dict, object_info: dict) -> dict:
