@@ -28,6 +28,7 @@ def setup(args):
 
     setup_inprocess()
     import_pack()
+    import comfy.samplers  # noqa: F401 - loaded in any ComfyUI process; its first import (~2 s) is no training cost
     import comfy.sd
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
     from lora_foundry.training.dataset import load_dataset
