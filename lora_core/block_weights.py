@@ -22,7 +22,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from torch import nn
+from .targets import block_lists
 
 
 @dataclass(frozen=True)
@@ -209,11 +209,10 @@ def layout_of(model) -> Layout | DiTLayout:
     if isinstance(config, sm.SDXL):
         return SDXL
     lists, letters = [], set()
-    for name, child in model.model.diffusion_model.named_children():
-        if isinstance(child, nn.ModuleList) and len(child) and any(True for _ in child.parameters()):
-            letter = next(c for c in (name[0].upper(), name[:2].upper(), name.upper()) if c not in letters)
-            letters.add(letter)
-            lists.append((name, letter, len(child)))
+    for name, blocks in block_lists(model.model.diffusion_model):
+        letter = next(c for c in (name[0].upper(), name[:2].upper(), name.upper()) if c not in letters)
+        letters.add(letter)
+        lists.append((name, letter, len(blocks)))
     if not lists:
         raise ValueError(f"block weights need a model with blocks; {type(config).__name__} has no block lists")
     return DiTLayout(type(config).__name__, tuple(lists))

@@ -12,7 +12,7 @@ from . import kohya_keys
 from .adapters import ALGORITHMS, Adapter, DyLoRA, adapter_from_factors
 from .apply import lora_key_map
 from .files import split_modules
-from .targets import block_of, find_layers, layer_kind, text_encoders
+from .targets import block_group, find_layers, layer_kind, text_encoders
 
 
 @dataclass
@@ -75,7 +75,7 @@ def _unet_layers(model, config: NetworkConfig):
     base = model.model
     layers = find_layers(base.diffusion_model, config.preset, config.include, config.exclude)
     names = kohya_keys.unet_names(base.model_config, [p for p, _ in layers])
-    return [(names[p], f"diffusion_model.{p}.weight", m, block_of(p)) for p, m in layers]
+    return [(names[p], f"diffusion_model.{p}.weight", m, block_group(p)) for p, m in layers]
 
 
 def _text_encoder_layers(clip, config: NetworkConfig):

@@ -13,6 +13,7 @@ from ..lora_core.files import path_inside
 from ..lora_core.network import LoraNetwork, NetworkConfig
 from ..lora_core.targets import PRESETS
 from ..training.captions import CaptionOptions
+from ..training.conditioning import TRAINING_GUIDANCE
 from ..training.objective import LOSSES, TIMESTEP_SAMPLING, TIMESTEP_SHIFTS
 from ..training.optim import OPTIMIZERS, SCHEDULERS
 from ..training.plots import loss_graph
@@ -72,9 +73,10 @@ def run_folders(loras: str, output: str, output_name: str, resume: bool) -> RunF
         folders = RunFolders(path_inside(loras, name), path_inside(output, f"{STATES_FOLDER}/{name}"), None)
         state = folders.states / f"{folders.name}-state.safetensors"
         if resume:
-            if not state.is_file():
+            earlier = folders.loras / state.name  # where earlier versions of the pack kept it
+            if not state.is_file() and not earlier.is_file():
                 raise ValueError(f"resume: no saved state at {state}; train once with this output_name first")
-            folders.resume = state
+            folders.resume = state if state.is_file() else earlier
             return folders
         if not any(f.exists() and any(f.iterdir()) for f in (folders.loras, folders.states)):
             return folders
@@ -146,7 +148,7 @@ class TrainLoRA:
                                    "below; resolution = kohya's flux_shift."}),
                 "shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 100.0, "step": 0.05,
                                     "tooltip": "The shift for timestep_shift = fixed."}),
-                "guidance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                "guidance": ("FLOAT", {"default": TRAINING_GUIDANCE, "min": 0.0, "max": 100.0, "step": 0.1,
                                        "tooltip": "Distilled guidance while training (Flux.1-dev, HunyuanVideo); "
                                        "other models ignore it. kohya and ai-toolkit train Flux-dev at 1.0."}),
             },
@@ -160,7 +162,7 @@ class TrainLoRA:
               keep_tokens=1, caption_dropout=0.0, flip=False, save_every=0, validation_every=0, sample_every=0, sample_prompts="",
               train_text_encoder=False,
               text_encoder_lr=0.0, resume=False, cache_latents="memory", use_tucker=False,
-              timestep_shift="model", shift=3.0, guidance=1.0, unique_id=None):
+              timestep_shift="model", shift=3.0, guidance=TRAINING_GUIDANCE, unique_id=None):
         import folder_paths
 
         network_config = NetworkConfig(algorithm=algorithm, rank=rank, alpha=alpha, preset=targets, dora=dora,

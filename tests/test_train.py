@@ -34,7 +34,7 @@ def _sampling(kind: str):
 def test_each_family_trains_on_its_own_target(training, kind):
     objective, _ = training
     sampling = _sampling(kind)
-    assert objective.family(sampling) == kind
+    assert objective.prediction(sampling) == kind
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(3, 4, 8, 8, generator=gen)
     noise = torch.randn(3, 4, 8, 8, generator=gen)

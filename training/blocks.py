@@ -7,38 +7,38 @@ from dataclasses import dataclass
 
 import torch
 
+from ..lora_core.targets import block_lists
+
 INPLACE_ERROR = "modified by an inplace operation"
 
 
-def checkpoint_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
+def model_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
     """The blocks the model's forward really calls, one level below its block lists.
 
     DiTs keep their blocks in ModuleLists and call each one. UNets keep TimestepEmbedSequential
     containers (in lists, and the middle block on its own) whose forward ComfyUI never calls: it
     iterates their layers (ResBlock, SpatialTransformer, ...), so those layers are the blocks.
     """
+    items = [item for _, blocks in block_lists(diffusion_model) for item in blocks]
+    items += [child for child in diffusion_model.children()  # the UNet's middle block
+              if isinstance(child, torch.nn.Sequential) and type(child) is not torch.nn.Sequential]
     blocks = []
-    for child in diffusion_model.children():
-        if isinstance(child, torch.nn.ModuleList):
-            items = list(child)
-        elif isinstance(child, torch.nn.Sequential) and type(child) is not torch.nn.Sequential:
-            items = [child]  # the UNet's middle block
+    for item in items:
+        if isinstance(item, torch.nn.Sequential):
+            blocks += [layer for layer in item if any(True for _ in layer.parameters())]
         else:
-            continue
-        for item in items:
-            if isinstance(item, torch.nn.Sequential):
-                blocks += [layer for layer in item if any(True for _ in layer.parameters())]
-            else:
-                blocks.append(item)
+            blocks.append(item)
     return blocks
 
 
 class OutOfPlace(torch.Tensor):
-    """A tensor whose `x += y` makes a new tensor instead of changing x.
+    """A tensor whose `x += y` (and -=, *=) makes a new tensor instead of changing x.
 
     Some host blocks (Flux's and Chroma's double-stream blocks) add residuals in place, which
     autograd refuses once a tensor it saved for the backward pass changes. Everything computed
     from an OutOfPlace tensor is one too, so every `+=` in such a block becomes a plain sum.
+    In-place writes into a slice (`x[:, a:b] += y`) stay in place: a block doing that still fails,
+    loudly, with autograd's own message.
     """
 
     def __iadd__(self, other):
@@ -52,10 +52,10 @@ class OutOfPlace(torch.Tensor):
 
 
 def _convert(value, cls):
-    """`value` with its floating-point tensors (also inside tuples, lists and keyword dicts) viewed as `cls`."""
+    """`value` with its floating-point tensors (also inside plain tuples and lists) viewed as `cls`."""
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value.as_subclass(cls)
-    if isinstance(value, tuple | list):
+    if type(value) in (tuple, list):
         return type(value)(_convert(v, cls) for v in value)
     return value
 
@@ -94,7 +94,7 @@ def wrapped_blocks(blocks: list[torch.nn.Module], options: BlockOptions):
 
 def training_blocks(diffusion_model: torch.nn.Module, options: BlockOptions):
     """The diffusion model's blocks wrapped for training (see `wrapped_blocks`)."""
-    return wrapped_blocks(checkpoint_blocks(diffusion_model), options)
+    return wrapped_blocks(model_blocks(diffusion_model), options)
 
 
 def text_encoder_layers(text_model: torch.nn.Module | None):

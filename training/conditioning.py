@@ -14,23 +14,36 @@ from dataclasses import dataclass
 
 import torch
 
-# The guidance distilled models (Flux.1-dev, HunyuanVideo) are trained with: kohya sd-scripts,
-# ai-toolkit and musubi-tuner all feed 1.0 while training, whatever users sample with.
+# The guidance distilled models (Flux.1-dev, HunyuanVideo) are trained with, whatever users sample
+# with: kohya sd-scripts' Flux recipes pass --guidance_scale 1.0 (its default is 3.5), ai-toolkit 1.0.
 TRAINING_GUIDANCE = 1.0
 
 
 @dataclass(frozen=True)
 class ImageGeometry:
-    """How a training image became its latent: SDXL-style size conditioning (kohya's convention)."""
+    """How a training image became its latent, for SDXL-style size conditioning (kohya's convention)."""
 
-    original: tuple[int, int]  # (width, height) of the image file
-    crop: tuple[int, int]  # (top, left) of the crop in the resized image
-    target: tuple[int, int]  # (width, height) of the bucket
+    width: int  # of the image file
+    height: int
+    crop_top: int  # the crop's corner in the resized image
+    crop_left: int
+    target_width: int  # of the bucket
+    target_height: int
 
     def as_params(self) -> dict:
         """The keys CLIPTextEncodeSDXL puts into a conditioning, which SDXL's encode_adm reads."""
-        return {"width": self.original[0], "height": self.original[1], "crop_h": self.crop[0],
-                "crop_w": self.crop[1], "target_width": self.target[0], "target_height": self.target[1]}
+        return {"width": self.width, "height": self.height, "crop_h": self.crop_top, "crop_w": self.crop_left,
+                "target_width": self.target_width, "target_height": self.target_height}
+
+
+def size_conditioned(model) -> bool:
+    """Models whose size conditioning trains with each image's original size and crop, as kohya does for SDXL.
+
+    Other models that read `width` / `height` (PixArt, HunyuanDiT) get what sampling gives them: the latent's size.
+    """
+    import comfy.model_base
+
+    return isinstance(model, (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner))
 
 
 def encode_caption(clip, caption: str) -> list:
@@ -44,20 +57,15 @@ def to_device(conditioning: list, device) -> list:
             for c, extras in conditioning]
 
 
-def host_default_guidance(model) -> float | None:
-    """The guidance the model's extra_conds gives when a conditioning sets none (None: it takes none)."""
-    try:
-        probe = model.extra_conds(noise=torch.zeros(1, 1, 1, 1), device="cpu", cross_attn=None, pooled_output=None)
-    except Exception:  # noqa: BLE001 - an extra_conds that needs real inputs has no guidance of its own
-        return None
-    guidance = probe.get("guidance")
-    return float(guidance.cond.flatten()[0]) if guidance is not None else None
+def training_guidance(model, conditioning: list, noise: torch.Tensor, guidance: float = TRAINING_GUIDANCE) -> float | None:
+    """`guidance` for guidance-distilled models, else whatever the host gives (None: the model takes none).
 
-
-def training_guidance(model, guidance: float = TRAINING_GUIDANCE) -> float | None:
-    """`guidance` for guidance-distilled models (a nonzero host default), else whatever the host gives."""
-    default = host_default_guidance(model)
-    return guidance if default else default
+    A model is guidance-distilled when, given no guidance, its extra_conds still feeds a nonzero one
+    (Flux: 3.5, HunyuanVideo: 6.0; Chroma's is 0).
+    """
+    (_, inputs), = model_inputs(model, [conditioning], noise, [None])
+    default = inputs.get("guidance")
+    return guidance if default is not None and float(default.flatten()[0]) else None
 
 
 def model_inputs(model, conditionings: list[list], noisy: torch.Tensor, geometries: list[ImageGeometry | None],
@@ -74,14 +82,14 @@ def model_inputs(model, conditionings: list[list], noisy: torch.Tensor, geometri
     per_sample = []
     for index, (conditioning, geometry) in enumerate(zip(conditionings, geometries, strict=True)):
         entry = comfy.sampler_helpers.convert_cond(conditioning[:1])
-        extras = dict(geometry.as_params()) if geometry is not None else {}
+        extras = dict(geometry.as_params()) if geometry is not None and size_conditioned(model) else {}
         if guidance is not None:
             extras["guidance"] = guidance
         for key, value in extras.items():
             entry[0].setdefault(key, value)
         noise = noisy[index:index + 1]
         entry = comfy.samplers.encode_model_conds(model.extra_conds, entry, noise, noisy.device, "positive",
-                                                  latent_image=torch.zeros_like(noise), denoise_mask=None, seed=None)
+                                                  latent_image=torch.zeros_like(noise), denoise_mask=None, seed=0)
         conds = entry[0]["model_conds"]
         if "c_concat" in conds:
             raise ValueError(

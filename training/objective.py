@@ -23,7 +23,7 @@ TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 TIMESTEP_SHIFTS = ("model", "none", "fixed", "resolution")
 
 
-def family(model_sampling) -> str:
+def prediction(model_sampling) -> str:
     """'eps', 'v' or 'flow' for a ComfyUI model_sampling object, by its prediction class.
 
     The host composes model_sampling from a schedule and a prediction class (EPS, V_PREDICTION,
@@ -90,7 +90,7 @@ def sigmas_for(model_sampling, levels: list[float], shift: str = "model", shift_
     """
     if shift not in TIMESTEP_SHIFTS:
         raise ValueError(f"timestep_shift: {shift!r} is not one of {', '.join(TIMESTEP_SHIFTS)}")
-    if shift == "model" or family(model_sampling) != "flow":  # eps / v schedules have no shift to choose
+    if shift == "model" or prediction(model_sampling) != "flow":  # eps / v schedules have no shift to choose
         return torch.tensor([float(model_sampling.percent_to_sigma(1.0 - u)) for u in levels], dtype=torch.float32)
     u = torch.tensor(levels, dtype=torch.float64)
     if shift == "fixed":

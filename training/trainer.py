@@ -19,7 +19,15 @@ from . import objective
 from .blocks import INPLACE_ERROR, BlockOptions, text_encoder_layers, training_blocks
 from .buckets import cover_size
 from .captions import CaptionOptions, process_caption
-from .conditioning import ImageGeometry, apply_model, encode_caption, model_inputs, to_device, training_guidance
+from .conditioning import (
+    TRAINING_GUIDANCE,
+    ImageGeometry,
+    apply_model,
+    encode_caption,
+    model_inputs,
+    to_device,
+    training_guidance,
+)
 from .dataset import Dataset
 from .latent_cache import LatentCache, vae_fingerprint
 from .optim import build_optimizer, build_scheduler, lora_plus_groups
@@ -56,7 +64,7 @@ class TrainConfig:
     timestep_sampling: str = "uniform"
     timestep_shift: str = "model"  # flow models: model | none | fixed | resolution (objective.sigmas_for)
     shift: float = 3.0  # the shift for timestep_shift "fixed"
-    guidance: float = 1.0  # fed to guidance-distilled models (Flux.1-dev, HunyuanVideo); others get the host's
+    guidance: float = TRAINING_GUIDANCE  # fed to guidance-distilled models (Flux.1-dev, HunyuanVideo) only
     min_timestep: int = 0
     max_timestep: int = 1000
     flip: bool = False
@@ -123,8 +131,7 @@ class Trainer:
         self.dataset, self.network, self.config = dataset, network, config
         self.output_dir, self.name, self.on_step, self.resume = output_dir, name, on_step, resume
         self.state_dir = state_dir if state_dir is not None else output_dir
-        self.kind = objective.family(model.get_model_object("model_sampling"))
-        self.guidance = training_guidance(model.model, config.guidance)
+        self.kind = objective.prediction(model.get_model_object("model_sampling"))
         for setting, unused in (("timestep_shift", config.timestep_shift != "model" and self.kind != "flow"),
                                 ("min_snr_gamma", config.min_snr_gamma and self.kind == "flow")):
             if unused:
@@ -136,6 +143,8 @@ class Trainer:
         self.train_clip = None  # the CLIP clone carrying text-encoder adapters, while training them
         self.compute_dtype: torch.dtype | None = None  # what the model computes in, once training runs
         self._disk_cache: LatentCache | None = None
+        self.guidance: float | None = None
+        self.check_model()
 
     # --- data --------------------------------------------------------------------------------
     def encode_images(self, items, validation: bool = False, batch: int = 16) -> None:
@@ -219,7 +228,6 @@ class Trainer:
 
         cfg = self.config
         start = time.monotonic()
-        self.check_model()
         self.encode_images(self.dataset.items)
         self.encode_images(self.dataset.validation, validation=True)
         self.encode_fixed_captions()
@@ -263,6 +271,7 @@ class Trainer:
         try:
             text_model = self.train_clip.cond_stage_model if self.train_clip is not None else None
             blocks = BlockOptions(checkpointing=cfg.gradient_checkpointing)
+            backward_done = False
             with torch.inference_mode(False), torch.enable_grad(), training_blocks(diffusion_model, blocks), \
                     text_encoder_layers(text_model):
                 for step in range(loop["step"] + 1, cfg.steps + 1):
@@ -273,8 +282,8 @@ class Trainer:
                             order.extend(self.dataset.epoch_order(loop["epoch"], cfg.seed, cfg.batch_size))
                             loop["epoch"] += 1
                         batch = order.pop(0)
-                        draws = (rng.getstate(), gen.get_state(), torch.get_rng_state())
                         self.network.new_step()
+                        draws = (rng.getstate(), gen.get_state())  # what batch_loss draws from
                         loss = self.batch_loss(patched, batch, rng, gen, device, autocast_dtype)
                         if not torch.isfinite(loss):
                             with torch.no_grad():
@@ -288,20 +297,21 @@ class Trainer:
                         try:
                             scaler.scale(loss / cfg.grad_accum).backward()
                         except RuntimeError as error:
-                            if INPLACE_ERROR not in str(error) or blocks.out_of_place:
+                            if INPLACE_ERROR not in str(error) or blocks.out_of_place or backward_done:
                                 raise
-                            # The model's blocks add residuals in place (Flux, Chroma): sum them out of
-                            # place from now on and run this micro-batch again with the same draws.
+                            # The model's blocks add residuals in place (Flux, Chroma), found at the run's
+                            # first backward: sum them out of place from now on and run this micro-batch
+                            # again with the same draws (the adapters keep this step's), so a resumed run
+                            # draws exactly what an uninterrupted one does.
                             logging.info("Train LoRA: %s adds residuals in place; training sums them out of place",
                                          type(diffusion_model).__name__)
                             blocks.out_of_place = True
                             optimizer.zero_grad(set_to_none=True)
                             rng.setstate(draws[0])
                             gen.set_state(draws[1])
-                            torch.set_rng_state(draws[2])
-                            self.network.new_step()
                             loss = self.batch_loss(patched, batch, rng, gen, device, autocast_dtype)
                             scaler.scale(loss / cfg.grad_accum).backward()
+                        backward_done = True
                         step_loss += loss.item() / cfg.grad_accum
                     if cfg.grad_clip > 0:
                         scaler.unscale_(optimizer)
@@ -342,11 +352,12 @@ class Trainer:
                            time.monotonic() - start, self.checkpoints)
 
     def check_model(self) -> None:
-        """Fail before anything is encoded if the model needs inputs training cannot give it (the message says)."""
+        """Build the model's inputs once, before anything is encoded: this fails with a message if the model
+        needs inputs training cannot give it, and finds the guidance it trains with."""
         latent_format = self.model.get_model_object("latent_format")
         frames = [1] if getattr(latent_format, "latent_dimensions", 2) == 3 else []
         noise = torch.zeros(1, latent_format.latent_channels, *frames, 8, 8)
-        model_inputs(self.model.model, [self.encode_text("")], noise, [None], self.guidance)
+        self.guidance = training_guidance(self.model.model, self.encode_text(""), noise, self.config.guidance)
 
     def sample(self, patched, step: int):
         """A preview grid (one image per sample prompt) from the model with the adapter as it is now.
@@ -359,7 +370,7 @@ class Trainer:
 
         cfg = self.config
         width, height = self.dataset.items[0].bucket
-        empty = torch.zeros((1, *next(iter(self.latents.values())).shape))
+        empty = torch.zeros((1, *self.latents[(0, False)].shape))
         self.network.eval()
         images = []
         try:
@@ -468,6 +479,8 @@ def held_out_loss(trainer: Trainer, patched, device, levels=(0.1, 0.3, 0.5, 0.7,
         return math.nan
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
+    training = trainer.network.training
+    trainer.network.eval()  # the whole adapter: no dropout, DyLoRA at full rank
     with torch.no_grad():
         for index, item in enumerate(items):
             key = (-1 - index, False)
@@ -479,6 +492,7 @@ def held_out_loss(trainer: Trainer, patched, device, levels=(0.1, 0.3, 0.5, 0.7,
                                     torch.ones(1, device=device), None)
                 total += loss.item()
                 count += 1
+    trainer.network.train(training)
     return total / count
 
 
@@ -489,7 +503,7 @@ def image_geometry(item, flip: bool = False) -> ImageGeometry:
     top, left = (resized[1] - bucket[1]) // 2, (resized[0] - bucket[0]) // 2
     if flip:
         left = resized[0] - bucket[0] - left
-    return ImageGeometry(original=tuple(item.size), crop=(top, left), target=bucket)
+    return ImageGeometry(*item.size, top, left, *bucket)
 
 
 def _json(value) -> str:
