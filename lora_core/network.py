@@ -230,6 +230,9 @@ class LoraNetwork(nn.Module):
         for name, parts in sorted(modules.items()):
             key = key_map.get(name)
             try:
+                if bound and isinstance(key, tuple):
+                    raise ValueError(f"changes part of {key[0]}, which ComfyUI holds fused (diffusers q/k/v); "
+                                     "Apply LoRA applies such files, to merge or resize one save it in kohya names")
                 if bound and key not in host:
                     raise ValueError("no adaptable layer of this model has this name")
                 our_name, shape = host[key] if bound else (name.replace(".", "_"), None)

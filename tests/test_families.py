@@ -430,6 +430,8 @@ def test_a_diffusers_flux_lora_applies_like_the_same_kohya_lora(pack, caplog):
     mine, _, _ = apply_lora(fam.model, None, network.state_dict_kohya(), 1.0, 0.0)
     got, want = comfy_weights(theirs, sorted(covered)), comfy_weights(mine, sorted(covered))
     assert len(covered) >= 12
+    with pytest.raises(ValueError, match=r"changes part of diffusion_model\.double_blocks\.0\.img_attn\.qkv\.weight"):
+        LoraNetwork.from_state_dict(diffusers, model=fam.model)  # merge / resize say why they cannot read it
     for key in covered:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
 
