@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 
 import numpy as np
 import pytest
@@ -98,7 +99,7 @@ def test_family_trains_and_its_file_loads_in_comfyui(family, dataset_dir, tmp_pa
     import comfy.sd
     from lora_foundry.lora_core.files import read_safetensors, write_safetensors
     from lora_foundry.training.conditioning import apply_model, model_inputs
-    from lora_foundry.training.trainer import held_out_loss
+    from lora_foundry.training.trainer import held_out_loss, image_geometry
 
     trainer = _trainer(family, dataset_dir)
     assert trainer.dataset.validation
@@ -127,7 +128,7 @@ def test_family_trains_and_its_file_loads_in_comfyui(family, dataset_dir, tmp_pa
     noisy = x0 + torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     sigma = torch.tensor([0.7 if trainer.kind == "flow" else 3.0])
     inputs = model_inputs(family.model.model, trainer.conditioning([CAPTIONS[0]], "cpu"), noisy,
-                          [trainer.geometry[(0, False)]], trainer.guidance)
+                          [image_geometry(trainer.dataset.items[0])], trainer.guidance)
     with torch.inference_mode(False), torch.no_grad():
         attached, _ = result.network.attach(family.model)
         result.network.eval()
@@ -162,21 +163,20 @@ def _inference_conditioning(fam, nodes, prompt, geometry):
 def test_family_gets_the_inputs_comfyui_gives_it(family, dataset_dir, comfy_nodes):
     """The diffusion model receives from training exactly the conditioning inputs KSampler gives it."""
     import comfy.sample
+    from lora_foundry.training.trainer import image_geometry
 
     trainer = _trainer(family, dataset_dir, steps=1)
     index = next(i for i, item in enumerate(trainer.dataset.items) if tuple(item.size) != tuple(item.bucket)) \
         if family.name == "sdxl" else 0
     item = trainer.dataset.items[index]
-    trainer.encode_images([item])
-    key = (0, False)
-    geometry = trainer.geometry[key]
+    trainer.encode_images(trainer.dataset.items)
+    geometry = image_geometry(item)
     if family.name == "sdxl":  # a 64x96 image, resized to cover the 64x64 bucket and cropped at its centre
         assert (geometry.width, geometry.height, geometry.crop_top, geometry.crop_left) == (64, 96, 16, 0)
     caption = trainer.fixed_caption(item)
-    x0 = trainer.latents[key][None]
-    with torch.inference_mode(False), torch.no_grad(), Recorder(family.model) as training:
-        trainer.loss(family.model, x0, torch.randn(x0.shape), [0.5], trainer.conditioning([caption], "cpu"),
-                     [geometry], torch.ones(1), None)
+    x0 = trainer.latents[(index, False)][None]
+    with torch.inference_mode(False), torch.no_grad(), Recorder(family.model) as training:  # the training step's path
+        trainer.batch_loss(family.model, [index], random.Random(0), torch.Generator().manual_seed(0), "cpu", None)
     positive = _inference_conditioning(family, comfy_nodes, caption, geometry)
     latent = torch.zeros((1, *x0.shape[1:]))
     with torch.inference_mode(), Recorder(family.model) as sampling:

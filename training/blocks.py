@@ -97,12 +97,12 @@ def training_blocks(diffusion_model: torch.nn.Module, options: BlockOptions):
     return wrapped_blocks(model_blocks(diffusion_model), options)
 
 
-def text_encoder_layers(text_model: torch.nn.Module | None):
-    """The text encoders' layers summed out of place, while text-encoder adapters train.
+def text_encoder_layers(encoders: list[torch.nn.Module]):
+    """The layers of the text encoders being trained, summed out of place for the duration.
 
     The host's CLIPLayer adds its residuals in place (`x += ...`), which autograd rejects as soon
-    as an earlier layer's adapter makes `x` require a gradient.
+    as an earlier layer's adapter makes `x` require a gradient. Frozen encoders (T5) are left alone.
     """
-    layers = [layer for module in (text_model.modules() if text_model is not None else ())
+    layers = [layer for encoder in encoders for module in encoder.modules()
               if isinstance(module, torch.nn.ModuleList) for layer in module]
     return wrapped_blocks(layers, BlockOptions(out_of_place=True))

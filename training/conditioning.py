@@ -52,7 +52,7 @@ def encode_caption(clip, caption: str) -> list:
 
 
 def to_device(conditioning: list, device) -> list:
-    """The same conditioning with its tensors on `device` (and detached copies stay shared)."""
+    """The same conditioning with its tensors on `device`."""
     return [[c.to(device), {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in extras.items()}]
             for c, extras in conditioning]
 

@@ -27,21 +27,17 @@ def prediction(model_sampling) -> str:
     """'eps', 'v' or 'flow' for a ComfyUI model_sampling object, by its prediction class.
 
     The host composes model_sampling from a schedule and a prediction class (EPS, V_PREDICTION,
-    CONST, X0, ...); X0 and IMG_TO_IMG subclass EPS but predict something else, so the most
-    derived prediction class decides, and any we do not train is named.
+    CONST, X0, ...); the prediction class is the most derived one that defines `calculate_denoised`
+    (X0 and IMG_TO_IMG subclass EPS but predict something else), and any we do not train is named.
     """
     import comfy.model_sampling as ms
 
+    predictor = next((c for c in type(model_sampling).__mro__ if "calculate_denoised" in vars(c)), None)
     kinds = {ms.EPS: "eps", ms.V_PREDICTION: "v", ms.EDM: "v", ms.CONST: "flow"}
-    for cls in type(model_sampling).__mro__:
-        if cls in kinds:
-            return kinds[cls]
-        if cls.__module__ == ms.__name__ and cls.__name__ in ("X0", "IMG_TO_IMG", "COSMOS_RFLOW"):
-            break
-    prediction = next((c.__name__ for c in type(model_sampling).__mro__
-                       if c.__module__ == ms.__name__ and not c.__name__.startswith("ModelSampling")), "unknown")
-    raise ValueError(f"training does not support models that predict {prediction} "
-                     f"({type(model_sampling).__name__}); eps, v-prediction and flow-matching models train")
+    if predictor not in kinds:
+        raise ValueError(f"training does not support models that predict {getattr(predictor, '__name__', 'unknown')} "
+                         f"({type(model_sampling).__name__}); eps, v-prediction and flow-matching models train")
+    return kinds[predictor]
 
 
 def error_scale(kind: str, sigma: torch.Tensor, sigma_data: float = 1.0) -> torch.Tensor:

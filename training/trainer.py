@@ -14,7 +14,8 @@ import torch
 
 from ..lora_core.files import write_safetensors
 from ..lora_core.metadata import kohya_metadata
-from ..lora_core.network import LoraNetwork
+from ..lora_core.network import LoraNetwork, is_trainable_text_encoder
+from ..lora_core.targets import text_encoders
 from . import objective
 from .blocks import INPLACE_ERROR, BlockOptions, text_encoder_layers, training_blocks
 from .buckets import cover_size
@@ -137,7 +138,6 @@ class Trainer:
             if unused:
                 logging.info("Train LoRA: %s does not apply to %s models; ignored", setting, self.kind)
         self.latents: dict[tuple[int, bool], torch.Tensor] = {}
-        self.geometry: dict[tuple[int, bool], ImageGeometry] = {}
         self.text: dict[str, list] = {}  # host conditioning of captions that never change
         self.checkpoints: list[Path] = []
         self.train_clip = None  # the CLIP clone carrying text-encoder adapters, while training them
@@ -165,7 +165,6 @@ class Trainer:
                 key = (index if not validation else -1 - index, flip)
                 if key in self.latents:
                     continue
-                self.geometry[key] = image_geometry(item, flip)
                 cached = disk.load(item, flip) if disk else None
                 if cached is not None:
                     self.latents[key] = self.model.model.process_latent_in(cached).float()[0]
@@ -269,11 +268,12 @@ class Trainer:
         state = (optimizer, scheduler, loop, rng, gen)
         diffusion_model = patched.model.diffusion_model
         try:
-            text_model = self.train_clip.cond_stage_model if self.train_clip is not None else None
+            trained_encoders = [encoder for name, encoder in text_encoders(self.train_clip.cond_stage_model).items()
+                                if is_trainable_text_encoder(name)] if self.train_clip is not None else []
             blocks = BlockOptions(checkpointing=cfg.gradient_checkpointing)
             backward_done = False
             with torch.inference_mode(False), torch.enable_grad(), training_blocks(diffusion_model, blocks), \
-                    text_encoder_layers(text_model):
+                    text_encoder_layers(trained_encoders):
                 for step in range(loop["step"] + 1, cfg.steps + 1):
                     mm.throw_exception_if_processing_interrupted()
                     step_loss = 0.0
@@ -297,7 +297,7 @@ class Trainer:
                         try:
                             scaler.scale(loss / cfg.grad_accum).backward()
                         except RuntimeError as error:
-                            if INPLACE_ERROR not in str(error) or blocks.out_of_place or backward_done:
+                            if INPLACE_ERROR not in str(error) or backward_done:
                                 raise
                             # The model's blocks add residuals in place (Flux, Chroma), found at the run's
                             # first backward: sum them out of place from now on and run this micro-batch
@@ -387,7 +387,7 @@ class Trainer:
                     images.append(Image.fromarray((pixels.float().cpu().numpy() * 255).round().astype("uint8")))
         finally:
             self.network.train()
-        grid = Image.new("RGB", (sum(img.width for img in images), height))
+        grid = Image.new("RGB", (width * len(images), height))
         for i, img in enumerate(images):
             grid.paste(img, (i * width, 0))
         return grid
@@ -412,8 +412,9 @@ class Trainer:
         if cfg.noise_offset:
             noise = noise + cfg.noise_offset * torch.randn((*x0.shape[:2], *[1] * (x0.dim() - 2)), generator=gen)
         weights = torch.tensor([item.loss_weight for item in items], device=device)
-        return self.loss(patched, x0, noise.to(device), levels, self.conditioning(captions, device),
-                         [self.geometry[key] for key in keys], weights, autocast_dtype, min_snr=cfg.min_snr_gamma)
+        geometries = [image_geometry(item, flip) for item, flip in zip(items, flips, strict=True)]
+        return self.loss(patched, x0, noise.to(device), levels, self.conditioning(captions, device), geometries,
+                         weights, autocast_dtype, min_snr=cfg.min_snr_gamma)
 
     def loss(self, patched, x0, noise, levels, conditionings, geometries, weights, autocast_dtype,
              min_snr: float = 0.0) -> torch.Tensor:
@@ -488,7 +489,7 @@ def held_out_loss(trainer: Trainer, patched, device, levels=(0.1, 0.3, 0.5, 0.7,
             conditioning = trainer.conditioning([trainer.fixed_caption(item)], device)
             for level in levels:
                 noise = torch.randn(x0.shape, generator=gen).to(device)
-                loss = trainer.loss(patched, x0, noise, [level], conditioning, [trainer.geometry[key]],
+                loss = trainer.loss(patched, x0, noise, [level], conditioning, [image_geometry(item)],
                                     torch.ones(1, device=device), None)
                 total += loss.item()
                 count += 1
