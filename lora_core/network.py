@@ -33,6 +33,7 @@ class NetworkConfig:
     dora: bool = False
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
+    network_dropout: float = 0.0  # kohya's: dropout on each adapter's activations (attach mode "bypass" only)
     lokr_factor: int = -1
     use_tucker: bool = False  # kxk convolutions get LyCORIS Tucker factors (lora_mid, hada_t1/t2, lokr_t2)
     dylora_unit: int = 1
@@ -68,6 +69,21 @@ class NetworkConfig:
         rank = self.block_ranks.get(block, rank)
         alpha = self.block_alphas.get(block, alpha if block not in self.block_ranks else rank)
         return rank, alpha
+
+
+ATTACH_MODES = ("bypass", "weights")
+
+
+class BypassForward:
+    """A layer's forward plus its adapter's output: how `attach` patches a layer in bypass mode."""
+
+    def __init__(self, layer: nn.Module, adapter: Adapter):
+        self.layer, self.adapter = layer, adapter
+
+    def __call__(self, x, *args, **kwargs):
+        # The class's forward, not the instance's: a patch left on the layer by another clone is never stacked.
+        out = type(self.layer).forward(self.layer, x, *args, **kwargs)
+        return self.adapter.bypass(self.layer, x, out)
 
 
 def _unet_layers(model, config: NetworkConfig):
@@ -145,7 +161,8 @@ class LoraNetwork(nn.Module):
                 "widen the preset or the include patterns"
             )
         adapter_cls = ALGORITHMS[config.algorithm]
-        options = {"rank_dropout": config.rank_dropout, "module_dropout": config.module_dropout}
+        options = {"rank_dropout": config.rank_dropout, "module_dropout": config.module_dropout,
+                   "dropout": config.network_dropout}
         if adapter_cls.algorithm == "lokr":
             options["factor"] = config.lokr_factor
         if adapter_cls is DyLoRA:
@@ -166,8 +183,15 @@ class LoraNetwork(nn.Module):
         return cls(adapters, keys, config)
 
     # --- training --------------------------------------------------------------------------
-    def attach(self, model=None, clip=None):
-        """Clones of MODEL / CLIP with every adapter as a weight wrapper; base weights frozen."""
+    def attach(self, model=None, clip=None, mode: str = "weights"):
+        """Clones of MODEL / CLIP with every adapter attached; base weights frozen.
+
+        "weights": each adapter is a weight wrapper (the layer computes with W + dW).
+        "bypass": each adapter adds its output in the layer's forward (an object patch of the clone's
+        layer) and the base weight is never touched, so it may be fp8 or left in RAM by the host.
+        """
+        if mode not in ATTACH_MODES:
+            raise ValueError(f"attach: {mode!r} is not one of {', '.join(ATTACH_MODES)}")
         new_model = model.clone() if model is not None else None
         new_clip = clip.clone() if clip is not None else None
         if new_model is not None:
@@ -179,11 +203,14 @@ class LoraNetwork(nn.Module):
             if key is None:
                 raise KeyError(f"adapter {name} is not bound to a model weight; create it from the model")
             adapter.requires_grad_(True)
-            if key.startswith("diffusion_model."):
-                if new_model is not None:
-                    new_model.add_weight_wrapper(key, adapter)
-            elif new_clip is not None:
-                new_clip.patcher.add_weight_wrapper(key, adapter)
+            patcher = new_model if key.startswith("diffusion_model.") else (new_clip.patcher if new_clip else None)
+            if patcher is None:
+                continue
+            if mode == "weights":
+                patcher.add_weight_wrapper(key, adapter)
+            else:
+                path = key.removesuffix(".weight")
+                patcher.add_object_patch(f"{path}.forward", BypassForward(patcher.model.get_submodule(path), adapter))
         return new_model, new_clip
 
     def new_step(self) -> None:

@@ -6,6 +6,8 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.overrides import TorchFunctionMode
 
 from ..lora_core.targets import block_lists
 
@@ -51,9 +53,22 @@ class OutOfPlace(torch.Tensor):
         return torch.mul(self, other)
 
 
+class InPlaceAsNew(TorchFunctionMode):
+    """In-place arithmetic (`+=`, `-=`, `*=` and add_ / sub_ / mul_) returns a new tensor instead.
+
+    What OutOfPlace does, for the storage-less tensors of a simulated step (memory.simulated_peak), which
+    cannot be viewed as a subclass; their values are never read, so an ignored add_ result changes nothing.
+    """
+
+    NEW = {torch.Tensor.add_: torch.add, torch.Tensor.sub_: torch.sub, torch.Tensor.mul_: torch.mul}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self.NEW.get(func, func)(*args, **(kwargs or {}))
+
+
 def _convert(value, cls):
     """`value` with its floating-point tensors (also inside plain tuples and lists) viewed as `cls`."""
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and not is_fake(value):
         return value.as_subclass(cls)
     if type(value) in (tuple, list):
         return type(value)(_convert(v, cls) for v in value)

@@ -15,6 +15,9 @@ from torch.optim.lr_scheduler import LambdaLR
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "SGD", "Adafactor", "Prodigy")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
+# Optimizer state per parameter, in fp32 values (Adafactor's factored moments are a small fraction).
+STATE_FLOATS = {"AdamW": 2.0, "AdamW8bit": 0.5, "Lion": 1.0, "SGD": 1.0, "Adafactor": 0.1, "Prodigy": 4.0}
+
 # Parameters on the side of each adapter that starts at zero ("up"/"B"); LoRA+ raises their learning rate.
 LORA_PLUS_NAMES = frozenset({"lora_up", "lora_B", "hada_w1_a", "hada_w2_a", "lokr_w1"})
 

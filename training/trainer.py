@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -14,10 +15,10 @@ import torch
 
 from ..lora_core.files import write_safetensors
 from ..lora_core.metadata import kohya_metadata
-from ..lora_core.network import LoraNetwork, is_trainable_text_encoder
+from ..lora_core.network import ATTACH_MODES, LoraNetwork, is_trainable_text_encoder
 from ..lora_core.targets import text_encoders
-from . import objective
-from .blocks import INPLACE_ERROR, BlockOptions, text_encoder_layers, training_blocks
+from . import memory, objective
+from .blocks import INPLACE_ERROR, BlockOptions, InPlaceAsNew, text_encoder_layers, training_blocks
 from .buckets import cover_size
 from .captions import CaptionOptions, process_caption
 from .conditioning import (
@@ -31,7 +32,7 @@ from .conditioning import (
 )
 from .dataset import Dataset
 from .latent_cache import LatentCache, vae_fingerprint
-from .optim import build_optimizer, build_scheduler, lora_plus_groups
+from .optim import STATE_FLOATS, build_optimizer, build_scheduler, lora_plus_groups
 from .state import load_state, save_state
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,6 +77,9 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 12
     sample_cfg: float = 3.0
+    attach: str = "bypass"  # bypass: adapters add their output in each layer's forward; weights: W + dW
+    vram_budget_gb: float = 0.0  # device memory the run may use; 0: the device's free memory
+    offload_activations: bool = False  # what autograd keeps for the backward pass waits in RAM
     captions: CaptionOptions = field(default_factory=CaptionOptions)
 
     def __post_init__(self):
@@ -87,6 +91,10 @@ class TrainConfig:
             raise ValueError(f"latent_cache: {self.latent_cache!r} is not one of {', '.join(LATENT_CACHES)}")
         if not 0 <= self.min_timestep < self.max_timestep <= 1000:
             raise ValueError("min_timestep / max_timestep: need 0 <= min < max <= 1000")
+        if self.attach not in ATTACH_MODES:
+            raise ValueError(f"attach: {self.attach!r} is not one of {', '.join(ATTACH_MODES)}")
+        if self.vram_budget_gb < 0:
+            raise ValueError(f"vram_budget_gb: must be 0 (auto) or more, got {self.vram_budget_gb}")
         if self.timestep_shift not in objective.TIMESTEP_SHIFTS:
             raise ValueError(f"timestep_shift: {self.timestep_shift!r} is not one of "
                              f"{', '.join(objective.TIMESTEP_SHIFTS)}")
@@ -132,6 +140,8 @@ class Trainer:
         self.dataset, self.network, self.config = dataset, network, config
         self.output_dir, self.name, self.on_step, self.resume = output_dir, name, on_step, resume
         self.state_dir = state_dir if state_dir is not None else output_dir
+        if network.config is not None and network.config.network_dropout and config.attach != "bypass":
+            raise ValueError("network_dropout: drops adapter activations, which only attach = bypass computes")
         self.kind = objective.prediction(model.get_model_object("model_sampling"))
         for setting, unused in (("timestep_shift", config.timestep_shift != "model" and self.kind != "flow"),
                                 ("min_snr_gamma", config.min_snr_gamma and self.kind == "flow")):
@@ -144,6 +154,7 @@ class Trainer:
         self.compute_dtype: torch.dtype | None = None  # what the model computes in, once training runs
         self._disk_cache: LatentCache | None = None
         self.guidance: float | None = None
+        self.plan: memory.MemoryPlan | None = None  # device memory, estimated before step 1
         self.check_model()
 
     # --- data --------------------------------------------------------------------------------
@@ -223,7 +234,6 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        import comfy.model_management as mm
 
         cfg = self.config
         start = time.monotonic()
@@ -235,26 +245,51 @@ class Trainer:
         rng = random.Random(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         train_te = any(name.startswith("lora_te") for name in self.network.adapters)
-        patched, self.train_clip = self.network.attach(self.model, self.clip if train_te else None)
+        memory.release([self.vae.patcher] + ([self.clip.patcher] if not train_te and not self.captions_change() else []))
+        patched, self.train_clip = self.network.attach(self.model, self.clip if train_te else None, mode=cfg.attach)
         patchers = [patched] + ([self.train_clip.patcher] if train_te else [])
-        mm.load_models_gpu(patchers, force_full_load=True)
-        with torch.inference_mode(False):
-            for patcher in patchers:
-                normal_tensors_(patcher.model)
         device = patched.load_device
-        self.network.to(device)
-        self.network.train()
+        autocast_dtype = PRECISIONS[cfg.precision]
+        blocks = BlockOptions(checkpointing=cfg.gradient_checkpointing)
         groups = []
         for part, lr in (("unet", cfg.learning_rate), ("te", cfg.text_encoder_lr or cfg.learning_rate)):
             named = [(f"{n}.{p}", t) for n, a in self.network.adapters.items()
                      if n.startswith("lora_te") == (part == "te") for p, t in a.named_parameters()]
             if named:
                 groups += lora_plus_groups(named, lr, cfg.lora_plus_ratio, cfg.weight_decay)
+        diffusion_model = patched.model.diffusion_model
+        trained_encoders = [encoder for name, encoder in text_encoders(self.train_clip.cond_stage_model).items()
+                            if is_trainable_text_encoder(name)] if self.train_clip is not None else []
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), training_blocks(diffusion_model, blocks), \
+                    text_encoder_layers(trained_encoders):
+                self.plan = self.plan_memory(patched, blocks, device, autocast_dtype)
+                streamed = memory.load(patched, patchers[1:], self.plan.resident_weights
+                                       if self.plan.budget is not None else None)
+                if streamed and not blocks.checkpointing:
+                    blocks.checkpointing = True  # streamed weights must not stay on the device until backward
+                    logging.info("Train LoRA: weights stream from RAM, so every block is checkpointed")
+                for patcher in patchers:
+                    normal_tensors_(patcher.model)
+                self.network.to(device)
+                self.network.train()
+                return self.train_loop(patched, blocks, groups, device, autocast_dtype, start, rng, gen)
+        finally:
+            memory.release(patchers)  # the host undoes the clones' patches; the next user loads the model afresh
+            self.network.eval()
+            self.network.requires_grad_(False)
+            self.network.to("cpu")
+            self.train_clip = None
+
+    def train_loop(self, patched, blocks, groups, device, autocast_dtype, start, rng, gen) -> TrainResult:
+        """Steps from the resumed state (or 0) to the last, on the loaded model."""
+        import comfy.model_management as mm
+
+        cfg = self.config
         optimizer = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay)
         scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.steps, cfg.warmup_steps)
         params = [p for g in groups for p in g["params"]]
         good = [p.detach().clone() for p in params]  # the adapter that last gave a finite loss
-        autocast_dtype = PRECISIONS[cfg.precision]
         # "fp32" means no autocast, but the host computes in the base's own dtype: scale whenever that is fp16.
         self.compute_dtype = autocast_dtype or patched.model.manual_cast_dtype or patched.model.get_dtype()
         if self.compute_dtype != (autocast_dtype or torch.float32):
@@ -266,14 +301,11 @@ class Trainer:
             loop = load_state(self.resume, self.network, optimizer, scheduler, rng, gen)
         losses, validation, order = loop["losses"], loop["validation"], loop["order"]
         state = (optimizer, scheduler, loop, rng, gen)
-        diffusion_model = patched.model.diffusion_model
+        backward_done = False
+        activations = (torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+                       if cfg.offload_activations else contextlib.nullcontext())
         try:
-            trained_encoders = [encoder for name, encoder in text_encoders(self.train_clip.cond_stage_model).items()
-                                if is_trainable_text_encoder(name)] if self.train_clip is not None else []
-            blocks = BlockOptions(checkpointing=cfg.gradient_checkpointing)
-            backward_done = False
-            with torch.inference_mode(False), torch.enable_grad(), training_blocks(diffusion_model, blocks), \
-                    text_encoder_layers(trained_encoders):
+            with activations:
                 for step in range(loop["step"] + 1, cfg.steps + 1):
                     mm.throw_exception_if_processing_interrupted()
                     step_loss = 0.0
@@ -304,7 +336,7 @@ class Trainer:
                             # again with the same draws (the adapters keep this step's), so a resumed run
                             # draws exactly what an uninterrupted one does.
                             logging.info("Train LoRA: %s adds residuals in place; training sums them out of place",
-                                         type(diffusion_model).__name__)
+                                         type(patched.model.diffusion_model).__name__)
                             blocks.out_of_place = True
                             optimizer.zero_grad(set_to_none=True)
                             rng.setstate(draws[0])
@@ -343,13 +375,80 @@ class Trainer:
             self.save_checkpoint(loop["step"], "interrupted")
             self.save_state(*state)
             raise
-        finally:
-            self.network.eval()
-            self.network.requires_grad_(False)
-            self.network.to("cpu")
-            self.train_clip = None
+        except torch.OutOfMemoryError as error:
+            with torch.no_grad():
+                torch._foreach_copy_(params, good)
+            path = self.save_checkpoint(loop["step"], "last-good")
+            raise TrainingError(f"out of device memory at step {loop['step'] + 1} ({self.plan.describe()}); the "
+                                f"adapter of the last finished step is kept at {path}. To fit: {self.plan.hint()}"
+                                ) from error
         return TrainResult(self.network, losses, [tuple(v) for v in validation], loop["step"],
                            time.monotonic() - start, self.checkpoints)
+
+    def plan_memory(self, patched, blocks: BlockOptions, device, autocast_dtype) -> memory.MemoryPlan:
+        """The run's device memory, from a simulated micro-batch; checkpointing is turned on when the weights must
+        stream from RAM. Fails with what to change when even streaming every weight would not fit."""
+        cfg = self.config
+        budget = memory.device_budget(device, cfg.vram_budget_gb)
+        # fp32 parameters, the last-good copy and the optimizer's state; gradients are in the simulation.
+        adapter = self.network.num_params() * 4 * (2 + STATE_FLOATS[cfg.optimizer])
+        encoders = self.train_clip.patcher.model_size() if self.train_clip is not None else 0
+
+        def plan() -> memory.MemoryPlan:
+            return memory.MemoryPlan(patched.model_size(), adapter + encoders,
+                                     self.simulate_step(patched, blocks, device, autocast_dtype), budget,
+                                     blocks.checkpointing)
+
+        result = plan()
+        if budget is not None and result.total > budget and not blocks.checkpointing:
+            blocks.checkpointing = True
+            result = plan()
+        logging.info("Train LoRA: %s", result.describe())
+        if not result.fits:
+            raise TrainingError(f"this run does not fit the device: {result.describe()}. To fit: {result.hint()}")
+        return result
+
+    def simulate_step(self, patched, blocks: BlockOptions, device, autocast_dtype) -> int:
+        """Peak device bytes of one micro-batch of the largest bucket (forward and backward), counted on
+        storage-less tensors; 0 when the model does something the simulation cannot follow."""
+        items = self.dataset.items
+        largest = max(range(len(items)), key=lambda i: items[i].bucket[0] * items[i].bucket[1])
+        patchers = [patched] + ([self.train_clip.patcher] if self.train_clip is not None else [])
+        # The model's sampling schedule stays real: timesteps are drawn from its values.
+        modules = [patched.model.diffusion_model, self.network] + [p.model for p in patchers[1:]]
+
+        x0, noise, sigma, captions, geometries, weights = self.draw_batch(
+            patched, [largest] * self.config.batch_size, random.Random(0), torch.Generator().manual_seed(0), device)
+
+        if self.train_clip is None:  # host code that reads values (attention masks) runs on real tensors
+            x, inputs = self.model_call(patched, x0, noise, sigma, self.conditioning(captions, device), geometries)
+
+        def step():
+            if self.train_clip is None:
+                loss = self.prediction_loss(patched, x, x0, sigma, inputs, weights, autocast_dtype)
+            else:
+                loss = self.loss(patched, x0, noise, sigma, self.conditioning(captions, device), geometries, weights,
+                                 autocast_dtype)
+            loss.backward()
+
+        self.network.eval()  # no dropout draws: training's random choices stay as they are
+        try:
+            with memory.adapters_in_place(patchers):
+                try:
+                    return memory.simulated_peak(modules, device, step)
+                except RuntimeError as error:
+                    if INPLACE_ERROR not in str(error) or blocks.out_of_place:
+                        raise
+                    logging.info("Train LoRA: %s adds residuals in place; training sums them out of place",
+                                 type(patched.model.diffusion_model).__name__)
+                    blocks.out_of_place = True
+                    with InPlaceAsNew():
+                        return memory.simulated_peak(modules, device, step)
+        except Exception as error:  # the plan is advice: a model the simulation cannot run still trains
+            logging.warning("Train LoRA: no memory estimate (a simulated step failed: %s)", error)
+            return 0
+        finally:
+            self.network.train()
 
     def check_model(self) -> None:
         """Build the model's inputs once, before anything is encoded: this fails with a message if the model
@@ -399,7 +498,8 @@ class Trainer:
         cache = not self.captions_change()
         return [to_device(self.encode_text(c, cache), device) for c in captions]
 
-    def batch_loss(self, patched, batch: list[int], rng, gen, device, autocast_dtype) -> torch.Tensor:
+    def draw_batch(self, patched, batch: list[int], rng, gen, device) -> tuple:
+        """One micro-batch's x0, noise, sigma, captions, geometries and loss weights, drawn from `rng` and `gen`."""
         cfg = self.config
         items = [self.dataset.items[i] for i in batch]
         flips = [cfg.flip and rng.random() < 0.5 for _ in batch]
@@ -413,20 +513,35 @@ class Trainer:
             noise = noise + cfg.noise_offset * torch.randn((*x0.shape[:2], *[1] * (x0.dim() - 2)), generator=gen)
         weights = torch.tensor([item.loss_weight for item in items], device=device)
         geometries = [image_geometry(item, flip) for item, flip in zip(items, flips, strict=True)]
-        return self.loss(patched, x0, noise.to(device), levels, self.conditioning(captions, device), geometries,
-                         weights, autocast_dtype, min_snr=cfg.min_snr_gamma)
+        return x0, noise.to(device), self.sigmas(patched, levels, x0), captions, geometries, weights
 
-    def loss(self, patched, x0, noise, levels, conditionings, geometries, weights, autocast_dtype,
-             min_snr: float = 0.0) -> torch.Tensor:
-        """The weighted native-space loss of the model's prediction for x0 noised to `levels`."""
+    def batch_loss(self, patched, batch: list[int], rng, gen, device, autocast_dtype) -> torch.Tensor:
+        x0, noise, sigma, captions, geometries, weights = self.draw_batch(patched, batch, rng, gen, device)
+        return self.loss(patched, x0, noise, sigma, self.conditioning(captions, device), geometries, weights,
+                         autocast_dtype, min_snr=self.config.min_snr_gamma)
+
+    def sigmas(self, patched, levels: list[float], x0: torch.Tensor) -> torch.Tensor:
+        """The model's noise levels (sigmas) for `levels` in [0, 1], with the configured timestep shift."""
         cfg = self.config
+        return objective.sigmas_for(patched.get_model_object("model_sampling"), levels, cfg.timestep_shift, cfg.shift,
+                                    tokens=x0[0, 0].numel() // 4).to(x0.device)
+
+    def loss(self, patched, x0, noise, sigma, conditionings, geometries, weights, autocast_dtype,
+             min_snr: float = 0.0) -> torch.Tensor:
+        """The weighted native-space loss of the model's prediction for x0 noised to `sigma`."""
+        x, inputs = self.model_call(patched, x0, noise, sigma, conditionings, geometries)
+        return self.prediction_loss(patched, x, x0, sigma, inputs, weights, autocast_dtype, min_snr)
+
+    def model_call(self, patched, x0, noise, sigma, conditionings, geometries) -> tuple:
+        """The noisy latent and the model's keyword inputs, as the host builds them for sampling."""
+        x = patched.get_model_object("model_sampling").noise_scaling(sigma.view(-1, *[1] * (x0.dim() - 1)), noise, x0)
+        return x, model_inputs(patched.model, conditionings, x, geometries, self.guidance,
+                               patched.model_options.get("transformer_options"))
+
+    def prediction_loss(self, patched, x, x0, sigma, inputs, weights, autocast_dtype, min_snr: float = 0.0):
+        """The weighted loss of the model's prediction from the noisy latent `x` of `x0`."""
         model_sampling = patched.get_model_object("model_sampling")
-        sigma = objective.sigmas_for(model_sampling, levels, cfg.timestep_shift, cfg.shift,
-                                     tokens=x0[0, 0].numel() // 4).to(x0.device)
         sigma_data = float(getattr(model_sampling, "sigma_data", 1.0))
-        x = model_sampling.noise_scaling(sigma.view(-1, *[1] * (x0.dim() - 1)), noise, x0)
-        inputs = model_inputs(patched.model, conditionings, x, geometries, self.guidance,
-                              patched.model_options.get("transformer_options"))
         with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             denoised = apply_model(patched.model, x, sigma, inputs)
         per_sample = objective.prediction_loss(self.kind, denoised, x0, sigma, self.config.loss,
@@ -489,8 +604,8 @@ def held_out_loss(trainer: Trainer, patched, device, levels=(0.1, 0.3, 0.5, 0.7,
             conditioning = trainer.conditioning([trainer.fixed_caption(item)], device)
             for level in levels:
                 noise = torch.randn(x0.shape, generator=gen).to(device)
-                loss = trainer.loss(patched, x0, noise, [level], conditioning, [image_geometry(item)],
-                                    torch.ones(1, device=device), None)
+                loss = trainer.loss(patched, x0, noise, trainer.sigmas(patched, [level], x0), conditioning,
+                                    [image_geometry(item)], torch.ones(1, device=device), None)
                 total += loss.item()
                 count += 1
     trainer.network.train(training)

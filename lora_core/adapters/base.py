@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -26,6 +27,22 @@ def tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     return torch.einsum("m n ..., m o, n i -> o i ...", core, a, b)
 
 
+def layer_op(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's own operation (linear, or convolution with its stride, padding, ...) with `weight`, no bias."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight)
+    return layer._conv_forward(x, weight, None)
+
+
+def host_weight(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's weight as its forward uses it for `x`: cast by the host (fp8, offloaded, patched) when it casts."""
+    if hasattr(layer, "comfy_cast_weights"):
+        import comfy.ops
+
+        return comfy.ops.cast_bias_weight(layer, x)[0]
+    return layer.weight.to(x.dtype)
+
+
 def flat_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     """[out, in, *kernel] as a matrix: (out, in * prod(kernel))."""
     return shape[0], math.prod(shape[1:])
@@ -35,17 +52,20 @@ class Adapter(nn.Module):
     """A change dW to one weight of shape `shape`. Subclasses define the factors and `delta()`.
 
     Called on a weight (ComfyUI's weight-wrapper protocol) it returns W + multiplier * dW, or
-    the DoRA composition when a magnitude `dora_scale` is present.
+    the DoRA composition when a magnitude `dora_scale` is present. `bypass` gives the same layer
+    output from the layer's input, leaving the weight untouched (what fp8 and offloaded bases need).
     """
 
     algorithm = "base"
 
-    def __init__(self, shape, alpha: float, rank_dropout: float = 0.0, module_dropout: float = 0.0):
+    def __init__(self, shape, alpha: float, rank_dropout: float = 0.0, module_dropout: float = 0.0,
+                 dropout: float = 0.0):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
         self.alpha = float(alpha)
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
+        self.dropout = dropout  # kohya's network_dropout; only the bypass form has activations to drop
         self.multiplier = 1.0
         self.dora_scale: nn.Parameter | None = None
         self._skip = False  # this step's module-dropout draw
@@ -94,6 +114,31 @@ class Adapter(nn.Module):
             return self.add_delta(weight, self.multiplier)
         merged = dora_weight(weight, self.delta().to(weight.dtype), self.dora_scale)
         return merged if self.multiplier == 1 else weight + self.multiplier * (merged - weight)
+
+    def delta_output(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        """dW applied to the layer input `x` by the layer's operation; algorithms with a factored form override it."""
+        return layer_op(layer, self.drop(x), self.delta().to(x.dtype))
+
+    def bypass(self, layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The layer's output `out` for input `x` with this adapter added, the base weight untouched.
+
+        Equals the output of the layer with the weight `forward` gives. DoRA scales each input column
+        by m / ||W + dW||: out + s * (op(x * (c - 1), W) + op(x * c, dW)), by the linearity of the op.
+        """
+        if self.training and self._skip:
+            return out
+        if self.dora_scale is None:
+            change = self.delta_output(x, layer)
+        else:
+            weight = host_weight(layer, x)
+            merged = weight + self.delta().to(weight.dtype)
+            c = self.dora_scale.to(weight.dtype) / (column_norm(merged) + torch.finfo(weight.dtype).eps)
+            change = layer_op(layer, x * (c - 1), weight) + self.delta_output(x * c, layer)
+        return out + (change if self.multiplier == 1 else change * self.multiplier)
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropout on the adapter's activations while training (kohya's network_dropout)."""
+        return F.dropout(x, self.dropout) if self.training and self.dropout else x
 
     def shape_error(self, shape) -> str | None:
         """Why these factors cannot change a weight of `shape` (they do not fit it, or each other), or None.

@@ -67,7 +67,8 @@ class LoKr(Adapter):
     def scale(self) -> float:
         return self.alpha / self.rank if self.lokr_w2 is None else 1.0
 
-    def delta(self):
+    def kron_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """w1 * scale [a, c] and w2 [b, d * prod(k)]: dW = kron of the two."""
         if self.lokr_w2 is not None:
             w2 = self.lokr_w2
         else:
@@ -78,7 +79,18 @@ class LoKr(Adapter):
                 w2 = tucker(self.lokr_t2, w2_a, self.lokr_w2_b).reshape(w2_a.shape[1], -1)
             else:
                 w2 = (w2_a * mask if mask is not None else w2_a) @ self.lokr_w2_b
-        return torch.kron(self.lokr_w1 * self.scale, w2).reshape(self.shape)  # scale on the small factor
+        return self.lokr_w1 * self.scale, w2  # the scale on the small factor
+
+    def delta(self):
+        return torch.kron(*self.kron_factors()).reshape(self.shape)
+
+    def delta_output(self, x, layer):
+        if not isinstance(layer, nn.Linear):
+            return super().delta_output(x, layer)
+        # kron(w1, w2) @ x is w1 @ X @ w2^T with x seen as X [c, d]: no [out, in] matrix.
+        w1, w2 = (w.to(x.dtype) for w in self.kron_factors())
+        grid = self.drop(x).reshape(*x.shape[:-1], w1.shape[1], w2.shape[1])
+        return (w1 @ grid @ w2.T).reshape(*x.shape[:-1], w1.shape[0] * w2.shape[0])
 
     def factors(self):
         names = ("lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")

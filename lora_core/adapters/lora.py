@@ -6,9 +6,12 @@ import math
 import random
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import Adapter, flat_shape
+
+CONV_OPS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class LoRA(Adapter):
@@ -82,6 +85,19 @@ class LoRA(Adapter):
         flat = weight.reshape(self.shape[0], -1)
         merged = torch.addmm(flat, up.to(weight.dtype), down.to(weight.dtype), alpha=strength * self.alpha / self.rank)
         return merged.reshape(weight.shape)
+
+    def delta_output(self, x, layer):
+        # x -> down -> (network dropout, as kohya) -> up: no [out, in] matrix, forward or backward.
+        rank = self.step_rank()
+        up, down = self.matrices(rank)
+        up = up * (self.alpha / self.rank)
+        if isinstance(layer, nn.Linear):
+            return F.linear(self.drop(F.linear(x, down.to(x.dtype))), up.to(x.dtype))
+        if layer.groups != 1:
+            return super().delta_output(x, layer)
+        kernel = self.shape[2:]
+        hidden = layer._conv_forward(x, down.reshape(rank, self.shape[1], *kernel).to(x.dtype), None)
+        return CONV_OPS[len(kernel)](self.drop(hidden), up.reshape(*up.shape, *[1] * len(kernel)).to(x.dtype))
 
     def factors(self):
         out = {"lora_down.weight": self.lora_down.detach(), "lora_up.weight": self.lora_up.detach()}

@@ -1,0 +1,187 @@
+"""Device memory while training: the plan made before step 1, and loading the model to fit it.
+
+The activation part of the plan is not a formula: one training micro-batch (forward, backward) runs
+under torch's FakeTensorMode, where every tensor has its real shape and dtype but no storage, and the
+bytes alive at each moment are counted. That is exact for whatever the model does (any family,
+checkpointing, autocast, fp8 casts) and costs no device memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+GB = 1024**3
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of storages that tensors made inside it keep alive, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._users: dict[int, list[int]] = {}  # storage id: [tensors using it, bytes]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage._cdata
+                if key not in self._users:
+                    self._users[key] = [0, storage.nbytes()]
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                self._users[key][0] += 1
+                weakref.finalize(tensor, self._release, key)
+        return out
+
+    def _release(self, key: int) -> None:
+        users = self._users[key]
+        users[0] -= 1
+        if users[0] == 0:
+            self.live -= users[1]
+            del self._users[key]
+
+
+def simulated_peak(modules: list[torch.nn.Module], device: torch.device, step: Callable[[], None]) -> int:
+    """Peak bytes that `step()` allocates on `device`, run with every parameter and buffer of `modules`
+    replaced by a storage-less fake on `device` (restored afterwards)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    originals = []
+    try:
+        with mode:
+            for module in {id(m): m for root in modules for m in root.modules()}.values():
+                for store in (module._parameters, module._buffers):
+                    for name, tensor in list(store.items()):
+                        if tensor is None:
+                            continue
+                        originals.append((store, name, tensor))
+                        fake = mode.from_tensor(tensor).to(device)
+                        store[name] = torch.nn.Parameter(fake, tensor.requires_grad) \
+                            if isinstance(tensor, torch.nn.Parameter) else fake
+            live = LiveBytes()
+            with live:
+                step()
+    finally:
+        for store, name, tensor in originals:
+            store[name] = tensor
+    return live.peak
+
+
+@contextlib.contextmanager
+def adapters_in_place(patchers: list):
+    """The clones' adapters in their layers without loading any weight (the host does that at load time):
+    object patches (bypass) applied, weight wrappers set as each layer's weight function."""
+    wrapped = []
+    for patcher in patchers:
+        patcher.patch_model(load_weights=False)
+        for key, functions in patcher.weight_wrapper_patches.items():
+            layer = patcher.model.get_submodule(key.rsplit(".", 1)[0])
+            layer.weight_function = list(functions)
+            wrapped.append(layer)
+    try:
+        yield
+    finally:
+        for layer in wrapped:
+            layer.weight_function = []
+        for patcher in patchers:
+            patcher.unpatch_model(unpatch_weights=False)
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes a training run needs on its device, by part, and what it may use."""
+
+    weights: int  # the base model's weights
+    adapter: int  # adapter parameters and optimizer state
+    activations: int  # peak of one micro-batch's forward and backward (gradients included), simulated
+    budget: int | None  # what the run may use; None: no limit known (the CPU)
+    checkpointing: bool
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.adapter + self.activations
+
+    @property
+    def resident_weights(self) -> int:
+        """Weights kept on the device; the rest stays in RAM and is streamed block by block."""
+        if self.budget is None:
+            return self.weights
+        return max(0, min(self.weights, self.budget - self.adapter - self.activations))
+
+    @property
+    def fits(self) -> bool:
+        """Whether it fits, streaming weights if need be (at least a tenth of them stays resident)."""
+        return self.budget is None or self.adapter + self.activations + self.weights // 10 <= self.budget
+
+    def describe(self) -> str:
+        parts = (f"weights {self.weights / GB:.2f} GB ({self.resident_weights / GB:.2f} resident), "
+                 f"adapter + optimizer {self.adapter / GB:.2f} GB, activations {self.activations / GB:.2f} GB")
+        limit = f" of a {self.budget / GB:.2f} GB budget" if self.budget is not None else ""
+        return f"estimated peak {self.peak / GB:.2f} GB{limit}: {parts}"
+
+    @property
+    def peak(self) -> int:
+        return self.resident_weights + self.adapter + self.activations
+
+    def hint(self) -> str:
+        """What to change so that the run fits, most effective first."""
+        steps = []
+        if not self.checkpointing:
+            steps.append("turn gradient_checkpointing on")
+        steps += ["lower batch_size (grad_accum keeps the effective batch)",
+                  "load the model with an fp8 weight_dtype (Load Diffusion Model)",
+                  "train at a lower dataset resolution",
+                  "raise vram_budget_gb if the GPU has more free memory"]
+        return "; ".join(steps)
+
+
+def device_budget(device: torch.device, budget_gb: float) -> int | None:
+    """Bytes the run may use on `device`: `budget_gb` if set, else the device's free memory (None on the CPU)."""
+    import comfy.model_management as mm
+
+    if budget_gb > 0:
+        return int(budget_gb * GB)
+    if device.type == "cpu":
+        return None
+    unloadable = sum(m.model_loaded_memory() for m in mm.current_loaded_models if m.device == device)
+    return int(mm.get_free_memory(device) + unloadable - mm.extra_reserved_memory())
+
+
+def release(patchers: list) -> None:
+    """Take these models (a VAE, text encoders whose outputs are cached) off the device."""
+    import comfy.model_management as mm
+
+    for loaded in list(mm.current_loaded_models):
+        if any(loaded.model is p for p in patchers):
+            loaded.model_unload()
+            mm.current_loaded_models.remove(loaded)
+
+
+def load(model, others: list, weight_memory: int | None) -> bool:
+    """Load the diffusion model (and `others`, whole) on the device. With `weight_memory` bytes, the model's
+    weights beyond it stay in RAM and the host streams them to the device at each use. True when some do."""
+    import comfy.model_management as mm
+
+    if weight_memory is None or weight_memory >= model.model_size():
+        mm.load_models_gpu([model, *others], force_full_load=True)
+        return False
+    if others:
+        mm.load_models_gpu(others, force_full_load=True)
+    release([m.model for m in mm.current_loaded_models if m.model.is_clone(model)])
+    loaded = mm.LoadedModel(model)
+    loaded.model_load(max(weight_memory, 1))
+    mm.current_loaded_models.insert(0, loaded)
+    logging.info("Train LoRA: %.2f of %.2f GB of weights on the device, the rest streamed from RAM at each use",
+                 model.loaded_size() / GB, model.model_size() / GB)
+    return bool(model.model.model_lowvram)
