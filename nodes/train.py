@@ -10,7 +10,7 @@ import torch
 
 from ..lora_core.apply import apply_lora
 from ..lora_core.files import path_inside
-from ..lora_core.network import LoraNetwork, NetworkConfig
+from ..lora_core.network import ATTACH_MODES, LoraNetwork, NetworkConfig
 from ..lora_core.targets import PRESETS
 from ..training.captions import CaptionOptions
 from ..training.conditioning import TRAINING_GUIDANCE
@@ -151,6 +151,18 @@ class TrainLoRA:
                 "guidance": ("FLOAT", {"default": TRAINING_GUIDANCE, "min": 0.0, "max": 100.0, "step": 0.1,
                                        "tooltip": "Distilled guidance while training (Flux.1-dev, HunyuanVideo); "
                                        "other models ignore it. kohya and ai-toolkit train Flux-dev at 1.0."}),
+                "attach": (ATTACH_MODES, {"default": "bypass", "tooltip": "bypass: each adapter adds its output in "
+                           "the layer's forward, the base weight untouched (fp8 and streamed bases); weights: the "
+                           "layer computes with W + dW (can be faster for LoHa / LoKr when the model fits)."}),
+                "network_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                              "tooltip": "kohya's network_dropout: dropout on the adapters' "
+                                              "activations (attach = bypass)."}),
+                "vram_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
+                                             "tooltip": "Device memory the run may use; 0 = the free memory. Weights "
+                                             "that do not fit stay in RAM and stream in at each use (blocks are "
+                                             "then checkpointed). The estimate is logged before step 1."}),
+                "offload_activations": ("BOOLEAN", {"default": False, "tooltip": "Keep what the backward pass needs "
+                                        "in RAM (with gradient checkpointing: only the blocks' inputs)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -162,12 +174,13 @@ class TrainLoRA:
               keep_tokens=1, caption_dropout=0.0, flip=False, save_every=0, validation_every=0, sample_every=0, sample_prompts="",
               train_text_encoder=False,
               text_encoder_lr=0.0, resume=False, cache_latents="memory", use_tucker=False,
-              timestep_shift="model", shift=3.0, guidance=TRAINING_GUIDANCE, unique_id=None):
+              timestep_shift="model", shift=3.0, guidance=TRAINING_GUIDANCE, attach="bypass", network_dropout=0.0,
+              vram_budget_gb=0.0, offload_activations=False, unique_id=None):
         import folder_paths
 
         network_config = NetworkConfig(algorithm=algorithm, rank=rank, alpha=alpha, preset=targets, dora=dora,
                                        conv_rank=conv_rank or None, text_encoder=train_text_encoder, seed=seed,
-                                       use_tucker=use_tucker)
+                                       use_tucker=use_tucker, network_dropout=network_dropout)
         captions = CaptionOptions(trigger_word=trigger_word.strip(), shuffle_tags=shuffle_tags,
                                   keep_tokens=keep_tokens, caption_dropout=caption_dropout)
         config = TrainConfig(
@@ -176,7 +189,8 @@ class TrainLoRA:
             warmup_steps=warmup_steps, lora_plus_ratio=lora_plus_ratio, grad_clip=grad_clip, grad_accum=grad_accum,
             seed=seed, precision=precision, gradient_checkpointing=gradient_checkpointing, loss=loss,
             min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, timestep_sampling=timestep_sampling,
-            timestep_shift=timestep_shift, shift=shift, guidance=guidance,
+            timestep_shift=timestep_shift, shift=shift, guidance=guidance, attach=attach,
+            vram_budget_gb=vram_budget_gb, offload_activations=offload_activations,
             flip=flip, save_every=save_every, latent_cache=cache_latents, validation_every=validation_every, captions=captions,
             sample_every=sample_every, sample_prompts=[p.strip() for p in sample_prompts.splitlines() if p.strip()],
         )
@@ -194,6 +208,8 @@ class TrainLoRA:
         first, last = _mean(result.losses[:10]), _mean(result.losses[-10:])
         summary = (f"{algorithm} rank {rank} on {len(network.adapters)} layers ({network.num_params():,} parameters); "
                    f"{result.steps} steps in {result.seconds:.1f}s; loss {first:.4f} -> {last:.4f}")
+        if trainer.plan is not None:
+            summary += f"; {trainer.plan.describe()}"
         if result.validation:
             summary += f"; validation {result.validation[0][1]:.4f} -> {result.validation[-1][1]:.4f}"
         graph = pil_to_image(loss_graph(result.losses, result.validation))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 GB = 1024**3
 
@@ -31,11 +32,17 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = None
         for tensor in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(tensor, torch.Tensor):
                 storage = tensor.untyped_storage()
                 key = storage._cdata
                 if key not in self._users:
+                    if inputs is None:
+                        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
+                                  if isinstance(t, torch.Tensor)}
+                    if key in inputs:  # a view of a tensor made before (a parameter, an input): no new memory
+                        continue
                     self._users[key] = [0, storage.nbytes()]
                     self.live += storage.nbytes()
                     self.peak = max(self.peak, self.live)

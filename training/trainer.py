@@ -563,6 +563,7 @@ class Trainer:
             "ss_gradient_checkpointing": str(cfg.gradient_checkpointing), "ss_seed": str(cfg.seed),
             "ss_caption_dropout_rate": str(cfg.captions.caption_dropout), "ss_keep_tokens": str(cfg.captions.keep_tokens),
             "ss_shuffle_caption": str(cfg.captions.shuffle_tags), "ss_flip_aug": str(cfg.flip),
+            "ss_network_dropout": str(self.network.config.network_dropout if self.network.config else 0.0),
             "lora_foundry_training": _json(asdict(cfg)),
         }
         return kohya_metadata(self.network.config, self.model.model.model_config, self.name, info,

@@ -1,0 +1,357 @@
+"""Fit and fly: bypass adapters equal weight patching, fp8 bases stay untouched, weights stream under a budget,
+the memory plan matches what a step really allocates, and out-of-memory stops cleanly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+LAYERS = {
+    "linear": lambda ops: ops.Linear(24, 20),
+    "conv3x3_stride2": lambda ops: ops.Conv2d(8, 12, 3, stride=2, padding=1),
+    "conv1x1": lambda ops: ops.Conv2d(8, 12, 1),
+}
+INPUTS = {"linear": (3, 5, 24), "conv3x3_stride2": (2, 8, 9, 9), "conv1x1": (2, 8, 6, 6)}
+ALGORITHMS = {  # name: (class name, create options)
+    "lora": ("LoRA", {}),
+    "locon_tucker": ("LoRA", {"use_tucker": True}),
+    "loha": ("LoHa", {}),
+    "loha_tucker": ("LoHa", {"use_tucker": True}),
+    "lokr": ("LoKr", {"factor": 4}),
+    "lokr_full": ("LoKr", {"factor": 4, "full_matrix": True}),
+    "dylora": ("DyLoRA", {"unit": 2, "seed": 3}),
+}
+
+
+def _adapter(core, algorithm, layer, dora):
+    name, options = ALGORITHMS[algorithm]
+    torch.manual_seed(1)
+    adapter = getattr(core.adapters, name).create(layer.weight.detach(), 4, 3.0, **options)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)  # every factor nonzero: dW != 0
+    if dora:
+        adapter.enable_dora(layer.weight.detach())
+        with torch.no_grad():
+            adapter.dora_scale.mul_(1.5)
+    return adapter
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["plain", "dora"])
+@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_bypass_equals_weight_patching(core, algorithm, kind, dora):
+    """Output and adapter gradients of the bypass form equal those of the layer run with W + dW (fp32)."""
+    import comfy.ops
+
+    torch.manual_seed(0)
+    layer = LAYERS[kind](comfy.ops.disable_weight_init)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.2)
+        layer.bias.normal_(0, 0.2)
+    layer.requires_grad_(False)
+    adapter = _adapter(core, algorithm, layer, dora)
+    adapter.train()
+    adapter.new_step()  # DyLoRA draws its rank: both forms must use it
+    adapter.multiplier = 0.7
+    x = torch.randn(INPUTS[kind])
+
+    def patched():
+        weight = adapter(layer.weight)
+        if kind == "linear":
+            return torch.nn.functional.linear(x, weight, layer.bias)
+        return layer._conv_forward(x, weight, layer.bias)
+
+    def grads(output):
+        adapter.zero_grad()
+        (output * torch.linspace(-1, 1, output.numel()).reshape(output.shape)).sum().backward()
+        return [p.grad.clone() for p in adapter.parameters()]
+
+    assert not torch.allclose(patched(), layer(x))  # the adapter changes the output
+    torch.testing.assert_close(adapter.bypass(layer, x, layer(x)), patched(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads(adapter.bypass(layer, x, layer(x))), grads(patched()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_network_dropout_drops_adapter_activations_only_while_training(core):
+    """kohya's network_dropout: the adapter's rank activations are dropped in training, never in eval."""
+    import comfy.ops
+
+    layer = comfy.ops.disable_weight_init.Linear(32, 32)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.2)
+        layer.bias.zero_()
+    adapter = core.adapters.LoRA.create(layer.weight, 8, 8.0, dropout=0.5)
+    with torch.no_grad():
+        adapter.lora_up.normal_()
+    x = torch.randn(4, 32)
+    base = layer(x)
+    adapter.eval()
+    full = adapter.bypass(layer, x, base) - base
+    torch.testing.assert_close(full, torch.nn.functional.linear(x, adapter.delta()))
+    adapter.train()
+    torch.manual_seed(0)
+    dropped = adapter.bypass(layer, x, base) - base
+    assert not torch.allclose(dropped, full)
+    # Exactly a dropout on the down projection's output (scaled by 1 / (1 - p)), as kohya's LoRAModule does.
+    torch.manual_seed(0)
+    hidden = torch.nn.functional.dropout(x @ adapter.lora_down.T, 0.5)
+    torch.testing.assert_close(dropped, hidden @ adapter.lora_up.T * (adapter.alpha / adapter.rank))
+
+
+def test_network_dropout_needs_bypass(pack, family_sd15, tmp_path):
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.training.trainer import TrainConfig, Trainer
+
+    fam, dataset = family_sd15
+    with torch.inference_mode(False):
+        net = LoraNetwork.create(NetworkConfig(rank=4, network_dropout=0.1), fam.model)
+        with pytest.raises(ValueError, match="network_dropout.*bypass"):
+            Trainer(fam.model, fam.clip, fam.vae, dataset, net, TrainConfig(steps=1, attach="weights"))
+
+
+# --- whole models ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def family_sd15(pack, tmp_path_factory):
+    """The SD1.5-layout family model and a four-image 64 px dataset (one held out)."""
+    from harness.families import build_family
+    from lora_foundry.training.dataset import load_dataset
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("memory") / "2_toy"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        smooth = (rng.random((4, 4, 3)) * 255).astype(np.uint8)
+        Image.fromarray(smooth).resize((64, 64), Image.Resampling.BILINEAR).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(["a red circle", "a blue square", "a green circle", "a red square"][i])
+    fam = build_family("sd15")
+    dataset = load_dataset(folder.parent, resolution=64, min_side=64, max_side=64, bucket_step=64,
+                           validation_split=0.25, seed=1)
+    return fam, dataset
+
+
+def _train(fam, dataset, model=None, network=None, **settings):
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.training.trainer import TrainConfig, Trainer
+
+    model = model if model is not None else fam.model
+    config = {"steps": 6, "batch_size": 2, "learning_rate": 5e-3, "seed": 0, **settings}
+    with torch.inference_mode(False):
+        net = LoraNetwork.create(NetworkConfig(**{"rank": 4, "alpha": 4, "preset": "all", **(network or {})}), model)
+        trainer = Trainer(model, fam.clip, fam.vae, dataset, net, TrainConfig(**config))
+        return trainer, trainer.run()
+
+
+def _adapter_tensors(result):
+    return {k: v.clone() for k, v in result.network.state_dict_kohya().items()}
+
+
+@pytest.mark.parametrize("algorithm", ["lora", "loha", "lokr"])
+def test_bypass_training_equals_weight_training(family_sd15, algorithm):
+    """A run attached in bypass mode trains the same adapter as one attached as weight wrappers."""
+    fam, dataset = family_sd15
+    network = {"algorithm": algorithm, "dora": algorithm == "lora"}
+    # SGD: Adam's normalised steps would turn float rounding in near-zero gradients into visible differences.
+    settings = {"optimizer": "SGD", "learning_rate": 0.05}
+    _, bypass = _train(fam, dataset, network=network, attach="bypass", **settings)
+    _, weights = _train(fam, dataset, network=network, attach="weights", **settings)
+    a, b = _adapter_tensors(bypass), _adapter_tensors(weights)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=key)
+    assert bypass.losses[0] == pytest.approx(weights.losses[0], rel=1e-5)
+
+
+def test_bypass_patches_leave_with_the_clone(family_sd15):
+    """After a bypass run the shared model computes exactly as before it: the clone's layer patches are undone."""
+    import comfy.model_management as mm
+    from lora_foundry.training.conditioning import apply_model, model_inputs
+    from lora_foundry.training.trainer import image_geometry
+
+    fam, dataset = family_sd15
+    trainer, result = _train(fam, dataset, steps=2)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    inputs = model_inputs(fam.model.model, trainer.conditioning(["a red circle"], "cpu"), x,
+                          [image_geometry(dataset.items[0])], None)
+
+    def output():
+        with torch.no_grad():
+            mm.load_models_gpu([fam.model], force_full_load=True)
+            return apply_model(fam.model.model, x, torch.tensor([3.0]), inputs)
+
+    after = output()
+    with torch.inference_mode(False):
+        attached, _ = result.network.attach(fam.model, mode="bypass")
+        mm.load_models_gpu([attached], force_full_load=True)
+        with torch.no_grad():
+            trained = apply_model(attached.model, x, torch.tensor([3.0]), inputs)
+    assert not torch.allclose(trained, after)  # the bypass patches do act while their clone is loaded
+    torch.testing.assert_close(output(), after)  # and leave when the shared model is loaded again
+    layer = fam.model.model.diffusion_model.input_blocks[1][1].proj_in
+    assert type(vars(layer).get("forward")).__name__ != "BypassForward"
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3fn", "e5m2"])
+def test_training_on_an_fp8_base_leaves_it_bit_identical(family_sd15, dtype):
+    """UNETLoader's fp8 weight dtypes: bypass training computes in fp32, learns, and never writes a base weight."""
+    import comfy.sd
+
+    fam, dataset = family_sd15
+    fp8 = comfy.sd.load_diffusion_model_state_dict(_state(fam.model), model_options={"dtype": dtype})
+    layer = fp8.model.diffusion_model.input_blocks[1][1].proj_in
+    assert layer.weight.dtype == dtype and layer.comfy_cast_weights  # stored fp8, cast at each use by the host
+    before = _state(fp8)
+    trainer, result = _train(fam, dataset, model=fp8, steps=12, validation_every=12)
+    after = _state(fp8)
+    assert before.keys() == after.keys()
+    assert all(after[k].dtype == before[k].dtype and torch.equal(after[k].view(torch.uint8), before[k].view(torch.uint8))
+               if before[k].dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else torch.equal(after[k], before[k])
+               for k in before)
+    assert trainer.compute_dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in result.network.parameters())
+    from lora_foundry.training.trainer import held_out_loss
+
+    with torch.inference_mode(False):
+        base = held_out_loss(trainer, fp8, fp8.load_device)
+    assert result.validation[-1][1] < 0.9 * base, (base, result.validation)
+
+
+def test_weights_stream_under_a_budget_and_train_the_same_adapter(family_sd15, monkeypatch):
+    """A budget below the model's size: the host keeps part of the weights in RAM and casts them in at every use,
+    in the forward pass and again in the backward pass (checkpointed blocks); the adapter equals in-memory training."""
+    import comfy.ops
+
+    fam, dataset = family_sd15
+    casts = []
+    original = comfy.ops.cast_bias_weight
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", lambda *a, **k: casts.append(1) or original(*a, **k))
+    per_step = []
+
+    def on_step(info):
+        streamed = sum(1 for m in fam.model.model.modules() if getattr(m, "comfy_cast_weights", False))
+        per_step.append((len(casts), streamed))
+
+    size = fam.model.model_size()
+    settings = {"steps": 3, "optimizer": "SGD", "learning_rate": 0.05}
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.training.trainer import TrainConfig, Trainer
+
+    with torch.inference_mode(False):
+        net = LoraNetwork.create(NetworkConfig(rank=4, alpha=4, preset="all"), fam.model)
+        trainer = Trainer(fam.model, fam.clip, fam.vae, dataset, net,
+                          TrainConfig(batch_size=2, seed=0, vram_budget_gb=0.5 * size / 1024**3, **settings),
+                          on_step=on_step)
+        streamed = trainer.run()
+    assert trainer.plan.resident_weights < size
+    counts = [c for c, _ in per_step]
+    layers = per_step[0][1]
+    assert layers > 10
+    for done, previous in zip(counts[1:], counts[:-1], strict=False):
+        # Each streamed layer is cast in once in the forward pass, and again when its block is recomputed.
+        assert layers < done - previous <= 2 * layers
+    assert not any(getattr(m, "comfy_cast_weights", False) for m in fam.model.model.modules())  # undone after
+
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", original)
+    _, in_memory = _train(fam, dataset, **settings)
+    a, b = _adapter_tensors(streamed), _adapter_tensors(in_memory)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_memory_plan_matches_what_a_step_allocates(family_sd15):
+    """The plan's simulated step against the CPU allocator's own record of a real run (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fam, dataset = family_sd15
+    trainer, _ = _train(fam, dataset, steps=1)  # latents and captions encoded, out of the measured run
+    for checkpointing in (False, True):
+        trainer.config.gradient_checkpointing = checkpointing
+        trainer.config.steps = 1
+        trainer.network = type(trainer.network).create(trainer.network.config, fam.model)
+        with torch.inference_mode(False), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            trainer.run()
+        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns())
+        live = peak = 0
+        for event in events:
+            live += event.nbytes()
+            peak = max(peak, live)
+        params = trainer.network.num_params() * 4
+        planned = trainer.plan.activations + trainer.plan.adapter - params  # parameters exist before the run
+        assert trainer.plan.checkpointing == checkpointing
+        assert 0.75 * peak <= planned <= 1.25 * peak, (checkpointing, planned, peak, trainer.plan)
+
+
+def test_vae_and_cached_text_encoder_leave_the_device_before_training(family_sd15):
+    import comfy.model_management as mm
+
+    fam, dataset = family_sd15
+    loaded_during = []
+
+    def on_step(info):
+        loaded_during.append([m.model for m in mm.current_loaded_models])
+
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.training.trainer import TrainConfig, Trainer
+
+    with torch.inference_mode(False):
+        net = LoraNetwork.create(NetworkConfig(rank=4), fam.model)
+        trainer = Trainer(fam.model, fam.clip, fam.vae, dataset, net, TrainConfig(steps=1, seed=0), on_step=on_step)
+        trainer.encode_images(dataset.items)
+        trainer.encode_fixed_captions()
+        loaded = [m.model for m in mm.current_loaded_models]
+        assert any(m is fam.vae.patcher for m in loaded) and any(m is fam.clip.patcher for m in loaded)
+        trainer.run()
+    assert not any(m is fam.vae.patcher or m is fam.clip.patcher for m in loaded_during[0])
+    assert any(m.model is fam.model.model for m in loaded_during[0])  # the clone being trained is
+
+
+def test_a_run_that_cannot_fit_stops_before_step_one_with_what_to_change(family_sd15):
+    from lora_foundry.training.trainer import TrainingError
+
+    fam, dataset = family_sd15
+    with pytest.raises(TrainingError, match=r"does not fit the device: estimated peak .*To fit: .*batch_size"):
+        _train(fam, dataset, vram_budget_gb=1e-4)
+
+
+def test_out_of_memory_stops_cleanly_with_the_last_adapter_kept(family_sd15, tmp_path):
+    """A device OOM in step 3 (raised by the model, where CUDA raises it): a clear error, the step-2 adapter kept."""
+    from lora_foundry.lora_core.files import read_safetensors
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.training.trainer import TrainConfig, Trainer, TrainingError
+
+    fam, dataset = family_sd15
+    calls = []
+    adapters = []
+
+    def fail_third_step(module, args):
+        from torch._subclasses.fake_tensor import is_fake
+
+        if is_fake(args[0]):  # the planner's simulated step
+            return
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    handle = fam.model.model.diffusion_model.register_forward_pre_hook(fail_third_step)
+    try:
+        with torch.inference_mode(False):
+            net = LoraNetwork.create(NetworkConfig(rank=4), fam.model)
+            trainer = Trainer(fam.model, fam.clip, fam.vae, dataset, net, TrainConfig(steps=5, seed=0),
+                              output_dir=tmp_path, name="oom",
+                              on_step=lambda info: adapters.append(net.state_dict_kohya()))
+            with pytest.raises(TrainingError, match="out of device memory at step 3.*kept at.*To fit: turn gradient"):
+                trainer.run()
+    finally:
+        handle.remove()
+    tensors, _ = read_safetensors(tmp_path / "oom-last-good.safetensors")
+    assert len(adapters) == 2
+    for key, value in adapters[-1].items():
+        torch.testing.assert_close(tensors[key], value)
