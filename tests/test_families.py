@@ -111,7 +111,7 @@ def test_family_trains_and_its_file_loads_in_comfyui(family, dataset_dir, tmp_pa
     assert latent.shape[0] == family.latent_channels and latent.dim() == (4 if family.video else 3)
     assert all(np.isfinite(result.losses))
     assert result.validation[-1][1] < base, (base, result.validation)
-    assert trainer.plan.activations > 0  # the planner's simulated step ran on this family's model
+    assert trainer.plan.activations > 0 and trainer.plan.flops > 0  # the planner simulated this family
 
     path = write_safetensors(result.network.state_dict_kohya(), tmp_path / f"{family.name}.safetensors",
                              trainer.metadata(result.steps))

@@ -355,3 +355,76 @@ def test_out_of_memory_stops_cleanly_with_the_last_adapter_kept(family_sd15, tmp
     assert len(adapters) == 2
     for key, value in adapters[-1].items():
         torch.testing.assert_close(tensors[key], value)
+
+
+def _scaled_fp8_state(model) -> dict:
+    """The model as a scaled-fp8 checkpoint (as ComfyUI's fp8_scaled files): Linear weights divided by a per-layer
+    scale_weight and stored in fp8, a `scaled_fp8` marker the host's detection reads."""
+    state = _state(model)
+    layers = {name for name, m in model.model.diffusion_model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name in layers:
+        weight = state[f"{name}.weight"]
+        scale = weight.abs().max() / 448.0
+        state[f"{name}.weight"] = (weight / scale).to(torch.float8_e4m3fn)
+        state[f"{name}.scale_weight"] = scale.float()
+    state["scaled_fp8"] = torch.empty(2, dtype=torch.float8_e4m3fn)
+    return state
+
+
+def test_scaled_fp8_checkpoint_trains_in_bypass_and_keeps_its_weights(pack, family_sd15):
+    import comfy.sd
+    from lora_foundry.training.trainer import TrainConfig, Trainer, held_out_loss
+
+    fam, dataset = family_sd15
+    scaled = comfy.sd.load_diffusion_model_state_dict(_scaled_fp8_state(fam.model))
+    layer = scaled.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1.to_q
+    assert layer.weight.dtype == torch.float8_e4m3fn and float(layer.scale_weight) != 1.0
+    before = {k: v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v for k, v in _state(scaled).items()}
+
+    # DoRA's column norms need the real weight: the bypass form reads it scaled, as the layer's forward uses it.
+    from lora_foundry.lora_core.adapters import LoRA, dora_weight
+
+    real = layer.weight.float() * layer.scale_weight
+    adapter = LoRA.create(real, 4, 4.0)
+    with torch.no_grad():
+        adapter.lora_up.normal_(0, 0.1)
+    adapter.enable_dora(real)
+    x = torch.randn(2, 7, real.shape[1])
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x, dora_weight(real, adapter.delta(), adapter.dora_scale), layer.bias)
+        torch.testing.assert_close(adapter.bypass(layer, x, layer(x)), want, rtol=1e-4, atol=1e-5)
+    trainer, result = _train(fam, dataset, model=scaled, steps=12, validation_every=12, network={"dora": True})
+    after = {k: v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v for k, v in _state(scaled).items()}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.inference_mode(False):
+        base = held_out_loss(trainer, scaled, scaled.load_device)
+    assert result.validation[-1][1] < 0.9 * base, (base, result.validation)
+    with pytest.raises(ValueError, match="scaled fp8.*bypass"):
+        Trainer(scaled, fam.clip, fam.vae, dataset, result.network, TrainConfig(steps=1, attach="weights"))
+
+
+def test_gpu_bench_runs_its_code_on_the_cpu(tmp_path):
+    """bench/bench_gpu.py --smoke: every variant of ours and native's runs on the test models and is reported."""
+    import json
+    import subprocess
+    import sys
+
+    from harness.comfy import REPO_ROOT
+
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_gpu.py"), "--smoke", "--models", "sd15,flux",
+                    "--steps", "2", "--batches", "1", "--out", str(out)], check=True, capture_output=True, text=True)
+    result = json.loads(out.read_text())
+    assert result["device"] == "CPU" and set(result["models"]) == {"sd15", "flux"}
+    for name, model in result["models"].items():
+        rows = {(r["variant"], r["checkpointing"], r["streamed"]): r for r in model["rows"]}
+        assert set(rows) == {("ours", False, False), ("ours", True, False), ("ours", True, True),
+                             ("native", False, False), ("native", True, False)}
+        for key, row in rows.items():
+            if key[0] == "ours":
+                assert "error" not in row, row
+                assert row["flops_per_step"] > 0 and row["planned_peak_gb"] > 0 and row["steady_s_per_step"] > 0
+        streamed = rows[("ours", True, True)]
+        assert streamed["resident_weights_gb"] < rows[("ours", True, False)]["resident_weights_gb"]
+        # Native cannot train Flux without checkpointing (its blocks add in place); the row says so.
+        assert ("error" in rows[("native", False, False)]) == (name == "flux")

@@ -56,7 +56,7 @@ class OutOfPlace(torch.Tensor):
 class InPlaceAsNew(TorchFunctionMode):
     """In-place arithmetic (`+=`, `-=`, `*=` and add_ / sub_ / mul_) returns a new tensor instead.
 
-    What OutOfPlace does, for the storage-less tensors of a simulated step (memory.simulated_peak), which
+    What OutOfPlace does, for the storage-less tensors of a simulated step (memory.simulate), which
     cannot be viewed as a subclass; their values are never read, so an ignored add_ result changes nothing.
     """
 

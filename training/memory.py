@@ -17,21 +17,27 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import flop_registry
 
 GB = 1024**3
 
 
-class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of storages that tensors made inside it keep alive, and their peak."""
+class StepCounter(TorchDispatchMode):
+    """Counts the bytes of storages that tensors made inside it keep alive (and their peak), and the FLOPs
+    of its matrix products and convolutions (torch's own FLOP formulas, from the shapes)."""
 
     def __init__(self):
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.flops = 0
         self._users: dict[int, list[int]] = {}  # storage id: [tensors using it, bytes]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        flops = flop_registry.get(func._overloadpacket)
+        if flops is not None:
+            self.flops += flops(*args, **(kwargs or {}), out_val=out)
         inputs = None
         for tensor in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(tensor, torch.Tensor):
@@ -58,9 +64,9 @@ class LiveBytes(TorchDispatchMode):
             del self._users[key]
 
 
-def simulated_peak(modules: list[torch.nn.Module], device: torch.device, step: Callable[[], None]) -> int:
-    """Peak bytes that `step()` allocates on `device`, run with every parameter and buffer of `modules`
-    replaced by a storage-less fake on `device` (restored afterwards)."""
+def simulate(modules: list[torch.nn.Module], device: torch.device, step: Callable[[], None]) -> tuple[int, int]:
+    """Peak bytes that `step()` allocates on `device`, and the FLOPs it computes, from a run with every parameter
+    and buffer of `modules` replaced by a storage-less fake on `device` (restored afterwards)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -76,13 +82,13 @@ def simulated_peak(modules: list[torch.nn.Module], device: torch.device, step: C
                         fake = mode.from_tensor(tensor).to(device)
                         store[name] = torch.nn.Parameter(fake, tensor.requires_grad) \
                             if isinstance(tensor, torch.nn.Parameter) else fake
-            live = LiveBytes()
-            with live:
+            counter = StepCounter()
+            with counter:
                 step()
     finally:
         for store, name, tensor in originals:
             store[name] = tensor
-    return live.peak
+    return counter.peak, counter.flops
 
 
 @contextlib.contextmanager
@@ -114,6 +120,7 @@ class MemoryPlan:
     activations: int  # peak of one micro-batch's forward and backward (gradients included), simulated
     budget: int | None  # what the run may use; None: no limit known (the CPU)
     checkpointing: bool
+    flops: int = 0  # of one micro-batch's forward and backward, counted in the same simulation
 
     @property
     def total(self) -> int:

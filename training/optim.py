@@ -190,7 +190,10 @@ def build_optimizer(name: str, param_groups: list[dict], lr: float, weight_decay
     if unknown:
         options = sorted(accepted - set(_RESERVED))
         raise ValueError(f"{name} does not accept {', '.join(unknown)}; its options are {', '.join(options)}")
-    kwargs = {**defaults, **extra, "lr": lr, "weight_decay": weight_decay}
+    kwargs = {**defaults, "lr": lr, "weight_decay": weight_decay}
+    if "fused" in accepted and all(p.is_cuda for g in param_groups for p in g["params"]):
+        kwargs["fused"] = True  # one kernel for every parameter's update (torch's AdamW, SGD on CUDA)
+    kwargs.update(extra)
     if betas is not None:
         if "betas" not in accepted:
             raise ValueError(f"{name} does not take betas")

@@ -110,18 +110,19 @@ class TrainResult:
     checkpoints: list[Path]
 
 
-def normal_tensors_(module: torch.nn.Module) -> None:
-    """Replace inference-mode parameters and buffers with equal normal tensors.
+def normal_tensors_(module: torch.nn.Module, device: torch.device) -> None:
+    """Replace inference-mode parameters and buffers on `device` with equal normal tensors.
 
     ComfyUI loads models under torch.inference_mode(); autograd refuses to save such tensors
     for the backward pass, and every frozen layer between an adapter and the loss needs to.
+    Weights the host streams from RAM are left alone (pinned by the host): each use copies them.
     """
     for sub in module.modules():
         for name, param in list(sub.named_parameters(recurse=False)):
-            if torch.is_inference(param):
+            if torch.is_inference(param) and param.device.type == device.type:
                 sub._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
         for name, buf in list(sub.named_buffers(recurse=False)):
-            if buf is not None and torch.is_inference(buf):
+            if buf is not None and torch.is_inference(buf) and buf.device.type == device.type:
                 sub._buffers[name] = buf.clone()
 
 
@@ -140,6 +141,9 @@ class Trainer:
         self.dataset, self.network, self.config = dataset, network, config
         self.output_dir, self.name, self.on_step, self.resume = output_dir, name, on_step, resume
         self.state_dir = state_dir if state_dir is not None else output_dir
+        if config.attach == "weights" and getattr(model.model.model_config, "scaled_fp8", None) is not None:
+            raise ValueError("attach: this model stores scaled fp8 weights, which the host scales inside each "
+                             "layer's forward, so W + dW would be scaled as well; use attach = bypass")
         if network.config is not None and network.config.network_dropout and config.attach != "bypass":
             raise ValueError("network_dropout: drops adapter activations, which only attach = bypass computes")
         self.kind = objective.prediction(model.get_model_object("model_sampling"))
@@ -270,7 +274,7 @@ class Trainer:
                     blocks.checkpointing = True  # streamed weights must not stay on the device until backward
                     logging.info("Train LoRA: weights stream from RAM, so every block is checkpointed")
                 for patcher in patchers:
-                    normal_tensors_(patcher.model)
+                    normal_tensors_(patcher.model, device)
                 self.network.to(device)
                 self.network.train()
                 return self.train_loop(patched, blocks, groups, device, autocast_dtype, start, rng, gen)
@@ -395,9 +399,9 @@ class Trainer:
         encoders = self.train_clip.patcher.model_size() if self.train_clip is not None else 0
 
         def plan() -> memory.MemoryPlan:
-            return memory.MemoryPlan(patched.model_size(), adapter + encoders,
-                                     self.simulate_step(patched, blocks, device, autocast_dtype), budget,
-                                     blocks.checkpointing)
+            activations, flops = self.simulate_step(patched, blocks, device, autocast_dtype)
+            return memory.MemoryPlan(patched.model_size(), adapter + encoders, activations, budget,
+                                     blocks.checkpointing, flops)
 
         result = plan()
         if budget is not None and result.total > budget and not blocks.checkpointing:
@@ -408,9 +412,9 @@ class Trainer:
             raise TrainingError(f"this run does not fit the device: {result.describe()}. To fit: {result.hint()}")
         return result
 
-    def simulate_step(self, patched, blocks: BlockOptions, device, autocast_dtype) -> int:
-        """Peak device bytes of one micro-batch of the largest bucket (forward and backward), counted on
-        storage-less tensors; 0 when the model does something the simulation cannot follow."""
+    def simulate_step(self, patched, blocks: BlockOptions, device, autocast_dtype) -> tuple[int, int]:
+        """Peak device bytes and FLOPs of one micro-batch of the largest bucket (forward and backward), counted
+        on storage-less tensors; (0, 0) when the model does something the simulation cannot follow."""
         items = self.dataset.items
         largest = max(range(len(items)), key=lambda i: items[i].bucket[0] * items[i].bucket[1])
         patchers = [patched] + ([self.train_clip.patcher] if self.train_clip is not None else [])
@@ -435,7 +439,7 @@ class Trainer:
         try:
             with memory.adapters_in_place(patchers):
                 try:
-                    return memory.simulated_peak(modules, device, step)
+                    return memory.simulate(modules, device, step)
                 except RuntimeError as error:
                     if INPLACE_ERROR not in str(error) or blocks.out_of_place:
                         raise
@@ -443,10 +447,10 @@ class Trainer:
                                  type(patched.model.diffusion_model).__name__)
                     blocks.out_of_place = True
                     with InPlaceAsNew():
-                        return memory.simulated_peak(modules, device, step)
+                        return memory.simulate(modules, device, step)
         except Exception as error:  # the plan is advice: a model the simulation cannot run still trains
             logging.warning("Train LoRA: no memory estimate (a simulated step failed: %s)", error)
-            return 0
+            return 0, 0
         finally:
             self.network.train()
 

@@ -39,7 +39,9 @@ def host_weight(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if hasattr(layer, "comfy_cast_weights"):
         import comfy.ops
 
-        return comfy.ops.cast_bias_weight(layer, x)[0]
+        weight = comfy.ops.cast_bias_weight(layer, x)[0]
+        scale = getattr(layer, "scale_weight", None)  # scaled-fp8 layers apply their scale in the forward
+        return weight * scale.to(weight) if scale is not None else weight
     return layer.weight.to(x.dtype)
 
 
