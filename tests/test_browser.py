@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import urllib.error
@@ -176,6 +177,7 @@ def test_training_view_updates_live_survives_a_reload_and_finishes(browser, ui_s
     assert state["step"] == TRAIN_STEPS and state["losses"] == TRAIN_STEPS, state
     assert state["validation"] >= 1 and state["preview"] >= 2 and state["image"] > 0, state
     assert state["inked"] > 0 and f"step {TRAIN_STEPS}/{TRAIN_STEPS}" in state["stats"], state
+    assert re.search(r"est\. \d+\.\d\d GB", state["stats"]), state  # the run's planned peak memory
     page.shot("train-finished")
     assert not page.errors, page.errors
 

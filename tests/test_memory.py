@@ -428,3 +428,31 @@ def test_gpu_bench_runs_its_code_on_the_cpu(tmp_path):
         assert streamed["resident_weights_gb"] < rows[("ours", True, False)]["resident_weights_gb"]
         # Native cannot train Flux without checkpointing (its blocks add in place); the row says so.
         assert ("error" in rows[("native", False, False)]) == (name == "flux")
+
+
+def test_offloaded_activations_go_through_ram_and_train_the_same_adapter(family_sd15, monkeypatch):
+    """offload_activations: what autograd keeps for the backward pass is packed to the CPU (counted), same adapter."""
+    fam, dataset = family_sd15
+    packed = []
+    original = torch.autograd.graph.save_on_cpu
+
+    def counting(*args, **kwargs):
+        hooks = original(*args, **kwargs)
+        pack = hooks.pack_hook
+
+        def pack_counted(tensor):
+            packed.append(tensor.numel())
+            return pack(tensor)
+
+        hooks.pack_hook = pack_counted
+        return hooks
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", counting)
+    settings = {"steps": 3, "optimizer": "SGD", "learning_rate": 0.05, "gradient_checkpointing": True}
+    _, offloaded = _train(fam, dataset, offload_activations=True, **settings)
+    assert len(packed) > 10  # the checkpointed blocks' inputs (and the layers outside blocks) went through it
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", original)
+    _, kept = _train(fam, dataset, **settings)
+    a, b = _adapter_tensors(offloaded), _adapter_tensors(kept)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-8, msg=key)

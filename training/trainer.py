@@ -373,6 +373,7 @@ class Trainer:
                                       "lr": scheduler.get_last_lr()[0],
                                       "validation": validation[-1][1] if validation else None,
                                       "elapsed": elapsed, "eta": elapsed / step * (cfg.steps - step),
+                                      "memory_gb": round(self.plan.peak / memory.GB, 2) if self.plan else None,
                                       "preview": preview})
             self.save_state(*state)
         except mm.InterruptProcessingException:

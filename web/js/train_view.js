@@ -10,7 +10,7 @@ const states = new Map(); // node id -> state, also for events that arrive befor
 
 function newState(total = 0) {
   return { steps: [], loss: [], validation: [], total, step: 0, lr: null, elapsed: 0, eta: null, rate: null,
-    recent: [], preview: 0, status: "idle" };
+    recent: [], preview: 0, status: "idle", memory: null };
 }
 
 function stateFor(id) {
@@ -54,6 +54,7 @@ function onEvent(detail) {
   state.lr = detail.lr;
   state.elapsed = detail.elapsed;
   state.eta = detail.eta;
+  state.memory = detail.memory_gb ?? null; // the run's planned peak device memory
   state.recent.push([detail.step, detail.elapsed]);
   if (state.recent.length > 20) state.recent.shift();
   const [s0, t0] = state.recent[0];
@@ -103,6 +104,7 @@ class TrainView {
         s.rate ? `${s.rate >= 1 ? s.rate.toFixed(2) + " it/s" : (1 / s.rate).toFixed(2) + " s/it"}` : null,
         s.status === "running" ? `ETA ${clock(s.eta)}` : `${clock(s.elapsed)}`,
         s.lr !== null ? `lr ${Number(s.lr).toExponential(2)}` : null,
+        s.memory !== null ? `est. ${s.memory.toFixed(2)} GB` : null,
         last !== undefined ? `loss ${last.toFixed(4)}` : null,
         s.validation.length ? `val ${s.validation.at(-1)[1].toFixed(4)}` : null]
       : ["waiting for training\u2026"];
@@ -168,7 +170,7 @@ class TrainView {
       const last = run.last || {};
       Object.assign(state, newState(run.total), {
         steps: run.steps, loss: run.loss, validation: run.validation, step: last.step ?? 0, lr: last.lr ?? null,
-        elapsed: last.elapsed ?? 0, eta: last.eta ?? null, preview: run.preview,
+        elapsed: last.elapsed ?? 0, eta: last.eta ?? null, preview: run.preview, memory: last.memory_gb ?? null,
         rate: last.elapsed ? last.step / last.elapsed : null, status: run.done ? "finished" : "running",
       });
     }
