@@ -49,7 +49,8 @@ FULL = {
                         "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
                         "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "context_dim": 2048,
                         "num_head_channels": 64, "use_linear_in_transformer": True, "use_spatial_transformer": True,
-                        "legacy": False, "adm_in_channels": 2816, "use_temporal_attention": False,
+                        "legacy": False, "adm_in_channels": 2816, "num_classes": "sequential",
+                        "use_temporal_attention": False,
                         "use_temporal_resblock": False},
              "size": 1024, "frames": 1},
     "flux": {"config": {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
@@ -90,6 +91,68 @@ def build_model(name: str, smoke: bool):
                 if param.dim() > 1:
                     param.copy_(torch.randn(param.shape, device=device, dtype=torch.bfloat16) * 0.02)
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=mm.unet_offload_device())
+
+
+def meta_model(name: str):
+    """The full-size diffusion model with weights on the meta device (shapes and dtypes, no storage) and a real
+    sampling schedule: what the memory plan needs, on any machine."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    spec = FULL[name]
+    model_config = getattr(comfy.supported_models, MODEL_CLASSES[name])(dict(spec["config"]))
+    weight_dtype = getattr(torch, spec.get("weight_dtype", "bfloat16"))
+    model_config.set_inference_dtype(weight_dtype, torch.bfloat16 if weight_dtype != torch.bfloat16 else None)
+    with torch.device("meta"):
+        base = model_config.get_model({})
+    base.model_sampling = comfy.model_base.model_sampling(model_config, base.model_type)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+
+
+def plan_full_size(args) -> dict:
+    """Our planner's peak for each full-size model (bf16 compute, rank 16 on the kohya targets, AdamW), computed
+    on this machine with its CPU kernels (its attention is a flash kernel too, keeping no score matrix): estimates
+    from the simulated step, not measurements. A CPU-only torch cannot make (fake) CUDA tensors everywhere the
+    host's code moves them."""
+    import torch
+    from lora_foundry.training.blocks import BlockOptions, training_blocks
+    from lora_foundry.training.trainer import TrainingError
+
+    cases = [("sd15", 4, False, 0), ("sd15", 1, True, 0), ("sdxl", 1, False, 0), ("sdxl", 1, True, 0),
+             ("sdxl", 1, True, 4), ("sdxl", 4, True, 0), ("flux", 1, True, 0), ("flux", 1, True, 10),
+             ("wan21", 1, True, 0), ("wan21", 1, True, 6)]
+    rows = []
+    for name in args.models.split(","):
+        model = meta_model(name)
+        spec = FULL[name]
+        size = (spec["size"],) * 2 if isinstance(spec["size"], int) else spec["size"]
+        for case, batch, checkpointing, budget in cases:
+            if case != name:
+                continue
+            settings = {"steps": 1, "batch_size": batch, "precision": "bf16", "gradient_checkpointing": checkpointing,
+                        "vram_budget_gb": budget or 1024.0}
+            trainer = bench_trainer(model, name, size, spec["frames"], settings,
+                                    {"rank": 16, "alpha": 16, "preset": "kohya"})
+            trainer.encode_images(trainer.dataset.items)
+            with torch.inference_mode(False):
+                patched, _ = trainer.network.attach(model, None, mode="bypass")
+                blocks = BlockOptions(checkpointing=checkpointing)
+                row = {"model": name, "batch": batch, "checkpointing": checkpointing, "budget_gb": budget or None}
+                try:
+                    with training_blocks(patched.model.diffusion_model, blocks):
+                        plan = trainer.plan_memory(patched, blocks, torch.device("cpu"), torch.bfloat16)
+                    row.update(weights_gb=plan.weights / 1024**3, resident_gb=plan.resident_weights / 1024**3,
+                               activations_gb=plan.activations / 1024**3, adapter_gb=plan.adapter / 1024**3,
+                               peak_gb=plan.peak / 1024**3, checkpointing=plan.checkpointing,
+                               tflops_per_step=plan.flops / 1e12)
+                except TrainingError as error:
+                    row["error"] = str(error)
+            rows.append(row)
+            print(json.dumps(row))
+    return {"planned_with": "cpu kernels", "rows": rows}
 
 
 def random_conditioning(model, name: str, seed: int = 0) -> list:
@@ -243,6 +306,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--smoke", action="store_true", help="the tests' tiny models at 64 px (runs on a CPU)")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU")
+    parser.add_argument("--plan", action="store_true",
+                        help="only our memory plan for the full-size models (runs anywhere, no GPU needed)")
     parser.add_argument("--out", type=Path, default=HERE.parent / "out" / "bench_gpu.json")
     args = parser.parse_args()
 
@@ -252,6 +317,11 @@ def main() -> None:
     import_pack()
     import torch
 
+    if args.plan:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(plan_full_size(args), indent=1))
+        print(f"written {args.out}")
+        return
     peak = peak_tflops(args)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     results = {"device": device, "peak_tflops": peak, "steps": args.steps, "smoke": args.smoke, "models": {}}

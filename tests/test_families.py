@@ -227,6 +227,7 @@ def test_family_text_encoder_lora(family, dataset_dir, tmp_path, caplog):
         result = trainer.run()
     te = {n: a for n, a in result.network.adapters.items() if n.startswith("lora_te")}
     assert te and any(float(a.lora_up.abs().sum()) > 0 for a in te.values())
+    assert trainer.plan.activations > 0  # the plan's simulated step ran the text encoders' adapters too
     caplog.set_level(logging.WARNING)
     _, clip = comfy.sd.load_lora_for_models(family.model, family.clip, result.network.state_dict_kohya(), 1.0, 1.0)
     assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import flop_registry
 
 GB = 1024**3
@@ -64,12 +64,19 @@ class StepCounter(TorchDispatchMode):
             del self._users[key]
 
 
-def simulate(modules: list[torch.nn.Module], device: torch.device, step: Callable[[], None]) -> tuple[int, int]:
-    """Peak bytes that `step()` allocates on `device`, and the FLOPs it computes, from a run with every parameter
-    and buffer of `modules` replaced by a storage-less fake on `device` (restored afterwards)."""
+def simulate(modules: list[torch.nn.Module], device: torch.device, step: Callable, *inputs) -> tuple[int, int]:
+    """Peak bytes that `step(*inputs)` allocates on `device`, and the FLOPs it computes, from a run in which every
+    parameter and buffer of `modules`, and every tensor in `inputs`, is a storage-less fake on `device` (the
+    modules' own tensors are restored afterwards). Real tensors need not be on `device`, nor have storage (meta)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fake(tensor):
+        if not isinstance(tensor, torch.Tensor):
+            return tensor
+        return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device)
+
     originals = []
     try:
         with mode:
@@ -79,12 +86,12 @@ def simulate(modules: list[torch.nn.Module], device: torch.device, step: Callabl
                         if tensor is None:
                             continue
                         originals.append((store, name, tensor))
-                        fake = mode.from_tensor(tensor).to(device)
-                        store[name] = torch.nn.Parameter(fake, tensor.requires_grad) \
-                            if isinstance(tensor, torch.nn.Parameter) else fake
+                        store[name] = torch.nn.Parameter(fake(tensor), tensor.requires_grad) \
+                            if isinstance(tensor, torch.nn.Parameter) else fake(tensor)
+            inputs = tree_map(fake, inputs)
             counter = StepCounter()
             with counter:
-                step()
+                step(*inputs)
     finally:
         for store, name, tensor in originals:
             store[name] = tensor

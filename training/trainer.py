@@ -422,25 +422,28 @@ class Trainer:
         # The model's sampling schedule stays real: timesteps are drawn from its values.
         modules = [patched.model.diffusion_model, self.network] + [p.model for p in patchers[1:]]
 
+        # Drawn and prepared on the CPU: the simulation puts every tensor on `device` itself.
         x0, noise, sigma, captions, geometries, weights = self.draw_batch(
-            patched, [largest] * self.config.batch_size, random.Random(0), torch.Generator().manual_seed(0), device)
-
+            patched, [largest] * self.config.batch_size, random.Random(0), torch.Generator().manual_seed(0), "cpu")
         if self.train_clip is None:  # host code that reads values (attention masks) runs on real tensors
-            x, inputs = self.model_call(patched, x0, noise, sigma, self.conditioning(captions, device), geometries)
+            inputs = self.model_call(patched, x0, noise, sigma, self.conditioning(captions, "cpu"), geometries)
 
-        def step():
-            if self.train_clip is None:
-                loss = self.prediction_loss(patched, x, x0, sigma, inputs, weights, autocast_dtype)
-            else:
-                loss = self.loss(patched, x0, noise, sigma, self.conditioning(captions, device), geometries, weights,
-                                 autocast_dtype)
-            loss.backward()
+            def step(x, inputs, x0, sigma, weights):
+                self.prediction_loss(patched, x, x0, sigma, inputs, weights, autocast_dtype).backward()
+
+            args = (*inputs, x0, sigma, weights)
+        else:
+            def step(x0, noise, sigma, weights):
+                self.loss(patched, x0, noise, sigma, self.conditioning(captions, device), geometries, weights,
+                          autocast_dtype).backward()
+
+            args = (x0, noise, sigma, weights)
 
         self.network.eval()  # no dropout draws: training's random choices stay as they are
         try:
             with memory.adapters_in_place(patchers):
                 try:
-                    return memory.simulate(modules, device, step)
+                    return memory.simulate(modules, device, step, *args)
                 except RuntimeError as error:
                     if INPLACE_ERROR not in str(error) or blocks.out_of_place:
                         raise
@@ -448,7 +451,7 @@ class Trainer:
                                  type(patched.model.diffusion_model).__name__)
                     blocks.out_of_place = True
                     with InPlaceAsNew():
-                        return memory.simulate(modules, device, step)
+                        return memory.simulate(modules, device, step, *args)
         except Exception as error:  # the plan is advice: a model the simulation cannot run still trains
             logging.warning("Train LoRA: no memory estimate (a simulated step failed: %s)", error)
             return 0, 0
