@@ -238,7 +238,7 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
-
+        """Encode the data, plan the device memory, load the model to fit it, and train."""
         cfg = self.config
         start = time.monotonic()
         self.encode_images(self.dataset.items)
