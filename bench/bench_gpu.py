@@ -215,14 +215,15 @@ class _NotLoaded:
     patcher = None
 
 
-def run_ours(model, name, size, frames, args, batch: int, checkpointing: bool, stream: dict | None = None) -> dict:
+def run_ours(model, name, size, frames, args, batch: int, checkpointing: bool, stream: dict | None = None,
+             compiled: bool = False) -> dict:
     """Our Train LoRA; with `stream` (the plan of a checkpointed run) under a budget that holds half the weights."""
     import torch
 
     budget = (stream["adapter"] + stream["activations"] + model.model_size() / 2) / 1024**3 if stream else 0.0
     settings = {"steps": args.steps, "batch_size": batch, "learning_rate": 1e-4, "seed": 0,
                 "gradient_checkpointing": checkpointing, "precision": "fp32" if args.smoke else "bf16",
-                "vram_budget_gb": budget}
+                "vram_budget_gb": budget, "compile_blocks": compiled}
     trainer = bench_trainer(model, name, size, frames, settings, {"rank": 16, "alpha": 16, "preset": "kohya"})
     times = []
     trainer.on_step = lambda info: times.append(time.perf_counter())
@@ -306,6 +307,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--smoke", action="store_true", help="the tests' tiny models at 64 px (runs on a CPU)")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU")
+    parser.add_argument("--compile", action="store_true", help="also ours with compile_blocks (inductor)")
     parser.add_argument("--plan", action="store_true",
                         help="only our memory plan for the full-size models (runs anywhere, no GPU needed)")
     parser.add_argument("--out", type=Path, default=HERE.parent / "out" / "bench_gpu.json")
@@ -338,6 +340,8 @@ def main() -> None:
                 rows.append(measure("native", peak, run_native, *common, batch, checkpointing))
             if "plan" in rows[-2]:
                 rows.append(measure("ours", peak, run_ours, *common, batch, True, rows[-2]["plan"]))
+            if args.compile:
+                rows.append(measure("ours+compile", peak, run_ours, *common, batch, False, None, True))
         results["models"][name] = {"size": size, "frames": frames, "params": sum(
             p.numel() for p in model.model.diffusion_model.parameters()), "rows": rows}
         del model
@@ -351,7 +355,8 @@ def main() -> None:
 def measure(variant: str, peak: float | None, run, *args) -> dict:
     """One variant's row; run(model, name, size, frames, args, batch, checkpointing[, stream])."""
     batch, checkpointing = args[5], args[6]
-    row = {"variant": variant, "batch": batch, "checkpointing": checkpointing, "streamed": len(args) > 7}
+    row = {"variant": variant, "batch": batch, "checkpointing": checkpointing,
+           "streamed": len(args) > 7 and args[7] is not None}
     try:
         row.update(run(*args))
     except Exception as error:  # one variant that cannot run (OOM, unsupported) is a result, not the end

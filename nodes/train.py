@@ -163,6 +163,9 @@ class TrainLoRA:
                                              "then checkpointed). The estimate is logged before step 1."}),
                 "offload_activations": ("BOOLEAN", {"default": False, "tooltip": "Keep what the backward pass needs "
                                         "in RAM (with gradient checkpointing: only the blocks' inputs)."}),
+                "compile_blocks": ("BOOLEAN", {"default": False, "tooltip": "torch.compile each diffusion block "
+                                   "(the first steps compile, later ones run faster on a GPU; blocks that add in "
+                                   "place, Flux / Chroma, stay eager)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -175,7 +178,7 @@ class TrainLoRA:
               train_text_encoder=False,
               text_encoder_lr=0.0, resume=False, cache_latents="memory", use_tucker=False,
               timestep_shift="model", shift=3.0, guidance=TRAINING_GUIDANCE, attach="bypass", network_dropout=0.0,
-              vram_budget_gb=0.0, offload_activations=False, unique_id=None):
+              vram_budget_gb=0.0, offload_activations=False, compile_blocks=False, unique_id=None):
         import folder_paths
 
         network_config = NetworkConfig(algorithm=algorithm, rank=rank, alpha=alpha, preset=targets, dora=dora,
@@ -190,7 +193,7 @@ class TrainLoRA:
             seed=seed, precision=precision, gradient_checkpointing=gradient_checkpointing, loss=loss,
             min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, timestep_sampling=timestep_sampling,
             timestep_shift=timestep_shift, shift=shift, guidance=guidance, attach=attach,
-            vram_budget_gb=vram_budget_gb, offload_activations=offload_activations,
+            vram_budget_gb=vram_budget_gb, offload_activations=offload_activations, compile_blocks=compile_blocks,
             flip=flip, save_every=save_every, latent_cache=cache_latents, validation_every=validation_every, captions=captions,
             sample_every=sample_every, sample_prompts=[p.strip() for p in sample_prompts.splitlines() if p.strip()],
         )

@@ -75,17 +75,23 @@ def _convert(value, cls):
     return value
 
 
+COMPILE_BACKEND = "inductor"
+
+
 @dataclass
 class BlockOptions:
     checkpointing: bool = False
     out_of_place: bool = False  # switched on when a block turns out to add in place (see INPLACE_ERROR)
+    compiled: bool = False  # each block's forward through torch.compile (not simulated steps, not in-place blocks)
 
 
 @contextlib.contextmanager
 def wrapped_blocks(blocks: list[torch.nn.Module], options: BlockOptions):
-    """Wrap each block's forward for the duration: checkpointed and/or out of place, as `options` say at call time."""
+    """Wrap each block's forward for the duration: checkpointed, out of place and/or compiled, as `options` say
+    at call time."""
     import torch.utils.checkpoint as cp
 
+    compiled: dict[int, object] = {}  # block id: its forward through torch.compile, made at first use
     for block in blocks:
 
         def out_of_place(*args, _forward=block.forward, **kwargs):
@@ -93,8 +99,15 @@ def wrapped_blocks(blocks: list[torch.nn.Module], options: BlockOptions):
             kwargs = {k: _convert(v, OutOfPlace) for k, v in kwargs.items()}
             return _convert(_forward(*args, **kwargs), torch.Tensor)
 
-        def run(*args, _forward=block.forward, _out_of_place=out_of_place, **kwargs):
+        def run(*args, _forward=block.forward, _out_of_place=out_of_place, _key=id(block), **kwargs):
             forward = _out_of_place if options.out_of_place else _forward
+            if options.compiled and not options.out_of_place and not any(
+                    is_fake(a) for a in args if isinstance(a, torch.Tensor)):
+                # Blocks that add in place stay eager: a compiled graph replays the mutation of its input
+                # after the fact, on a tensor autograd has saved.
+                if _key not in compiled:
+                    compiled[_key] = torch.compile(_forward, backend=COMPILE_BACKEND)
+                forward = compiled[_key]
             if options.checkpointing:
                 return cp.checkpoint(forward, *args, use_reentrant=False, **kwargs)
             return forward(*args, **kwargs)

@@ -80,6 +80,7 @@ class TrainConfig:
     attach: str = "bypass"  # bypass: adapters add their output in each layer's forward; weights: W + dW
     vram_budget_gb: float = 0.0  # device memory the run may use; 0: the device's free memory
     offload_activations: bool = False  # what autograd keeps for the backward pass waits in RAM
+    compile_blocks: bool = False  # torch.compile each block (the first steps compile; pays on long GPU runs)
     captions: CaptionOptions = field(default_factory=CaptionOptions)
 
     def __post_init__(self):
@@ -254,7 +255,7 @@ class Trainer:
         patchers = [patched] + ([self.train_clip.patcher] if train_te else [])
         device = patched.load_device
         autocast_dtype = PRECISIONS[cfg.precision]
-        blocks = BlockOptions(checkpointing=cfg.gradient_checkpointing)
+        blocks = BlockOptions(checkpointing=cfg.gradient_checkpointing, compiled=cfg.compile_blocks)
         groups = []
         for part, lr in (("unet", cfg.learning_rate), ("te", cfg.text_encoder_lr or cfg.learning_rate)):
             named = [(f"{n}.{p}", t) for n, a in self.network.adapters.items()
