@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -118,9 +119,13 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_adapter(pack, loaded_
         _train(pack, loaded_checkpoint, concept_dataset, tmp_path, steps=5, learning_rate=1e30, grad_clip=0)
     kept = list(tmp_path.glob("*last-good.safetensors"))
     assert kept and str(kept[0]) in str(err.value)
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(str(kept[0])).values())
+    failed = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+    with safe_open(str(kept[0]), "pt") as f:
+        assert f.metadata()["ss_steps"] == str(failed - 1)  # the steps that made the kept adapter
 
 
 def test_checkpoints_are_written_every_n_steps(pack, loaded_checkpoint, concept_dataset, tmp_path):

@@ -325,7 +325,7 @@ class Trainer:
                         if not torch.isfinite(loss):
                             with torch.no_grad():
                                 torch._foreach_copy_(params, good)
-                            path = self.save_checkpoint(step - 2, "last-good")
+                            path = self.save_checkpoint(step - 1, "last-good")  # the adapter steps 1..step-1 made
                             raise TrainingError(
                                 f"loss became {loss.item()} at step {step}; training stopped. The last adapter "
                                 f"that gave a finite loss is kept at {path}. Lower the learning rate or use fp32/bf16.")
