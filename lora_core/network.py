@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -12,36 +12,50 @@ from . import kohya_keys
 from .adapters import ALGORITHMS, Adapter, DyLoRA, adapter_from_factors
 from .apply import lora_key_map
 from .files import split_modules
-from .targets import block_group, find_layers, layer_kind, text_encoders
+from .settings import check_choices, setting
+from .targets import PRESETS, block_group, find_layers, layer_kind, text_encoders
 
 
 @dataclass
 class NetworkConfig:
     """Everything that decides which adapters exist and how they are shaped."""
 
-    algorithm: str = "lora"  # lora | locon | loha | lokr | dylora
-    rank: int = 16
-    alpha: float = 16.0
-    conv_rank: int | None = None  # kxk convolutions (kohya's conv_dim); None = rank
-    conv_alpha: float | None = None
-    preset: str = "kohya"  # attention | kohya | locon | all
-    include: list[str] = field(default_factory=list)  # extra module globs, e.g. "*.proj_out"
-    exclude: list[str] = field(default_factory=list)
-    block_ranks: dict[str, int] = field(default_factory=dict)  # {"input"|"middle"|"output"|...: rank}
-    block_alphas: dict[str, float] = field(default_factory=dict)
-    text_encoder: bool = False
-    dora: bool = False
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    network_dropout: float = 0.0  # kohya's: dropout on each adapter's activations (attach mode "bypass" only)
-    lokr_factor: int = -1
-    use_tucker: bool = False  # kxk convolutions get LyCORIS Tucker factors (lora_mid, hada_t1/t2, lokr_t2)
-    dylora_unit: int = 1
-    seed: int = 0
+    algorithm: str = setting("lora", "The adapter: LoRA, LoCon (LoRA on convolutions too), LoHa, LoKr, DyLoRA.",
+                             choices=tuple(ALGORITHMS), kohya="network_module")
+    rank: int = setting(16, "Adapter rank (kohya's network_dim).", min=1, max=1024, kohya="network_dim")
+    alpha: float = setting(16.0, "The adapter's scale is alpha / rank (kohya's network_alpha).", min=0.0,
+                           max=1024.0, step=0.5, kohya="network_alpha")
+    conv_rank: int | None = setting(None, "kxk convolutions; 0 = rank.", min=0, max=1024, zero_is_none=True,
+                                    kohya="conv_dim")
+    conv_alpha: float | None = setting(None, "kxk convolutions' alpha; unset = alpha (with conv_rank: conv_rank).",
+                                       kohya="conv_alpha")
+    preset: str = setting("kohya", "Which layers get adapters: attention, kohya (sd-scripts' defaults), locon "
+                          "(+ ResBlocks and resamplers), all (every Linear / Conv).", input="targets",
+                          choices=PRESETS)
+    include: list[str] = setting([], "Extra module globs, e.g. *.proj_out.")
+    exclude: list[str] = setting([], "Module globs left out.")
+    block_ranks: dict[str, int] = setting({}, "Rank by block group (input, middle, output, ...).",
+                                          kohya="block_dims")
+    block_alphas: dict[str, float] = setting({}, "Alpha by block group.", kohya="block_alphas")
+    text_encoder: bool = setting(False, "Also train the CLIP text encoders (T5 / LLM encoders stay frozen).",
+                                 input="train_text_encoder")
+    dora: bool = setting(False, "DoRA: weight-decomposed adapters (a learned magnitude per input column).",
+                         kohya="dora_wd")
+    rank_dropout: float = setting(0.0, "Drop ranks at each step.", min=0.0, max=1.0, step=0.01,
+                                  kohya="rank_dropout")
+    module_dropout: float = setting(0.0, "Skip whole adapters at each step.", min=0.0, max=1.0, step=0.01,
+                                    kohya="module_dropout")
+    network_dropout: float = setting(0.0, "kohya's network_dropout: dropout on the adapters' activations "
+                                     "(attach = bypass).", min=0.0, max=1.0, step=0.01, kohya="network_dropout",
+                                     ss=("ss_network_dropout",))
+    lokr_factor: int = setting(-1, "LoKr's factor (-1: as square as the layer allows).", kohya="factor")
+    use_tucker: bool = setting(False, "LoCon / LoHa: a Tucker core for kxk convolutions (LyCORIS use_tucker).",
+                               kohya="use_tucker")
+    dylora_unit: int = setting(1, "DyLoRA's rank step.", min=1, max=64, kohya="unit")
+    seed: int = setting(0, "Seeds the adapters' initial values.", min=0, max=2**31 - 1)
 
     def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm: {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+        check_choices(self)
         if self.rank < 1:
             raise ValueError(f"rank: must be at least 1, got {self.rank}")
         if self.use_tucker and self.algorithm == "dylora":

@@ -407,3 +407,22 @@ def test_flow_timestep_shifts_match_the_hosts_schedules(training):
     torch.testing.assert_close(objective.sigmas_for(eps, levels, "fixed", 3.0), objective.sigmas_for(eps, levels))
     with pytest.raises(ValueError, match="timestep_shift"):
         objective.sigmas_for(sd3, levels, "sideways")
+
+
+def test_saved_files_carry_kohyas_training_metadata(pack, loaded_checkpoint, concept_dataset, tmp_path):
+    """The ss_* keys kohya's tools read, each from its declared setting, with the run's values."""
+    from lora_foundry.training.captions import CaptionOptions
+
+    captions = CaptionOptions(trigger_word="sks", shuffle_tags=True, keep_tokens=2, caption_dropout=0.1)
+    trainer, result = _train(pack, loaded_checkpoint, concept_dataset, tmp_path, steps=2, learning_rate=3e-4,
+                             optimizer="Lion", scheduler="cosine", warmup_steps=1, grad_accum=2, grad_clip=0.5,
+                             noise_offset=0.05, gradient_checkpointing=True, seed=7, flip=True, captions=captions)
+    meta = trainer.metadata(result.steps)
+    want = {"ss_learning_rate": "0.0003", "ss_unet_lr": "0.0003", "ss_optimizer": "Lion", "ss_lr_scheduler": "cosine",
+            "ss_lr_warmup_steps": "1", "ss_max_train_steps": "2", "ss_steps": "2", "ss_mixed_precision": "fp32",
+            "ss_batch_size_per_device": "2", "ss_gradient_accumulation_steps": "2", "ss_max_grad_norm": "0.5",
+            "ss_min_snr_gamma": "5.0", "ss_noise_offset": "0.05", "ss_gradient_checkpointing": "True",
+            "ss_seed": "7", "ss_flip_aug": "True", "ss_shuffle_caption": "True", "ss_keep_tokens": "2",
+            "ss_caption_dropout_rate": "0.1", "ss_network_dropout": "0.0", "ss_network_dim": "4",
+            "ss_num_train_images": str(len(trainer.dataset.items))}
+    assert {k: meta.get(k) for k in want} == want

@@ -141,3 +141,71 @@ def check_stack(server, outputs, loras, pack):
 
 CHECKS = {"extract_lora": check_extract, "merge_loras": check_merge, "resize_lora": check_resize,
           "stack_loras": check_stack}
+
+
+# Train LoRA's widgets as the frontend saved them in an earlier release (35 widgets, no seed control value):
+# workflows saved then must still mean the same settings.
+OLDER_TRAIN_LORA_WIDGETS = ["sks", "toy_concept", "lora", 8, 8.0, "kohya", False, 200, 0.001, 4, "AdamW", "constant",
+                            0, 0, "fp32", False, 1, 1.0, 0.0, "mse", 5.0, 0.0, "uniform", 0, False, 1, 0.0, False, 0,
+                            50, 50, "sks\nred circle, white background", False, 0.0, False]
+
+
+def _configs_as_the_node_built_them(trigger_word, algorithm, rank, alpha, targets, dora, steps, learning_rate,
+                                    batch_size, optimizer, scheduler, warmup_steps, seed, precision,
+                                    gradient_checkpointing=False, grad_accum=1, grad_clip=1.0, lora_plus_ratio=0.0,
+                                    loss="mse", min_snr_gamma=5.0, noise_offset=0.0, timestep_sampling="uniform",
+                                    conv_rank=0, shuffle_tags=False, keep_tokens=1, caption_dropout=0.0, flip=False,
+                                    save_every=0, validation_every=0, sample_every=0, sample_prompts="",
+                                    train_text_encoder=False, text_encoder_lr=0.0, cache_latents="memory",
+                                    use_tucker=False, timestep_shift="model", shift=3.0, guidance=1.0,
+                                    attach="bypass", network_dropout=0.0, vram_budget_gb=0.0,
+                                    offload_activations=False, compile_blocks=False, **node_inputs):
+    """The hand-written mapping Train LoRA used before its inputs were derived from the settings' declarations:
+    the reference for what each widget means."""
+    from lora_foundry.lora_core.network import NetworkConfig
+    from lora_foundry.training.captions import CaptionOptions
+    from lora_foundry.training.trainer import TrainConfig
+
+    network = NetworkConfig(algorithm=algorithm, rank=rank, alpha=alpha, preset=targets, dora=dora,
+                            conv_rank=conv_rank or None, text_encoder=train_text_encoder, seed=seed,
+                            use_tucker=use_tucker, network_dropout=network_dropout)
+    captions = CaptionOptions(trigger_word=trigger_word.strip(), shuffle_tags=shuffle_tags, keep_tokens=keep_tokens,
+                              caption_dropout=caption_dropout)
+    train = TrainConfig(
+        steps=steps, batch_size=batch_size, learning_rate=learning_rate, text_encoder_lr=text_encoder_lr or None,
+        optimizer=optimizer, scheduler=scheduler, warmup_steps=warmup_steps, lora_plus_ratio=lora_plus_ratio,
+        grad_clip=grad_clip, grad_accum=grad_accum, seed=seed, precision=precision,
+        gradient_checkpointing=gradient_checkpointing, loss=loss, min_snr_gamma=min_snr_gamma,
+        noise_offset=noise_offset, timestep_sampling=timestep_sampling, timestep_shift=timestep_shift, shift=shift,
+        guidance=guidance, attach=attach, vram_budget_gb=vram_budget_gb, offload_activations=offload_activations,
+        compile_blocks=compile_blocks, flip=flip, save_every=save_every, latent_cache=cache_latents,
+        validation_every=validation_every, captions=captions, sample_every=sample_every,
+        sample_prompts=[p.strip() for p in sample_prompts.splitlines() if p.strip()])
+    return network, train
+
+
+def test_saved_train_lora_values_land_in_the_same_settings(object_info, pack):
+    """Every Train LoRA widget value of the example workflows, and of a workflow saved by an earlier release, reaches
+    the same setting through the declared settings as through the node's former hand-written mapping."""
+    from dataclasses import asdict
+
+    from harness.workflow import widget_values_to_inputs
+    from lora_foundry.lora_core.network import NetworkConfig
+    from lora_foundry.lora_core.settings import from_inputs
+    from lora_foundry.nodes.train import NODE_INPUTS
+    from lora_foundry.training.captions import CaptionOptions
+    from lora_foundry.training.trainer import TrainConfig
+
+    info = object_info["LoraFoundryTrainLoRA"]
+    saved = [OLDER_TRAIN_LORA_WIDGETS] + [node["widgets_values"] for path in WORKFLOWS
+                                          for node in json.loads(path.read_text())["nodes"]
+                                          if node["type"] == "LoraFoundryTrainLoRA"]
+    assert len(saved) >= 4
+    for values in saved:
+        inputs = widget_values_to_inputs(values, info)
+        assert set(NODE_INPUTS) <= set(inputs)  # output_name and resume: the last widget of the older layout
+        network = from_inputs(NetworkConfig, inputs)
+        train = from_inputs(TrainConfig, inputs, captions=from_inputs(CaptionOptions, inputs))
+        want_network, want_train = _configs_as_the_node_built_them(**inputs)
+        assert asdict(network) == asdict(want_network), values
+        assert asdict(train) == asdict(want_train), values

@@ -6,6 +6,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
+from ..lora_core.settings import setting
+
 
 @dataclass
 class CaptionOptions:
@@ -15,16 +17,21 @@ class CaptionOptions:
     so the trigger word is always kept, whether it was in the caption or added.
     """
 
-    trigger_word: str = ""
-    prefix: str = ""
-    suffix: str = ""
-    shuffle_tags: bool = False
-    keep_tokens: int = 0
-    caption_dropout: float = 0.0
-    tag_dropout: float = 0.0
-    separator: str = ", "
+    trigger_word: str = setting("", "Put in front of every caption.", kohya="trigger_word")
+    prefix: str = setting("", "Text put before every caption (after the trigger word).", kohya="caption_prefix")
+    suffix: str = setting("", "Text put after every caption.", kohya="caption_suffix")
+    shuffle_tags: bool = setting(False, "Shuffle the comma-separated tags of each caption at every step.",
+                                 kohya="shuffle_caption", ss=("ss_shuffle_caption",))
+    keep_tokens: int = setting(1, "Tags kept in front while shuffling, counting the trigger word (1 keeps it).",
+                               min=0, max=64, kohya="keep_tokens", ss=("ss_keep_tokens",))
+    caption_dropout: float = setting(0.0, "Chance that a step sees an empty caption.", min=0.0, max=1.0, step=0.01,
+                                     kohya="caption_dropout_rate", ss=("ss_caption_dropout_rate",))
+    tag_dropout: float = setting(0.0, "Chance that each tag is left out at a step.", min=0.0, max=1.0, step=0.01,
+                                 kohya="caption_tag_dropout_rate")
+    separator: str = setting(", ", "What tags are joined with.")
 
     def __post_init__(self) -> None:
+        self.trigger_word = self.trigger_word.strip()
         for name in ("caption_dropout", "tag_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

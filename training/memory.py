@@ -123,7 +123,7 @@ class MemoryPlan:
     """Bytes a training run needs on its device, by part, and what it may use."""
 
     weights: int  # the base model's weights
-    adapter: int  # adapter parameters and optimizer state
+    adapter: int  # adapter parameters, last-good copy and optimizer state (and text encoders being trained)
     activations: int  # peak of one micro-batch's forward and backward (gradients included), simulated
     budget: int | None  # what the run may use; None: no limit known (the CPU)
     checkpointing: bool

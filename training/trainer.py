@@ -16,6 +16,7 @@ import torch
 from ..lora_core.files import write_safetensors
 from ..lora_core.metadata import kohya_metadata
 from ..lora_core.network import ATTACH_MODES, LoraNetwork, is_trainable_text_encoder
+from ..lora_core.settings import check_choices, setting, ss_metadata
 from ..lora_core.targets import text_encoders
 from . import memory, objective
 from .blocks import INPLACE_ERROR, BlockOptions, InPlaceAsNew, text_encoder_layers, training_blocks
@@ -32,7 +33,8 @@ from .conditioning import (
 )
 from .dataset import Dataset
 from .latent_cache import LatentCache, vae_fingerprint
-from .optim import STATE_FLOATS, build_optimizer, build_scheduler, lora_plus_groups
+from .objective import LOSSES, TIMESTEP_SAMPLING, TIMESTEP_SHIFTS
+from .optim import OPTIMIZERS, SCHEDULERS, STATE_FLOATS, build_optimizer, build_scheduler, lora_plus_groups
 from .state import load_state, save_state
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,60 +47,87 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
-    batch_size: int = 1
-    learning_rate: float = 1e-4
-    text_encoder_lr: float | None = None  # None: the UNet's learning rate
-    optimizer: str = "AdamW"
-    weight_decay: float = 0.01
-    scheduler: str = "constant"
-    warmup_steps: int = 0
-    lora_plus_ratio: float = 0.0
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    seed: int = 0
-    precision: str = "fp32"
-    gradient_checkpointing: bool = False
-    loss: str = "mse"
-    huber_delta: float = 1.0
-    min_snr_gamma: float = 5.0  # eps / v models only: kohya applies none to flow matching
-    noise_offset: float = 0.0
-    timestep_sampling: str = "uniform"
-    timestep_shift: str = "model"  # flow models: model | none | fixed | resolution (objective.sigmas_for)
-    shift: float = 3.0  # the shift for timestep_shift "fixed"
-    guidance: float = TRAINING_GUIDANCE  # fed to guidance-distilled models (Flux.1-dev, HunyuanVideo) only
-    min_timestep: int = 0
-    max_timestep: int = 1000
-    flip: bool = False
-    save_every: int = 0
-    latent_cache: str = "memory"  # "disk": also keep latents next to the images for the next run
-    validation_every: int = 0
-    sample_every: int = 0  # a preview image every N steps (0: never)
-    sample_prompts: list[str] = field(default_factory=list)
-    sample_steps: int = 12
-    sample_cfg: float = 3.0
-    attach: str = "bypass"  # bypass: adapters add their output in each layer's forward; weights: W + dW
-    vram_budget_gb: float = 0.0  # device memory the run may use; 0: the device's free memory
-    offload_activations: bool = False  # what autograd keeps for the backward pass waits in RAM
-    compile_blocks: bool = False  # torch.compile each block (the first steps compile; pays on long GPU runs)
+    """How a run trains: every setting declared once (lora_core.settings), node inputs and metadata derived."""
+
+    steps: int = setting(300, "Optimizer steps.", min=1, max=1_000_000, kohya="max_train_steps",
+                         ss=("ss_max_train_steps",))
+    batch_size: int = setting(1, "Images per micro-batch.", min=1, max=256, kohya="train_batch_size",
+                              ss=("ss_batch_size_per_device",))
+    learning_rate: float = setting(1e-4, "The adapters' learning rate (UNet / DiT).", min=0.0, max=10.0, step=1e-5,
+                                   kohya="learning_rate", ss=("ss_learning_rate", "ss_unet_lr"))
+    text_encoder_lr: float | None = setting(None, "0 = the UNet's learning rate.", min=0.0, max=10.0, step=1e-5,
+                                            zero_is_none=True, kohya="text_encoder_lr")
+    optimizer: str = setting("AdamW", "AdamW8bit keeps its state in 8 bits; Prodigy finds its own step size "
+                             "(learning rate about 1.0).", choices=OPTIMIZERS, kohya="optimizer_type",
+                             ss=("ss_optimizer",))
+    weight_decay: float = setting(0.01, "Decoupled weight decay.", min=0.0, max=1.0, step=0.001)
+    scheduler: str = setting("constant", "Learning-rate schedule after the warm-up.", choices=SCHEDULERS,
+                             kohya="lr_scheduler", ss=("ss_lr_scheduler",))
+    warmup_steps: int = setting(0, "Steps of linear learning-rate warm-up.", min=0, max=100_000,
+                                kohya="lr_warmup_steps", ss=("ss_lr_warmup_steps",))
+    lora_plus_ratio: float = setting(0.0, "LoRA+: the zero-initialised factors learn this many times faster "
+                                     "(0 = off).", min=0.0, max=64.0, step=1.0, kohya="loraplus_lr_ratio")
+    grad_clip: float = setting(1.0, "Clip the gradient norm (0 = off).", min=0.0, max=100.0, step=0.1,
+                               kohya="max_grad_norm", ss=("ss_max_grad_norm",))
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.", min=1, max=1024,
+                              kohya="gradient_accumulation_steps", ss=("ss_gradient_accumulation_steps",))
+    seed: int = setting(0, "Seeds the adapters' initial values, the data order and the noise.", min=0,
+                        max=2**31 - 1, kohya="seed", ss=("ss_seed",))
+    precision: str = setting("fp32", "The compute dtype while training (autocast); the adapter stays fp32.",
+                             choices=tuple(PRECISIONS), kohya="mixed_precision", ss=("ss_mixed_precision",))
+    gradient_checkpointing: bool = setting(False, "Recompute each block in the backward pass: far less memory, "
+                                           "about a third more time.", kohya="gradient_checkpointing",
+                                           ss=("ss_gradient_checkpointing",))
+    loss: str = setting("mse", "Loss on the model's prediction.", choices=LOSSES, kohya="loss_type")
+    huber_delta: float = setting(1.0, "The Huber loss's delta.", min=0.0, max=100.0, step=0.01, kohya="huber_c")
+    min_snr_gamma: float = setting(5.0, "eps / v-prediction models; flow models train without it.", min=0.0,
+                                   max=100.0, step=0.5, kohya="min_snr_gamma", ss=("ss_min_snr_gamma",))
+    noise_offset: float = setting(0.0, "Per-channel noise offset.", min=0.0, max=1.0, step=0.01,
+                                  kohya="noise_offset", ss=("ss_noise_offset",))
+    timestep_sampling: str = setting("uniform", "How noise levels are drawn.", choices=TIMESTEP_SAMPLING,
+                                     kohya="timestep_sampling")
+    timestep_shift: str = setting("model", "Flow models (SD3, Flux, Qwen, Wan, ...): model = the model's own "
+                                  "shift, as it samples; none; fixed = the shift below; resolution = kohya's "
+                                  "flux_shift.", choices=TIMESTEP_SHIFTS)
+    shift: float = setting(3.0, "The shift for timestep_shift = fixed.", min=0.1, max=100.0, step=0.05,
+                           kohya="discrete_flow_shift")
+    guidance: float = setting(TRAINING_GUIDANCE, "Distilled guidance while training (Flux.1-dev, HunyuanVideo); "
+                              "other models ignore it. kohya and ai-toolkit train Flux-dev at 1.0.", min=0.0,
+                              max=100.0, step=0.1, kohya="guidance_scale")
+    min_timestep: int = setting(0, "Lowest timestep drawn (of 1000).", min=0, max=999, kohya="min_timestep")
+    max_timestep: int = setting(1000, "Highest timestep drawn (of 1000).", min=1, max=1000, kohya="max_timestep")
+    flip: bool = setting(False, "Also train on mirrored images.", kohya="flip_aug", ss=("ss_flip_aug",))
+    save_every: int = setting(0, "0 = only at the end.", min=0, max=1_000_000, kohya="save_every_n_steps")
+    latent_cache: str = setting("memory", "disk: also keep the latents in a hidden .lora_foundry_cache folder next "
+                                "to the images, so the next run skips the VAE.", input="cache_latents",
+                                choices=LATENT_CACHES)
+    validation_every: int = setting(0, "Held-out loss every N steps (0 = never).", min=0, max=1_000_000,
+                                    kohya="validate_every_n_steps")
+    sample_every: int = setting(0, "A preview on the node every N steps (0 = never).", min=0, max=1_000_000,
+                                kohya="sample_every_n_steps")
+    sample_prompts: list[str] = setting([], "One prompt per line.", multiline=True)
+    sample_steps: int = setting(12, "Sampler steps of a preview.", min=1, max=200)
+    sample_cfg: float = setting(3.0, "CFG of a preview.", min=0.0, max=30.0, step=0.1)
+    attach: str = setting("bypass", "bypass: each adapter adds its output in the layer's forward, the base weight "
+                          "untouched (fp8 and streamed bases); weights: the layer computes with W + dW (can be "
+                          "faster for LoHa / LoKr when the model fits).", choices=ATTACH_MODES)
+    vram_budget_gb: float = setting(0.0, "Device memory the run may use; 0 = the free memory. Weights that do not "
+                                    "fit stay in RAM and stream in at each use (blocks are then checkpointed). The "
+                                    "estimate is logged before step 1.", min=0.0, max=1024.0, step=0.5)
+    offload_activations: bool = setting(False, "Keep what the backward pass needs in RAM (with gradient "
+                                        "checkpointing: only the blocks' inputs).")
+    compile_blocks: bool = setting(False, "torch.compile each diffusion block (the first steps compile, later ones "
+                                   "run faster on a GPU; blocks that add in place, Flux / Chroma, stay eager).")
     captions: CaptionOptions = field(default_factory=CaptionOptions)
 
     def __post_init__(self):
+        check_choices(self)
         if self.steps < 1:
             raise ValueError(f"steps: must be at least 1, got {self.steps}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if self.latent_cache not in LATENT_CACHES:
-            raise ValueError(f"latent_cache: {self.latent_cache!r} is not one of {', '.join(LATENT_CACHES)}")
         if not 0 <= self.min_timestep < self.max_timestep <= 1000:
             raise ValueError("min_timestep / max_timestep: need 0 <= min < max <= 1000")
-        if self.attach not in ATTACH_MODES:
-            raise ValueError(f"attach: {self.attach!r} is not one of {', '.join(ATTACH_MODES)}")
         if self.vram_budget_gb < 0:
             raise ValueError(f"vram_budget_gb: must be 0 (auto) or more, got {self.vram_budget_gb}")
-        if self.timestep_shift not in objective.TIMESTEP_SHIFTS:
-            raise ValueError(f"timestep_shift: {self.timestep_shift!r} is not one of "
-                             f"{', '.join(objective.TIMESTEP_SHIFTS)}")
 
 
 @dataclass
@@ -148,10 +177,10 @@ class Trainer:
         if network.config is not None and network.config.network_dropout and config.attach != "bypass":
             raise ValueError("network_dropout: drops adapter activations, which only attach = bypass computes")
         self.kind = objective.prediction(model.get_model_object("model_sampling"))
-        for setting, unused in (("timestep_shift", config.timestep_shift != "model" and self.kind != "flow"),
-                                ("min_snr_gamma", config.min_snr_gamma and self.kind == "flow")):
+        for option, unused in (("timestep_shift", config.timestep_shift != "model" and self.kind != "flow"),
+                               ("min_snr_gamma", config.min_snr_gamma and self.kind == "flow")):
             if unused:
-                logging.info("Train LoRA: %s does not apply to %s models; ignored", setting, self.kind)
+                logging.info("Train LoRA: %s does not apply to %s models; ignored", option, self.kind)
         self.latents: dict[tuple[int, bool], torch.Tensor] = {}
         self.text: dict[str, list] = {}  # host conditioning of captions that never change
         self.checkpoints: list[Path] = []
@@ -563,16 +592,9 @@ class Trainer:
     def metadata(self, step: int) -> dict[str, str]:
         cfg = self.config
         info = {
-            "ss_steps": str(step), "ss_learning_rate": str(cfg.learning_rate), "ss_unet_lr": str(cfg.learning_rate),
-            "ss_optimizer": cfg.optimizer, "ss_lr_scheduler": cfg.scheduler, "ss_lr_warmup_steps": str(cfg.warmup_steps),
-            "ss_max_train_steps": str(cfg.steps), "ss_mixed_precision": cfg.precision,
-            "ss_num_train_images": str(len(self.dataset.items)), "ss_batch_size_per_device": str(cfg.batch_size),
-            "ss_gradient_accumulation_steps": str(cfg.grad_accum), "ss_max_grad_norm": str(cfg.grad_clip),
-            "ss_min_snr_gamma": str(cfg.min_snr_gamma), "ss_noise_offset": str(cfg.noise_offset),
-            "ss_gradient_checkpointing": str(cfg.gradient_checkpointing), "ss_seed": str(cfg.seed),
-            "ss_caption_dropout_rate": str(cfg.captions.caption_dropout), "ss_keep_tokens": str(cfg.captions.keep_tokens),
-            "ss_shuffle_caption": str(cfg.captions.shuffle_tags), "ss_flip_aug": str(cfg.flip),
-            "ss_network_dropout": str(self.network.config.network_dropout if self.network.config else 0.0),
+            **ss_metadata(cfg), **ss_metadata(cfg.captions),
+            **(ss_metadata(self.network.config) if self.network.config is not None else {}),
+            "ss_steps": str(step), "ss_num_train_images": str(len(self.dataset.items)),
             "lora_foundry_training": _json(asdict(cfg)),
         }
         return kohya_metadata(self.network.config, self.model.model.model_config, self.name, info,
