@@ -223,8 +223,23 @@ def test_family_text_encoder_lora(family, dataset_dir, tmp_path, caplog):
         return
     trainer = _trainer(family, dataset_dir, steps=2, validation_every=0,
                        network={"text_encoder": True, "preset": "attention"})
-    with torch.inference_mode(False):
-        result = trainer.run()
+    import comfy.model_management as mm
+    from torch._subclasses.fake_tensor import is_fake
+
+    loads = []
+    original = mm.load_models_gpu
+
+    def recording(models, *args, **kwargs):
+        loads.append(any(is_fake(p) for m in models for p in m.model.parameters()))
+        return original(models, *args, **kwargs)
+
+    mm.load_models_gpu = recording
+    try:
+        with torch.inference_mode(False):
+            result = trainer.run()
+    finally:
+        mm.load_models_gpu = original
+    assert loads and not any(loads)  # the simulated step never asked the host to load storage-less weights
     te = {n: a for n, a in result.network.adapters.items() if n.startswith("lora_te")}
     assert te and any(float(a.lora_up.abs().sum()) > 0 for a in te.values())
     assert trainer.plan.activations > 0  # the plan's simulated step ran the text encoders' adapters too

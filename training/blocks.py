@@ -9,7 +9,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.overrides import TorchFunctionMode
 
-from ..lora_core.targets import block_lists
+from ..lora_core.targets import ADAPTABLE, block_lists
 
 INPLACE_ERROR = "modified by an inplace operation"
 
@@ -27,7 +27,10 @@ def model_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
     blocks = []
     for item in items:
         if isinstance(item, torch.nn.Sequential):
-            blocks += [layer for layer in item if any(True for _ in layer.parameters())]
+            # A bare layer (the UNet's input conv) is no block: checkpointing it saves nothing, and its forward
+            # is what a bypass adapter patches.
+            blocks += [layer for layer in item if any(True for _ in layer.parameters()) and
+                       not isinstance(layer, ADAPTABLE)]
         else:
             blocks.append(item)
     return blocks
@@ -92,6 +95,7 @@ def wrapped_blocks(blocks: list[torch.nn.Module], options: BlockOptions):
     import torch.utils.checkpoint as cp
 
     compiled: dict[int, object] = {}  # block id: its forward through torch.compile, made at first use
+    previous = [vars(block).get("forward") for block in blocks]
     for block in blocks:
 
         def out_of_place(*args, _forward=block.forward, **kwargs):
@@ -102,7 +106,7 @@ def wrapped_blocks(blocks: list[torch.nn.Module], options: BlockOptions):
         def run(*args, _forward=block.forward, _out_of_place=out_of_place, _key=id(block), **kwargs):
             forward = _out_of_place if options.out_of_place else _forward
             if options.compiled and not options.out_of_place and not any(
-                    is_fake(a) for a in args if isinstance(a, torch.Tensor)):
+                    is_fake(a) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)):
                 # Blocks that add in place stay eager: a compiled graph replays the mutation of its input
                 # after the fact, on a tensor autograd has saved.
                 if _key not in compiled:
@@ -116,8 +120,11 @@ def wrapped_blocks(blocks: list[torch.nn.Module], options: BlockOptions):
     try:
         yield options
     finally:
-        for block in blocks:
-            del block.forward
+        for block, forward in zip(blocks, previous, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 def training_blocks(diffusion_model: torch.nn.Module, options: BlockOptions):

@@ -102,19 +102,20 @@ def simulate(modules: list[torch.nn.Module], device: torch.device, step: Callabl
 def adapters_in_place(patchers: list):
     """The clones' adapters in their layers without loading any weight (the host does that at load time):
     object patches (bypass) applied, weight wrappers set as each layer's weight function."""
-    wrapped = []
-    for patcher in patchers:
-        patcher.patch_model(load_weights=False)
-        for key, functions in patcher.weight_wrapper_patches.items():
-            layer = patcher.model.get_submodule(key.rsplit(".", 1)[0])
-            layer.weight_function = list(functions)
-            wrapped.append(layer)
+    wrapped, patched = [], []
     try:
+        for patcher in patchers:
+            patched.append(patcher)
+            patcher.patch_model(load_weights=False)
+            for key, functions in patcher.weight_wrapper_patches.items():
+                layer = patcher.model.get_submodule(key.rsplit(".", 1)[0])
+                layer.weight_function = list(functions)
+                wrapped.append(layer)
         yield
     finally:
         for layer in wrapped:
             layer.weight_function = []
-        for patcher in patchers:
+        for patcher in patched:
             patcher.unpatch_model(unpatch_weights=False)
 
 
@@ -128,6 +129,11 @@ class MemoryPlan:
     budget: int | None  # what the run may use; None: no limit known (the CPU)
     checkpointing: bool
     flops: int = 0  # of one micro-batch's forward and backward, counted in the same simulation
+
+    @property
+    def estimated(self) -> bool:
+        """Whether the simulated step ran (else the activations are unknown, not zero)."""
+        return self.flops > 0
 
     @property
     def total(self) -> int:
@@ -146,10 +152,12 @@ class MemoryPlan:
         return self.budget is None or self.adapter + self.activations + self.weights // 10 <= self.budget
 
     def describe(self) -> str:
-        parts = (f"weights {self.weights / GB:.2f} GB ({self.resident_weights / GB:.2f} resident), "
-                 f"adapter + optimizer {self.adapter / GB:.2f} GB, activations {self.activations / GB:.2f} GB")
-        limit = f" of a {self.budget / GB:.2f} GB budget" if self.budget is not None else ""
-        return f"estimated peak {self.peak / GB:.2f} GB{limit}: {parts}"
+        if not self.estimated:
+            return f"no estimate of the activations; weights {gb(self.weights)}, adapter + optimizer {gb(self.adapter)}"
+        parts = (f"weights {gb(self.weights)} ({gb(self.resident_weights)} resident), "
+                 f"adapter + optimizer {gb(self.adapter)}, activations {gb(self.activations)}")
+        limit = f" of a {gb(self.budget)} budget" if self.budget is not None else ""
+        return f"estimated peak {gb(self.peak)}{limit}: {parts}"
 
     @property
     def peak(self) -> int:
@@ -167,6 +175,10 @@ class MemoryPlan:
         return "; ".join(steps)
 
 
+def gb(size: int) -> str:
+    return f"{size / GB:.3g} GB"
+
+
 def device_budget(device: torch.device, budget_gb: float) -> int | None:
     """Bytes the run may use on `device`: `budget_gb` if set, else the device's free memory (None on the CPU)."""
     import comfy.model_management as mm
@@ -175,7 +187,9 @@ def device_budget(device: torch.device, budget_gb: float) -> int | None:
         return int(budget_gb * GB)
     if device.type == "cpu":
         return None
-    unloadable = sum(m.model_loaded_memory() for m in mm.current_loaded_models if m.device == device)
+    mm.cleanup_models_gc()
+    unloadable = sum(m.model_loaded_memory() for m in mm.current_loaded_models
+                     if m.device == device and m.model is not None)
     return int(mm.get_free_memory(device) + unloadable - mm.extra_reserved_memory())
 
 
@@ -189,20 +203,46 @@ def release(patchers: list) -> None:
             mm.current_loaded_models.remove(loaded)
 
 
-def load(model, others: list, weight_memory: int | None) -> bool:
-    """Load the diffusion model (and `others`, whole) on the device. With `weight_memory` bytes, the model's
-    weights beyond it stay in RAM and the host streams them to the device at each use. True when some do."""
+def load(model, others: list, plan: MemoryPlan) -> bool:
+    """Load the diffusion model (and `others`, whole) on the device as `plan` says: whole when it fits or no budget
+    is known; when the activations are unknown, as much as the host finds room for; else with the plan's resident
+    weights, the rest left in RAM for the host to stream to the device at each use. True when some weights stream."""
     import comfy.model_management as mm
 
-    if weight_memory is None or weight_memory >= model.model_size():
+    if plan.budget is None or plan.resident_weights >= model.model_size():
         mm.load_models_gpu([model, *others], force_full_load=True)
         return False
+    if not plan.estimated:
+        mm.load_models_gpu([model, *others])
+        return bool(model.model.model_lowvram)
     if others:
         mm.load_models_gpu(others, force_full_load=True)
-    release([m.model for m in mm.current_loaded_models if m.model.is_clone(model)])
+    mm.cleanup_models_gc()
+    release([m.model for m in mm.current_loaded_models if m.model is not None and m.model.is_clone(model)])
+    if model.load_device.type != "cpu":  # room for the plan: other models leave the device as the host decides
+        mm.free_memory(plan.peak, model.load_device, keep_loaded=[m for m in mm.current_loaded_models
+                                                                  if any(m.model is o for o in others)])
     loaded = mm.LoadedModel(model)
-    loaded.model_load(max(weight_memory, 1))
+    loaded.model_load(max(plan.resident_weights, 1))
     mm.current_loaded_models.insert(0, loaded)
-    logging.info("Train LoRA: %.2f of %.2f GB of weights on the device, the rest streamed from RAM at each use",
-                 model.loaded_size() / GB, model.model_size() / GB)
+    logging.info("Train LoRA: %s of %s of weights on the device, the rest streamed from RAM at each use",
+                 gb(model.loaded_size()), gb(model.model_size()))
     return bool(model.model.model_lowvram)
+
+
+@contextlib.contextmanager
+def synchronous_streaming(streamed: bool):
+    """While weights stream for training, the host copies them on the compute stream.
+
+    Its async offload streams let a later copy reuse a streamed weight's memory once the weight is freed, which
+    in inference is after its last use; in training the backward pass still reads it then.
+    """
+    import comfy.model_management as mm
+
+    previous = mm.NUM_STREAMS
+    if streamed:
+        mm.NUM_STREAMS = 0
+    try:
+        yield
+    finally:
+        mm.NUM_STREAMS = previous

@@ -36,6 +36,9 @@ def save_state(path: Path, network, optimizer, scheduler, loop: dict, rng: rando
     tensors.update({f"optimizer.{k}": v for k, v in opt_tensors.items()})
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():  # dropout on CUDA draws from the device's generators
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
     adapter_rngs = {n: _rng_to_json(a.rng) for n, a in network.adapters.items() if hasattr(a, "rng")}
     doc = {"format": FORMAT, "loop": loop, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
            "rng": _rng_to_json(rng), "adapter_rngs": adapter_rngs}
@@ -60,6 +63,9 @@ def load_state(path: Path, network, optimizer, scheduler, rng: random.Random, ge
     scheduler.load_state_dict(doc["scheduler"])
     generator.set_state(tensors["rng.generator"])
     torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     _rng_from_json(rng, doc["rng"])
     for name, value in doc["adapter_rngs"].items():
         _rng_from_json(network.adapters[name].rng, value)

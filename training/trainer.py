@@ -189,6 +189,7 @@ class Trainer:
         self._disk_cache: LatentCache | None = None
         self.guidance: float | None = None
         self.plan: memory.MemoryPlan | None = None  # device memory, estimated before step 1
+        self.streamed = False  # whether some weights stream from RAM in this run
         self.check_model()
 
     # --- data --------------------------------------------------------------------------------
@@ -276,8 +277,6 @@ class Trainer:
         self.encode_fixed_captions()
         for item in self.dataset.validation:
             self.encode_text(self.fixed_caption(item))
-        rng = random.Random(cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed)
         train_te = any(name.startswith("lora_te") for name in self.network.adapters)
         memory.release([self.vae.patcher] + ([self.clip.patcher] if not train_te and not self.captions_change() else []))
         patched, self.train_clip = self.network.attach(self.model, self.clip if train_te else None, mode=cfg.attach)
@@ -285,12 +284,6 @@ class Trainer:
         device = patched.load_device
         autocast_dtype = PRECISIONS[cfg.precision]
         blocks = BlockOptions(checkpointing=cfg.gradient_checkpointing, compiled=cfg.compile_blocks)
-        groups = []
-        for part, lr in (("unet", cfg.learning_rate), ("te", cfg.text_encoder_lr or cfg.learning_rate)):
-            named = [(f"{n}.{p}", t) for n, a in self.network.adapters.items()
-                     if n.startswith("lora_te") == (part == "te") for p, t in a.named_parameters()]
-            if named:
-                groups += lora_plus_groups(named, lr, cfg.lora_plus_ratio, cfg.weight_decay)
         diffusion_model = patched.model.diffusion_model
         trained_encoders = [encoder for name, encoder in text_encoders(self.train_clip.cond_stage_model).items()
                             if is_trainable_text_encoder(name)] if self.train_clip is not None else []
@@ -298,32 +291,50 @@ class Trainer:
             with torch.inference_mode(False), torch.enable_grad(), training_blocks(diffusion_model, blocks), \
                     text_encoder_layers(trained_encoders):
                 self.plan = self.plan_memory(patched, blocks, device, autocast_dtype)
-                streamed = memory.load(patched, patchers[1:], self.plan.resident_weights
-                                       if self.plan.budget is not None else None)
-                if streamed and not blocks.checkpointing:
-                    blocks.checkpointing = True  # streamed weights must not stay on the device until backward
-                    logging.info("Train LoRA: weights stream from RAM, so every block is checkpointed")
-                for patcher in patchers:
-                    normal_tensors_(patcher.model, device)
-                self.network.to(device)
-                self.network.train()
-                return self.train_loop(patched, blocks, groups, device, autocast_dtype, start, rng, gen)
+                may_stream = self.plan.budget is not None and (
+                    not self.plan.estimated or self.plan.resident_weights < patched.model_size())
+                with memory.synchronous_streaming(may_stream):
+                    try:
+                        self.streamed = memory.load(patched, patchers[1:], self.plan)
+                        if self.streamed and not blocks.checkpointing:
+                            blocks.checkpointing = True  # streamed weights must not stay on the device until backward
+                            logging.info("Train LoRA: weights stream from RAM, so every block is checkpointed")
+                        for patcher in patchers:
+                            normal_tensors_(patcher.model, device)
+                        self.network.to(device)
+                        self.network.train()
+                        return self.train_loop(patched, patchers, blocks, device, autocast_dtype, start)
+                    finally:
+                        memory.release(patchers)  # the host undoes the clones' patches (inside the block wrappers)
         finally:
-            memory.release(patchers)  # the host undoes the clones' patches; the next user loads the model afresh
             self.network.eval()
             self.network.requires_grad_(False)
             self.network.to("cpu")
             self.train_clip = None
 
-    def train_loop(self, patched, blocks, groups, device, autocast_dtype, start, rng, gen) -> TrainResult:
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups: UNet and text-encoder adapters at their learning rates, each split for LoRA+."""
+        cfg = self.config
+        groups = []
+        for part, lr in (("unet", cfg.learning_rate), ("te", cfg.text_encoder_lr or cfg.learning_rate)):
+            named = [(f"{n}.{p}", t) for n, a in self.network.adapters.items()
+                     if n.startswith("lora_te") == (part == "te") for p, t in a.named_parameters()]
+            if named:
+                groups += lora_plus_groups(named, lr, cfg.lora_plus_ratio, cfg.weight_decay)
+        return groups
+
+    def train_loop(self, patched, patchers, blocks, device, autocast_dtype, start) -> TrainResult:
         """Steps from the resumed state (or 0) to the last, on the loaded model."""
         import comfy.model_management as mm
 
         cfg = self.config
+        rng = random.Random(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        groups = self.param_groups()
         optimizer = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay)
         scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.steps, cfg.warmup_steps)
         params = [p for g in groups for p in g["params"]]
-        good = [p.detach().clone() for p in params]  # the adapter that last gave a finite loss
+        good = [p.detach().clone() for p in params]  # the adapter that last gave a finite loss, and its steps
         # "fp32" means no autocast, but the host computes in the base's own dtype: scale whenever that is fp16.
         self.compute_dtype = autocast_dtype or patched.model.manual_cast_dtype or patched.model.get_dtype()
         if self.compute_dtype != (autocast_dtype or torch.float32):
@@ -335,6 +346,8 @@ class Trainer:
             loop = load_state(self.resume, self.network, optimizer, scheduler, rng, gen)
         losses, validation, order = loop["losses"], loop["validation"], loop["order"]
         state = (optimizer, scheduler, loop, rng, gen)
+        good_step = loop["step"]
+        updating = False  # inside the optimizer's update: an error there may leave the adapter half-changed
         backward_done = False
         activations = (torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
                        if cfg.offload_activations else contextlib.nullcontext())
@@ -354,12 +367,13 @@ class Trainer:
                         if not torch.isfinite(loss):
                             with torch.no_grad():
                                 torch._foreach_copy_(params, good)
-                            path = self.save_checkpoint(step - 1, "last-good")  # the adapter steps 1..step-1 made
+                            path = self.save_checkpoint(good_step, "last-good")
                             raise TrainingError(
                                 f"loss became {loss.item()} at step {step}; training stopped. The last adapter "
                                 f"that gave a finite loss is kept at {path}. Lower the learning rate or use fp32/bf16.")
                         with torch.no_grad():
                             torch._foreach_copy_(good, params)
+                        good_step = loop["step"]
                         try:
                             scaler.scale(loss / cfg.grad_accum).backward()
                         except RuntimeError as error:
@@ -382,7 +396,9 @@ class Trainer:
                     if cfg.grad_clip > 0:
                         scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    updating = True
                     scaler.step(optimizer)
+                    updating = False
                     scaler.update()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -398,6 +414,7 @@ class Trainer:
                         preview = None
                         if cfg.sample_every and cfg.sample_prompts and (step % cfg.sample_every == 0 or step == cfg.steps):
                             preview = self.sample(patched, step)
+                            self.after_preview(patched, patchers)
                         elapsed = time.monotonic() - start
                         self.on_step({"step": step, "total": cfg.steps, "loss": step_loss,
                                       "lr": scheduler.get_last_lr()[0],
@@ -411,14 +428,21 @@ class Trainer:
             self.save_state(*state)
             raise
         except torch.OutOfMemoryError as error:
-            with torch.no_grad():
-                torch._foreach_copy_(params, good)
+            if updating:  # the update stopped half-way: back to the adapter it started from
+                with torch.no_grad():
+                    torch._foreach_copy_(params, good)
             path = self.save_checkpoint(loop["step"], "last-good")
             raise TrainingError(f"out of device memory at step {loop['step'] + 1} ({self.plan.describe()}); the "
                                 f"adapter of the last finished step is kept at {path}. To fit: {self.plan.hint()}"
                                 ) from error
         return TrainResult(self.network, losses, [tuple(v) for v in validation], loop["step"],
                            time.monotonic() - start, self.checkpoints)
+
+    def after_preview(self, patched, patchers) -> None:
+        """Sampling loaded the VAE and, with free memory, more of the model: back to the planned device memory."""
+        memory.release([self.vae.patcher])
+        if self.streamed:
+            memory.load(patched, patchers[1:], self.plan)
 
     def plan_memory(self, patched, blocks: BlockOptions, device, autocast_dtype) -> memory.MemoryPlan:
         """The run's device memory, from a simulated micro-batch; checkpointing is turned on when the weights must
@@ -470,10 +494,12 @@ class Trainer:
             args = (x0, noise, sigma, weights)
 
         self.network.eval()  # no dropout draws: training's random choices stay as they are
+        in_place = InPlaceAsNew if blocks.out_of_place else contextlib.nullcontext
         try:
-            with memory.adapters_in_place(patchers):
+            with memory.adapters_in_place(patchers), self.encoders_left_alone():
                 try:
-                    return memory.simulate(modules, device, step, *args)
+                    with in_place():
+                        return memory.simulate(modules, device, step, *args)
                 except RuntimeError as error:
                     if INPLACE_ERROR not in str(error) or blocks.out_of_place:
                         raise
@@ -487,6 +513,18 @@ class Trainer:
             return 0, 0
         finally:
             self.network.train()
+
+    @contextlib.contextmanager
+    def encoders_left_alone(self):
+        """The trained text encoders do not ask the host to load them: in a simulated step their weights are fakes."""
+        if self.train_clip is None:
+            yield
+            return
+        self.train_clip.load_model = lambda: self.train_clip.patcher
+        try:
+            yield
+        finally:
+            del self.train_clip.load_model
 
     def check_model(self) -> None:
         """Build the model's inputs once, before anything is encoded: this fails with a message if the model
