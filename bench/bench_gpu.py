@@ -68,28 +68,31 @@ MODEL_CLASSES = {"sd15": "SD15", "sdxl": "SDXL", "flux": "Flux", "wan21": "WAN21
 TEXT_TOKENS = {"sd15": 77, "sdxl": 77, "flux": 512, "wan21": 512}
 
 
-def build_model(name: str, smoke: bool):
-    """The diffusion model as a ModelPatcher: the tests' tiny one (smoke) or the full size, random weights."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
+def full_size_config(name: str):
+    """The host's model config of the full-size model `name`, with its weight and compute dtypes."""
     import comfy.supported_models
     import torch
-    from harness.families import build_family
 
-    if smoke:
-        return build_family(name).model
     spec = FULL[name]
     model_config = getattr(comfy.supported_models, MODEL_CLASSES[name])(dict(spec["config"]))
     weight_dtype = getattr(torch, spec.get("weight_dtype", "bfloat16"))
     model_config.set_inference_dtype(weight_dtype, torch.bfloat16 if weight_dtype != torch.bfloat16 else None)
+    return model_config
+
+
+def build_model(name: str, smoke: bool):
+    """The diffusion model as a ModelPatcher: the tests' tiny one (smoke) or the full size, random weights."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import torch
+    from harness.families import build_family, init_module_
+
+    if smoke:
+        return build_family(name).model
     device = mm.get_torch_device()
     with torch.device(device):
-        base = model_config.get_model({})
-    with torch.no_grad():
-        for module in base.diffusion_model.modules():  # random N(0, 0.02) weights, norm scales 1
-            for param in module.parameters(recurse=False):
-                if param.dim() > 1:
-                    param.copy_(torch.randn(param.shape, device=device, dtype=torch.bfloat16) * 0.02)
+        base = full_size_config(name).get_model({})
+    init_module_(base.diffusion_model, 0)  # N(0, 0.02) weights, norm scales 1 (the host leaves them unset)
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=mm.unet_offload_device())
 
 
@@ -98,13 +101,9 @@ def meta_model(name: str):
     sampling schedule: what the memory plan needs, on any machine."""
     import comfy.model_base
     import comfy.model_patcher
-    import comfy.supported_models
     import torch
 
-    spec = FULL[name]
-    model_config = getattr(comfy.supported_models, MODEL_CLASSES[name])(dict(spec["config"]))
-    weight_dtype = getattr(torch, spec.get("weight_dtype", "bfloat16"))
-    model_config.set_inference_dtype(weight_dtype, torch.bfloat16 if weight_dtype != torch.bfloat16 else None)
+    model_config = full_size_config(name)
     with torch.device("meta"):
         base = model_config.get_model({})
     base.model_sampling = comfy.model_base.model_sampling(model_config, base.model_type)
@@ -335,13 +334,17 @@ def main() -> None:
         rows = []
         common = (model, name, size, frames, args)
         for batch in (int(b) for b in args.batches.split(",")):
-            for checkpointing in (False, True):
-                rows.append(measure("ours", peak, run_ours, *common, batch, checkpointing))
-                rows.append(measure("native", peak, run_native, *common, batch, checkpointing))
-            if "plan" in rows[-2]:
-                rows.append(measure("ours", peak, run_ours, *common, batch, True, rows[-2]["plan"]))
+            for ckpt in (False, True):
+                row = {"batch": batch, "checkpointing": ckpt, "streamed": False}
+                rows.append(measure({"variant": "ours", **row}, peak, run_ours, *common, batch, ckpt))
+                rows.append(measure({"variant": "native", **row}, peak, run_native, *common, batch, ckpt))
+            checkpointed = rows[-2]
+            if "plan" in checkpointed:
+                rows.append(measure({"variant": "ours", "batch": batch, "checkpointing": True, "streamed": True},
+                                    peak, run_ours, *common, batch, True, stream=checkpointed["plan"]))
             if args.compile:
-                rows.append(measure("ours+compile", peak, run_ours, *common, batch, False, None, True))
+                rows.append(measure({"variant": "ours+compile", "batch": batch, "checkpointing": False,
+                                     "streamed": False}, peak, run_ours, *common, batch, False, compiled=True))
         results["models"][name] = {"size": size, "frames": frames, "params": sum(
             p.numel() for p in model.model.diffusion_model.parameters()), "rows": rows}
         del model
@@ -352,18 +355,16 @@ def main() -> None:
     print(f"written {args.out}")
 
 
-def measure(variant: str, peak: float | None, run, *args) -> dict:
-    """One variant's row; run(model, name, size, frames, args, batch, checkpointing[, stream])."""
-    batch, checkpointing = args[5], args[6]
-    row = {"variant": variant, "batch": batch, "checkpointing": checkpointing,
-           "streamed": len(args) > 7 and args[7] is not None}
+def measure(row: dict, peak: float | None, run, *args, **kwargs) -> dict:
+    """`row` (the variant's labels) with what run(*args, **kwargs) measured, images/s and MFU."""
+    row = dict(row)
     try:
-        row.update(run(*args))
+        row.update(run(*args, **kwargs))
     except Exception as error:  # one variant that cannot run (OOM, unsupported) is a result, not the end
         row["error"] = f"{type(error).__name__}: {error}"
         traceback.print_exc()
         return row
-    row["images_per_s"] = batch / row["steady_s_per_step"]
+    row["images_per_s"] = row["batch"] / row["steady_s_per_step"]
     flops = row.get("flops_per_step")
     if flops and peak:
         row["mfu"] = flops / row["steady_s_per_step"] / (peak * 1e12)

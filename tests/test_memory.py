@@ -160,6 +160,8 @@ def test_bypass_training_equals_weight_training(family_sd15, algorithm):
     _, weights = _train(fam, dataset, network=network, attach="weights", **settings)
     a, b = _adapter_tensors(bypass), _adapter_tensors(weights)
     assert a.keys() == b.keys()
+    zero_at_start = [k for k in a if k.endswith(("lora_up.weight", "hada_w2_a", "lokr_w1"))]
+    assert zero_at_start and all(a[k].abs().sum() > 0 for k in zero_at_start)  # both runs trained the adapter
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=key)
     assert bypass.losses[0] == pytest.approx(weights.losses[0], rel=1e-5)
@@ -268,6 +270,34 @@ def test_weights_stream_under_a_budget_and_train_the_same_adapter(family_sd15, m
     a, b = _adapter_tensors(streamed), _adapter_tensors(in_memory)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_previews_keep_the_planned_residency(family_sd15):
+    """A preview samples through the host, which loads all of the model it finds room for, and the VAE: after it,
+    the VAE leaves the device and the weights go back to the plan's residency (the same streamed layers each step)."""
+    import comfy.model_management as mm
+
+    fam, dataset = family_sd15
+    seen = []
+
+    def on_step(info):
+        streamed = sum(1 for m in fam.model.model.modules() if getattr(m, "comfy_cast_weights", False))
+        vae_loaded = any(m.model is fam.vae.patcher for m in mm.current_loaded_models)
+        seen.append((streamed, vae_loaded, info["preview"] is not None))
+
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.training.trainer import TrainConfig, Trainer
+
+    budget = 0.5 * fam.model.model_size() / 1024**3
+    with torch.inference_mode(False):
+        net = LoraNetwork.create(NetworkConfig(rank=4, preset="all"), fam.model)
+        trainer = Trainer(fam.model, fam.clip, fam.vae, dataset, net,
+                          TrainConfig(steps=3, seed=0, vram_budget_gb=budget, sample_every=1, sample_steps=2,
+                                      sample_prompts=["a red circle"]), on_step=on_step)
+        trainer.run()
+    assert all(preview for _, _, preview in seen)  # every step sampled (the host loaded the model for it)
+    assert len({streamed for streamed, _, _ in seen}) == 1 and seen[0][0] > 10, seen
+    assert not any(vae for _, vae, _ in seen), seen
 
 
 def test_memory_plan_matches_what_a_step_allocates(family_sd15):
