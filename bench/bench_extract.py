@@ -13,7 +13,7 @@ a 2-core machine's time; every speed ratio is per layer shape, so depth only sca
 In one process, on the same layers:
   speed      per layer, the difference through torch.linalg.svd (what kohya's extract_lora_from_models
              does; its time does not depend on the rank, its spectrum gives the optimal energy at every
-             rank) and through ours (toolbox.decompose: randomized subspace iteration, accuracy check,
+             rank) and through ours (svd.decompose: randomized subspace iteration, accuracy check,
              full SVD fallback) at each rank, back to back, so that load from other processes hits both
   memory     extract_lora end to end, ours at each rank and svd="full" at the largest
   merge      merge_exact of two extracted LoRAs to a rank (factored SVD), and merge_concat
@@ -136,7 +136,7 @@ class PeakRss:
         return self.rise / 2**20
 
 
-def interleaved(extract, tb, base, tuned, layers, ranks) -> dict:
+def interleaved(extract, svd, base, tuned, layers, ranks) -> dict:
     """Per layer, the same difference through a plain full SVD and through ours at each rank, back to back,
     so that a busy machine slows both alike; seconds count the SVD work only."""
     import torch
@@ -162,7 +162,7 @@ def interleaved(extract, tb, base, tuned, layers, ranks) -> dict:
             total += float(s2.sum())
             for r in ranks:
                 start = time.perf_counter(), time.process_time()
-                dec, rank, note = tb.decompose(diff, tb.RankRule(r), tb.SvdOptions(), seed=i)
+                dec, rank, note = svd.decompose(diff, svd.RankRule(r), svd.SvdOptions(), seed=i)
                 ours_seconds[r][0] += time.perf_counter() - start[0]
                 ours_seconds[r][1] += time.process_time() - start[1]
                 shape[2][r] += time.perf_counter() - start[0]
@@ -199,7 +199,7 @@ def main() -> None:
     extract = importlib.import_module(f"{pack}.lora_core.extract")
     merge = importlib.import_module(f"{pack}.lora_core.merge")
     network_module = importlib.import_module(f"{pack}.lora_core.network")
-    tb = importlib.import_module(f"{pack}.lora_core.toolbox")
+    svd = importlib.import_module(f"{pack}.lora_core.svd")
 
     config = sdxl_config(args.depth)
     t0 = time.perf_counter()
@@ -214,7 +214,7 @@ def main() -> None:
           f"({', '.join('x'.join(map(str, s)) for s in shapes[:6])}{', ...' if len(shapes) > 6 else ''}); "
           f"built in {time.perf_counter() - t0:.0f} s; torch {torch.__version__}, {torch.get_num_threads()} threads")
 
-    speed = interleaved(extract, tb, base, tuned, layers, ranks)
+    speed = interleaved(extract, svd, base, tuned, layers, ranks)
     print()
     print(f"SVD work per method, layer by layer back to back ({len(layers)} layers): wall and CPU seconds (all "
           "threads); energy: fraction of sum ||dW||_F^2 kept; max layer gap: largest per-layer energy ours lacks "
@@ -239,9 +239,9 @@ def main() -> None:
     for label, rank, method in [*((f"ours, rank {r}", r, "randomized") for r in ranks),
                                 (f"full SVD, rank {ranks[-1]}", ranks[-1], "full")]:
         with PeakRss() as mem:
-            network, report = extract.extract_lora(base, tuned, rule=tb.RankRule(rank), preset=args.preset,
+            network, report = extract.extract_lora(base, tuned, rule=svd.RankRule(rank), preset=args.preset,
                                                    clamp_quantile=1.0, min_diff=0.0,
-                                                   options=tb.SvdOptions(method=method), progress=mem.mark)
+                                                   options=svd.SvdOptions(method=method), progress=mem.mark)
         if method == "randomized":
             networks[rank] = network
         runs.append((label, report.seconds, mem.working_mb, report.energy))
@@ -259,9 +259,9 @@ def main() -> None:
     timings = []
     for label, run in (
         (f"exact, ranks {ranks[-1]}+{ranks[0]} -> {merge_rank}",
-         lambda: merge.merge_exact([(first, 0.7), (second, 0.5)], tb.RankRule(merge_rank))),
+         lambda: merge.merge_exact([(first, 0.7), (second, 0.5)], svd.RankRule(merge_rank))),
         (f"exact, ranks {ranks[-1]}+{ranks[0]} -> sv_fro 0.99 (<= {ranks[-1] + ranks[0]})",
-         lambda: merge.merge_exact([(first, 0.7), (second, 0.5)], tb.RankRule(ranks[-1] + ranks[0], "sv_fro", 0.99))),
+         lambda: merge.merge_exact([(first, 0.7), (second, 0.5)], svd.RankRule(ranks[-1] + ranks[0], "sv_fro", 0.99))),
         (f"concat, ranks {ranks[-1]}+{ranks[0]}", lambda: merge.merge_concat([(first, 0.7), (second, 0.5)])),
     ):
         start = time.perf_counter()

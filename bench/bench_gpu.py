@@ -118,6 +118,7 @@ def plan_full_size(args) -> dict:
     host's code moves them."""
     import torch
     from lora_foundry.training.blocks import BlockOptions, training_blocks
+    from lora_foundry.training.planning import plan_memory
     from lora_foundry.training.trainer import TrainingError
 
     cases = [("sd15", 4, False, 0), ("sd15", 1, True, 0), ("sdxl", 1, False, 0), ("sdxl", 1, True, 0),
@@ -142,7 +143,7 @@ def plan_full_size(args) -> dict:
                 row = {"model": name, "batch": batch, "checkpointing": checkpointing, "budget_gb": budget or None}
                 try:
                     with training_blocks(patched.model.diffusion_model, blocks):
-                        plan = trainer.plan_memory(patched, blocks, torch.device("cpu"), torch.bfloat16)
+                        plan = plan_memory(trainer, patched, blocks, torch.device("cpu"), torch.bfloat16)
                     row.update(weights_gb=plan.weights / 1024**3, resident_gb=plan.resident_weights / 1024**3,
                                activations_gb=plan.activations / 1024**3, adapter_gb=plan.adapter / 1024**3,
                                peak_gb=plan.peak / 1024**3, checkpointing=plan.checkpointing,
@@ -199,7 +200,7 @@ def bench_trainer(model, name: str, size: tuple[int, int], frames: int, settings
                 width, height = item.bucket
                 depth = [(frames - 1) // 4 + 1] if getattr(latent_format, "latent_dimensions", 2) == 3 else []
                 shape = (latent_format.latent_channels, *depth, height // 8, width // 8)
-                self.latents[(index if not validation else -1 - index, False)] = torch.randn(shape)
+                self.latents.put(index, False, validation, torch.randn(shape))
 
     dataset = load_dataset(dataset_folder(size), resolution=max(size), min_side=min(size), max_side=max(size),
                            bucket_step=64)
@@ -254,7 +255,7 @@ def native_once(model, name, size, frames, args, batch: int, checkpointing: bool
 
     trainer = bench_trainer(model, name, size, frames, {"steps": 1}, {"rank": 16})
     trainer.encode_images(trainer.dataset.items)
-    latents = [{"samples": trainer.latents[(i, False)][None]} for i in range(len(trainer.dataset.items))]
+    latents = [{"samples": trainer.latents.get(i)[None]} for i in range(len(trainer.dataset.items))]
     positive = [random_conditioning(model, name, i) for i in range(len(latents))]
     dtype = "fp32" if args.smoke else "bf16"
     reset_peak()

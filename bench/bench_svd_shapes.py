@@ -1,4 +1,4 @@
-"""Per-shape micro-benchmark (a script, not a test): toolbox.decompose vs torch.linalg.svd on SDXL layer shapes.
+"""Per-shape micro-benchmark (a script, not a test): svd.decompose vs torch.linalg.svd on SDXL layer shapes.
 
     .venv/bin/python bench/bench_svd_shapes.py [--ranks 16,32,64] [--repeats 2] [--threads 2]
 
@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lora_core import toolbox as tb  # noqa: E402
+from lora_core.ranks import RankRule  # noqa: E402
+from lora_core.svd import SvdOptions, decompose  # noqa: E402
 
 # SDXL's kohya-preset layer shapes (out x in) and how many layers have each at bench_extract.py's default
 # depth 2 of the 1280-wide level: the weights of the overall speed-up.
@@ -68,12 +69,12 @@ def main() -> None:
                     best["full"] = min(best["full"], time.perf_counter() - start)
                     for r in ranks:
                         start = time.perf_counter()
-                        dec, rank, note = tb.decompose(d, tb.RankRule(r), tb.SvdOptions(), seed=i)
+                        dec, rank, note = decompose(d, RankRule(r), SvdOptions(), seed=i)
                         best[r] = min(best[r], time.perf_counter() - start)
                 full += best["full"]
                 s2 = s.double() ** 2
                 for r in ranks:
-                    dec, rank, note = tb.decompose(d, tb.RankRule(r), tb.SvdOptions(), seed=i)
+                    dec, rank, note = decompose(d, RankRule(r), SvdOptions(), seed=i)
                     ours[r] += best[r]
                     gap = max(gap, float(s2[:r].sum() / s2.sum()) - dec.energy(rank))
                     falls += bool(note)

@@ -54,7 +54,7 @@ def setup(args):
 def held_out(trainer, patched) -> float:
     import comfy.model_management as mm
     import torch
-    from lora_foundry.training.trainer import held_out_loss
+    from lora_foundry.training.evaluation import held_out_loss
 
     mm.load_models_gpu([patched], force_full_load=True)
     with torch.inference_mode(False):
@@ -76,7 +76,7 @@ def run_native(trainer, args) -> dict:
     from comfy_extras.nodes_train import TrainLoraNode
 
     items = trainer.dataset.items
-    latents = [{"samples": trainer.latents[(i, False)][None]} for i in range(len(items))]
+    latents = [{"samples": trainer.latents.get(i)[None]} for i in range(len(items))]
     positive = [trainer.encode_text(trainer.fixed_caption(item)) for item in items]
     start = time.perf_counter()
     with torch.inference_mode(False):

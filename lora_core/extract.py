@@ -12,20 +12,13 @@ import time
 import torch
 
 from .adapters import LoRA
+from .lowrank import truncate
+from .metadata import result_metadata
 from .network import LoraNetwork, NetworkConfig, _text_encoder_layers, _unet_layers
+from .ranks import RankRule
+from .reports import LayerStat, Progress, ToolReport
+from .svd import SvdOptions
 from .targets import layer_kind
-from .toolbox import (
-    LayerStat,
-    Progress,
-    RankRule,
-    SvdOptions,
-    ToolReport,
-    clamp_factors,
-    decompose,
-    kept_energy,
-    lora_factors,
-    result_metadata,
-)
 
 
 class PatchedWeights:
@@ -129,10 +122,5 @@ def _extract_layer(name, key, base: PatchedWeights, tuned: PatchedWeights, rule,
     largest = max(-float(low), float(high))
     if largest <= min_diff:
         return f"max |diff| {largest:.1e}"
-    dec, rank, note = decompose(diff, rule, options, seed)
-    up, down = lora_factors(dec, rank, (diff.shape[0], diff.shape[1]))
-    up, down, clamped = clamp_factors(up, down, clamp_quantile)
-    energy = kept_energy(diff, up, down, dec.total) if clamped else dec.energy(rank)
-    adapter = LoRA(down.reshape(rank, *shape[1:]).cpu().contiguous(),
-                   up.reshape(shape[0], rank, *[1] * (len(shape) - 2)).cpu().contiguous(), float(rank))
-    return adapter, LayerStat(name, rank, energy, dec.total, dec.method, note)
+    kept = truncate(diff, rule, options, seed, clamp_quantile)
+    return LoRA.from_matrices(kept.up, kept.down, shape).cpu(), kept.stat(name)

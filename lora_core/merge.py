@@ -16,21 +16,12 @@ import torch
 from .adapters import Adapter, LoRA
 from .adapters.base import flat_shape
 from .apply import ApplyReport, apply_lora
+from .lowrank import change_of, refuse_dora, scaled_matrices, truncate
+from .metadata import result_metadata
 from .network import LoraNetwork
-from .toolbox import (
-    LayerStat,
-    Progress,
-    RankRule,
-    SvdOptions,
-    ToolReport,
-    decompose,
-    factored_svd,
-    inference,
-    lora_from,
-    refuse_dora,
-    result_metadata,
-    scaled_matrices,
-)
+from .ranks import RankRule
+from .reports import LayerStat, Progress, ToolReport
+from .svd import SvdOptions
 
 Inputs = list[tuple[LoraNetwork, float]]
 
@@ -80,23 +71,12 @@ def merge_exact(inputs: Inputs, rule: RankRule, options: SvdOptions = SvdOptions
     report = ToolReport(f"Merge LoRA (exact, {rule.describe()})")
     adapters: dict[str, LoRA] = {}
     for i, (name, (shape, parts)) in enumerate(sorted(modules.items())):
-        if all(isinstance(a, LoRA) for a, _ in parts):
-            factors = [(*scaled_matrices(adapter), ratio) for adapter, ratio in parts]
-            up = torch.cat([u * ratio for u, _, ratio in factors], dim=1).to(device)
-            down = torch.cat([d for _, d, _ in factors], dim=0).to(device)
-            dec = factored_svd(up, down)
-            rank, note = rule.choose(dec.s, dec.total, dec.nuclear), ""
-        else:
-            total = torch.zeros(flat_shape(shape), device=device)
-            for adapter, ratio in parts:
-                with inference(adapter):
-                    total += ratio * adapter.delta().float().to(device).reshape(total.shape)
-            dec, rank, note = decompose(total, rule, options, seed=options.seed + i)
-        if dec.total <= 0:
+        kept = truncate(change_of(parts, shape, device), rule, options, seed=options.seed + i)
+        if kept.dec.total <= 0:
             report.skipped.append(f"{name} (no change)")
         else:
-            adapters[name] = lora_from(dec, rank, shape).cpu()
-            report.layers.append(LayerStat(name, rank, dec.energy(rank), dec.total, dec.method, note))
+            adapters[name] = LoRA.from_matrices(kept.up, kept.down, shape).cpu()
+            report.layers.append(kept.stat(name))
         if progress:
             progress(i + 1, len(modules))
     report.seconds = time.perf_counter() - start
@@ -123,11 +103,9 @@ def merge_concat(inputs: Inputs, progress: Progress | None = None) -> tuple[Lora
             ups.append(up * ratio)
             downs.append(down)
         up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
-        rank = up.shape[1]
         norm_sq = float(((up.T @ up).double() * (down @ down.T).double()).sum())  # ||up @ down||_F^2
-        adapters[name] = LoRA(down.reshape(rank, *shape[1:]).contiguous(),
-                              up.reshape(shape[0], rank, *[1] * (len(shape) - 2)).contiguous(), float(rank))
-        report.layers.append(LayerStat(name, rank, 1.0, norm_sq, "concat"))
+        adapters[name] = LoRA.from_matrices(up, down, shape)
+        report.layers.append(LayerStat(name, up.shape[1], 1.0, norm_sq, "concat"))
         if progress:
             progress(i + 1, len(modules))
     report.seconds = time.perf_counter() - start

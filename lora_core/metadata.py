@@ -1,9 +1,13 @@
-"""Metadata written into adapter files: kohya `ss_*` keys, `modelspec.*`, and our own config."""
+"""Metadata written into adapter files: kohya `ss_*` keys, `modelspec.*`, and our own config (of a trained
+adapter) or source (of a merged, extracted or resized one)."""
 
 from __future__ import annotations
 
 import json
 import time
+
+from .adapters import LoRA
+from .network import NetworkConfig
 
 # (modelspec.architecture, ss_base_model_version) by the host's model config class, the names kohya
 # sd-scripts and musubi-tuner write; subclasses (KOALA, Vega, SSD-1B are SDXL) take their base's.
@@ -15,8 +19,8 @@ FAMILIES = {
     "WAN22_T2V": ("wan2.2-t2v", "wan22"), "WAN21_I2V": ("wan2.1-i2v", "wan21"), "WAN21_T2V": ("wan2.1-t2v", "wan21"),
     "HunyuanVideo": ("hunyuan-video", "hunyuan_video"), "LTXV": ("ltx-video", "ltxv"),
 }
-NETWORK_MODULES = {"lora": "networks.lora", "locon": "networks.lora", "loha": "lycoris.kohya",
-                   "lokr": "lycoris.kohya", "dylora": "networks.dylora"}
+NETWORK_MODULES = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya",
+                   "dylora": "networks.dylora"}
 
 
 def model_family(model_config) -> tuple[str, str]:
@@ -69,4 +73,42 @@ def kohya_metadata(network_config, model_config=None, title: str = "", training:
     for key, value in training.items():
         meta[key if key.startswith(("ss_", "modelspec.", "lora_foundry")) else f"ss_{key}"] = (
             value if isinstance(value, str) else json.dumps(value))
+    return meta
+
+
+def result_metadata(adapters: dict[str, LoRA], title: str, source: dict, template: dict | None = None,
+                    model_config=None) -> dict[str, str]:
+    """kohya metadata of a produced LoRA (ranks "Dynamic" when they vary), plus `lora_foundry_source`.
+
+    Base-model keys come from `model_config`, else from an input file's metadata `template`.
+    """
+    def uniform(values: set) -> str | None:
+        return f"{values.pop():g}" if len(values) == 1 else ("Dynamic" if values else None)
+
+    convs = {n: a for n, a in adapters.items() if len(a.shape) > 2 and any(k > 1 for k in a.shape[2:])}
+    ranks = {a.rank for n, a in adapters.items() if n not in convs}
+    conv_ranks = {a.rank for a in convs.values()}
+    top = max(ranks | conv_ranks, default=1)
+    config = NetworkConfig(
+        algorithm="lora", rank=max(ranks, default=top), alpha=float(max(ranks, default=top)),
+        conv_rank=max(conv_ranks) if conv_ranks else None, conv_alpha=float(max(conv_ranks)) if conv_ranks else None,
+        preset="locon" if convs else "kohya",
+    )
+    meta = kohya_metadata(config, model_config, title)
+    meta["ss_network_dim"] = uniform(ranks) or meta["ss_network_dim"]
+    meta["ss_network_alpha"] = uniform({a.alpha for n, a in adapters.items() if n not in convs}) or meta["ss_network_alpha"]
+    if convs:
+        args = json.loads(meta["ss_network_args"])
+        args["conv_dim"] = uniform(conv_ranks)
+        args["conv_alpha"] = uniform({a.alpha for a in convs.values()})
+        meta["ss_network_args"] = json.dumps(args)
+    if model_config is None and template:
+        for key in ("ss_base_model_version", "ss_sd_model_name", "modelspec.architecture", "modelspec.implementation",
+                    "modelspec.resolution"):
+            if key in template:
+                meta[key] = template[key]
+    if meta["modelspec.architecture"].startswith("/"):  # no base model known
+        del meta["modelspec.architecture"]
+    del meta["lora_foundry_config"]  # a training config; a merged / extracted / resized LoRA has none
+    meta["lora_foundry_source"] = json.dumps(source)
     return meta

@@ -9,11 +9,15 @@ import torch
 from torch import nn
 
 from . import kohya_keys
-from .adapters import ALGORITHMS, Adapter, DyLoRA, adapter_from_factors
+from .adapters import ALGORITHMS, Adapter, adapter_from_factors
 from .apply import lora_key_map
-from .files import split_modules
+from .files import read_safetensors, split_modules
 from .settings import check_choices, setting
 from .targets import PRESETS, block_group, find_layers, layer_kind, text_encoders
+
+# The algorithm input's values, in the order saved workflows know them: the algorithms, and "locon", kept for
+# saved workflows as a name for LoRA on the locon preset (NetworkConfig reads it as that).
+ALGORITHM_CHOICES = ("lora", "locon", *(name for name in ALGORITHMS if name != "lora"))
 
 
 @dataclass
@@ -21,7 +25,7 @@ class NetworkConfig:
     """Everything that decides which adapters exist and how they are shaped."""
 
     algorithm: str = setting("lora", "The adapter: LoRA, LoCon (LoRA on convolutions too), LoHa, LoKr, DyLoRA.",
-                             choices=tuple(ALGORITHMS), kohya="network_module")
+                             choices=ALGORITHM_CHOICES, kohya="network_module")
     rank: int = setting(16, "Adapter rank (kohya's network_dim).", min=1, max=1024, kohya="network_dim")
     alpha: float = setting(16.0, "The adapter's scale is alpha / rank (kohya's network_alpha).", min=0.0,
                            max=1024.0, step=0.5, kohya="network_alpha")
@@ -56,15 +60,13 @@ class NetworkConfig:
 
     def __post_init__(self):
         check_choices(self)
+        if self.algorithm == "locon":  # the one place the alias is read: LoRA, on the locon preset unless another is set
+            self.algorithm = "lora"
+            if self.preset == "kohya":
+                self.preset = "locon"
         if self.rank < 1:
             raise ValueError(f"rank: must be at least 1, got {self.rank}")
-        if self.use_tucker and self.algorithm == "dylora":
-            raise ValueError("use_tucker: DyLoRA has no Tucker form; use locon or loha")
-        if self.use_tucker and self.algorithm == "lokr":
-            # ComfyUI's loader logs an error on lokr_t2 and leaves the layer unchanged (see adapters.lokr.without_tucker).
-            raise ValueError("use_tucker: ComfyUI cannot apply LoKr Tucker factors (lokr_t2); use locon or loha")
-        if self.algorithm == "locon" and self.preset == "kohya":
-            self.preset = "locon"
+        ALGORITHMS[self.algorithm].options_from(self)  # refuses settings the algorithm cannot honour
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -175,22 +177,12 @@ class LoraNetwork(nn.Module):
                 "widen the preset or the include patterns"
             )
         adapter_cls = ALGORITHMS[config.algorithm]
-        options = {"rank_dropout": config.rank_dropout, "module_dropout": config.module_dropout,
-                   "dropout": config.network_dropout}
-        if adapter_cls.algorithm == "lokr":
-            options["factor"] = config.lokr_factor
-        if adapter_cls is DyLoRA:
-            options["unit"] = config.dylora_unit
-        if config.use_tucker:
-            options["use_tucker"] = True
         torch.manual_seed(config.seed)
         adapters, keys = {}, {}
         for i, (name, key, module, block) in enumerate(layers):
             rank, alpha = config.rank_alpha(layer_kind(module), block)
             weight = module.weight.detach()
-            if adapter_cls is DyLoRA:
-                options["seed"] = config.seed + i
-            adapter = adapter_cls.create(weight, rank, alpha, **options)
+            adapter = adapter_cls.create(weight, rank, alpha, **adapter_cls.options_from(config, i))
             if config.dora:
                 adapter.enable_dora(weight)
             adapters[name], keys[name] = adapter, key
@@ -292,8 +284,8 @@ class LoraNetwork(nn.Module):
         return cls(adapters, keys, config)
 
     def at_rank(self, rank: int) -> LoraNetwork:
-        """DyLoRA export: every DyLoRA adapter sliced to its leading `rank` ranks."""
-        adapters = {n: (a.at_rank(rank) if isinstance(a, DyLoRA) else a) for n, a in self.adapters.items()}
+        """DyLoRA export: every DyLoRA adapter sliced to its leading `rank` ranks (others stay whole)."""
+        adapters = {n: a.at_rank(rank) for n, a in self.adapters.items()}
         return LoraNetwork(adapters, self.weight_keys, self.config)
 
     def num_params(self) -> int:
@@ -302,3 +294,11 @@ class LoraNetwork(nn.Module):
     def deltas(self) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             return {name: a.delta() for name, a in self.adapters.items()}
+
+
+def read_network(path, model=None, clip=None) -> LoraNetwork:
+    """An adapter file as a LoraNetwork with its metadata; bound (names made ours) when model / clip are given."""
+    tensors, metadata = read_safetensors(path)
+    network = LoraNetwork.from_state_dict(tensors, metadata, model=model, clip=clip)
+    network.metadata = metadata
+    return network

@@ -12,21 +12,12 @@ import time
 import torch
 
 from .adapters import LoRA
+from .lowrank import change_of, refuse_dora, truncate
+from .metadata import result_metadata
 from .network import LoraNetwork
-from .toolbox import (
-    LayerStat,
-    Progress,
-    RankRule,
-    SvdOptions,
-    ToolReport,
-    decompose,
-    factored_svd,
-    inference,
-    lora_from,
-    refuse_dora,
-    result_metadata,
-    scaled_matrices,
-)
+from .ranks import RankRule
+from .reports import Progress, ToolReport
+from .svd import SvdOptions
 
 
 @torch.no_grad()
@@ -40,21 +31,13 @@ def resize_lora(network: LoraNetwork, rule: RankRule, options: SvdOptions = SvdO
     for i, name in enumerate(names):
         adapter = network.adapters[name]
         refuse_dora(adapter, name, "resizing")
-        scale, note = 1.0, ""
-        if isinstance(adapter, LoRA):
-            scale = adapter.alpha / adapter.rank
-            up, down = scaled_matrices(adapter)
-            dec = factored_svd(up.to(device), down.to(device))
-            rank = rule.choose(dec.s, dec.total, dec.nuclear)
-        else:
-            with inference(adapter):
-                delta = adapter.delta().float().to(device)
-            dec, rank, note = decompose(delta.reshape(delta.shape[0], -1), rule, options, seed=options.seed + i)
-        if dec.total <= 0:
+        scale = adapter.alpha / adapter.rank if isinstance(adapter, LoRA) else 1.0
+        kept = truncate(change_of([(adapter, 1.0)], adapter.shape, device), rule, options, seed=options.seed + i)
+        if kept.dec.total <= 0:
             report.skipped.append(f"{name} (no change)")
         else:
-            adapters[name] = lora_from(dec, rank, adapter.shape, scale).cpu()
-            report.layers.append(LayerStat(name, rank, dec.energy(rank), dec.total, dec.method, note))
+            adapters[name] = LoRA.from_matrices(kept.up, kept.down, adapter.shape, scale).cpu()
+            report.layers.append(kept.stat(name))
         if progress:
             progress(i + 1, len(names))
     report.seconds = time.perf_counter() - start

@@ -90,16 +90,6 @@ def parse_rows(value, source: str = "row") -> list[StackRow]:
     return [parse_row(item, i, source) for i, item in enumerate(value, start=1)]
 
 
-def lora_path(name: str) -> Path:
-    """A file in ComfyUI's `loras` model folders."""
-    import folder_paths
-
-    path = folder_paths.get_full_path("loras", name)
-    if path is None:
-        raise FileNotFoundError(f"{name!r} is not in the loras folders")
-    return Path(path)
-
-
 @dataclass
 class StackReport:
     """Per row of the stack: what was applied, or why not."""
@@ -123,7 +113,7 @@ class StackReport:
         return "\n".join(lines)
 
 
-def apply_stack(model, clip, rows: list[StackRow], resolve: Callable[[str], Path] = lora_path,
+def apply_stack(model, clip, rows: list[StackRow], resolve: Callable[[str], Path],
                 cache: dict | None = None):
     """(MODEL, CLIP, StackReport): every row that is on, in order, as ComfyUI's LoraLoader would apply it.
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from comfy_api.latest import io
 
 from ..training.autocaption import MODES, WRITES, caption_items, needs_model, open_image, with_captions
 from ..training.caption_edit import EditOptions, parse_replacements, parse_tag_list
@@ -21,8 +22,8 @@ from ..training.captioner import (
 )
 from ..training.dataset import load_dataset
 from .dataset import resolve_folder
+from .inputs import CATEGORY, LoraDataset, Node
 
-CATEGORY = "Lora Foundry"
 MODELS_FOLDER = "captioners"
 NO_MODEL = "none"
 
@@ -55,68 +56,71 @@ def save_temp_previews(tiles) -> list[dict]:
     return shown
 
 
-class CaptionImages:
-    DESCRIPTION = ("Caption a dataset's images with a local WD14 tagger (ONNX) or transformers captioner from "
-                   "models/captioners, edit the captions (trigger word, prefix/suffix, find/replace, blacklist, "
-                   "de-duplication, max tags) and write .txt sidecars. Existing caption files are only replaced "
-                   "with write_files = overwrite existing. Outputs the dataset with the new captions for Train LoRA.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LORA_DATASET", "STRING", "IMAGE", "STRING")
-    RETURN_NAMES = ("dataset", "captions", "preview", "tag_stats")
-    FUNCTION = "caption"
-    OUTPUT_NODE = True
+def _float(name: str, default: float) -> io.Float.Input:
+    return io.Float.Input(name, default=default, min=0.0, max=1.0, step=0.01)
+
+
+def _text(name: str, tooltip: str | None = None, multiline: bool = False, optional: bool = False) -> io.String.Input:
+    return io.String.Input(name, default="", tooltip=tooltip, multiline=multiline, optional=optional)
+
+
+def caption_inputs() -> list[io.Input]:
+    bases = captioner_bases()
+    names = list(find_captioners(bases))
+    return [
+        io.Combo.Input("model", options=[NO_MODEL, *names], default=names[0] if names else NO_MODEL,
+                       tooltip="A folder in " + " or ".join(bases) + " holding model.onnx + selected_tags.csv (WD14 "
+                       "tagger) or a transformers image-to-text model. Not needed for mode 'keep existing'."),
+        io.Combo.Input("mode", options=list(MODES), default="caption missing", tooltip="caption missing: only "
+                       "images without a caption file; keep existing: no model, edits only; re-caption all: every "
+                       "image."),
+        io.Combo.Input("write_files", options=list(WRITES), default="new files only", tooltip="new files only: write "
+                       "captions of images that had no caption file; none: captions only go to the outputs; "
+                       "overwrite existing: also replace existing caption files."),
+        _float("general_threshold", 0.35), _float("character_threshold", 0.85),
+        _text("trigger_word", "Put in front of every caption."),
+        _text("class_word", "If set, the trigger word replaces this word where it occurs (captions without it get "
+              "the trigger in front)."),
+        _text("prefix"), _text("suffix"),
+        _text("find_replace", "One 'old => new' per line; an empty new deletes.", multiline=True),
+        _text("blacklist", "Tags to drop, comma or line separated; * and ? match anything.", multiline=True),
+        io.Boolean.Input("deduplicate", default=True),
+        io.Int.Input("max_tags", default=0, min=0, max=1000, tooltip="0 = no limit."),
+        io.String.Input("caption_extension", default=".txt"),
+        LoraDataset.Input("dataset", optional=True, tooltip="From Load Dataset; without it, `folder` is loaded."),
+        _text("folder", "Absolute path, or a folder inside ComfyUI/input (used when no dataset is connected).",
+              optional=True),
+        _text("prompt", "Transformers captioners only: a text prompt (BLIP: 'a photo of'), or a task (Florence-2: "
+              "'<DETAILED_CAPTION>').", optional=True),
+        io.Int.Input("max_new_tokens", default=48, min=1, max=1024, optional=True),
+        io.Int.Input("preview_count", default=16, min=0, max=256, optional=True,
+                     tooltip="Image + caption tiles shown on the node and output."),
+    ]
+
+
+class CaptionImages(Node):
+    CHECKED_AT_RUN = ("model",)  # checked when the node runs, with a message that says where to put one
 
     @classmethod
-    def INPUT_TYPES(cls):
-        bases = captioner_bases()
-        names = list(find_captioners(bases))
-        return {
-            "required": {
-                "model": ([NO_MODEL, *names], {"default": names[0] if names else NO_MODEL,
-                                               "tooltip": "A folder in " + " or ".join(bases) + " holding "
-                                               "model.onnx + selected_tags.csv (WD14 tagger) or a transformers "
-                                               "image-to-text model. Not needed for mode 'keep existing'."}),
-                "mode": (MODES, {"default": "caption missing", "tooltip": "caption missing: only images without a "
-                                 "caption file; keep existing: no model, edits only; re-caption all: every image."}),
-                "write_files": (WRITES, {"default": "new files only", "tooltip": "new files only: write captions "
-                                         "of images that had no caption file; none: captions only go to the "
-                                         "outputs; overwrite existing: also replace existing caption files."}),
-                "general_threshold": ("FLOAT", {"default": 0.35, "min": 0.0, "max": 1.0, "step": 0.01}),
-                "character_threshold": ("FLOAT", {"default": 0.85, "min": 0.0, "max": 1.0, "step": 0.01}),
-                "trigger_word": ("STRING", {"default": "", "tooltip": "Put in front of every caption."}),
-                "class_word": ("STRING", {"default": "", "tooltip": "If set, the trigger word replaces this word "
-                                          "where it occurs (captions without it get the trigger in front)."}),
-                "prefix": ("STRING", {"default": ""}),
-                "suffix": ("STRING", {"default": ""}),
-                "find_replace": ("STRING", {"default": "", "multiline": True,
-                                            "tooltip": "One 'old => new' per line; an empty new deletes."}),
-                "blacklist": ("STRING", {"default": "", "multiline": True,
-                                         "tooltip": "Tags to drop, comma or line separated; * and ? match anything."}),
-                "deduplicate": ("BOOLEAN", {"default": True}),
-                "max_tags": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "0 = no limit."}),
-                "caption_extension": ("STRING", {"default": ".txt"}),
-            },
-            "optional": {
-                "dataset": ("LORA_DATASET", {"tooltip": "From Load Dataset; without it, `folder` is loaded."}),
-                "folder": ("STRING", {"default": "", "tooltip": "Absolute path, or a folder inside ComfyUI/input "
-                                      "(used when no dataset is connected)."}),
-                "prompt": ("STRING", {"default": "", "tooltip": "Transformers captioners only: a text prompt "
-                                      "(BLIP: 'a photo of'), or a task (Florence-2: '<DETAILED_CAPTION>')."}),
-                "max_new_tokens": ("INT", {"default": 48, "min": 1, "max": 1024}),
-                "preview_count": ("INT", {"default": 16, "min": 0, "max": 256,
-                                          "tooltip": "Image + caption tiles shown on the node and output."}),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraFoundryCaptionImages", display_name="Caption Images", category=CATEGORY,
+            is_output_node=True,
+            description="Caption a dataset's images with a local WD14 tagger (ONNX) or transformers captioner from "
+                        "models/captioners, edit the captions (trigger word, prefix/suffix, find/replace, blacklist, "
+                        "de-duplication, max tags) and write .txt sidecars. Existing caption files are only replaced "
+                        "with write_files = overwrite existing. Outputs the dataset with the new captions for Train "
+                        "LoRA.",
+            inputs=caption_inputs(),
+            outputs=[LoraDataset.Output(display_name="dataset"), io.String.Output(display_name="captions"),
+                     io.Image.Output(display_name="preview"), io.String.Output(display_name="tag_stats")],
+            hidden=[io.Hidden.unique_id],
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model):
-        # The model list is checked when the node runs, with a message that says where to put one.
-        return True
-
-    def caption(self, model, mode, write_files, general_threshold, character_threshold, trigger_word, class_word,
+    def execute(cls, model, mode, write_files, general_threshold, character_threshold, trigger_word, class_word,
                 prefix, suffix, find_replace, blacklist, deduplicate, max_tags, caption_extension, dataset=None,
-                folder="", prompt="", max_new_tokens=48, preview_count=16, unique_id=None):
+                folder="", prompt="", max_new_tokens=48, preview_count=16) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
@@ -133,8 +137,8 @@ class CaptionImages:
         if needs_model(items, mode, extension):
             settings = CaptionerSettings(general_threshold, character_threshold, prompt, max_new_tokens,
                                          str(mm.get_torch_device()))
-            captioner = load_captioner(self.model_folder(model, mode), settings)
-        bar = comfy.utils.ProgressBar(len(items), node_id=unique_id)
+            captioner = load_captioner(cls.model_folder(model, mode), settings)
+        bar = comfy.utils.ProgressBar(len(items), node_id=cls.hidden.unique_id)
         try:
             run = caption_items(items, mode, write_files, edit, extension, captioner,
                                 on_progress=lambda done, total: bar.update_absolute(done, total),
@@ -143,6 +147,10 @@ class CaptionImages:
             if captioner is not None:
                 captioner.close()
                 mm.soft_empty_cache()
+        return cls.outputs(dataset, run, preview_count)
+
+    @staticmethod
+    def outputs(dataset, run, preview_count: int) -> io.NodeOutput:
         stats = run.summary()
         if dataset.report.skipped:
             stats += f"\nSkipped when the dataset was loaded ({len(dataset.report.skipped)}):\n" + "\n".join(
@@ -151,8 +159,7 @@ class CaptionImages:
         tiles = preview_tiles(shown, open_image) or [caption_tile(None, "", placeholder="no preview")]
         listing = run.listing(dataset.root)
         ui = {"images": save_temp_previews(tiles) if shown else [], "text": [stats, listing]}
-        result = (with_captions(dataset, run.captions()), listing, images_tensor(tiles), stats)
-        return {"ui": ui, "result": result}
+        return io.NodeOutput(with_captions(dataset, run.captions()), listing, images_tensor(tiles), stats, ui=ui)
 
     @staticmethod
     def model_folder(model: str, mode: str) -> Path:
@@ -171,5 +178,4 @@ class CaptionImages:
                                 + model_folder_help(bases))
 
 
-NODE_CLASS_MAPPINGS = {"LoraFoundryCaptionImages": CaptionImages}
-NODE_DISPLAY_NAME_MAPPINGS = {"LoraFoundryCaptionImages": "Caption Images"}
+NODES = [CaptionImages]

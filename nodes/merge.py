@@ -4,57 +4,60 @@ from __future__ import annotations
 
 import json
 
+from comfy_api.latest import io
+
 from ..lora_core.files import numbered_path, read_safetensors
 from ..lora_core.merge import merge_concat, merge_exact, merge_into_model, save_checkpoint
-from ..lora_core.toolbox import SvdOptions
-from .resize import CATEGORY, NONE, comfy_progress, device, lora_choices, rank_inputs, rank_rule, read_lora
+from ..lora_core.svd import SvdOptions
+from .host import comfy_progress, device
+from .inputs import CATEGORY, Lora, Node, rank_inputs, rank_rule
+from .loras import NONE, lora_choices, lora_file, read_lora
 
 MODES = ("exact", "concat", "into model")
 SLOTS = 4
 
 
-class MergeLoRA:
-    DESCRIPTION = (
-        "Merge up to 4 LoRAs with ratios (dW = sum ratio_i * dW_i). exact: the sum, truncated by SVD to a rank (any "
-        "LoRA/LoCon/LoHa/LoKr mix; the report gives the energy kept). concat: LoRA/LoCon only, ranks side by side, "
-        "exact at rank = sum of ranks. into model: patch MODEL/CLIP like chained LoRA loaders and optionally save a "
-        "checkpoint (the lora output is then empty)."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LORA", "MODEL", "CLIP", "STRING")
-    RETURN_NAMES = ("lora", "model", "clip", "report")
-    FUNCTION = "merge"
-    OUTPUT_NODE = True
+def slot_inputs() -> list[io.Input]:
+    choices = lora_choices()
+    slots = []
+    for i in range(1, SLOTS + 1):
+        slots += [io.Combo.Input(f"lora_{i}", options=choices, default=NONE,
+                                 tooltip="A file in models/loras (lora_in wins)."),
+                  io.Float.Input(f"ratio_{i}", default=1.0, min=-100.0, max=100.0, step=0.01)]
+    return slots
+
+
+class MergeLoRA(Node):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraFoundryMergeLoRA", display_name="Merge LoRA", category=CATEGORY, is_output_node=True,
+            description="Merge up to 4 LoRAs with ratios (dW = sum ratio_i * dW_i). exact: the sum, truncated by SVD "
+                        "to a rank (any LoRA/LoCon/LoHa/LoKr mix; the report gives the energy kept). concat: "
+                        "LoRA/LoCon only, ranks side by side, exact at rank = sum of ranks. into model: patch "
+                        "MODEL/CLIP like chained LoRA loaders and optionally save a checkpoint (the lora output is "
+                        "then empty).",
+            inputs=[
+                io.Combo.Input("mode", options=list(MODES), default="exact"),
+                *rank_inputs(32, "exact: the merged rank (the maximum with a dynamic method)."),
+                *slot_inputs(),
+                *(Lora.Input(f"lora_in_{i}", optional=True, tooltip=f"An adapter from another node, used as slot {i}.")
+                  for i in range(1, SLOTS + 1)),
+                io.Model.Input("model", optional=True, tooltip="into model: the model to patch. exact / concat: names "
+                               "LoRA modules after this model's layers (any file naming)."),
+                io.Clip.Input("clip", optional=True, tooltip="into model: the text encoders to patch. exact / concat: "
+                              "needed with model when the LoRAs change the text encoder."),
+                io.Vae.Input("vae", optional=True, tooltip="into model: included in the saved checkpoint."),
+                io.String.Input("checkpoint_prefix", default="", optional=True, tooltip="into model: save a "
+                                "checkpoint as models/checkpoints/<prefix>_00001.safetensors; empty = no file."),
+            ],
+            outputs=[Lora.Output(display_name="lora"), io.Model.Output(display_name="model"),
+                     io.Clip.Output(display_name="clip"), io.String.Output(display_name="report")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        choices = lora_choices()
-        slots = {}
-        for i in range(1, SLOTS + 1):
-            slots[f"lora_{i}"] = (choices, {"default": NONE, "tooltip": "A file in models/loras (lora_in wins)."})
-            slots[f"ratio_{i}"] = ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01})
-        optional = {f"lora_in_{i}": ("LORA", {"tooltip": f"An adapter from another node, used as slot {i}."})
-                    for i in range(1, SLOTS + 1)}
-        return {
-            "required": {
-                "mode": (MODES, {"default": "exact"}),
-                **rank_inputs(32, "exact: the merged rank (the maximum with a dynamic method)."),
-                **slots,
-            },
-            "optional": {
-                **optional,
-                "model": ("MODEL", {"tooltip": "into model: the model to patch. exact / concat: names LoRA modules "
-                                               "after this model's layers (any file naming)."}),
-                "clip": ("CLIP", {"tooltip": "into model: the text encoders to patch. exact / concat: needed with "
-                                             "model when the LoRAs change the text encoder."}),
-                "vae": ("VAE", {"tooltip": "into model: included in the saved checkpoint."}),
-                "checkpoint_prefix": ("STRING", {"default": "", "tooltip": "into model: save a checkpoint as "
-                                                 "models/checkpoints/<prefix>_00001.safetensors; empty = no file."}),
-            },
-        }
-
-    def merge(self, mode, rank, dynamic, dynamic_param, model=None, clip=None, vae=None, checkpoint_prefix="",
-              **slots):
+    def execute(cls, mode, rank, dynamic, dynamic_param, model=None, clip=None, vae=None, checkpoint_prefix="",
+                **slots) -> io.NodeOutput:
         chosen = []
         for i in range(1, SLOTS + 1):
             network, name = slots.get(f"lora_in_{i}"), slots[f"lora_{i}"]
@@ -64,7 +67,7 @@ class MergeLoRA:
             raise ValueError("Merge LoRA: choose at least one lora_N file or connect a lora_in_N")
         labels = [f"{name if network is None else f'lora_in_{i}'} x {ratio:g}" for i, network, name, ratio in chosen]
         if mode == "into model":
-            return self._into_model(chosen, labels, model, clip, vae, checkpoint_prefix)
+            return cls.into_model(chosen, labels, model, clip, vae, checkpoint_prefix)
         inputs = [(network if network is not None else read_lora(name, model, clip), ratio)
                   for _, network, name, ratio in chosen]
         if mode == "concat":
@@ -74,9 +77,10 @@ class MergeLoRA:
                                          comfy_progress(), device())
         summary = report.summary()
         text = "inputs: " + ", ".join(labels) + "\n" + summary
-        return {"ui": {"text": [summary.split("\n", 1)[0]]}, "result": (merged, model, clip, text)}
+        return io.NodeOutput(merged, model, clip, text, ui={"text": [summary.split("\n", 1)[0]]})
 
-    def _into_model(self, chosen, labels, model, clip, vae, checkpoint_prefix):
+    @staticmethod
+    def into_model(chosen, labels, model, clip, vae, checkpoint_prefix):
         if model is None:
             raise ValueError("Merge LoRA: mode 'into model' needs the model input (and clip to merge text encoders)")
         loras = []
@@ -84,9 +88,7 @@ class MergeLoRA:
             if network is not None:
                 tensors = network.state_dict_kohya()
             else:
-                import folder_paths
-
-                tensors, _ = read_safetensors(folder_paths.get_full_path_or_raise("loras", name))
+                tensors, _ = read_safetensors(lora_file(name))
             loras.append((tensors, ratio, ratio))
         model, clip, reports = merge_into_model(model, clip, loras)
         lines = [f"{label}: {report.summary()}" for label, report in zip(labels, reports, strict=True)]
@@ -97,8 +99,7 @@ class MergeLoRA:
             save_checkpoint(path, model, clip, vae, {"lora_foundry_merge": json.dumps(labels)})
             lines.append(f"saved {path}")
         text = "\n".join(lines)
-        return {"ui": {"text": [text]}, "result": (None, model, clip, text)}
+        return io.NodeOutput(None, model, clip, text, ui={"text": [text]})
 
 
-NODE_CLASS_MAPPINGS = {"LoraFoundryMergeLoRA": MergeLoRA}
-NODE_DISPLAY_NAME_MAPPINGS = {"LoraFoundryMergeLoRA": "Merge LoRA"}
+NODES = [MergeLoRA]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from comfy_api.latest import io
 
 from ..lora_core.apply import apply_lora
 from ..lora_core.files import path_inside
@@ -15,11 +16,10 @@ from ..lora_core.settings import from_inputs
 from ..training.captions import CaptionOptions
 from ..training.plots import loss_graph
 from ..training.trainer import TrainConfig, Trainer
-from .inputs import setting_inputs
+from .inputs import CATEGORY, Lora, LoraDataset, LoraLoss, Node, setting_inputs
 from .live import TRAINING_LOG
 
-CATEGORY = "Lora Foundry"
-# Train LoRA's widgets in order (saved workflows store values by position): declared settings, and NODE_INPUTS.
+# Train LoRA's widgets in order (saved workflows store values by position): declared settings, and node_inputs().
 REQUIRED_WIDGETS = ["trigger_word", "output_name", "algorithm", "rank", "alpha", "targets", "dora", "steps",
                     "learning_rate", "batch_size", "optimizer", "scheduler", "warmup_steps", "seed", "precision"]
 OPTIONAL_WIDGETS = ["gradient_checkpointing", "grad_accum", "grad_clip", "lora_plus_ratio", "loss", "min_snr_gamma",
@@ -28,12 +28,19 @@ OPTIONAL_WIDGETS = ["gradient_checkpointing", "grad_accum", "grad_clip", "lora_p
                     "train_text_encoder", "text_encoder_lr", "resume", "cache_latents", "use_tucker",
                     "timestep_shift", "shift", "guidance", "attach", "network_dropout", "vram_budget_gb",
                     "offload_activations", "compile_blocks"]
-NODE_INPUTS = {  # widgets that are the node's, not the engine's
-    "output_name": ("STRING", {"default": "my_lora", "tooltip": "The file name in loras/lora_foundry/."}),
-    "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue the saved state of output_name (same settings, "
-               "more steps); otherwise a new run never overwrites one."}),
-}
 SETTINGS = (NetworkConfig, TrainConfig, CaptionOptions)
+
+
+def node_inputs() -> dict[str, io.Input]:
+    """Widgets that are the node's, not the engine's."""
+    return {
+        "output_name": io.String.Input("output_name", default="my_lora", tooltip="The file name in "
+                                       "loras/lora_foundry/."),
+        "resume": io.Boolean.Input("resume", default=False, tooltip="Continue the saved state of output_name (same "
+                                   "settings, more steps); otherwise a new run never overwrites one."),
+    }
+
+
 
 
 def pil_to_image(img) -> torch.Tensor:
@@ -95,28 +102,27 @@ def run_folders(loras: str, output: str, output_name: str, resume: bool) -> RunF
         n += 1
 
 
-class TrainLoRA:
-    DESCRIPTION = "Train a LoRA / LoCon / LoHa / LoKr / DyLoRA (optionally DoRA) adapter on MODEL with a dataset."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LORA", "MODEL", "LORA_LOSS", "IMAGE", "STRING", "CLIP")
-    RETURN_NAMES = ("lora", "model", "loss", "loss_graph", "summary", "clip")
-    FUNCTION = "train"
+class TrainLoRA(Node):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraFoundryTrainLoRA", display_name="Train LoRA", category=CATEGORY,
+            description="Train a LoRA / LoCon / LoHa / LoKr / DyLoRA (optionally DoRA) adapter on MODEL with a "
+                        "dataset.",
+            inputs=[io.Model.Input("model"),
+                    io.Clip.Input("clip", tooltip="Encodes the captions (frozen)."),
+                    io.Vae.Input("vae", tooltip="Encodes the images (latents are cached once)."),
+                    LoraDataset.Input("dataset"),
+                    *setting_inputs(REQUIRED_WIDGETS, SETTINGS, node_inputs()),
+                    *setting_inputs(OPTIONAL_WIDGETS, SETTINGS, node_inputs(), optional=True)],
+            outputs=[Lora.Output(display_name="lora"), io.Model.Output(display_name="model"),
+                     LoraLoss.Output(display_name="loss"), io.Image.Output(display_name="loss_graph"),
+                     io.String.Output(display_name="summary"), io.Clip.Output(display_name="clip")],
+            hidden=[io.Hidden.unique_id],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "clip": ("CLIP", {"tooltip": "Encodes the captions (frozen)."}),
-                "vae": ("VAE", {"tooltip": "Encodes the images (latents are cached once)."}),
-                "dataset": ("LORA_DATASET",),
-                **setting_inputs(REQUIRED_WIDGETS, SETTINGS, NODE_INPUTS),
-            },
-            "optional": setting_inputs(OPTIONAL_WIDGETS, SETTINGS, NODE_INPUTS),
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    def train(self, model, clip, vae, dataset, output_name, resume=False, unique_id=None, **inputs):
+    def execute(cls, model, clip, vae, dataset, output_name, resume=False, **inputs) -> io.NodeOutput:
         import folder_paths
 
         network_config = from_inputs(NetworkConfig, inputs)
@@ -126,28 +132,34 @@ class TrainLoRA:
         with torch.inference_mode(False):
             network = LoraNetwork.create(network_config, model, clip)
             trainer = Trainer(model, clip, vae, dataset, network, config, output_dir=folders.loras,
-                              name=folders.name, on_step=progress_reporter(unique_id, config.steps),
+                              name=folders.name, on_step=progress_reporter(cls.hidden.unique_id, config.steps),
                               resume=folders.resume, state_dir=folders.states)
             result = trainer.run()
         network.metadata = trainer.metadata(result.steps)
         trained_model, trained_clip, _ = apply_lora(model, clip, network.state_dict_kohya(), 1.0, 1.0)
         history = {"loss": result.losses, "validation": result.validation}
-        first, last = _mean(result.losses[:10]), _mean(result.losses[-10:])
-        summary = (f"{network_config.algorithm} rank {network_config.rank} on {len(network.adapters)} layers "
-                   f"({network.num_params():,} parameters); "
-                   f"{result.steps} steps in {result.seconds:.1f}s; loss {first:.4f} -> {last:.4f}")
-        if trainer.plan is not None:
-            summary += f"; {trainer.plan.describe()}"
-        if result.validation:
-            summary += f"; validation {result.validation[0][1]:.4f} -> {result.validation[-1][1]:.4f}"
+        summary = run_summary(network, trainer, result)
         graph = pil_to_image(loss_graph(result.losses, result.validation))
         ui = {"text": [summary], "loss": result.losses, "validation": [list(v) for v in result.validation]}
-        return {"ui": ui, "result": (network, trained_model, history, graph, summary, trained_clip)}
+        return io.NodeOutput(network, trained_model, history, graph, summary, trained_clip, ui=ui)
+
+
+def run_summary(network: LoraNetwork, trainer: Trainer, result) -> str:
+    """One line on what was trained, how long it took and how the losses moved."""
+    config = network.config
+    first, last = _mean(result.losses[:10]), _mean(result.losses[-10:])
+    summary = (f"{config.algorithm} rank {config.rank} on {len(network.adapters)} layers "
+               f"({network.num_params():,} parameters); "
+               f"{result.steps} steps in {result.seconds:.1f}s; loss {first:.4f} -> {last:.4f}")
+    if trainer.plan is not None:
+        summary += f"; {trainer.plan.describe()}"
+    if result.validation:
+        summary += f"; validation {result.validation[0][1]:.4f} -> {result.validation[-1][1]:.4f}"
+    return summary
 
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-NODE_CLASS_MAPPINGS = {"LoraFoundryTrainLoRA": TrainLoRA}
-NODE_DISPLAY_NAME_MAPPINGS = {"LoraFoundryTrainLoRA": "Train LoRA"}
+NODES = [TrainLoRA]

@@ -116,7 +116,7 @@ def core(pack) -> SimpleNamespace:
     network = load("network")
     return SimpleNamespace(
         adapters=load("adapters"), apply=load("apply"), files=load("files"), kohya_keys=load("kohya_keys"),
-        targets=load("targets"), tb=load("toolbox"), merge=load("merge"), extract=load("extract"),
+        targets=load("targets"), ranks=load("ranks"), svd=load("svd"), merge=load("merge"), extract=load("extract"),
         resize=load("resize"), metadata=load("metadata"), network=network,
         Config=network.NetworkConfig, Network=network.LoraNetwork,
     )

@@ -98,8 +98,8 @@ def test_family_trains_and_its_file_loads_in_comfyui(family, dataset_dir, tmp_pa
     """Held-out loss falls; the saved file loads in LoraLoader with no unloaded key and gives the trained model."""
     import comfy.sd
     from lora_foundry.lora_core.files import read_safetensors, write_safetensors
-    from lora_foundry.training.conditioning import apply_model, model_inputs
-    from lora_foundry.training.trainer import held_out_loss, image_geometry
+    from lora_foundry.training.conditioning import apply_model, image_geometry, model_inputs
+    from lora_foundry.training.evaluation import held_out_loss
 
     trainer = _trainer(family, dataset_dir)
     assert trainer.dataset.validation
@@ -107,7 +107,7 @@ def test_family_trains_and_its_file_loads_in_comfyui(family, dataset_dir, tmp_pa
         trainer.encode_images(trainer.dataset.validation, validation=True)
         base = held_out_loss(trainer, family.model, family.model.load_device)
         result = trainer.run()
-    latent = next(iter(trainer.latents.values()))
+    latent = trainer.latents.get(0)
     assert latent.shape[0] == family.latent_channels and latent.dim() == (4 if family.video else 3)
     assert all(np.isfinite(result.losses))
     assert result.validation[-1][1] < base, (base, result.validation)
@@ -125,7 +125,7 @@ def test_family_trains_and_its_file_loads_in_comfyui(family, dataset_dir, tmp_pa
     assert len(loaded.patches) == len(result.network.adapters)
 
     # The model ComfyUI patches from the file is the model the trainer ended with.
-    x0 = trainer.latents[(0, False)][None]
+    x0 = trainer.latents.get(0)[None]
     noisy = x0 + torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     sigma = torch.tensor([0.7 if trainer.kind == "flow" else 3.0])
     inputs = model_inputs(family.model.model, trainer.conditioning([CAPTIONS[0]], "cpu"), noisy,
@@ -164,7 +164,7 @@ def _inference_conditioning(fam, nodes, prompt, geometry):
 def test_family_gets_the_inputs_comfyui_gives_it(family, dataset_dir, comfy_nodes):
     """The diffusion model receives from training exactly the conditioning inputs KSampler gives it."""
     import comfy.sample
-    from lora_foundry.training.trainer import image_geometry
+    from lora_foundry.training.conditioning import image_geometry
 
     trainer = _trainer(family, dataset_dir, steps=1)
     index = next(i for i, item in enumerate(trainer.dataset.items) if tuple(item.size) != tuple(item.bucket)) \
@@ -175,7 +175,7 @@ def test_family_gets_the_inputs_comfyui_gives_it(family, dataset_dir, comfy_node
     if family.name == "sdxl":  # a 64x96 image, resized to cover the 64x64 bucket and cropped at its centre
         assert (geometry.width, geometry.height, geometry.crop_top, geometry.crop_left) == (64, 96, 16, 0)
     caption = trainer.fixed_caption(item)
-    x0 = trainer.latents[(index, False)][None]
+    x0 = trainer.latents.get(index)[None]
     with torch.inference_mode(False), torch.no_grad(), Recorder(family.model) as training:  # the training step's path
         trainer.batch_loss(family.model, [index], random.Random(0), torch.Generator().manual_seed(0), "cpu", None)
     positive = _inference_conditioning(family, comfy_nodes, caption, geometry)
@@ -200,13 +200,15 @@ def test_family_gets_the_inputs_comfyui_gives_it(family, dataset_dir, comfy_node
 
 
 def test_family_preview_has_its_latent_shape(family, dataset_dir):
+    from lora_foundry.training.evaluation import sample
+
     trainer = _trainer(family, dataset_dir, steps=1, sample_steps=2, sample_prompts=["a red circle"])
     with torch.inference_mode(False):
         trainer.encode_images(trainer.dataset.items)
         patched, _ = trainer.network.attach(family.model)
         with Recorder(family.model) as calls:
-            preview = trainer.sample(patched, 1)
-    shape = next(iter(trainer.latents.values())).shape
+            preview = sample(trainer, patched, 1)
+    shape = trainer.latents.get(0).shape
     assert calls.calls and all(tuple(c["x"].shape[1:]) == tuple(shape) for c in calls.calls)
     assert preview.size == tuple(trainer.dataset.items[0].bucket)
     pixels = np.asarray(preview)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -27,18 +28,39 @@ def test_pyproject_follows_pep621_and_comfy_registry():
     assert {"PublisherId", "DisplayName", "Icon"} <= set(comfy)
 
 
-def test_pack_imports_in_process_and_registers_prefixed_nodes(pack):
-    mappings = pack.NODE_CLASS_MAPPINGS
-    assert mappings, "the pack registers no nodes"
+def test_pack_imports_in_process_and_registers_prefixed_v3_nodes(pack):
+    import asyncio
+
+    from comfy_api.latest import ComfyExtension, io
+
     assert pack.WEB_DIRECTORY == "./web/js"
     assert (REPO_ROOT / "web" / "js").is_dir()
-    for node_id, cls in mappings.items():
-        assert node_id.startswith("LoraFoundry"), f"{node_id} lacks our prefix"
-        for attr in ("INPUT_TYPES", "RETURN_TYPES", "FUNCTION", "CATEGORY"):
-            assert hasattr(cls, attr), f"{node_id}.{attr}"
-        assert node_id in pack.NODE_DISPLAY_NAME_MAPPINGS
-    shown = set(pack.NODE_DISPLAY_NAME_MAPPINGS.values())
+    assert not hasattr(pack, "NODE_CLASS_MAPPINGS")  # the host would then skip comfy_entrypoint
+    extension = asyncio.run(pack.comfy_entrypoint())
+    assert isinstance(extension, ComfyExtension)
+    nodes = asyncio.run(extension.get_node_list())
+    assert nodes, "the pack registers no nodes"
+    for cls in nodes:
+        assert issubclass(cls, io.ComfyNode)
+        schema = cls.GET_SCHEMA()
+        assert schema.node_id.startswith("LoraFoundry"), f"{schema.node_id} lacks our prefix"
+        assert schema.category == "Lora Foundry" and schema.description, schema.node_id
+    shown = {cls.GET_SCHEMA().display_name for cls in nodes}
     assert shown <= DISPLAY_NAMES | {n for n in shown if n.startswith("LoRA ")}
+
+
+def test_node_ids_widget_order_and_outputs_stay_as_saved_workflows_know_them(pack):
+    """Saved workflows store widget values by position: a node's widgets may only grow at the end."""
+    from harness.workflow import widget_inputs
+
+    known = json.loads((REPO_ROOT / "tests" / "data" / "node_inputs.json").read_text())
+    nodes = importlib.import_module(f"{pack.__name__}.nodes").node_ids()
+    assert set(known) <= set(nodes), set(known) - set(nodes)
+    for node_id, saved in known.items():
+        info = nodes[node_id].GET_NODE_INFO_V1()
+        widgets = [name for name, _ in widget_inputs(info)]
+        assert widgets[: len(saved["widgets"])] == saved["widgets"], node_id
+        assert info["output"] == saved["output"] and info["output_name"] == saved["output_name"], node_id
 
 
 def test_pack_uses_relative_imports_only():
@@ -85,14 +107,16 @@ def test_fixtures_are_deterministic(tmp_path, monkeypatch):
 @pytest.mark.server
 def test_server_lists_every_node_without_import_errors(server, pack):
     info = server.object_info()
-    missing = set(pack.NODE_CLASS_MAPPINGS) - set(info)
+    nodes = importlib.import_module(f"{pack.__name__}.nodes").node_ids()
+    missing = set(nodes) - set(info)
     assert not missing, f"not listed by the server: {missing}"
     ours = [line for line in server.log().splitlines() if PACK_DIR_NAME in line or "lora_foundry" in line.lower()]
     assert ours, "the server log does not mention loading the pack"
     bad = [line for line in ours if "IMPORT FAILED" in line or "Cannot import" in line or "Traceback" in line]
     assert not bad, "\n".join(bad)
-    for node_id in pack.NODE_CLASS_MAPPINGS:
-        assert info[node_id]["display_name"] == pack.NODE_DISPLAY_NAME_MAPPINGS[node_id]
+    for node_id, cls in nodes.items():
+        assert info[node_id]["display_name"] == cls.GET_SCHEMA().display_name
+        assert info[node_id]["python_module"].startswith("custom_nodes."), info[node_id]["python_module"]
 
 
 def sample_workflow(ckpt_name: str, seed: int = 1) -> dict:

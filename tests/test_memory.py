@@ -170,8 +170,7 @@ def test_bypass_training_equals_weight_training(family_sd15, algorithm):
 def test_bypass_patches_leave_with_the_clone(family_sd15):
     """After a bypass run the shared model computes exactly as before it: the clone's layer patches are undone."""
     import comfy.model_management as mm
-    from lora_foundry.training.conditioning import apply_model, model_inputs
-    from lora_foundry.training.trainer import image_geometry
+    from lora_foundry.training.conditioning import apply_model, image_geometry, model_inputs
 
     fam, dataset = family_sd15
     trainer, result = _train(fam, dataset, steps=2)
@@ -223,7 +222,7 @@ def test_training_on_an_fp8_base_leaves_it_bit_identical(family_sd15, dtype):
                for k in before)
     assert trainer.compute_dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in result.network.parameters())
-    from lora_foundry.training.trainer import held_out_loss
+    from lora_foundry.training.evaluation import held_out_loss
 
     with torch.inference_mode(False):
         base = held_out_loss(trainer, fp8, fp8.load_device)

@@ -3,6 +3,7 @@ block weights (presets, vectors, the key -> block map), row parsing and its erro
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -30,8 +31,11 @@ def lf(pack) -> SimpleNamespace:
     def load(name):
         return importlib.import_module(f"{pack.__name__}.{name}")
 
-    network = load("lora_core.network")
-    return SimpleNamespace(stack=load("lora_core.stack"), bw=load("lora_core.block_weights"),
+    network, stack = load("lora_core.network"), load("lora_core.stack")
+    lora_file = load("nodes.loras").lora_file  # how the nodes find a row's file
+    stack = SimpleNamespace(parse_rows=stack.parse_rows, StackError=stack.StackError,
+                            apply_stack=functools.partial(stack.apply_stack, resolve=lora_file))
+    return SimpleNamespace(stack=stack, bw=load("lora_core.block_weights"),
                            files=load("lora_core.files"), nodes=load("nodes.apply"),
                            Network=network.LoraNetwork, Config=network.NetworkConfig)
 
@@ -125,12 +129,12 @@ def test_rows_that_are_off_or_at_zero_strength_are_skipped(lf, loaded_checkpoint
 def test_chained_stack_nodes_equal_one_apply_node_with_all_rows(lf, loaded_checkpoint, loras):
     model, clip, _ = loaded_checkpoint
     nodes = lf.nodes
-    (first,) = nodes.LoraStack().stack(rows_json(ROWS[:1]))
-    (second,) = nodes.LoraStack().stack(rows_json(ROWS[1:2], block_weights="OUTS"), lora_stack=first)
-    chained = nodes.ApplyLoraStack().apply(model, rows_json(ROWS[2:]), clip=clip, lora_stack=second)
+    (first,) = nodes.LoraStack.execute(rows_json(ROWS[:1])).args
+    (second,) = nodes.LoraStack.execute(rows_json(ROWS[1:2], block_weights="OUTS"), lora_stack=first).args
+    chained = nodes.ApplyLoraStack.execute(model, rows_json(ROWS[2:]), clip=clip, lora_stack=second).args
     all_rows = json.loads(rows_json(ROWS))
     all_rows[1]["block_weights"] = "OUTS"
-    single = nodes.ApplyLoraStack().apply(model, json.dumps(all_rows), clip=clip)
+    single = nodes.ApplyLoraStack.execute(model, json.dumps(all_rows), clip=clip).args
     every_row = [{"on": True, "block_weights": "", **r} for r in all_rows]
     assert chained[2] == single[2] == every_row  # the LORA_STACK output
     unet_keys, te_keys = patched_keys(chained[0], chained[1])
@@ -149,7 +153,7 @@ def test_unmatched_and_mismatched_keys_are_reported_by_name(lf, loaded_checkpoin
     tensors[f"{name}.lora_down.weight"] = torch.zeros(4, 7)  # the layer takes 320 inputs
     tensors["stray_tensor"] = torch.zeros(1)
     lf.files.write_safetensors(tensors, loras / "stack/broken.safetensors")
-    _, _, _, report = lf.nodes.ApplyLoraStack().apply(model, '[{"lora": "stack/broken.safetensors"}]', clip=clip)
+    _, _, _, report = lf.nodes.ApplyLoraStack.execute(model, '[{"lora": "stack/broken.safetensors"}]', clip=clip).args
     assert "lora_unet_no_such_block_proj" in report and f"{name}:" in report and "stray_tensor" in report
     assert "no matching layer" in report and "shape mismatch" in report
 
@@ -318,11 +322,11 @@ def test_bad_rows_name_the_row_and_the_field(lf, text, message):
 def test_a_missing_file_names_its_row(lf, loaded_checkpoint, loras):
     model, clip, _ = loaded_checkpoint
     with pytest.raises(ValueError, match=r"stack row 2, field 'lora': 'nope.safetensors' is not in the loras folders"):
-        lf.nodes.ApplyLoraStack().apply(model, '[{"lora": "stack/lokr.safetensors"}, {"lora": "nope.safetensors"}]',
+        lf.nodes.ApplyLoraStack.execute(model, '[{"lora": "stack/lokr.safetensors"}, {"lora": "nope.safetensors"}]',
                                         clip=clip)
     # An upstream row with a bad field is named as such.
     with pytest.raises(ValueError, match=r"lora_stack row 1, field 'on'"):
-        lf.nodes.LoraStack().stack("[]", lora_stack=[{"lora": "x", "on": 1}])
+        lf.nodes.LoraStack.execute("[]", lora_stack=[{"lora": "x", "on": 1}])
 
 
 # --- through the server -------------------------------------------------------------------

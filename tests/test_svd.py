@@ -13,7 +13,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def tb(pack):
-    return importlib.import_module(f"{pack.__name__}.lora_core.toolbox")
+    return importlib.import_module(f"{pack.__name__}.lora_core.svd")
 
 
 def planted(m: int, n: int, rank: int, seed: int, noise: float = 0.0) -> torch.Tensor:

@@ -125,7 +125,7 @@ def two_loras(core, narrow):
 
 def test_exact_merge_at_full_rank_is_the_weighted_sum(core, narrow, two_loras, comfy_load):
     ratios = (0.7, -0.4)
-    merged, report = core.merge.merge_exact(list(zip(two_loras, ratios, strict=True)), core.tb.RankRule(64))
+    merged, report = core.merge.merge_exact(list(zip(two_loras, ratios, strict=True)), core.ranks.RankRule(64))
     want = weighted_sum(two_loras, ratios)
     got = flat_deltas(merged)
     assert set(got) == set(want) == set(two_loras[0].adapters)
@@ -145,7 +145,7 @@ def test_exact_merge_at_full_rank_is_the_weighted_sum(core, narrow, two_loras, c
 
 def test_exact_merge_at_lower_rank_reports_the_true_loss(core, narrow, two_loras):
     ratios = (1.0, 0.5)
-    merged, report = core.merge.merge_exact(list(zip(two_loras, ratios, strict=True)), core.tb.RankRule(3))
+    merged, report = core.merge.merge_exact(list(zip(two_loras, ratios, strict=True)), core.ranks.RankRule(3))
     want, got = weighted_sum(two_loras, ratios), flat_deltas(merged)
     lossy = 0
     for name in want:
@@ -165,13 +165,13 @@ def test_exact_merge_takes_loha_lokr_and_lora_of_different_ranks(core, narrow, c
                 random_network(core, narrow, algorithm="loha", rank=2, alpha=2.0, seed=4, scale=0.3),
                 random_network(core, narrow, algorithm="lokr", rank=2, alpha=1.0, preset="attention", seed=5))
     ratios = (0.5, 1.0, -0.8)
-    merged, report = core.merge.merge_exact(list(zip(networks, ratios, strict=True)), core.tb.RankRule(4096))
+    merged, report = core.merge.merge_exact(list(zip(networks, ratios, strict=True)), core.ranks.RankRule(4096))
     want, got = weighted_sum(networks, ratios), flat_deltas(merged)
     for name in want:
         assert rel(got[name], want[name]) < 1e-5, name
     assert {layer.method for layer in report.layers} == {"full"}  # the dense sum of a LoHa is full rank
     comfy_load(narrow, None, merged, "merged-mixed")
-    low, low_report = core.merge.merge_exact(list(zip(networks, ratios, strict=True)), core.tb.RankRule(4))
+    low, low_report = core.merge.merge_exact(list(zip(networks, ratios, strict=True)), core.ranks.RankRule(4))
     got = flat_deltas(low)
     for name in want:
         assert abs(low_report.layer(name).energy - true_energy(got[name], want[name])) < 1e-5, name
@@ -199,9 +199,9 @@ def test_concat_merge_is_exact_at_the_sum_of_ranks(core, narrow, two_loras, comf
 
 def test_dora_inputs_are_refused_naming_the_module(core, narrow, two_loras):
     dora = random_network(core, narrow, rank=2, preset="attention", dora=True, seed=8)
-    for merge in (lambda: core.merge.merge_exact([(two_loras[0], 1.0), (dora, 0.5)], core.tb.RankRule(4)),
+    for merge in (lambda: core.merge.merge_exact([(two_loras[0], 1.0), (dora, 0.5)], core.ranks.RankRule(4)),
                   lambda: core.merge.merge_concat([(dora, 0.5)]),
-                  lambda: core.resize.resize_lora(dora, core.tb.RankRule(1))):
+                  lambda: core.resize.resize_lora(dora, core.ranks.RankRule(1))):
         with pytest.raises(ValueError, match="DoRA module") as error:
             merge()
         assert re.search(r"(lora_unet_\w+): DoRA", str(error.value)).group(1) in dora.adapters
@@ -264,8 +264,8 @@ def test_extraction_recovers_a_planted_change_and_skips_untouched_layers(core, n
         for i, (name, key) in enumerate(picks.items()):
             planted[name] = _planted(weights[key].shape, 4, seed=20 + i)
             weights[key] += planted[name]
-    network, report = core.extract.extract_lora(narrow, tuned, rule=core.tb.RankRule(4),
-                                                conv_rule=core.tb.RankRule(4), preset="locon", clamp_quantile=1.0)
+    network, report = core.extract.extract_lora(narrow, tuned, rule=core.ranks.RankRule(4),
+                                                conv_rule=core.ranks.RankRule(4), preset="locon", clamp_quantile=1.0)
     assert set(network.adapters) == set(picks) and network.weight_keys == picks
     assert len(report.skipped) == len(layers) - len(picks)
     deltas = network.deltas()
@@ -277,8 +277,8 @@ def test_extraction_recovers_a_planted_change_and_skips_untouched_layers(core, n
     assert network.adapters[conv].lora_up.shape[2:] == (1, 1) and network.adapters[conv].lora_down.shape[2:] == (3, 3)
     comfy_load(narrow, None, network, "extracted-narrow")
     # Clamping (kohya's default quantile) changes the factors; the report is the energy actually kept.
-    clamped, clamped_report = core.extract.extract_lora(narrow, tuned, rule=core.tb.RankRule(4),
-                                                        conv_rule=core.tb.RankRule(4), preset="locon")
+    clamped, clamped_report = core.extract.extract_lora(narrow, tuned, rule=core.ranks.RankRule(4),
+                                                        conv_rule=core.ranks.RankRule(4), preset="locon")
     for name, delta in flat_deltas(clamped).items():
         want = planted[name].reshape(delta.shape)
         assert abs(clamped_report.layer(name).energy - true_energy(delta, want)) < 1e-5
@@ -302,7 +302,7 @@ def test_extraction_from_the_checkpoint_with_patches_uses_randomized_svd_and_loa
         planted[name] = _planted(shape, 6, seed=30 + i, size=0.01)
         patcher.add_patches({key: ("diff", (planted[name],))})
     progress = []
-    network, report = core.extract.extract_lora(model, tuned_model, clip, tuned_clip, rule=core.tb.RankRule(8),
+    network, report = core.extract.extract_lora(model, tuned_model, clip, tuned_clip, rule=core.ranks.RankRule(8),
                                                 clamp_quantile=1.0, progress=lambda d, t: progress.append((d, t)))
     assert progress[-1][0] == progress[-1][1] == len(layers)
     assert set(network.adapters) == set(picks) and not report.fell_back
@@ -337,10 +337,10 @@ SPECTRA = {
 @pytest.mark.parametrize("spectrum", list(SPECTRA))
 @pytest.mark.parametrize("rank", [8, 32])
 def test_randomized_svd_is_within_its_stated_tolerance_of_a_full_svd(core, spectrum, rank):
-    tb = core.tb
+    tb = core.svd
     d = _matrix(400, 900, SPECTRA[spectrum](400), seed=rank)
     options = tb.SvdOptions()
-    dec, kept, note = tb.decompose(d, tb.RankRule(rank), options)
+    dec, kept, note = tb.decompose(d, core.ranks.RankRule(rank), options)
     full = tb.full_svd(d)
     assert dec.method == "randomized" and not note and kept == rank
     shortfall = full.energy(rank) - dec.energy(rank)
@@ -351,24 +351,24 @@ def test_randomized_svd_is_within_its_stated_tolerance_of_a_full_svd(core, spect
 
 
 def test_randomized_svd_falls_back_to_full_when_its_check_fails(core):
-    tb = core.tb
+    tb = core.svd
     d = _matrix(400, 900, [(1 + i) ** -0.3 for i in range(400)], seed=1)  # a flat spectrum: no gap to find
     options = tb.SvdOptions(power_iters=1, max_power_iters=1, tol=1e-5)
-    dec, rank, note = tb.decompose(d, tb.RankRule(16), options)
+    dec, rank, note = tb.decompose(d, core.ranks.RankRule(16), options)
     assert dec.method == "full" and "used full SVD" in note
     assert abs(dec.energy(rank) - tb.full_svd(d).energy(16)) < 1e-6
 
 
 @pytest.mark.parametrize("svd", ["full", "randomized", "factored"])
 def test_dynamic_ranks_keep_the_promised_fraction_and_no_more_ranks_than_needed(core, svd):
-    tb = core.tb
+    tb = core.svd
     spectrum = [0.9**i for i in range(60)] + [1e-4] * 240
     d = _matrix(300, 700, spectrum, seed=2).double()
     s_all = torch.linalg.svdvals(d)
     for method, param in (("sv_fro", 0.9), ("sv_cumulative", 0.8), ("sv_ratio", 20.0)):
         if svd == "randomized" and method == "sv_cumulative":
             continue  # needs every singular value: always a full SVD
-        rule = tb.RankRule(64, method, param)
+        rule = core.ranks.RankRule(64, method, param)
         if svd == "factored":
             u, s, vh = torch.linalg.svd(d.float(), full_matrices=False)
             dec, note = tb.factored_svd(u[:, :80] * s[:80], vh[:80]), ""
@@ -389,14 +389,14 @@ def test_dynamic_ranks_keep_the_promised_fraction_and_no_more_ranks_than_needed(
 def test_rank_rules_refuse_meaningless_parameters(core):
     for args in ((0,), (8, "sv_ratio", 0.5), (8, "sv_fro", 1.5), (8, "sv_median", 0.5)):
         with pytest.raises(ValueError):
-            core.tb.RankRule(*args)
+            core.ranks.RankRule(*args)
 
 
 # --- resize ----------------------------------------------------------------------------------
 
 def test_resize_applies_within_the_reported_error(core, narrow, inputs, comfy_load):
     network = random_network(core, narrow, rank=8, alpha=4.0, preset="locon", seed=40, scale=0.15)
-    resized, report = core.resize.resize_lora(network, core.tb.RankRule(3))
+    resized, report = core.resize.resize_lora(network, core.ranks.RankRule(3))
     original = flat_deltas(network)
     for name, adapter in resized.adapters.items():
         assert adapter.rank == 3 and adapter.alpha == pytest.approx(4.0 / 8 * 3)  # the scale is kept
@@ -413,7 +413,7 @@ def test_resize_applies_within_the_reported_error(core, narrow, inputs, comfy_lo
     overall_error = math.sqrt(1 - report.energy)
     assert rel(y_small, y_full) <= 3 * overall_error * rel(y_full, y_base)
 
-    same, same_report = core.resize.resize_lora(network, core.tb.RankRule(64))
+    same, same_report = core.resize.resize_lora(network, core.ranks.RankRule(64))
     for name, delta in flat_deltas(same).items():
         assert rel(delta, original[name]) < 1e-5
     assert abs(same_report.energy - 1) < 1e-6
@@ -421,7 +421,7 @@ def test_resize_applies_within_the_reported_error(core, narrow, inputs, comfy_lo
 
 def test_resize_turns_loha_into_a_dynamic_rank_lora(core, narrow, comfy_load):
     loha = random_network(core, narrow, algorithm="loha", rank=4, alpha=4.0, preset="attention", seed=41)
-    resized, report = core.resize.resize_lora(loha, core.tb.RankRule(32, "sv_fro", 0.95))
+    resized, report = core.resize.resize_lora(loha, core.ranks.RankRule(32, "sv_fro", 0.95))
     original = flat_deltas(loha)
     for name, delta in flat_deltas(resized).items():
         assert math.sqrt(true_energy(delta, original[name])) >= 0.95 - 1e-6
@@ -449,7 +449,7 @@ def test_resize_node_runs_through_the_server_and_save_lora_writes_the_result(cor
     path = loras / "toolbox" / "resized.safetensors"
     tensors, metadata = core.files.read_safetensors(path)
     served = core.Network.from_state_dict(tensors, metadata)
-    local, _ = core.resize.resize_lora(network, core.tb.RankRule(4))
+    local, _ = core.resize.resize_lora(network, core.ranks.RankRule(4))
     assert set(served.adapters) == set(local.adapters)
     served_deltas = flat_deltas(served)
     for name, delta in flat_deltas(local).items():

@@ -101,7 +101,7 @@ def test_training_lowers_the_loss_and_freezes_the_base(pack, loaded_checkpoint, 
     assert last < first, (first, last)
     assert result.validation[-1][1] < result.validation[0][1] * 1.05
     import comfy.model_management as mm
-    from lora_foundry.training.trainer import held_out_loss
+    from lora_foundry.training.evaluation import held_out_loss
 
     mm.load_models_gpu([model], force_full_load=True)  # the base again, without the training patches
     with torch.inference_mode(False):
@@ -338,8 +338,9 @@ def test_disk_latent_cache_is_reused_and_follows_image_changes(pack, loaded_chec
         calls.clear()
         second, _ = _train(pack, loaded_checkpoint, data, tmp_path / "b", steps=1, latent_cache="disk")
         assert calls == []  # every latent came from disk
-        assert first.latents.keys() == second.latents.keys()
-        assert all(torch.equal(first.latents[k], second.latents[k]) for k in first.latents)
+        a, b = dict(first.latents.items()), dict(second.latents.items())
+        assert a.keys() == b.keys() and a
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
         # An edited image is encoded again; a corrupt cache file is replaced, not trusted.
         edited = second.dataset.items[0].path

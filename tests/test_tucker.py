@@ -265,7 +265,7 @@ def exact_deltas(core, narrow, convs, base, comfy_nodes, loras_dir):
 def test_exact_merge_of_tucker_files_is_the_weighted_sum_of_their_changes(core, narrow, exact_deltas, comfy_load):
     ratios = {"locon": 0.8, "loha": -0.5, "lokr": 1.3}
     inputs = [(core.Network.from_state_dict(exact_deltas[k][0], model=narrow), r) for k, r in ratios.items()]
-    merged, report = core.merge.merge_exact(inputs, core.tb.RankRule(4096))
+    merged, report = core.merge.merge_exact(inputs, core.ranks.RankRule(4096))
     assert sorted(merged.adapters) == sorted(exact_deltas["locon"][1])
     for name, adapter in merged.adapters.items():
         want = sum(r * exact_deltas[k][1][name].double() for k, r in ratios.items())
@@ -275,7 +275,7 @@ def test_exact_merge_of_tucker_files_is_the_weighted_sum_of_their_changes(core, 
 
     # LoCon-Tucker inputs alone take the factored path, and concat keeps them exact at the sum of ranks.
     locon = inputs[0][0]
-    for merge in (lambda x: core.merge.merge_exact(x, core.tb.RankRule(4096)), core.merge.merge_concat):
+    for merge in (lambda x: core.merge.merge_exact(x, core.ranks.RankRule(4096)), core.merge.merge_concat):
         result, _ = merge([(locon, 0.8), (locon, 0.7)])
         for name, adapter in result.adapters.items():
             want = 1.5 * exact_deltas["locon"][1][name].double()
@@ -286,12 +286,12 @@ def test_exact_merge_of_tucker_files_is_the_weighted_sum_of_their_changes(core, 
 def test_resize_of_a_tucker_file_is_the_truncated_svd_of_its_exact_change(core, narrow, exact_deltas, comfy_load, kind):
     tensors, deltas = exact_deltas[kind]
     network = core.Network.from_state_dict(tensors, model=narrow)
-    same, same_report = core.resize.resize_lora(network, core.tb.RankRule(4096))
+    same, same_report = core.resize.resize_lora(network, core.ranks.RankRule(4096))
     for name, adapter in same.adapters.items():
         assert rel(adapter.delta().reshape(deltas[name].shape), deltas[name]) < 1e-5, name
     assert abs(same_report.energy - 1) < 1e-6
 
-    small, report = core.resize.resize_lora(network, core.tb.RankRule(2))
+    small, report = core.resize.resize_lora(network, core.ranks.RankRule(2))
     for name, adapter in small.adapters.items():
         want = deltas[name].double()
         s = torch.linalg.svdvals(want)

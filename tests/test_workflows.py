@@ -192,7 +192,7 @@ def test_saved_train_lora_values_land_in_the_same_settings(object_info, pack):
     from harness.workflow import widget_values_to_inputs
     from lora_foundry.lora_core.network import NetworkConfig
     from lora_foundry.lora_core.settings import from_inputs
-    from lora_foundry.nodes.train import NODE_INPUTS
+    from lora_foundry.nodes.train import node_inputs
     from lora_foundry.training.captions import CaptionOptions
     from lora_foundry.training.trainer import TrainConfig
 
@@ -203,7 +203,7 @@ def test_saved_train_lora_values_land_in_the_same_settings(object_info, pack):
     assert len(saved) >= 4
     for values in saved:
         inputs = widget_values_to_inputs(values, info)
-        assert set(NODE_INPUTS) <= set(inputs)  # output_name and resume: the last widget of the older layout
+        assert set(node_inputs()) <= set(inputs)  # output_name and resume: the last widget of the older layout
         network = from_inputs(NetworkConfig, inputs)
         train = from_inputs(TrainConfig, inputs, captions=from_inputs(CaptionOptions, inputs))
         want_network, want_train = _configs_as_the_node_built_them(**inputs)

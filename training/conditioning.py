@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .buckets import cover_size
+
 # The guidance distilled models (Flux.1-dev, HunyuanVideo) are trained with, whatever users sample
 # with: kohya sd-scripts' Flux recipes pass --guidance_scale 1.0 (its default is 3.5), ai-toolkit 1.0.
 TRAINING_GUIDANCE = 1.0
@@ -121,3 +123,13 @@ def apply_model(model, noisy: torch.Tensor, sigma: torch.Tensor, inputs: list[tu
         outputs.append(model.apply_model(noisy[index], sigma[index], **kwargs))
         order += group
     return torch.cat(outputs)[torch.argsort(torch.tensor(order, device=noisy.device))]
+
+
+def image_geometry(item, flip: bool = False) -> ImageGeometry:
+    """Original size, centre-crop corner and bucket of a dataset item (the crop mirrored with the image)."""
+    bucket = tuple(item.bucket)
+    resized = cover_size(tuple(item.size), bucket)
+    top, left = (resized[1] - bucket[1]) // 2, (resized[0] - bucket[0]) // 2
+    if flip:
+        left = resized[0] - bucket[0] - left
+    return ImageGeometry(*item.size, top, left, *bucket)

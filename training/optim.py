@@ -12,14 +12,13 @@ from collections.abc import Callable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..lora_core.adapters import PLUS_PARAMS
+
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "SGD", "Adafactor", "Prodigy")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 # Optimizer state per parameter, in fp32 values (Adafactor's factored moments are a small fraction).
 STATE_FLOATS = {"AdamW": 2.0, "AdamW8bit": 0.5, "Lion": 1.0, "SGD": 1.0, "Adafactor": 0.1, "Prodigy": 4.0}
-
-# Parameters on the side of each adapter that starts at zero ("up"/"B"); LoRA+ raises their learning rate.
-LORA_PLUS_NAMES = frozenset({"lora_up", "lora_B", "hada_w1_a", "hada_w2_a", "lokr_w1"})
 
 # Arguments build_optimizer takes itself, so `extra` may not carry them.
 _RESERVED = ("params", "lr", "weight_decay", "betas")
@@ -203,7 +202,10 @@ def build_optimizer(name: str, param_groups: list[dict], lr: float, weight_decay
 
 def lora_plus_groups(named_params: list[tuple[str, torch.nn.Parameter]], lr: float, ratio: float,
                      weight_decay: float) -> list[dict]:
-    """LoRA+ groups: the zero-initialised side of each adapter (see LORA_PLUS_NAMES) at lr * ratio, the rest at lr.
+    """LoRA+ groups: the zero-initialised side of each adapter at lr * ratio, the rest at lr.
+
+    `named_params` are (name, parameter) pairs as adapters name them, with any prefix ("<module>.lora_up"); a
+    parameter is on that side when its name is one an adapter class declares so (Adapter.plus_params).
 
     A ratio of 0 or 1 gives one group. Frozen parameters are left out; so are empty groups. The per-group "lr"
     is what LambdaLR records as each group's initial_lr.
@@ -215,7 +217,7 @@ def lora_plus_groups(named_params: list[tuple[str, torch.nn.Parameter]], lr: flo
     for name, param in named_params:
         if not param.requires_grad:
             continue
-        (up if plus and LORA_PLUS_NAMES.intersection(name.split(".")) else base).append(param)
+        (up if plus and PLUS_PARAMS.intersection(name.split(".")) else base).append(param)
     groups = [{"params": base, "lr": lr, "weight_decay": weight_decay},
               {"params": up, "lr": lr * ratio, "weight_decay": weight_decay}]
     return [g for g in groups if g["params"]]

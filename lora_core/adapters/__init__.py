@@ -7,10 +7,12 @@ import torch
 from .base import Adapter, column_norm, dora_weight, tucker
 from .loha import LoHa
 from .lokr import LoKr, without_tucker
-from .lora import DyLoRA, LoRA, lora_from_delta
+from .lora import DyLoRA, LoRA
 
-ALGORITHMS: dict[str, type[Adapter]] = {"lora": LoRA, "locon": LoRA, "loha": LoHa, "lokr": LoKr, "dylora": DyLoRA}
+ALGORITHMS: dict[str, type[Adapter]] = {"lora": LoRA, "loha": LoHa, "lokr": LoKr, "dylora": DyLoRA}
 READERS: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr)
+# The zero-initialised ("B") parameters, by the names each algorithm declares (Adapter.plus_params); LoRA+ speeds them up.
+PLUS_PARAMS = frozenset(name for cls in (*ALGORITHMS.values(), *READERS) for name in cls.plus_params)
 
 
 def adapter_from_factors(tensors: dict[str, torch.Tensor], shape=None) -> Adapter | None:
@@ -27,7 +29,7 @@ def adapter_from_factors(tensors: dict[str, torch.Tensor], shape=None) -> Adapte
 
 
 __all__ = [
-    "ALGORITHMS", "Adapter", "DyLoRA", "LoHa", "LoKr", "LoRA",
-    "adapter_from_factors", "column_norm", "dora_weight", "lora_from_delta", "tucker",
+    "ALGORITHMS", "PLUS_PARAMS", "Adapter", "DyLoRA", "LoHa", "LoKr", "LoRA",
+    "adapter_from_factors", "column_norm", "dora_weight", "tucker",
     "without_tucker",
 ]

@@ -59,6 +59,7 @@ class Adapter(nn.Module):
     """
 
     algorithm = "base"
+    plus_params: tuple[str, ...] = ()  # the zero-initialised ("B") side, whose learning rate LoRA+ raises
 
     def __init__(self, shape, alpha: float, rank_dropout: float = 0.0, module_dropout: float = 0.0,
                  dropout: float = 0.0):
@@ -73,11 +74,24 @@ class Adapter(nn.Module):
         self._skip = False  # this step's module-dropout draw
         self._masks: dict[int, torch.Tensor] = {}  # this step's rank-dropout masks, by rank
 
-    # --- the three things every algorithm defines -----------------------------------------
+    # --- the things every algorithm defines ----------------------------------------------
     @classmethod
     def create(cls, weight: torch.Tensor, rank: int, alpha: float, **options) -> Adapter:
         """New trainable factors for `weight`, initialised so that dW = 0."""
         raise NotImplementedError
+
+    @classmethod
+    def options_from(cls, config, index: int = 0) -> dict:
+        """`create`'s options for the `index`-th layer of a network made from `config` (a NetworkConfig).
+
+        Raises ValueError for a setting the algorithm cannot honour; algorithms with options of their
+        own add them.
+        """
+        options = {"rank_dropout": config.rank_dropout, "module_dropout": config.module_dropout,
+                   "dropout": config.network_dropout}
+        if config.use_tucker:
+            options["use_tucker"] = True
+        return options
 
     def delta(self) -> torch.Tensor:
         """The scaled weight change dW, shaped like the target weight (differentiable)."""
@@ -96,6 +110,11 @@ class Adapter(nn.Module):
     @property
     def rank(self) -> int:
         raise NotImplementedError
+
+    def at_rank(self, rank: int) -> Adapter:
+        """The adapter cut to its leading `rank` ranks where it was trained on nested ranks (DyLoRA); others
+        are whole at any rank and are returned as they are."""
+        return self
 
     def enable_dora(self, weight: torch.Tensor) -> None:
         self.dora_scale = nn.Parameter(column_norm(weight.detach().float()))

@@ -18,6 +18,7 @@ class LoHa(Adapter):
     """
 
     algorithm = "loha"
+    plus_params = ("hada_w1_a", "hada_w2_a")
 
     def __init__(self, w1a, w1b, w2a, w2b, shape, alpha: float | None = None, t1=None, t2=None, **options):
         super().__init__(shape, alpha if alpha is not None else w1b.shape[0], **options)

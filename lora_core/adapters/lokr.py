@@ -31,6 +31,7 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
 
 class LoKr(Adapter):
     algorithm = "lokr"
+    plus_params = ("lokr_w1",)
 
     def __init__(self, w1, w2=None, w2_a=None, w2_b=None, shape=None, alpha: float | None = None, t2=None,
                  **options):
@@ -41,6 +42,13 @@ class LoKr(Adapter):
         self.lokr_w2_a = nn.Parameter(w2_a) if w2_a is not None else None
         self.lokr_w2_b = nn.Parameter(w2_b) if w2_b is not None else None
         self.lokr_t2 = nn.Parameter(t2) if t2 is not None else None
+
+    @classmethod
+    def options_from(cls, config, index=0):
+        if config.use_tucker:
+            # ComfyUI's loader logs an error on lokr_t2 and leaves the layer unchanged (see without_tucker).
+            raise ValueError("use_tucker: ComfyUI cannot apply LoKr Tucker factors (lokr_t2); use locon or loha")
+        return {**super().options_from(config, index), "factor": config.lokr_factor}
 
     @classmethod
     def create(cls, weight, rank, alpha, factor: int = -1, full_matrix: bool = False, **options):

@@ -22,6 +22,7 @@ class LoRA(Adapter):
     """
 
     algorithm = "lora"
+    plus_params = ("lora_up", "lora_B")  # lora_B: PEFT's name for lora_up
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float | None = None,
                  mid: torch.Tensor | None = None, **options):
@@ -125,6 +126,15 @@ class LoRA(Adapter):
             adapter.dora_scale = nn.Parameter(tensors["dora_scale"].float())
         return adapter
 
+    @classmethod
+    def from_matrices(cls, up: torch.Tensor, down: torch.Tensor, shape: tuple[int, ...], scale: float = 1.0) -> LoRA:
+        """The LoRA with dW = up @ down [out, r] @ [r, in * k * k] for a weight of `shape`, whose scale
+        alpha / r is `scale` (folded out of up): kohya's layout, down [r, in(, k, k)] and up [out, r(, 1, 1)]."""
+        rank = up.shape[1]
+        up = up.reshape(shape[0], rank, *[1] * (len(shape) - 2))
+        down = down.reshape(rank, *shape[1:])
+        return cls(down.contiguous(), (up / scale if scale != 1 else up).contiguous(), scale * rank)
+
 
 class DyLoRA(LoRA):
     """LoRA trained on nested ranks: each training step uses a random leading rank b <= rank.
@@ -140,6 +150,13 @@ class DyLoRA(LoRA):
         self.unit = unit
         self.rng = random.Random(seed)
         self._rank = self.rank
+
+    @classmethod
+    def options_from(cls, config, index=0):
+        if config.use_tucker:
+            raise ValueError("use_tucker: DyLoRA has no Tucker form; use locon or loha")
+        # Each layer draws its ranks from its own generator, seeded by its place in the network.
+        return {**super().options_from(config, index), "unit": config.dylora_unit, "seed": config.seed + index}
 
     @classmethod
     def create(cls, weight, rank, alpha, unit: int = 1, seed: int | None = None, **options):
@@ -166,12 +183,3 @@ class DyLoRA(LoRA):
             lora.dora_scale = nn.Parameter(self.dora_scale.detach().clone())
         return lora
 
-
-def lora_from_delta(delta: torch.Tensor, rank: int) -> LoRA:
-    """Best rank-`rank` LoRA of a given weight change (truncated SVD), alpha = rank."""
-    out_dim, flat_in = flat_shape(tuple(delta.shape))
-    u, s, vh = torch.linalg.svd(delta.reshape(out_dim, flat_in).float(), full_matrices=False)
-    rank = min(rank, s.numel())
-    up = (u[:, :rank] * s[:rank]).reshape(out_dim, rank, *[1] * (delta.dim() - 2))
-    down = vh[:rank].reshape(rank, *delta.shape[1:])
-    return LoRA(down.contiguous(), up.contiguous(), float(rank))

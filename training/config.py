@@ -1,0 +1,117 @@
+"""Train LoRA's training settings, declared once (lora_core.settings), and what a run returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..lora_core.network import ATTACH_MODES, LoraNetwork
+from ..lora_core.settings import check_choices, setting
+from .captions import CaptionOptions
+from .conditioning import TRAINING_GUIDANCE
+from .objective import LOSSES, TIMESTEP_SAMPLING, TIMESTEP_SHIFTS
+from .optim import OPTIMIZERS, SCHEDULERS
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LATENT_CACHES = ("memory", "disk")
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must act on (the message says what)."""
+
+
+@dataclass
+class TrainConfig:
+    """How a run trains: every setting declared once (lora_core.settings), node inputs and metadata derived."""
+
+    steps: int = setting(300, "Optimizer steps.", min=1, max=1_000_000, kohya="max_train_steps",
+                         ss=("ss_max_train_steps",))
+    batch_size: int = setting(1, "Images per micro-batch.", min=1, max=256, kohya="train_batch_size",
+                              ss=("ss_batch_size_per_device",))
+    learning_rate: float = setting(1e-4, "The adapters' learning rate (UNet / DiT).", min=0.0, max=10.0, step=1e-5,
+                                   kohya="learning_rate", ss=("ss_learning_rate", "ss_unet_lr"))
+    text_encoder_lr: float | None = setting(None, "0 = the UNet's learning rate.", min=0.0, max=10.0, step=1e-5,
+                                            zero_is_none=True, kohya="text_encoder_lr")
+    optimizer: str = setting("AdamW", "AdamW8bit keeps its state in 8 bits; Prodigy finds its own step size "
+                             "(learning rate about 1.0).", choices=OPTIMIZERS, kohya="optimizer_type",
+                             ss=("ss_optimizer",))
+    weight_decay: float = setting(0.01, "Decoupled weight decay.", min=0.0, max=1.0, step=0.001)
+    scheduler: str = setting("constant", "Learning-rate schedule after the warm-up.", choices=SCHEDULERS,
+                             kohya="lr_scheduler", ss=("ss_lr_scheduler",))
+    warmup_steps: int = setting(0, "Steps of linear learning-rate warm-up.", min=0, max=100_000,
+                                kohya="lr_warmup_steps", ss=("ss_lr_warmup_steps",))
+    lora_plus_ratio: float = setting(0.0, "LoRA+: the zero-initialised factors learn this many times faster "
+                                     "(0 = off).", min=0.0, max=64.0, step=1.0, kohya="loraplus_lr_ratio")
+    grad_clip: float = setting(1.0, "Clip the gradient norm (0 = off).", min=0.0, max=100.0, step=0.1,
+                               kohya="max_grad_norm", ss=("ss_max_grad_norm",))
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.", min=1, max=1024,
+                              kohya="gradient_accumulation_steps", ss=("ss_gradient_accumulation_steps",))
+    seed: int = setting(0, "Seeds the adapters' initial values, the data order and the noise.", min=0,
+                        max=2**31 - 1, kohya="seed", ss=("ss_seed",))
+    precision: str = setting("fp32", "The compute dtype while training (autocast); the adapter stays fp32.",
+                             choices=tuple(PRECISIONS), kohya="mixed_precision", ss=("ss_mixed_precision",))
+    gradient_checkpointing: bool = setting(False, "Recompute each block in the backward pass: far less memory, "
+                                           "about a third more time.", kohya="gradient_checkpointing",
+                                           ss=("ss_gradient_checkpointing",))
+    loss: str = setting("mse", "Loss on the model's prediction.", choices=LOSSES, kohya="loss_type")
+    huber_delta: float = setting(1.0, "The Huber loss's delta.", min=0.0, max=100.0, step=0.01, kohya="huber_c")
+    min_snr_gamma: float = setting(5.0, "eps / v-prediction models; flow models train without it.", min=0.0,
+                                   max=100.0, step=0.5, kohya="min_snr_gamma", ss=("ss_min_snr_gamma",))
+    noise_offset: float = setting(0.0, "Per-channel noise offset.", min=0.0, max=1.0, step=0.01,
+                                  kohya="noise_offset", ss=("ss_noise_offset",))
+    timestep_sampling: str = setting("uniform", "How noise levels are drawn.", choices=TIMESTEP_SAMPLING,
+                                     kohya="timestep_sampling")
+    timestep_shift: str = setting("model", "Flow models (SD3, Flux, Qwen, Wan, ...): model = the model's own "
+                                  "shift, as it samples; none; fixed = the shift below; resolution = kohya's "
+                                  "flux_shift.", choices=TIMESTEP_SHIFTS)
+    shift: float = setting(3.0, "The shift for timestep_shift = fixed.", min=0.1, max=100.0, step=0.05,
+                           kohya="discrete_flow_shift")
+    guidance: float = setting(TRAINING_GUIDANCE, "Distilled guidance while training (Flux.1-dev, HunyuanVideo); "
+                              "other models ignore it. kohya and ai-toolkit train Flux-dev at 1.0.", min=0.0,
+                              max=100.0, step=0.1, kohya="guidance_scale")
+    min_timestep: int = setting(0, "Lowest timestep drawn (of 1000).", min=0, max=999, kohya="min_timestep")
+    max_timestep: int = setting(1000, "Highest timestep drawn (of 1000).", min=1, max=1000, kohya="max_timestep")
+    flip: bool = setting(False, "Also train on mirrored images.", kohya="flip_aug", ss=("ss_flip_aug",))
+    save_every: int = setting(0, "0 = only at the end.", min=0, max=1_000_000, kohya="save_every_n_steps")
+    latent_cache: str = setting("memory", "disk: also keep the latents in a hidden .lora_foundry_cache folder next "
+                                "to the images, so the next run skips the VAE.", input="cache_latents",
+                                choices=LATENT_CACHES)
+    validation_every: int = setting(0, "Held-out loss every N steps (0 = never).", min=0, max=1_000_000,
+                                    kohya="validate_every_n_steps")
+    sample_every: int = setting(0, "A preview on the node every N steps (0 = never).", min=0, max=1_000_000,
+                                kohya="sample_every_n_steps")
+    sample_prompts: list[str] = setting([], "One prompt per line.", multiline=True)
+    sample_steps: int = setting(12, "Sampler steps of a preview.", min=1, max=200)
+    sample_cfg: float = setting(3.0, "CFG of a preview.", min=0.0, max=30.0, step=0.1)
+    attach: str = setting("bypass", "bypass: each adapter adds its output in the layer's forward, the base weight "
+                          "untouched (fp8 and streamed bases); weights: the layer computes with W + dW (can be "
+                          "faster for LoHa / LoKr when the model fits).", choices=ATTACH_MODES)
+    vram_budget_gb: float = setting(0.0, "Device memory the run may use; 0 = the free memory. Weights that do not "
+                                    "fit stay in RAM and stream in at each use (blocks are then checkpointed). The "
+                                    "estimate is logged before step 1.", min=0.0, max=1024.0, step=0.5)
+    offload_activations: bool = setting(False, "Keep what the backward pass needs in RAM (with gradient "
+                                        "checkpointing: only the blocks' inputs).")
+    compile_blocks: bool = setting(False, "torch.compile each diffusion block (the first steps compile, later ones "
+                                   "run faster on a GPU; blocks that add in place, Flux / Chroma, stay eager).")
+    captions: CaptionOptions = field(default_factory=CaptionOptions)
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.steps < 1:
+            raise ValueError(f"steps: must be at least 1, got {self.steps}")
+        if not 0 <= self.min_timestep < self.max_timestep <= 1000:
+            raise ValueError("min_timestep / max_timestep: need 0 <= min < max <= 1000")
+        if self.vram_budget_gb < 0:
+            raise ValueError(f"vram_budget_gb: must be 0 (auto) or more, got {self.vram_budget_gb}")
+
+
+@dataclass
+class TrainResult:
+    network: LoraNetwork
+    losses: list[float]
+    validation: list[tuple[int, float]]
+    steps: int
+    seconds: float
+    checkpoints: list[Path]

@@ -1,0 +1,42 @@
+"""Load Dataset's settings, declared once (lora_core.settings): the node's inputs and load_dataset's arguments."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..lora_core.settings import setting
+
+
+@dataclass
+class DatasetOptions:
+    folder: str = setting("lora_dataset", "Absolute path, or a folder inside ComfyUI/input.", kohya="train_data_dir")
+    resolution: int = setting(512, "Training resolution: buckets hold about resolution^2 pixels.", min=32, max=4096,
+                              step=32, kohya="resolution")
+    min_side: int = setting(256, "The smallest bucket side.", min=32, max=4096, step=32, kohya="min_bucket_reso")
+    max_side: int = setting(1024, "The largest bucket side.", min=32, max=8192, step=32, kohya="max_bucket_reso")
+    bucket_step: int = setting(64, "Bucket sides are multiples of this.", min=8, max=256, step=8,
+                               kohya="bucket_reso_steps")
+    no_upscale: bool = setting(False, "Never enlarge an image to fill its bucket.", kohya="bucket_no_upscale")
+    caption_extension: str = setting(".txt", "Caption file extensions, comma separated.", kohya="caption_extension")
+    validation_split: float = setting(0.0, "Fraction of the images held out to measure validation loss.", min=0.0,
+                                      max=0.5, step=0.01)
+    seed: int = setting(0, "Seed of the validation split.", min=0, max=2**31 - 1)
+    reg_folder: str = setting("", "Regularisation (prior) images; empty for none.", kohya="reg_data_dir")
+    prior_loss_weight: float = setting(1.0, "Loss weight of the regularisation images.", min=0.0, max=10.0, step=0.05,
+                                       kohya="prior_loss_weight")
+
+    def caption_extensions(self) -> tuple[str, ...]:
+        extensions = tuple(e.strip() if e.strip().startswith(".") else "." + e.strip()
+                           for e in self.caption_extension.split(",") if e.strip())
+        return extensions or (".txt",)
+
+    def load_arguments(self, resolve: Callable[[str], os.PathLike]) -> dict:
+        """load_dataset's arguments, with folder names turned into paths by `resolve`."""
+        return dict(
+            folder=resolve(self.folder), caption_extensions=self.caption_extensions(), resolution=self.resolution,
+            min_side=self.min_side, max_side=self.max_side, bucket_step=self.bucket_step, no_upscale=self.no_upscale,
+            reg_folder=resolve(self.reg_folder) if self.reg_folder.strip() else None,
+            prior_loss_weight=self.prior_loss_weight, validation_split=self.validation_split, seed=self.seed,
+        )

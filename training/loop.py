@@ -1,0 +1,169 @@
+"""The step loop of a run: setup (optimizer, scheduler, the resumed state), one step, what follows a step, and how
+the run stops (interrupted, out of memory, a non-finite loss) without losing the last good adapter."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import memory
+from .blocks import INPLACE_ERROR
+from .config import TrainingError, TrainResult
+from .evaluation import held_out_loss, sample
+from .optim import build_optimizer, build_scheduler
+from .state import load_state
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+class TrainLoop:
+    """Steps from the resumed state (or 0) to the last, on the loaded model."""
+
+    def __init__(self, trainer: Trainer, patched, patchers, blocks, device, autocast_dtype, start: float):
+        cfg = self.config = trainer.config
+        self.trainer, self.patched, self.patchers, self.blocks = trainer, patched, patchers, blocks
+        self.device, self.autocast_dtype, self.start = device, autocast_dtype, start
+        self.rng = random.Random(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        groups = trainer.param_groups()
+        self.optimizer = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay)
+        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, cfg.steps, cfg.warmup_steps)
+        self.params = [p for g in groups for p in g["params"]]
+        self.good = [p.detach().clone() for p in self.params]  # the adapter that last gave a finite loss
+        # "fp32" means no autocast, but the host computes in the base's own dtype: scale whenever that is fp16.
+        compute = trainer.compute_dtype = autocast_dtype or patched.model.manual_cast_dtype or patched.model.get_dtype()
+        if compute != (autocast_dtype or torch.float32):
+            logging.warning("Train LoRA: precision %s asked, but the base model computes in %s (its weights' dtype)",
+                            cfg.precision, compute)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=compute == torch.float16)
+        self.state = {"step": 0, "epoch": 0, "order": [], "losses": [], "validation": []}
+        if trainer.resume is not None:
+            self.state = load_state(trainer.resume, trainer.network, self.optimizer, self.scheduler, self.rng, self.gen)
+        self.good_step = self.state["step"]  # how many steps made the adapter in `good`
+        self.updating = False  # inside the optimizer's update: an error there may leave the adapter half-changed
+        self.backward_done = False
+
+    def run(self) -> TrainResult:
+        import comfy.model_management as mm
+
+        cfg, state = self.config, self.state
+        activations = (torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
+                       if cfg.offload_activations else contextlib.nullcontext())
+        try:
+            with activations:
+                for step in range(state["step"] + 1, cfg.steps + 1):
+                    mm.throw_exception_if_processing_interrupted()
+                    self.after_step(step, self.step(step))
+            self.save_state()
+        except mm.InterruptProcessingException:
+            self.trainer.save_checkpoint(state["step"], "interrupted")
+            self.save_state()
+            raise
+        except torch.OutOfMemoryError as error:
+            raise self.out_of_memory() from error
+        return TrainResult(self.trainer.network, state["losses"], [tuple(v) for v in state["validation"]],
+                           state["step"], time.monotonic() - self.start, self.trainer.checkpoints)
+
+    def step(self, step: int) -> float:
+        """One optimizer step over grad_accum micro-batches; the step's mean loss."""
+        cfg = self.config
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            loss = self.micro_batch(step, self.next_batch())
+            step_loss += loss / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.updating = True
+        self.scaler.step(self.optimizer)
+        self.updating = False
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["losses"].append(step_loss)
+        self.state["step"] = step
+        return step_loss
+
+    def next_batch(self) -> list[int]:
+        state, cfg = self.state, self.config
+        if not state["order"]:
+            state["order"].extend(self.trainer.dataset.epoch_order(state["epoch"], cfg.seed, cfg.batch_size))
+            state["epoch"] += 1
+        return state["order"].pop(0)
+
+    def micro_batch(self, step: int, batch: list[int]) -> float:
+        """Forward and backward of one micro-batch; stops the run on a non-finite loss, keeping the last good
+        adapter."""
+        trainer, cfg = self.trainer, self.config
+        trainer.network.new_step()
+        draws = (self.rng.getstate(), self.gen.get_state())  # what batch_loss draws from
+        loss = trainer.batch_loss(self.patched, batch, self.rng, self.gen, self.device, self.autocast_dtype)
+        if not torch.isfinite(loss):
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.good)
+            path = trainer.save_checkpoint(self.good_step, "last-good")
+            raise TrainingError(f"loss became {loss.item()} at step {step}; training stopped. The last adapter that "
+                                f"gave a finite loss (step {self.good_step}) is kept at {path}. Lower the learning "
+                                "rate or use fp32/bf16.")
+        with torch.no_grad():
+            torch._foreach_copy_(self.good, self.params)
+        self.good_step = self.state["step"]
+        try:
+            self.scaler.scale(loss / cfg.grad_accum).backward()
+        except RuntimeError as error:
+            if INPLACE_ERROR not in str(error) or self.backward_done:
+                raise
+            # The model's blocks add residuals in place (Flux, Chroma), found at the run's first backward: sum
+            # them out of place from now on and run this micro-batch again with the same draws (the adapters keep
+            # this step's), so a resumed run draws exactly what an uninterrupted one does.
+            logging.info("Train LoRA: %s adds residuals in place; training sums them out of place",
+                         type(self.patched.model.diffusion_model).__name__)
+            self.blocks.out_of_place = True
+            self.optimizer.zero_grad(set_to_none=True)
+            self.rng.setstate(draws[0])
+            self.gen.set_state(draws[1])
+            loss = trainer.batch_loss(self.patched, batch, self.rng, self.gen, self.device, self.autocast_dtype)
+            self.scaler.scale(loss / cfg.grad_accum).backward()
+        self.backward_done = True
+        return loss.item()
+
+    def after_step(self, step: int, step_loss: float) -> None:
+        """Validation, intermediate files, and the step's report (with a preview) to the node."""
+        trainer, cfg, validation = self.trainer, self.config, self.state["validation"]
+        if cfg.validation_every and trainer.dataset.validation and (
+                step % cfg.validation_every == 0 or step == cfg.steps):
+            validation.append((step, held_out_loss(trainer, self.patched, self.device)))
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            trainer.save_checkpoint(step)
+            self.save_state()
+        if trainer.on_step is None:
+            return
+        preview = None
+        if cfg.sample_every and cfg.sample_prompts and (step % cfg.sample_every == 0 or step == cfg.steps):
+            preview = sample(trainer, self.patched, step)
+            trainer.after_preview(self.patched, self.patchers)
+        elapsed = time.monotonic() - self.start
+        trainer.on_step({"step": step, "total": cfg.steps, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0],
+                         "validation": validation[-1][1] if validation else None, "elapsed": elapsed,
+                         "eta": elapsed / step * (cfg.steps - step),
+                         "memory_gb": round(trainer.plan.peak / memory.GB, 2) if trainer.plan else None,
+                         "preview": preview})
+
+    def save_state(self) -> None:
+        self.trainer.save_state(self.optimizer, self.scheduler, self.state, self.rng, self.gen)
+
+    def out_of_memory(self) -> TrainingError:
+        """The error for a device OOM, after keeping the adapter of the last finished step."""
+        if self.updating:  # the update stopped half-way: back to the adapter it started from
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.good)
+        plan = self.trainer.plan
+        path = self.trainer.save_checkpoint(self.state["step"], "last-good")
+        return TrainingError(f"out of device memory at step {self.state['step'] + 1} ({plan.describe()}); the adapter "
+                             f"of the last finished step is kept at {path}. To fit: {plan.hint()}")

@@ -1,0 +1,101 @@
+"""The run's device memory, planned before step 1 from one simulated micro-batch (see memory.simulate)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import memory
+from .blocks import INPLACE_ERROR, BlockOptions, InPlaceAsNew
+from .config import TrainingError
+from .optim import STATE_FLOATS
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+def plan_memory(trainer: Trainer, patched, blocks: BlockOptions, device, autocast_dtype) -> memory.MemoryPlan:
+    """The run's device memory, from a simulated micro-batch; checkpointing is turned on when the weights must
+    stream from RAM. Fails with what to change when even streaming every weight would not fit."""
+    cfg = trainer.config
+    budget = memory.device_budget(device, cfg.vram_budget_gb)
+    # fp32 parameters, the last-good copy and the optimizer's state; gradients are in the simulation.
+    adapter = trainer.network.num_params() * 4 * (2 + STATE_FLOATS[cfg.optimizer])
+    encoders = trainer.train_clip.patcher.model_size() if trainer.train_clip is not None else 0
+
+    def plan() -> memory.MemoryPlan:
+        activations, flops = simulate_step(trainer, patched, blocks, device, autocast_dtype)
+        return memory.MemoryPlan(patched.model_size(), adapter + encoders, activations, budget,
+                                 blocks.checkpointing, flops)
+
+    result = plan()
+    if budget is not None and result.total > budget and not blocks.checkpointing:
+        blocks.checkpointing = True
+        result = plan()
+    logging.info("Train LoRA: %s", result.describe())
+    if not result.fits:
+        raise TrainingError(f"this run does not fit the device: {result.describe()}. To fit: {result.hint()}")
+    return result
+
+def simulate_step(trainer: Trainer, patched, blocks: BlockOptions, device, autocast_dtype) -> tuple[int, int]:
+    """Peak device bytes and FLOPs of one micro-batch of the largest bucket (forward and backward), counted
+    on storage-less tensors; (0, 0) when the model does something the simulation cannot follow."""
+    items = trainer.dataset.items
+    largest = max(range(len(items)), key=lambda i: items[i].bucket[0] * items[i].bucket[1])
+    patchers = [patched] + ([trainer.train_clip.patcher] if trainer.train_clip is not None else [])
+    # The model's sampling schedule stays real: timesteps are drawn from its values.
+    modules = [patched.model.diffusion_model, trainer.network] + [p.model for p in patchers[1:]]
+
+    # Drawn and prepared on the CPU: the simulation puts every tensor on `device` ittrainer.
+    x0, noise, sigma, captions, geometries, weights = trainer.draw_batch(
+        patched, [largest] * trainer.config.batch_size, random.Random(0), torch.Generator().manual_seed(0), "cpu")
+    if trainer.train_clip is None:  # host code that reads values (attention masks) runs on real tensors
+        inputs = trainer.model_call(patched, x0, noise, sigma, trainer.conditioning(captions, "cpu"), geometries)
+
+        def step(x, inputs, x0, sigma, weights):
+            trainer.prediction_loss(patched, x, x0, sigma, inputs, weights, autocast_dtype).backward()
+
+        args = (*inputs, x0, sigma, weights)
+    else:
+        def step(x0, noise, sigma, weights):
+            trainer.loss(patched, x0, noise, sigma, trainer.conditioning(captions, device), geometries, weights,
+                      autocast_dtype).backward()
+
+        args = (x0, noise, sigma, weights)
+
+    trainer.network.eval()  # no dropout draws: training's random choices stay as they are
+    in_place = InPlaceAsNew if blocks.out_of_place else contextlib.nullcontext
+    try:
+        with memory.adapters_in_place(patchers), encoders_left_alone(trainer):
+            try:
+                with in_place():
+                    return memory.simulate(modules, device, step, *args)
+            except RuntimeError as error:
+                if INPLACE_ERROR not in str(error) or blocks.out_of_place:
+                    raise
+                logging.info("Train LoRA: %s adds residuals in place; training sums them out of place",
+                             type(patched.model.diffusion_model).__name__)
+                blocks.out_of_place = True
+                with InPlaceAsNew():
+                    return memory.simulate(modules, device, step, *args)
+    except Exception as error:  # the plan is advice: a model the simulation cannot run still trains
+        logging.warning("Train LoRA: no memory estimate (a simulated step failed: %s)", error)
+        return 0, 0
+    finally:
+        trainer.network.train()
+
+@contextlib.contextmanager
+def encoders_left_alone(trainer: Trainer):
+    """The trained text encoders do not ask the host to load them: in a simulated step their weights are fakes."""
+    if trainer.train_clip is None:
+        yield
+        return
+    trainer.train_clip.load_model = lambda: trainer.train_clip.patcher
+    try:
+        yield
+    finally:
+        del trainer.train_clip.load_model
