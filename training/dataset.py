@@ -1,4 +1,8 @@
-"""A folder of training images with captions, kohya's folder convention, buckets, and a readable report."""
+"""A folder of training images with captions, kohya's folder convention, buckets, and a readable report.
+
+Over 300 lines because scanning, the report of what was skipped and why, and reading an image the way the
+buckets expect are one concept that changes together (kohya's folder rules).
+"""
 
 from __future__ import annotations
 

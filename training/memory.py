@@ -246,3 +246,19 @@ def synchronous_streaming(streamed: bool):
         yield
     finally:
         mm.NUM_STREAMS = previous
+
+
+def normal_tensors_(module: torch.nn.Module, device: torch.device) -> None:
+    """Replace inference-mode parameters and buffers on `device` with equal normal tensors.
+
+    ComfyUI loads models under torch.inference_mode(); autograd refuses to save such tensors
+    for the backward pass, and every frozen layer between an adapter and the loss needs to.
+    Weights the host streams from RAM are left alone (pinned by the host): each use copies them.
+    """
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            if torch.is_inference(param) and param.device.type == device.type:
+                sub._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+        for name, buf in list(sub.named_buffers(recurse=False)):
+            if buf is not None and torch.is_inference(buf) and buf.device.type == device.type:
+                sub._buffers[name] = buf.clone()

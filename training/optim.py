@@ -1,6 +1,7 @@
 """Optimizers, LoRA+ parameter groups, learning-rate schedules, and pickle-free optimizer state for resuming.
 
-Pure torch: nothing here knows about ComfyUI. Names and semantics follow kohya sd-scripts.
+Pure torch: nothing here knows about ComfyUI. Names and semantics follow kohya sd-scripts. Over 300 lines
+because each optimizer and schedule is a short table entry, and resuming must know them all.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The training loop: adapters on the host's ModelPatcher, the model's own objective, checkpoints."""
+"""A training run: the data encoded once, adapters on the host's ModelPatcher, the model's own objective, files.
+
+The step loop is in loop.py, the memory plan in planning.py, previews and held-out loss in evaluation.py.
+"""
 
 from __future__ import annotations
 
@@ -30,22 +33,6 @@ from .planning import plan_memory
 from .state import save_state
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingError"]
-
-
-def normal_tensors_(module: torch.nn.Module, device: torch.device) -> None:
-    """Replace inference-mode parameters and buffers on `device` with equal normal tensors.
-
-    ComfyUI loads models under torch.inference_mode(); autograd refuses to save such tensors
-    for the backward pass, and every frozen layer between an adapter and the loss needs to.
-    Weights the host streams from RAM are left alone (pinned by the host): each use copies them.
-    """
-    for sub in module.modules():
-        for name, param in list(sub.named_parameters(recurse=False)):
-            if torch.is_inference(param) and param.device.type == device.type:
-                sub._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
-        for name, buf in list(sub.named_buffers(recurse=False)):
-            if buf is not None and torch.is_inference(buf) and buf.device.type == device.type:
-                sub._buffers[name] = buf.clone()
 
 
 class Trainer:
@@ -191,7 +178,7 @@ class Trainer:
                             blocks.checkpointing = True  # streamed weights must not stay on the device until backward
                             logging.info("Train LoRA: weights stream from RAM, so every block is checkpointed")
                         for patcher in patchers:
-                            normal_tensors_(patcher.model, device)
+                            memory.normal_tensors_(patcher.model, device)
                         self.network.to(device)
                         self.network.train()
                         return TrainLoop(self, patched, patchers, blocks, device, autocast_dtype, start).run()
