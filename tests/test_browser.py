@@ -1,5 +1,10 @@
 """The front end in a real browser: Debian's headless Chromium, driven by Playwright, on ComfyUI's own
-frontend served by the harness server with the pack loaded. Screenshots go to the test artifacts."""
+frontend served by the harness server with the pack loaded. Screenshots go to the test artifacts.
+
+Each test runs in both of the frontend's renderers: "classic" (LiteGraph draws nodes on a canvas; DOM
+widgets float above it) and "nodes2" (Nodes 2.0: every node is a Vue component in the page, and DOM
+widgets are mounted inside it). The setting Comfy.VueNodes.Enabled is written through the server's
+settings route before the page loads, the way the frontend's settings dialog stores it."""
 
 from __future__ import annotations
 
@@ -16,11 +21,14 @@ from conftest import ARTIFACTS
 from harness.comfy import REPO_ROOT
 from harness.examples import make_fast, needed_files, provide, set_widget
 from harness.server import ComfyServer
+from harness.workflow import widget_inputs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 TRAIN_STEPS = 6
+MODES = {"classic": False, "nodes2": True}  # the value of Comfy.VueNodes.Enabled
+TRAIN = "LoraFoundryTrainLoRA"
 
 if os.environ.get("CI") and CHROMIUM is None:  # CI must run these, never skip them
     raise RuntimeError("no chromium on the CI machine: `bash scripts/setup.sh` installs Debian's package")
@@ -45,6 +53,11 @@ def ui_server(tmp_path_factory, pack, loaded_checkpoint, tiny_checkpoint, concep
                     concept_dataset)
         server.info = info
         yield server
+
+
+@pytest.fixture(params=list(MODES))
+def mode(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +88,10 @@ class Page:
         if "/extensions/lora_foundry/" in text or f"{self.server.url}/api/lora_foundry/" in text:
             self.errors.append(text)
 
-    def open(self) -> Page:
+    def open(self, mode: str) -> Page:
+        self.mode = mode
+        self.vue = MODES[mode]
+        self.server.post("/settings/Comfy.VueNodes.Enabled", self.vue)
         self.page.goto(self.server.url)
         self.wait_ready()
         return self
@@ -84,18 +100,27 @@ class Page:
         self.page.wait_for_function("() => window.app?.graph && window.app.extensionManager", timeout=120_000)
         self.page.wait_for_function(
             "() => app.extensions?.some(e => e.name === 'LoraFoundry.TrainView')", timeout=60_000)
+        self.page.wait_for_function("vue => window.LiteGraph?.vueNodesMode === vue", arg=self.vue, timeout=30_000)
+
+    def wait_rendered(self) -> None:
+        """Nodes 2.0: every node of the graph is a mounted Vue component."""
+        if self.vue:
+            self.page.wait_for_function("() => app.graph.nodes.every(n => "
+                                        "document.querySelector(`.lg-node[data-node-id=\"${n.id}\"]`))", timeout=30_000)
 
     def eval(self, script: str, arg=None):
         return self.page.evaluate(script, arg)
 
     def load(self, workflow: dict) -> None:
         self.eval("async wf => { await app.loadGraphData(wf); }", workflow)
+        self.wait_rendered()
 
     def focus(self, node_id: int, scale: float = 1.0, below: float = 0) -> None:
-        """Put a node (from `below` its top) at the top left of the canvas at `scale`."""
+        """Put a node (from `below` its top) at the top left of the canvas at `scale`, its title just under
+        the frontend's top bars."""
         self.eval("""([id, scale, below]) => { const n = app.graph.getNodeById(id); const ds = app.canvas.ds;
-            ds.scale = scale; ds.offset = [-n.pos[0] + 80, -n.pos[1] - below + 60]; app.canvas.setDirty(true, true); }""",
-                  [node_id, scale, below])
+            ds.scale = scale; ds.offset = [-n.pos[0] + 90 / scale, -n.pos[1] - below + 150 / scale];
+            app.canvas.setDirty(true, true); }""", [node_id, scale, below])
         time.sleep(0.5)
 
     def queue(self) -> None:
@@ -103,7 +128,7 @@ class Page:
 
     def shot(self, name: str) -> None:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        self.page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"))
+        self.page.screenshot(path=str(ARTIFACTS / f"browser-{self.mode}-{name}.png"))
 
     def wait_for(self, script: str, timeout: float = 600, arg=None):
         deadline = time.monotonic() + timeout
@@ -125,6 +150,60 @@ def train_state(page: Page, node_id: int) -> dict:
                  image: v.image.complete ? v.image.naturalWidth : 0 }; }""", node_id)
 
 
+def train_layout(page: Page, node_id: int) -> dict:
+    """Where the Train LoRA node and its chart are on the screen, and which of its widgets show.
+
+    classic: the node is drawn on the canvas, so its screen box comes from its graph position, size and
+    the canvas transform; a widget shows when LiteGraph draws it. nodes2: the node's element gives the box;
+    a widget shows when Vue renders a row for it. Either way the chart is the DOM <canvas> of our view."""
+    return page.eval("""id => { const n = app.graph.getNodeById(id); const v = n.widgets.find(w => w.name === 'live_training').view;
+        const box = (r) => ({ left: r.left, top: r.top, right: r.right, bottom: r.bottom, height: r.height });
+        let node, rows = null;
+        if (LiteGraph.vueNodesMode) {
+          const e = document.querySelector(`.lg-node[data-node-id="${id}"]`);
+          node = box(e.getBoundingClientRect());
+          rows = [...e.querySelectorAll('.lg-node-widget')].length;
+        } else {
+          const c = app.canvas.canvas.getBoundingClientRect(), ds = app.canvas.ds, s = ds.scale, title = LiteGraph.NODE_TITLE_HEIGHT;
+          const left = c.left + (n.pos[0] + ds.offset[0]) * s, top = c.top + (n.pos[1] - title + ds.offset[1]) * s;
+          node = { left, top, right: left + n.size[0] * s, bottom: top + (n.size[1] + title) * s, height: (n.size[1] + title) * s };
+        }
+        const chart = box(v.canvas.getBoundingClientRect()), view = box(v.element.getBoundingClientRect());
+        const hit = document.elementFromPoint((chart.left + chart.right) / 2, (chart.top + chart.bottom) / 2);
+        const prompts = n.widgets.find(w => w.name === 'sample_prompts');
+        const area = prompts?.element ?? null;  // classic: a DOM widget (textarea) over the canvas
+        return { node, chart, view, rows, viewport: { width: innerWidth, height: innerHeight },
+                 chart_on_top: hit === v.canvas, fold: v.fold.textContent,
+                 shown: n.widgets.filter(w => n.isWidgetVisible(w) && !w.options?.hidden).map(w => w.name),
+                 prompts_drawn: area ? area.getClientRects().length > 0 && area.offsetParent !== null : null,
+                 property: n.properties.show_advanced_settings ?? null }; }""", node_id)
+
+
+def click_fold(page: Page, node_id: int) -> None:
+    """Click the fold toggle like a user: the canvas panned first when the toggle is out of the window."""
+    page.eval("""id => { const v = app.graph.getNodeById(id).widgets.find(w => w.name === 'live_training').view;
+        const r = v.fold.getBoundingClientRect(), ds = app.canvas.ds;
+        if (r.top < 80 || r.bottom > innerHeight - 80) {
+          ds.offset[1] -= (r.top - innerHeight / 2) / ds.scale; app.canvas.setDirty(true, true); } }""", node_id)
+    time.sleep(0.5)
+    page.page.locator(".lf-train-fold").click()
+    time.sleep(0.5)  # Nodes 2.0 lays the node out again
+
+
+def assert_inside(layout: dict) -> None:
+    """The chart inside the node (the whole view: its text must not widen it), all of it in the window."""
+    node, chart, view = layout["node"], layout["chart"], layout["view"]
+    assert layout["chart_on_top"] and chart["height"] >= 80, layout  # drawn, and nothing covers it
+    assert node["left"] - 1 <= view["left"] and view["right"] <= node["right"] + 1, layout
+    assert node["top"] <= chart["top"] < chart["bottom"] <= node["bottom"], layout
+    assert chart["bottom"] <= layout["viewport"]["height"], layout
+
+
+def page_widgets_values(page: Page, node_id: int) -> list:
+    """widgets_values of a node as the page saves it (a workflow stores widget values by position)."""
+    return page.eval("id => app.graph.serialize().nodes.find(n => n.id === id).widgets_values", node_id)
+
+
 def history(server: ComfyServer) -> dict:
     return server.get("/history")
 
@@ -139,57 +218,165 @@ def finished(server: ComfyServer, count: int) -> list[dict]:
     return done if len(done) >= count else []
 
 
-def test_training_view_updates_live_survives_a_reload_and_finishes(browser, ui_server):
-    info = ui_server.info
+def train_workflow(info: dict, mode: str) -> tuple[dict, dict]:
     workflow = make_fast(example("train_lora_before_after.json"), info)
-    train = next(n for n in workflow["nodes"] if n["type"] == "LoraFoundryTrainLoRA")
-    for name, value in (("steps", TRAIN_STEPS), ("sample_every", 3), ("validation_every", 3)):
-        set_widget(train, info["LoraFoundryTrainLoRA"], name, value)
+    train = next(n for n in workflow["nodes"] if n["type"] == TRAIN)
+    seed = list(MODES).index(mode)  # another prompt in each mode: the server would answer a repeat from its cache
+    for name, value in (("steps", TRAIN_STEPS), ("sample_every", 3), ("validation_every", 3), ("seed", seed)):
+        set_widget(train, info[TRAIN], name, value)
     train["pos"] = [2000, 0]  # clear of the example's other nodes, for the screenshots
-    page = Page(browser, ui_server).open()
+    return workflow, train
+
+
+def test_training_view_updates_live_survives_a_reload_and_finishes(browser, ui_server, mode):
+    info = ui_server.info
+    workflow, train = train_workflow(info, mode)
+    before_runs = len(history(ui_server))
+    page = Page(browser, ui_server).open(mode)
     page.load(workflow)
-    page.focus(train["id"], 0.9, below=600)
+    page.focus(train["id"], 0.8)  # the whole (folded) node in the window: no scrolling to the chart
     page.queue()
-    running = page.wait_for(f"() => (app.graph.getNodeById({train['id']})?.widgets?.find(w => w.name === "
-                            f"'live_training')?.view.state.step ?? 0) >= 2")
+    # This run's, not an earlier test's run of the same node (which the page restores from the server).
+    running = page.wait_for(f"() => {{ const s = app.graph.getNodeById({train['id']})?.widgets?.find(w => w.name === "
+                            f"'live_training')?.view.state; return s?.status === 'running' && s.step >= 2; }}")
     assert running
     before = train_state(page, train["id"])
     assert before["status"] == "running" and before["losses"] >= 2 and before["inked"] > 0, before
+    assert_inside(train_layout(page, train["id"]))
     page.shot("train-running")
 
     page.page.reload()  # the workflow comes back from the browser's storage; the chart from the server
     page.wait_ready()
-    page.focus(train["id"], 0.9, below=600)
+    page.wait_rendered()
+    page.focus(train["id"], 0.8)
     restored = page.wait_for(f"() => (app.graph.getNodeById({train['id']})?.widgets?.find(w => w.name === "
                              f"'live_training')?.view.state.loss.length ?? 0) >= {before['losses']}", timeout=60)
     assert restored
     page.shot("train-reloaded")
 
     deadline = time.monotonic() + 900
-    while not finished(ui_server, 1) and time.monotonic() < deadline:
+    while not finished(ui_server, before_runs + 1) and time.monotonic() < deadline:
         time.sleep(1)
-    assert finished(ui_server, 1), ui_server.log_tail()
+    assert finished(ui_server, before_runs + 1), ui_server.log_tail()
     page.wait_for(f"() => app.graph.getNodeById({train['id']}).widgets.find(w => w.name === 'live_training')"
                   ".view.state.status === 'finished'", timeout=60)
     page.wait_for(f"() => app.graph.getNodeById({train['id']}).widgets.find(w => w.name === 'live_training')"
                   ".view.image.naturalWidth > 0", timeout=60)
+    sent = max(finished(ui_server, 1), key=lambda e: e["prompt"][0])["prompt"][2][str(train["id"])]["inputs"]
+    assert (sent["steps"], sent["sample_every"], sent["validation_every"]) == (TRAIN_STEPS, 3, 3), sent  # folded ones too
     state = train_state(page, train["id"])
     assert state["step"] == TRAIN_STEPS and state["losses"] == TRAIN_STEPS, state
     assert state["validation"] >= 1 and state["preview"] >= 2 and state["image"] > 0, state
     assert state["inked"] > 0 and f"step {TRAIN_STEPS}/{TRAIN_STEPS}" in state["stats"], state
     assert re.search(r"est\. \d+\.\d\d GB", state["stats"]), state  # the run's planned peak memory
+    assert_inside(train_layout(page, train["id"]))  # the longest stats line still within the node
     page.shot("train-finished")
     assert not page.errors, page.errors
 
 
-def test_stack_widget_rows_and_typed_strength_reach_the_server(browser, ui_server):
-    page = Page(browser, ui_server).open()
+def test_train_node_folds_its_optional_settings_and_still_sends_them(browser, ui_server, mode):
+    info = ui_server.info
+    widgets = {name for name, _ in widget_inputs(info[TRAIN])}
+    optional = [name for name in info[TRAIN]["input"]["optional"] if name in widgets]  # the advanced settings
+    required = [name for name in info[TRAIN]["input"]["required"] if name in widgets]
+    assert len(optional) >= 20 and required, (optional, required)
+    workflow, train = train_workflow(info, mode)
+    assert "show_advanced_settings" not in train["properties"]  # saved before the fold existed
+    page = Page(browser, ui_server).open(mode)
+    page.load(workflow)
+    node = train["id"]
+    saved = page_widgets_values(page, node)
+    page.focus(node, 0.8)
+
+    folded = train_layout(page, node)  # folded by default, and the node fitted to what it shows
+    assert folded["fold"] == f"\u25b8 advanced settings ({len(optional)})", folded
+    assert set(required) <= set(folded["shown"]) and not set(optional) & set(folded["shown"]), folded
+    assert_inside(folded)
+    assert folded["node"]["bottom"] <= folded["viewport"]["height"], folded  # all of the node in the window
+    assert folded["prompts_drawn"] is False, folded  # classic: its textarea (a DOM widget) hidden too
+    page.shot("train-folded")
+
+    click_fold(page, node)  # unfold: every setting, the chart below them
+    assert page.eval("id => app.graph.getNodeById(id).properties.show_advanced_settings", node) is True
+    unfolded = train_layout(page, node)
+    assert unfolded["fold"] == f"\u25be advanced settings ({len(optional)})", unfolded
+    assert set(required + optional) <= set(unfolded["shown"]), unfolded
+    assert unfolded["node"]["height"] > 1.6 * folded["node"]["height"], (folded["node"], unfolded["node"])
+    assert unfolded["chart"]["top"] > folded["chart"]["bottom"], unfolded  # the fold is what brings it up
+    if page.vue:
+        assert unfolded["rows"] - folded["rows"] == len(optional), (folded["rows"], unfolded["rows"])
+    else:
+        assert unfolded["prompts_drawn"] is True, unfolded
+    page.shot("train-unfolded")
+
+    click_fold(page, node)  # fold again: back to the small node
+    assert page.eval("id => app.graph.getNodeById(id).properties.show_advanced_settings", node) is False
+    page.focus(node, 0.8)
+    refolded = train_layout(page, node)
+    assert refolded["node"]["height"] == pytest.approx(folded["node"]["height"], rel=0.05), (folded, refolded)
+    assert set(refolded["shown"]) == set(folded["shown"]), refolded
+    assert_inside(refolded)
+
+    # A value set while its widget is folded away is saved in its place and sent with the prompt.
+    page.eval("id => { const w = app.graph.getNodeById(id).widgets.find(w => w.name === 'noise_offset');"
+              " w.value = 0.05; w.callback?.(w.value); }", node)
+    values = page_widgets_values(page, node)
+    position = page.eval("id => app.graph.getNodeById(id).widgets.filter(w => w.serialize !== false)"
+                         ".map(w => w.name)", node).index("noise_offset")
+    assert values == saved[:position] + [0.05] + saved[position + 1:], (saved, values)  # nothing moved
+
+    sent: list[dict] = []
+
+    def fake_queue(route):  # capture what the page queues; the server does not run it
+        if route.request.method != "POST":
+            return route.continue_()
+        sent.append(route.request.post_data_json)
+        route.fulfill(json={"prompt_id": "fold-test", "number": 0, "node_errors": {}})
+
+    page.page.route("**/api/prompt", fake_queue)
+    page.queue()
+    page.page.unroute("**/api/prompt")
+    inputs = sent[0]["prompt"][str(node)]["inputs"]
+    assert inputs["noise_offset"] == 0.05 and set(optional) <= set(inputs), inputs
+    assert sent[0]["extra_data"]["extra_pnginfo"]["workflow"]["nodes"], sent[0]
+
+    # The choice is the node's: saved with the workflow, and back after a reload (unfolded this time).
+    click_fold(page, node)
+    assert page.eval("id => app.graph.getNodeById(id).properties.show_advanced_settings", node) is True
+    page.page.mouse.click(5, 500)  # somewhere else: the frontend stores the workflow on its next check
+    time.sleep(1)
+    page.page.reload()
+    page.wait_ready()
+    page.wait_rendered()
+    page.focus(node, 0.8)
+    reloaded = train_layout(page, node)
+    assert reloaded["property"] is True and set(optional) <= set(reloaded["shown"]), reloaded
+    assert reloaded["node"]["height"] > 1.6 * folded["node"]["height"], reloaded
+    assert page_widgets_values(page, node) == values
+
+    # A folded setting that gets linked to another node's output shows: its link must lead somewhere.
+    click_fold(page, node)
+    linked = page.eval("""id => { const n = app.graph.getNodeById(id), p = LiteGraph.createNode('PrimitiveFloat');
+        p.pos = [n.pos[0] - 400, n.pos[1]]; app.graph.add(p);
+        p.connect(0, n, n.inputs.findIndex(i => i.widget?.name === 'noise_offset'));
+        const w = n.widgets.find(w => w.name === 'noise_offset');
+        return { hidden: !!w.hidden || !!w.options.hidden, fold: n.widgets.find(w => w.name === 'live_training').view.fold.textContent }; }""",
+                       node)
+    assert linked == {"hidden": False, "fold": f"\u25b8 advanced settings ({len(optional) - 1})"}, linked
+    assert not page.errors, page.errors
+
+
+def test_stack_widget_rows_and_typed_strength_reach_the_server(browser, ui_server, mode):
+    page = Page(browser, ui_server).open(mode)
     workflow = make_fast(example("stack_loras.json"), ui_server.info)
     apply = next(n for n in workflow["nodes"] if n["type"] == "LoraFoundryApplyLoraStack")
     set_widget(apply, ui_server.info["LoraFoundryApplyLoraStack"], "loras", "[]")
     page.load(workflow)
     page.focus(apply["id"], 1.2)
-    stack = page.page.locator(".lf-stack").filter(has=page.page.locator(".lf-add")).nth(1)
+    page.eval("id => app.graph.getNodeById(id).loraFoundryStack.element.setAttribute('data-test', 'apply-stack')",
+              apply["id"])
+    stack = page.page.locator(".lf-stack[data-test=apply-stack]")
+    assert stack.is_visible()
     names = page.eval("async () => (await (await fetch('/models/loras')).json())")
     assert len(names) >= 2, names
     stack.locator(".lf-add").click()
@@ -208,9 +395,15 @@ def test_stack_widget_rows_and_typed_strength_reach_the_server(browser, ui_serve
     page.page.mouse.up()
     page.shot("stack-edited")
 
-    value = json.loads(page.eval(f"() => app.graph.getNodeById({apply['id']}).widgets.find(w => w.name === 'loras').value"))
+    text = page.eval(f"() => app.graph.getNodeById({apply['id']}).widgets.find(w => w.name === 'loras').value")
+    value = json.loads(text)
     assert [r["lora"] for r in value] == [names[1], names[0]]
     assert value[1]["strength_model"] == 0.35 and value[0]["strength_clip"] == pytest.approx(1.4, abs=0.02)
+    # The rows are the widget's; the JSON they live in is not shown as a text box as well.
+    boxes = page.eval("text => [...document.querySelectorAll('textarea, input')].filter(e => e.value === text"
+                      " && e.getClientRects().length).length", text)
+    assert boxes == 0, boxes
+    assert stack.locator(".lf-row:not(.lf-head)").count() == 2
 
     before = len(history(ui_server))
     page.queue()

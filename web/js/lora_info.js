@@ -2,46 +2,37 @@
 // words, tag frequency, training settings), from our read-only /lora_foundry/lora_info route.
 // Opened from the LoRA stack rows and from the context menu of any node with a lora_name widget.
 import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+import { addStyle, el, getJSON } from "./lib/common.js";
 
 const PANEL_ID = "lora-foundry-info";
 
-export async function fetchLoraInfo(name) {
-  const resp = await api.fetchApi(`/lora_foundry/lora_info?name=${encodeURIComponent(name)}`);
-  const body = await resp.json();
-  if (!resp.ok) throw new Error(body.error || `HTTP ${resp.status}`);
-  return body;
+export function fetchLoraInfo(name) {
+  return getJSON(`/lora_foundry/lora_info?name=${encodeURIComponent(name)}`);
 }
 
-// Every value comes from a file someone else made: only ever set as text, never as HTML.
-function el(tag, text, cls) {
-  const node = document.createElement(tag);
-  if (text !== undefined && text !== null) node.textContent = String(text);
-  if (cls) node.className = cls;
-  return node;
-}
+// Every value below comes from a file someone else made: el() only ever sets it as text, never as HTML.
 
 function section(panel, title, rows) {
   const entries = rows.filter(([, v]) => v !== undefined && v !== null && v !== "");
   if (!entries.length) return;
-  panel.append(el("h4", title));
+  panel.append(el("h4", null, title));
   const table = el("table");
   for (const [k, v] of entries) {
     const tr = el("tr");
-    tr.append(el("th", k), el("td", v));
+    tr.append(el("th", null, k), el("td", null, v));
     table.append(tr);
   }
   panel.append(table);
 }
 
 function tagBars(tags) {
-  const box = el("div", null, "lf-tags");
+  const box = el("div", "lf-tags");
   const top = tags.length ? tags[0][1] : 1;
   for (const [tag, count] of tags) {
-    const row = el("div", null, "lf-tag");
-    const bar = el("span", null, "lf-tag-bar");
+    const row = el("div", "lf-tag");
+    const bar = el("span", "lf-tag-bar");
     bar.style.width = `${Math.max(2, (100 * count) / top)}%`;
-    row.append(bar, el("span", `${tag} (${count})`, "lf-tag-text"));
+    row.append(bar, el("span", "lf-tag-text", `${tag} (${count})`));
     box.append(row);
   }
   return box;
@@ -50,12 +41,12 @@ function tagBars(tags) {
 function panelElement() {
   let panel = document.getElementById(PANEL_ID);
   if (!panel) {
-    panel = el("div", null, "lf-info-panel");
+    panel = el("div", "lf-info-panel");
     panel.id = PANEL_ID;
     document.body.append(panel);
   }
   panel.replaceChildren();
-  const close = el("button", "\u00d7", "lf-info-close");
+  const close = el("button", "lf-info-close", "\u00d7");
   close.title = "Close";
   close.onclick = () => panel.remove();
   panel.append(close);
@@ -63,8 +54,8 @@ function panelElement() {
 }
 
 export function renderLoraInfo(panel, info) {
-  panel.append(el("h3", info.title || info.name));
-  panel.append(el("div", info.name, "lf-info-name"));
+  panel.append(el("h3", null, info.title || info.name));
+  panel.append(el("div", "lf-info-name", info.name));
   section(panel, "Adapter", [
     ["base model", info.base_model],
     ["algorithm", info.algorithm],
@@ -75,10 +66,10 @@ export function renderLoraInfo(panel, info) {
     ["file size", `${(info.file_size / 1048576).toFixed(2)} MB`],
   ]);
   if (info.trigger_words?.length) {
-    panel.append(el("h4", "Trigger words"));
-    const words = el("div", null, "lf-triggers");
+    panel.append(el("h4", null, "Trigger words"));
+    const words = el("div", "lf-triggers");
     for (const word of info.trigger_words) {
-      const chip = el("button", word, "lf-chip");
+      const chip = el("button", "lf-chip", word);
       chip.title = "Copy";
       chip.onclick = () => navigator.clipboard?.writeText(word).catch(() => {});
       words.append(chip);
@@ -86,7 +77,7 @@ export function renderLoraInfo(panel, info) {
     panel.append(words);
   }
   if (info.tag_frequency?.length) {
-    panel.append(el("h4", "Tag frequency"));
+    panel.append(el("h4", null, "Tag frequency"));
     panel.append(tagBars(info.tag_frequency));
   }
   section(panel, "Training", Object.entries(info.training || {}));
@@ -94,14 +85,14 @@ export function renderLoraInfo(panel, info) {
 
 export async function showLoraInfo(name) {
   const panel = panelElement();
-  panel.append(el("div", `Loading ${name}\u2026`, "lf-info-name"));
+  panel.append(el("div", "lf-info-name", `Loading ${name}\u2026`));
   try {
     const info = await fetchLoraInfo(name);
     const fresh = panelElement();
     renderLoraInfo(fresh, info);
   } catch (err) {
     const fresh = panelElement();
-    fresh.append(el("h3", name), el("div", `No info: ${err.message}`, "lf-info-error"));
+    fresh.append(el("h3", null, name), el("div", "lf-info-error", `No info: ${err.message}`));
   }
 }
 
@@ -125,17 +116,10 @@ const STYLE = `
 .lf-tag-text { position: relative; padding-left: 4px; white-space: nowrap; }
 `;
 
-function addStyle() {
-  const style = document.createElement("style");
-  style.id = "lora-foundry-info-style";
-  style.textContent = STYLE;
-  document.head.append(style);
-}
-
 app.registerExtension({
   name: "LoraFoundry.LoraInfo",
   setup() {
-    addStyle();
+    addStyle("lora-foundry-info-style", STYLE);
   },
   getNodeMenuItems(node) {
     const widget = node.widgets?.find((w) => w.name === "lora_name" && w.type === "combo");

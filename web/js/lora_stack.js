@@ -3,7 +3,7 @@
 // workflows save and restore them and the prompt carries them); this widget only edits that JSON.
 // Strengths: drag left/right to change (shift: finer), click to type an exact value.
 import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+import { addStyle, el, getJSON, setWidgetsHidden } from "./lib/common.js";
 import { showLoraInfo } from "./lora_info.js";
 
 const STACK_NODES = new Set(["LoraFoundryLoraStack", "LoraFoundryApplyLoraStack"]);
@@ -15,8 +15,7 @@ let blockPresets = {};
 
 export async function refreshLoraNames() {
   try {
-    const resp = await api.fetchApi("/models/loras", { cache: "no-store" });
-    if (resp.ok) loraNames = await resp.json();
+    loraNames = await getJSON("/models/loras", { cache: "no-store" });
   } catch (err) {
     console.warn("Lora Foundry: could not list LoRAs", err);
   }
@@ -24,12 +23,7 @@ export async function refreshLoraNames() {
 }
 
 async function refreshBlockPresets() {
-  try {
-    const resp = await api.fetchApi("/lora_foundry/block_presets");
-    if (resp.ok) blockPresets = await resp.json();
-  } catch {
-    blockPresets = {};
-  }
+  blockPresets = await getJSON("/lora_foundry/block_presets").catch(() => ({}));
 }
 
 export function parseRows(text) {
@@ -52,13 +46,6 @@ export function parseRows(text) {
 
 const round = (v) => Math.round(v * 1000) / 1000;
 const fmt = (v) => (Number.isInteger(v * 100) ? v.toFixed(2) : String(v));
-
-function el(tag, cls, text) {
-  const node = document.createElement(tag);
-  if (cls) node.className = cls;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
 
 // A number you drag to change and click to type.
 function strengthControl(value, title, onChange) {
@@ -138,8 +125,7 @@ class StackWidget {
       getMaxHeight: () => this.height(),
     });
     this.widget.serialize = false;
-    textWidget.hidden = true;
-    textWidget.computeSize = () => [0, -4]; // no room in the layout for the hidden JSON editor
+    setWidgetsHidden(node, [textWidget], true); // the JSON it edits: kept (and saved), not shown
     this.render();
   }
 
@@ -299,9 +285,7 @@ const STYLE = `
 app.registerExtension({
   name: "LoraFoundry.LoraStack",
   async setup() {
-    const style = document.createElement("style");
-    style.textContent = STYLE;
-    document.head.append(style);
+    addStyle("lora-foundry-stack-style", STYLE);
     await Promise.all([refreshLoraNames(), refreshBlockPresets()]);
     presetList();
     for (const node of app.graph?.nodes ?? []) node.loraFoundryStack?.render();

@@ -1,11 +1,15 @@
 // Live training view on the Train LoRA node: loss chart (raw, smoothed, validation points),
 // step / total, it/s, ETA, learning rate and the latest sample preview. Fed by the trainer's
 // "lora_foundry.train" events; a reloaded page asks /lora_foundry/train_state for the run so far.
+// The node's optional inputs (its advanced settings) fold away behind a toggle in this view, so the
+// chart sits right under the required settings; node.properties keeps the choice in the workflow.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { addStyle, apiURL, el, getJSON, nodeElement, setWidgetsHidden, vueNodes } from "./lib/common.js";
 
 const TRAIN_NODE = "LoraFoundryTrainLoRA";
 const HEIGHT = 300;
+const SHOW_ADVANCED = "show_advanced_settings"; // node.properties key; absent or false: folded
 const states = new Map(); // node id -> state, also for events that arrive before the node exists
 
 function newState(total = 0) {
@@ -68,16 +72,15 @@ function onEvent(detail) {
 class TrainView {
   constructor(node) {
     this.node = node;
-    this.element = document.createElement("div");
-    this.element.className = "lf-train";
-    this.stats = document.createElement("div");
-    this.stats.className = "lf-train-stats";
-    this.canvas = document.createElement("canvas");
-    this.canvas.className = "lf-train-chart";
-    this.image = document.createElement("img");
-    this.image.className = "lf-train-preview";
+    // widget-expands: in Nodes 2.0 this widget's row takes the height the node has beyond its content
+    this.element = el("div", "lf-train widget-expands");
+    this.fold = el("button", "lf-train-fold");
+    this.fold.onclick = () => this.setAdvancedShown(!this.advancedShown);
+    this.stats = el("div", "lf-train-stats");
+    this.canvas = el("canvas", "lf-train-chart");
+    this.image = el("img", "lf-train-preview");
     this.image.alt = "";
-    this.element.append(this.stats, this.canvas, this.image);
+    this.element.append(this.fold, this.stats, this.canvas, this.image);
     this.shownPreview = 0;
     this.draws = 0;
     this.widget = node.addDOMWidget("live_training", "lora_foundry_train", this.element, {
@@ -96,6 +99,42 @@ class TrainView {
     return stateFor(this.node.id);
   }
 
+  // The widgets of the node's optional inputs, and the widgets they own (such as a seed's control).
+  optionalWidgets() {
+    const optional = new Set(Object.keys(this.node.constructor.nodeData?.input?.optional ?? {}));
+    return (this.node.widgets ?? []).filter((w) => optional.has(w.name)).flatMap((w) => [w, ...(w.linkedWidgets ?? [])]);
+  }
+
+  get advancedShown() {
+    return Boolean(this.node.properties?.[SHOW_ADVANCED]);
+  }
+
+  setAdvancedShown(shown) {
+    app.canvas?.emitBeforeChange?.(); // one undoable change of the workflow, saved with it
+    this.node.properties ??= {};
+    this.node.properties[SHOW_ADVANCED] = shown;
+    this.applyFold(true);
+    app.canvas?.emitAfterChange?.();
+  }
+
+  // Hide or show the advanced widgets; with `resize`, fit the node's height to what is shown.
+  applyFold(resize) {
+    const shown = this.advancedShown;
+    const linked = (w) => this.node.getSlotFromWidget?.(w)?.link != null;
+    const optional = this.optionalWidgets();
+    const widgets = optional.filter((w) => !linked(w));
+    setWidgetsHidden(this.node, optional.filter(linked), false); // a linked one shows where its link goes
+    setWidgetsHidden(this.node, widgets, !shown);
+    this.fold.textContent = `${shown ? "\u25be" : "\u25b8"} advanced settings (${widgets.length})`;
+    this.fold.title = shown ? "Fold the optional settings away" : "Show the optional settings";
+    if (!resize) return;
+    const [width, height] = this.node.size;
+    const need = this.node.computeSize()[1];
+    this.node.setSize([width, shown ? Math.max(height, need) : need]);
+    if (vueNodes()) nodeElement(this.node)?.style.setProperty("--node-height", "0px"); // its content's height
+    this.node.setDirtyCanvas?.(true, true);
+  }
+
   update() {
     const s = this.state;
     const last = s.loss.at(-1);
@@ -111,7 +150,7 @@ class TrainView {
     this.stats.textContent = parts.filter(Boolean).join("  \u00b7  ");
     if (s.preview && s.preview !== this.shownPreview) {
       this.shownPreview = s.preview;
-      this.image.src = api.apiURL(`/lora_foundry/train_preview?node=${encodeURIComponent(this.node.id)}&n=${s.preview}`);
+      this.image.src = apiURL(`/lora_foundry/train_preview?node=${encodeURIComponent(this.node.id)}&n=${s.preview}`);
     }
     this.image.style.display = s.preview ? "" : "none";
     this.draw();
@@ -163,8 +202,7 @@ class TrainView {
 
   async restore() {
     if (this.node.id === undefined || this.node.id < 0) return;
-    const resp = await api.fetchApi(`/lora_foundry/train_state?node=${encodeURIComponent(this.node.id)}`);
-    const run = resp.ok ? await resp.json() : null;
+    const run = await getJSON(`/lora_foundry/train_state?node=${encodeURIComponent(this.node.id)}`).catch(() => null);
     const state = stateFor(this.node.id);
     if (run && run.steps.length >= state.steps.length) {
       const last = run.last || {};
@@ -201,6 +239,9 @@ function markStopped(nodeId, status) {
 const STYLE = `
 .lf-train { box-sizing: border-box; width: 100%; height: 100%; display: flex; flex-direction: column; gap: 4px;
   padding: 2px 4px; font: 11px sans-serif; color: var(--input-text, #ddd); }
+.lg-node .lf-train { min-height: ${HEIGHT}px; contain: inline-size; } /* Nodes 2.0: as wide as the node, never wider */
+.lf-train-fold { flex: 0 0 auto; align-self: flex-start; padding: 1px 6px; font: inherit; color: inherit; cursor: pointer;
+  background: var(--comfy-input-bg, #222); border: 1px solid var(--border-color, #444); border-radius: 4px; }
 .lf-train-stats { flex: 0 0 auto; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 .lf-train-chart { flex: 1 1 120px; width: 100%; min-height: 80px; border-radius: 4px; }
 .lf-train-preview { flex: 0 1 auto; max-width: 100%; max-height: 45%; object-fit: contain; align-self: center; image-rendering: pixelated; }
@@ -209,16 +250,29 @@ const STYLE = `
 app.registerExtension({
   name: "LoraFoundry.TrainView",
   setup() {
-    const style = document.createElement("style");
-    style.textContent = STYLE;
-    document.head.append(style);
+    addStyle("lora-foundry-train-style", STYLE);
     api.addEventListener("lora_foundry.train", ({ detail }) => onEvent(detail));
     api.addEventListener("execution_error", ({ detail }) => markStopped(detail.node_id, "failed"));
     api.addEventListener("execution_interrupted", ({ detail }) => markStopped(detail.node_id, "cancelled"));
   },
   nodeCreated(node) {
     if (node.comfyClass !== TRAIN_NODE) return;
-    new TrainView(node);
+    node.properties ??= {};
+    node.properties[SHOW_ADVANCED] ??= false;
+    new TrainView(node).applyFold(true); // a new node: folded, and only as tall as what it shows
+    const configure = node.onConfigure;
+    node.onConfigure = function (info) {
+      const result = configure?.apply(this, arguments);
+      // From a workflow: its choice and size; one saved before the fold existed gets folded and fitted.
+      viewOf(this)?.applyFold(info?.properties?.[SHOW_ADVANCED] === undefined);
+      return result;
+    };
+    const connections = node.onConnectionsChange;
+    node.onConnectionsChange = function () {
+      const result = connections?.apply(this, arguments);
+      viewOf(this)?.applyFold(false); // a setting linked to another node shows, folded or not
+      return result;
+    };
     const added = node.onAdded;
     node.onAdded = function () {
       const result = added?.apply(this, arguments);
