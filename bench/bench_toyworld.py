@@ -1,6 +1,6 @@
 """The toy world's concept, learned by our example workflow and by ComfyUI's native TrainLoraNode.
 
-Usage: .venv/bin/python bench/bench_toyworld.py [--seed 0]
+Usage: .venv/bin/python bench/bench_toyworld.py [--family sd15|sd3] [--seed 0]
 
 Both train on the same images (the concept, repeated as its kohya folder says, plus the prior
 images) with the example workflow's steps, rank, learning rate and batch size; ours runs as the
@@ -61,10 +61,11 @@ def train_native(checkpoint: Path, concept: Path, prior: Path, settings: dict) -
             if image not in cache:
                 with Image.open(image) as img:
                     cache[image] = vae.encode(to_pixels([img.convert("RGB")]).permute(0, 2, 3, 1))
-            if caption not in cache:
-                cache[caption] = clip.encode_from_tokens(clip.tokenize(caption))
+            if caption not in cache:  # what CLIPTextEncode gives: the pooled output too (SD3 reads it)
+                cache[caption] = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
             latents.append({"samples": cache[image]})
-            positive.append([[cache[caption], {}]])
+            cond, pooled = cache[caption]
+            positive.append([[cond, {"pooled_output": pooled}]])
     start = time.perf_counter()
     with torch.inference_mode(False):
         out = TrainLoraNode.execute(
@@ -80,20 +81,21 @@ def train_native(checkpoint: Path, concept: Path, prior: Path, settings: dict) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=("sd15", "sd3"), default="sd15", help="the toy base (main_job --family)")
     parser.add_argument("--base-dir", type=Path, default=HERE.parent / "out" / "bench_toyworld")
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")  # TrainLoraNode's per-step progress bar would bury the table
 
     from harness.comfy import setup_inprocess
     from harness.server import ComfyServer
-    from main_job import lora_name, run_example
+    from main_job import lora_name, run_example, toy_base
     from safetensors.torch import save_file
     from toyworld import evaluate, world
     from toyworld.judge import train_judge
-    from toyworld.pretrain import cache_dir, pretrain
+    from toyworld.pretrain import cache_dir
 
     setup_inprocess()
-    checkpoint = pretrain(args.seed, log=lambda m: print(m, flush=True))
+    checkpoint = toy_base(args.family, args.seed)
     data = world.concept_dataset(cache_dir() / f"dataset-s{args.seed}", seed=args.seed)
     settings = example_settings()
     judge = train_judge(checkpoint, args.seed)
@@ -113,8 +115,9 @@ def main() -> None:
             scores.pop("files")
             results[name] = {**scores, "seconds": seconds, "passes": evaluate.passes(scores)}
     print(f"toy-world concept LoRA, {settings['steps']} steps, rank {settings['rank']}, lr {settings['learning_rate']}, "
-          f"batch {settings['batch_size']} (ours: the example workflow, alpha = rank, min-SNR 5, prior weight 1, "
-          "one concept image held out for validation; native: TrainLoraNode, alpha 1, x0 loss, every layer)")
+          f"batch {settings['batch_size']}, {args.family} toy base (ours: the example workflow, alpha = rank, the family's "
+          "timestep sampling, min-SNR 5 on eps only, prior weight 1, one concept image held out for validation; "
+          "native: TrainLoraNode, alpha 1, every layer)")
     print(f"{'':8} {'colour':>7} {'shape':>7} {'bg':>7} {'concept':>8} {'base':>6} {'control':>8} {'base ctl':>9} "
           f"{'seconds':>8}")
     for name, r in results.items():
@@ -123,8 +126,8 @@ def main() -> None:
               f"{r['base_concept_match']:6.2f} {r['control_match']:8.2f} {r['base_control_match']:9.2f} "
               f"{r['seconds']:8.0f}")
     print("(seconds: ours includes the workflow's sampling and saving; timings on a shared 2-core machine)")
-    out = HERE.parent / "out" / "bench_toyworld.json"
-    out.write_text(json.dumps({"settings": settings, "results": results}, indent=2))
+    out = HERE.parent / "out" / f"bench_toyworld_{args.family}.json"
+    out.write_text(json.dumps({"family": args.family, "settings": settings, "results": results}, indent=2))
     print(f"written: {out}")
 
 

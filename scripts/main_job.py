@@ -1,9 +1,11 @@
 """The main job: a real ComfyUI server with Lora Foundry, training the example workflow, measured.
 
-Usage: .venv/bin/python scripts/main_job.py [--checkpoint PATH --dataset DIR [--reg DIR]] [--steps N] [--serve]
+Usage: .venv/bin/python scripts/main_job.py [--family sd15|sd3] [--checkpoint PATH --dataset DIR [--reg DIR]]
+                                            [--steps N] [--serve]
 
 Without arguments it uses the embedded default, the toy world: a tiny SD1.5-layout base model that
-our own script pretrains on a CPU (cached in .cache/toyworld/, ~10 minutes the first time), a
+our own script pretrains on a CPU (cached in .cache/toyworld/, ~10 minutes the first time; `--family sd3`:
+a flow-matching MMDiT detected as SD3, ~5 minutes), a
 dataset of a new concept (a yellow plus on teal, captioned with the trigger word "sks") and prior
 images from the toy world. It queues the example workflow, then samples the base and the LoRA on
 the trigger and on control prompts through the server, scores them with the toy world's judge and
@@ -82,6 +84,16 @@ def lora_name(server: ComfyServer, lora: Path) -> str:
     return Path(lora).resolve().relative_to((server.base_dir / "models" / "loras").resolve()).as_posix()
 
 
+TOY_BASES = {"sd15": "toyworld.pretrain", "sd3": "toyworld.flow"}
+
+
+def toy_base(family: str, seed: int = 0) -> Path:
+    """The toy world's base checkpoint of `family`, pretrained now unless cached."""
+    from importlib import import_module
+
+    return import_module(TOY_BASES[family]).pretrain(seed, log=lambda m: print(m, flush=True))
+
+
 def measure(server: ComfyServer, checkpoint: Path, lora: Path, out_dir: Path, seed: int = 0) -> dict:
     """Score the base and the LoRA with the toy world's judge; write the before/after grids and scores."""
     from toyworld import evaluate, world
@@ -128,6 +140,8 @@ def main() -> None:
     parser.add_argument("--reg", type=Path, help="regularisation (prior) images for --dataset")
     parser.add_argument("--steps", type=int, help="training steps (default: the example workflow's)")
     parser.add_argument("--seed", type=int, default=0, help="the toy world's seed")
+    parser.add_argument("--family", choices=tuple(TOY_BASES), default="sd15",
+                        help="the toy world's base: sd15 (UNet, eps) or sd3 (MMDiT, rectified flow)")
     parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     parser.add_argument("--base-dir", type=Path, default=REPO_ROOT / "out" / "comfy")
     parser.add_argument("--serve", action="store_true", help="keep the server running afterwards (Ctrl-C stops)")
@@ -137,9 +151,9 @@ def main() -> None:
     toy = args.checkpoint is None
     if toy:
         from toyworld import world
-        from toyworld.pretrain import cache_dir, pretrain
+        from toyworld.pretrain import cache_dir
 
-        checkpoint = pretrain(args.seed, log=lambda m: print(m, flush=True))
+        checkpoint = toy_base(args.family, args.seed)
         data = world.concept_dataset(cache_dir() / f"dataset-s{args.seed}", seed=args.seed)
         dataset, reg = args.dataset or data["concept"], args.reg or data["prior"]
     else:

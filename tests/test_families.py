@@ -199,6 +199,16 @@ def test_family_gets_the_inputs_comfyui_gives_it(family, dataset_dir, comfy_node
         assert float(got["guidance"].flatten()[0]) == 1.0
 
 
+FLOW_FAMILIES = {"sd3", "flux", "chroma", "qwen_image", "zimage", "wan21"}
+
+
+def test_auto_timestep_sampling_is_the_familys(family, dataset_dir):
+    """The default (auto) draws logit-normal levels for the flow families and uniform ones for eps / v."""
+    trainer = _trainer(family, dataset_dir, steps=1)
+    assert trainer.config.timestep_sampling == "auto"
+    assert trainer.timestep_sampling == ("logit_normal" if family.name in FLOW_FAMILIES else "uniform")
+
+
 def test_family_preview_has_its_latent_shape(family, dataset_dir):
     from lora_foundry.training.evaluation import sample
 

@@ -1,8 +1,9 @@
-"""The toy world: deterministic data, the hand-set VAE, a pretrained base that follows prompts, and the
-example workflow's LoRA learning a new concept without leaking (issue 8's bar).
+"""The toy world: deterministic data, the hand-set VAE, pretrained bases that follow prompts, and the
+example workflow's LoRA learning a new concept without leaking (issue 8's bar), for two families: SD1.5
+(UNet, eps) and SD3 (MMDiT, rectified flow: issue 20).
 
-The base checkpoint and the judge are cached in .cache/toyworld/: the first run pretrains (about 10
-minutes on 2 CPU cores), later runs reuse them.
+The base checkpoints and judges are cached in .cache/toyworld/: the first run pretrains (about 9 minutes
+for SD1.5 and 5 for SD3 on 2 CPU cores), later runs reuse them.
 """
 
 from __future__ import annotations
@@ -68,11 +69,64 @@ def test_vae_is_an_exact_average_pool_with_unit_latents(comfy_root):
     assert float(((decoded.clamp(0, 1) - pixels) ** 2).mean()) < 0.02
 
 
+def test_flow_vae_is_the_same_pool_at_16_channels_with_sd3_scaling(comfy_root):
+    """The flow base's VAE, through the host's VAE class and SD3's latent format: unit latents equal to the fast
+    path the pretraining uses, and the same decoded pixels as the SD1.5 toy's VAE."""
+    import comfy.latent_formats
+    import comfy.sd
+    from toyworld import flow
+
+    pixels = to_pixels(world.images(world.base_scenes(0, 32), 0))
+    raw = vae.raw_latents(pixels)
+    stats = (float(raw.mean()), float(raw.std()))
+    host = comfy.sd.VAE(sd=vae.build(stats, flow.CHANNELS, flow.SD3_SCALE, flow.SD3_SHIFT).state_dict())
+    assert host.latent_channels == 16
+    model_latents = comfy.latent_formats.SD3().process_in(host.encode(pixels.permute(0, 2, 3, 1)).float())
+    torch.testing.assert_close(model_latents, vae.model_latents(pixels, stats, 16), atol=1e-4, rtol=1e-4)
+    assert abs(float(model_latents[:, :4].std()) - 1) < 0.02
+    sd15 = comfy.sd.VAE(sd=vae.build(stats).state_dict())
+    decoded = host.decode(comfy.latent_formats.SD3().process_out(model_latents))
+    torch.testing.assert_close(decoded, sd15.decode(vae.model_latents(pixels, stats) / vae.SD15_SCALE_FACTOR),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_flow_base_checkpoint_is_sd3_to_the_host_and_its_captions_are_the_hosts(comfy_root, tmp_path, monkeypatch):
+    """What the flow pretraining builds and saves is what CheckpointLoaderSimple loads as SD3 (rectified flow,
+    shift 3), and the conditioning it trains on is exactly CLIPTextEncode's for that checkpoint."""
+    import comfy.model_sampling
+    import comfy.sd
+    from harness import fixtures
+    from toyworld import flow
+
+    monkeypatch.setenv("TOYWORLD_CACHE", str(tmp_path))
+    model = flow.build_mmdit(1, seed=3)
+    clip_sd = {k: v.half() for k, v in fixtures.build_clip_l(0).state_dict().items()}
+    vae_sd = vae.build(None, flow.CHANNELS, flow.SD3_SCALE, flow.SD3_SHIFT).state_dict()
+    sd = flow.checkpoint_dict(model.state_dict(), clip_sd, vae_sd)
+    captions = [world.caption(*world.PROMPTS[0]), ""]
+    encoded = flow.encode_captions(sd, captions, seed=0)
+    path = tmp_path / "flow.safetensors"
+    fixtures._save_atomic(sd, path)
+    patcher, clip, host_vae, _ = comfy.sd.load_checkpoint_guess_config(
+        str(path), output_vae=True, output_clip=True, te_model_options={"dtype": torch.float32})
+    assert type(patcher.model.model_config).__name__ == "SD3"
+    sampling = patcher.get_model_object("model_sampling")
+    assert isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteFlow) and sampling.shift == 3.0
+    assert host_vae.latent_channels == 16
+    for caption in captions:
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+        torch.testing.assert_close(encoded[caption][0], cond[0].float())
+        torch.testing.assert_close(encoded[caption][1], pooled[0].float())
+
+
 # --- the pretrained base, through a real server -------------------------------------------
 
-@pytest.fixture(scope="module")
-def toy_checkpoint(comfy_root):
-    return pretrain(0)
+@pytest.fixture(scope="module", params=["sd15", "sd3"])
+def toy_checkpoint(request, comfy_root):
+    """The toy base of each family: SD1.5's UNet (eps) and SD3's MMDiT (rectified flow)."""
+    from toyworld import flow
+
+    return pretrain(0) if request.param == "sd15" else flow.pretrain(0)
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +156,12 @@ def _record(name: str, data: dict) -> None:
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_the_base_follows_colour_and_shape_prompts(base_scores):
+def test_the_base_follows_colour_shape_and_background_prompts(base_scores, toy_checkpoint):
     scores = {k: v for k, v in base_scores.items() if k != "files"}
-    _record("base", scores)
+    _record(f"base-{toy_checkpoint.stem}", scores)
     assert scores["colour"] >= 0.95, scores
     assert scores["shape"] >= 0.8, scores
+    assert scores["background"] >= 0.95, scores
 
 
 @pytest.mark.server
@@ -120,7 +175,7 @@ def test_the_example_workflow_teaches_the_concept_without_leaking(toy_server, to
     scores = evaluate.evaluate_lora(toy_server, toy_checkpoint.name, lora_name(toy_server, result["lora"]), judge,
                                     base=base_scores)
     scores.pop("files")
-    _record("lora", {**scores, "summary": result["summary"]})
+    _record(f"lora-{toy_checkpoint.stem}", {**scores, "summary": result["summary"]})
     checks = evaluate.passes(scores)
     assert checks["concept"], scores
     assert checks["base_never"], scores

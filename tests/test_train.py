@@ -72,6 +72,12 @@ def test_noise_levels_respect_range_and_sampling(training):
     assert all(0.2 < u <= 0.6 for u in levels)
     with pytest.raises(ValueError, match="timestep_sampling"):
         objective.sample_noise_levels(1, rng, "cosine")
+    # auto: the family's distribution, decided by the model's prediction before any level is drawn
+    assert objective.family_sampling("auto", "flow") == "logit_normal"
+    assert objective.family_sampling("auto", "eps") == objective.family_sampling("auto", "v") == "uniform"
+    assert objective.family_sampling("uniform", "flow") == "uniform"
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        objective.sample_noise_levels(1, rng, "auto")
 
 
 def _train(pack, loaded_checkpoint, concept_dataset, tmp_path, **overrides):

@@ -61,8 +61,9 @@ class TrainConfig:
                                    max=100.0, step=0.5, kohya="min_snr_gamma", ss=("ss_min_snr_gamma",))
     noise_offset: float = setting(0.0, "Per-channel noise offset.", min=0.0, max=1.0, step=0.01,
                                   kohya="noise_offset", ss=("ss_noise_offset",))
-    timestep_sampling: str = setting("uniform", "How noise levels are drawn.", choices=TIMESTEP_SAMPLING,
-                                     kohya="timestep_sampling")
+    timestep_sampling: str = setting("auto", "How noise levels are drawn: uniform, logit_normal, or auto = the "
+                                     "family's (logit_normal for flow models, uniform for eps / v).",
+                                     choices=TIMESTEP_SAMPLING, kohya="timestep_sampling")
     timestep_shift: str = setting("model", "Flow models (SD3, Flux, Qwen, Wan, ...): model = the model's own "
                                   "shift, as it samples; none; fixed = the shift below; resolution = kohya's "
                                   "flux_shift.", choices=TIMESTEP_SHIFTS)

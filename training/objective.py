@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 LOSSES = ("mse", "l1", "huber")
-TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "auto")
 # How noise levels become flow-matching sigmas: the model's own schedule (its shift, as it samples),
 # none (sigma = level), a fixed shift, or kohya's resolution-dependent `flux_shift`.
 TIMESTEP_SHIFTS = ("model", "none", "fixed", "resolution")
@@ -59,10 +59,18 @@ def min_snr_weight(kind: str, sigma: torch.Tensor, gamma: float, sigma_data: flo
     return torch.clamp(s, max=gamma) / (s + 1 if kind == "v" else s)
 
 
+def family_sampling(sampling: str, kind: str) -> str:
+    """`auto`: logit-normal for flow models (SD3's training distribution, kohya's and ai-toolkit's flow default),
+    uniform for eps / v models; any other value as it is."""
+    if sampling != "auto":
+        return sampling
+    return "logit_normal" if kind == "flow" else "uniform"
+
+
 def sample_noise_levels(count: int, rng: random.Random, sampling: str = "uniform", low: float = 0.0,
                         high: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0) -> list[float]:
     """Noise levels u in (low, high] (0 = clean, 1 = pure noise): uniform or logit-normal."""
-    if sampling not in TIMESTEP_SAMPLING:
+    if sampling not in TIMESTEP_SAMPLING or sampling == "auto":
         raise ValueError(f"timestep_sampling: {sampling!r} is not one of {', '.join(TIMESTEP_SAMPLING)}")
     out = []
     for _ in range(count):

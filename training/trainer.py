@@ -56,6 +56,7 @@ class Trainer:
         if network.config is not None and network.config.network_dropout and config.attach != "bypass":
             raise ValueError("network_dropout: drops adapter activations, which only attach = bypass computes")
         self.kind = objective.prediction(model.get_model_object("model_sampling"))
+        self.timestep_sampling = objective.family_sampling(config.timestep_sampling, self.kind)
         for option, unused in (("timestep_shift", config.timestep_shift != "model" and self.kind != "flow"),
                                ("min_snr_gamma", config.min_snr_gamma and self.kind == "flow")):
             if unused:
@@ -229,7 +230,7 @@ class Trainer:
         flips = [cfg.flip and rng.random() < 0.5 for _ in batch]
         x0 = torch.stack([self.latents.get(i, flip) for i, flip in zip(batch, flips, strict=True)]).to(device)
         captions = [process_caption(item.caption, self.caption_options(item), rng) for item in items]
-        levels = objective.sample_noise_levels(len(batch), rng, cfg.timestep_sampling,
+        levels = objective.sample_noise_levels(len(batch), rng, self.timestep_sampling,
                                                cfg.min_timestep / 1000, cfg.max_timestep / 1000)
         noise = torch.randn(x0.shape, generator=gen)
         if cfg.noise_offset:

@@ -46,21 +46,26 @@ def _scenes(seed: int, count: int) -> list[world.Scene]:
 
 
 def vae_decoded(vae, pixels: torch.Tensor, stats: tuple[float, float], latent_noise: float, seed: int,
-                batch: int = 64) -> torch.Tensor:
+                latent_format=None, batch: int = 64) -> torch.Tensor:
     """Pixels [B, 3, H, W] as the host VAE decodes their latents, with noise added in the model's latent scale.
 
     The toy VAE's encoder is an exact average pool (toyworld.vae.model_latents computes it, and a test checks
-    they agree), so only the decoder, the part every sample goes through, runs here.
+    they agree), so only the decoder, the part every sample goes through, runs here. `latent_format` is the
+    host's for the checkpoint's family (default SD1.5's).
     """
-    from .vae import SD15_SCALE_FACTOR, model_latents
+    import comfy.latent_formats
 
+    from .vae import model_latents
+
+    latent_format = latent_format or comfy.latent_formats.SD15()
     gen = torch.Generator().manual_seed(seed)
     out = []
     with torch.no_grad():
         for start in range(0, len(pixels), batch):
-            latent = model_latents(pixels[start:start + batch], stats)
+            latent = model_latents(pixels[start:start + batch], stats, latent_format.latent_channels)
             latent = latent + torch.randn(latent.shape, generator=gen) * latent_noise
-            out.append(vae.decode(latent / SD15_SCALE_FACTOR).clamp(0, 1).permute(0, 3, 1, 2).float())
+            raw = latent_format.process_out(latent)
+            out.append(vae.decode(raw).clamp(0, 1).permute(0, 3, 1, 2).float())
     return torch.cat(out)
 
 
@@ -88,8 +93,8 @@ def judge_path(checkpoint: Path, seed: int) -> Path:
     return checkpoint.with_name(f"judge-v{VERSION}-s{seed}-{checkpoint.stem}.safetensors")
 
 
-def stored_latent_stats(checkpoint: Path) -> tuple[float, float]:
-    """The raw-latent mean and std the toy base was built with (in its metadata)."""
+def toyworld_info(checkpoint: Path) -> dict:
+    """What the toy base was built with (its metadata): latent stats, family, config."""
     import json
 
     from safetensors import safe_open
@@ -98,7 +103,19 @@ def stored_latent_stats(checkpoint: Path) -> tuple[float, float]:
         meta = f.metadata() or {}
     if "toyworld" not in meta:
         raise ValueError(f"{checkpoint} is not a toy-world checkpoint (no toyworld metadata)")
-    return tuple(json.loads(meta["toyworld"])["latent_stats"])
+    return json.loads(meta["toyworld"])
+
+
+def stored_latent_stats(checkpoint: Path) -> tuple[float, float]:
+    """The raw-latent mean and std the toy base was built with."""
+    return tuple(toyworld_info(checkpoint)["latent_stats"])
+
+
+def latent_format_of(checkpoint: Path):
+    """The host's latent format for the toy base's family."""
+    import comfy.latent_formats
+
+    return comfy.latent_formats.SD3() if toyworld_info(checkpoint).get("family") == "sd3" else comfy.latent_formats.SD15()
 
 
 def train_judge(checkpoint: Path, seed: int = 0, steps: int = 400, count: int = 1024, decoded: int = 768,
@@ -130,7 +147,7 @@ def train_judge(checkpoint: Path, seed: int = 0, steps: int = 400, count: int = 
     stats = stored_latent_stats(checkpoint)
     scenes = _scenes(seed, count + decoded + held_out)
     clean = to_pixels(world.images(scenes, seed))
-    through_vae = vae_decoded(vae, clean[count:], stats, 0.15, seed)
+    through_vae = vae_decoded(vae, clean[count:], stats, 0.15, seed, latent_format_of(checkpoint))
     train_x = torch.cat([clean[:count], through_vae[:decoded]])
     train_y = {k: v[:count + decoded] for k, v in _labels(scenes).items()}
     log(f"  judge: {len(train_x)} training images ready ({time.monotonic() - started:.0f}s)")

@@ -116,36 +116,32 @@ def _lr(step: int, cfg: PretrainConfig) -> float:
     return cfg.learning_rate * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_unet(unet, latents, cond_index, conds, cfg: PretrainConfig, seed: int, log=print):
-    """The eps-objective loop; returns (EMA weights, losses)."""
+def training_images(seed: int, count: int, stats: tuple[float, float], captions: list[str], channels: int = 4):
+    """The base's training images as model latents, and the index of each one's caption in `captions`."""
     import torch
 
-    ac = noise_schedule()
+    scenes = world.base_scenes(seed, count)
+    lookup = {c: i for i, c in enumerate(captions)}
+    latents = vae.model_latents(to_pixels(world.images(scenes, seed)), stats, channels)
+    return latents, torch.tensor([lookup[s.caption] for s in scenes])
+
+
+def optimise(params: list, batch_loss, cfg, seed: int, log=print) -> list[float]:
+    """AdamW with warm-up and cosine decay, gradient clipping and an EMA of the weights, which end up in `params`.
+
+    `batch_loss(gen, rng)` draws one batch from the two generators and returns its loss; returns the losses.
+    """
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    params = [p for p in unet.parameters()]
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.01, fused=True)
-    empty = len(conds) - 1  # the last conditioning is the empty prompt
     losses, start = [], time.monotonic()
-    unet.train()
-    unet.to(memory_format=torch.channels_last)  # oneDNN's convolutions run faster so on a CPU
     for step in range(1, cfg.steps + 1):
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg)
-        idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
-        x0 = latents[idx]
-        ci = [empty if rng.random() < cfg.caption_dropout else int(cond_index[i]) for i in idx]
-        context = conds[ci]
-        t = torch.randint(0, 1000, (cfg.batch_size,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        a = ac[t].view(-1, 1, 1, 1)
-        xt = (a.sqrt() * x0 + (1 - a).sqrt() * noise).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            eps = unet(xt, t.float(), context)
-        snr = ac[t] / (1 - ac[t])
-        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
-        loss = (((eps.float() - noise) ** 2).mean((1, 2, 3)) * weight).mean()
+        loss = batch_loss(gen, rng)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -161,6 +157,33 @@ def train_unet(unet, latents, cond_index, conds, cfg: PretrainConfig, seed: int,
     with torch.no_grad():
         for p, e in zip(params, ema, strict=True):
             p.copy_(e)
+    return losses
+
+
+def train_unet(unet, latents, cond_index, conds, cfg: PretrainConfig, seed: int, log=print):
+    """The eps-objective loop; leaves the EMA weights in `unet`, returns the losses."""
+    import torch
+
+    ac = noise_schedule()
+    empty = len(conds) - 1  # the last conditioning is the empty prompt
+
+    def batch_loss(gen, rng):
+        idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
+        x0 = latents[idx]
+        ci = [empty if rng.random() < cfg.caption_dropout else int(cond_index[i]) for i in idx]
+        t = torch.randint(0, 1000, (cfg.batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = ac[t].view(-1, 1, 1, 1)
+        xt = (a.sqrt() * x0 + (1 - a).sqrt() * noise).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            eps = unet(xt, t.float(), conds[ci])
+        snr = ac[t] / (1 - ac[t])
+        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+        return (((eps.float() - noise) ** 2).mean((1, 2, 3)) * weight).mean()
+
+    unet.train()
+    unet.to(memory_format=torch.channels_last)  # oneDNN's convolutions run faster so on a CPU
+    losses = optimise(list(unet.parameters()), batch_loss, cfg, seed, log)
     unet.to(memory_format=torch.contiguous_format)
     return losses
 
@@ -184,11 +207,8 @@ def pretrain(seed: int = 0, config: PretrainConfig = DEFAULT, force: bool = Fals
     conds = encode_captions(clip_sd, unet.state_dict(), vae_sd, captions + [""], seed, log)
     cond_table = torch.stack([conds[c] for c in captions + [""]])
     log(f"  {len(captions)} captions encoded ({time.monotonic() - started:.0f}s)")
-    scenes = world.base_scenes(seed, config.pool)
-    latents = vae.model_latents(to_pixels(world.images(scenes, seed)), stats)
-    lookup = {c: i for i, c in enumerate(captions)}
-    cond_index = torch.tensor([lookup[s.caption] for s in scenes])
-    log(f"  {len(scenes)} images encoded ({time.monotonic() - started:.0f}s)")
+    latents, cond_index = training_images(seed, config.pool, stats, captions)
+    log(f"  {len(latents)} images encoded ({time.monotonic() - started:.0f}s)")
     losses = train_unet(unet, latents, cond_index, cond_table, config, seed, log)
     unet_sd = {k: v.to(torch.float16) for k, v in unet.state_dict().items()}
     info = {"version": VERSION, "seed": seed, "config": asdict(config), "latent_stats": stats,

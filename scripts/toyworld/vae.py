@@ -42,11 +42,16 @@ def _pool2_(conv: torch.nn.Conv2d) -> None:
             conv.weight[c, c, 1:, 1:] = 0.25
 
 
-def build(latent_stats: tuple[float, float] | None = None):
-    """The host's TAESD module with hand-set weights; `latent_stats` = (mean, std) of the raw latents."""
+def build(latent_stats: tuple[float, float] | None = None, channels: int = 4, scale_factor: float = SD15_SCALE_FACTOR,
+          shift_factor: float = 0.0):
+    """The host's TAESD module with hand-set weights; `latent_stats` = (mean, std) of the raw latents.
+
+    With 16 `channels` (the SD3 / Flux latent width, taesd3's shape) channels 4-15 stay zero; `scale_factor` and
+    `shift_factor` are the latent format's, so the model sees unit-variance latents after process_latent_in.
+    """
     import comfy.taesd.taesd as taesd_module
 
-    vae = taesd_module.TAESD()
+    vae = taesd_module.TAESD(latent_channels=channels)
     _zero_(vae)
     enc, dec = vae.taesd_encoder, vae.taesd_decoder
     # Encoder: conv(3, 64), Block, [stride-2 conv, 3 Blocks] x 3, conv(64, 4). Zeroed Blocks are ReLU,
@@ -63,20 +68,21 @@ def build(latent_stats: tuple[float, float] | None = None):
     for index in (7, 12, 17):
         _center_(dec[index], {c: {c: 1.0} for c in range(3)})
     _center_(dec[19], {c: {c: 1.0} for c in range(3)})
-    mean, std = latent_stats or (0.0, 1.0 / SD15_SCALE_FACTOR)
+    mean, std = latent_stats or (0.0, 1.0 / scale_factor)
     with torch.no_grad():
-        vae.vae_scale.fill_(SD15_SCALE_FACTOR * std)
-        vae.vae_shift.fill_(-mean / (SD15_SCALE_FACTOR * std))
+        vae.vae_scale.fill_(scale_factor * std)
+        vae.vae_shift.fill_(shift_factor - mean / (scale_factor * std))
     return vae
 
 
-def raw_latents(pixels: torch.Tensor) -> torch.Tensor:
-    """What the encoder computes, fast: pixels [B, 3, H, W] in [0, 1] -> [B, 4, H/8, W/8]."""
+def raw_latents(pixels: torch.Tensor, channels: int = 4) -> torch.Tensor:
+    """What the encoder computes, fast: pixels [B, 3, H, W] in [0, 1] -> [B, channels, H/8, W/8]."""
     rgb = F.avg_pool2d(pixels, 8) - 0.5
-    return torch.cat([rgb, rgb.mean(1, keepdim=True)], dim=1)
+    latents = torch.cat([rgb, rgb.mean(1, keepdim=True)], dim=1)
+    return F.pad(latents, (0, 0, 0, 0, 0, channels - 4))
 
 
-def model_latents(pixels: torch.Tensor, stats: tuple[float, float]) -> torch.Tensor:
-    """The latents the diffusion model sees (after the host's process_latent_in)."""
+def model_latents(pixels: torch.Tensor, stats: tuple[float, float], channels: int = 4) -> torch.Tensor:
+    """The latents the diffusion model sees (after the host's process_latent_in); `stats` of the 4 live channels."""
     mean, std = stats
-    return (raw_latents(pixels) - mean) / std
+    return (raw_latents(pixels, channels) - mean) / std
