@@ -23,20 +23,19 @@ def setting_inputs(names: list[str], classes: tuple, others: dict[str, io.Input]
     for cls in classes:
         for name, entry in declared(cls).items():
             found.setdefault(name, entry)
-    inputs = [setting_input(name, *found[name], optional=optional) if name in found else others[name]
-              for name in names]
+    inputs = [setting_input(name, *found[name]) if name in found else others[name] for name in names]
     for i in inputs:
         i.optional = optional
     return inputs
 
 
-def setting_input(name: str, f, spec, optional: bool = False) -> io.Input:
+def setting_input(name: str, f, spec) -> io.Input:
     """The widget of one declared setting."""
     kind = f.type.split("|")[0].strip()
     default = default_of(f)
     if default is None and spec.zero_is_none:
         default = 0 if kind == "int" else 0.0
-    common = {"optional": optional, "tooltip": spec.help}
+    common = {"tooltip": spec.help}
     if spec.choices:
         return io.Combo.Input(name, options=list(spec.choices), default=default, **common)
     if kind == "bool":

@@ -41,8 +41,6 @@ def node_inputs() -> dict[str, io.Input]:
     }
 
 
-
-
 def pil_to_image(img) -> torch.Tensor:
     """A Pillow image as a ComfyUI IMAGE batch [1, H, W, 3] in [0, 1]."""
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]

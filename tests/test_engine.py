@@ -136,6 +136,13 @@ def comfy_load(comfy_nodes, loras_dir, caplog):
 
 # --- 1. training attach == apply_lora == ComfyUI's LoraLoader ---------------------------------
 
+def test_every_algorithm_the_node_offers_is_in_these_tests(pack):
+    """A new algorithm (ALGORITHMS in lora_core/adapters) fails here until the tests below take it."""
+    from lora_foundry.lora_core.network import ALGORITHM_CHOICES
+
+    assert sorted(ALGORITHM_CHOICES) == sorted(ALGORITHMS)
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["plain", "dora"])
 @pytest.mark.parametrize("layers", list(LAYER_SETS))
 @pytest.mark.parametrize("algorithm", ALGORITHMS)

@@ -178,6 +178,24 @@ def test_execution_error_names_the_node(server):
 
 
 @pytest.mark.server
+def test_a_combo_value_that_is_not_an_option_is_refused_naming_the_input(server):
+    """This host does not check V3 combos: our nodes do, before anything runs."""
+    resize = {"lora_name": "None", "rank": 4, "dynamic": "sv_bogus", "dynamic_param": 0.9}
+    save = {"lora": ["1", 0], "filename_prefix": "never_written", "precision": "fp16", "folder": "loras",
+            "overwrite": False}
+    bad = {"1": {"class_type": "LoraFoundryResizeLoRA", "inputs": resize},
+           "2": {"class_type": "LoraFoundrySaveLoRA", "inputs": save}}
+    with pytest.raises(WorkflowError) as err:
+        server.queue(bad)
+    assert err.value.node_id == "1" and "dynamic: 'sv_bogus' is not one of off, sv_ratio" in str(err.value)
+    bad["2"]["inputs"]["precision"] = "fp8"
+    bad["1"]["inputs"]["dynamic"] = "off"
+    with pytest.raises(WorkflowError) as err:
+        server.queue(bad)
+    assert err.value.node_id == "2" and "precision: 'fp8' is not one of fp16, bf16, fp32" in str(err.value)
+
+
+@pytest.mark.server
 def test_separate_model_files_load_through_the_server(server, tiny_parts):
     prompt = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": tiny_parts["unet"].name, "weight_dtype": "default"}},
