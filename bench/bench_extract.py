@@ -206,9 +206,9 @@ def main() -> None:
     base = make_patcher(config, seed=0)
     tuned = make_patcher(config, seed=0)
     layers = network_module._unet_layers(base, network_module.NetworkConfig(preset=args.preset))
-    plant(tuned, [key for _, key, _, _ in layers], seed=1)
+    plant(tuned, [key for _, key, _ in layers], seed=1)
     params = sum(p.numel() for p in base.model.diffusion_model.parameters())
-    shapes = sorted({tuple(m.weight.shape) for _, _, m, _ in layers})
+    shapes = sorted({tuple(m.weight.shape) for _, _, m in layers})
     print(f"SDXL-shaped UNet, 1280-level depth {args.depth} (SDXL: 10): {params / 1e6:.0f} M parameters, fp16; "
           f"preset {args.preset}: {len(layers)} layers, {len(shapes)} shapes "
           f"({', '.join('x'.join(map(str, s)) for s in shapes[:6])}{', ...' if len(shapes) > 6 else ''}); "

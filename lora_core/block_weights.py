@@ -199,6 +199,18 @@ def parse_block_weights(value, layout: Layout) -> BlockWeights | None:
     return BlockWeights(layout, layout.expand(numbers))
 
 
+def block_values(value: str, layout: Layout | DiTLayout) -> dict[str, float]:
+    """Per-block values (ranks, learning-rate multipliers) by block id, written as block weights are (a preset, the
+    short or the long vector) or as kohya's block_dims / block_lr (every block, without BASE); {} for ""."""
+    text = str(value).strip()
+    if text and len(text.strip("[]").split(",")) == len(layout.all_ids) - 1:
+        weights = parse_block_weights("0," + text.strip("[]"), layout).weights
+        del weights["BASE"]
+        return weights
+    parsed = parse_block_weights(text, layout)
+    return dict(parsed.weights) if parsed is not None else {}
+
+
 def layout_of(model) -> Layout | DiTLayout:
     """The block layout of a ComfyUI MODEL: A1111's for SD1.x/2.x and SDXL UNets, else its block lists."""
     import comfy.supported_models as sm

@@ -83,7 +83,7 @@ def extract_lora(model_base, model_tuned, clip_base=None, clip_tuned=None, rule:
     keys: dict[str, str] = {}
     done = 0
     for layers, base, tuned in sources:
-        for name, key, module, _ in layers:
+        for name, key, module in layers:
             layer_rule = conv_rule if conv_rule is not None and layer_kind(module) == "conv" else rule
             result = _extract_layer(name, key, base, tuned, layer_rule, clamp_quantile, min_diff, options,
                                     options.seed + done, device)

@@ -11,9 +11,10 @@ from torch import nn
 from . import kohya_keys
 from .adapters import ALGORITHMS, Adapter, adapter_from_factors
 from .apply import lora_key_map
+from .block_weights import block_of, block_values, layout_of
 from .files import read_safetensors, split_modules
 from .settings import check_choices, setting
-from .targets import PRESETS, block_group, find_layers, layer_kind, text_encoders
+from .targets import PRESETS, find_layers, layer_kind, text_encoders
 
 # The algorithm input's values, in the order saved workflows know them: the algorithms, and "locon", kept for
 # saved workflows as a name for LoRA on the locon preset (NetworkConfig reads it as that).
@@ -38,9 +39,11 @@ class NetworkConfig:
                           choices=PRESETS)
     include: list[str] = setting([], "Extra module globs, e.g. *.proj_out.")
     exclude: list[str] = setting([], "Module globs left out.")
-    block_ranks: dict[str, int] = setting({}, "Rank by block group (input, middle, output, ...).",
-                                          kohya="block_dims")
-    block_alphas: dict[str, float] = setting({}, "Alpha by block group.", kohya="block_alphas")
+    block_ranks: str = setting("", "Rank per block, in block-weight notation (as Apply LoRA's block_weights: the "
+                               "short or long vector, BASE = text encoders) or kohya's block_dims (every block); "
+                               "0 = no adapter there. Empty = rank everywhere.", kohya="block_dims")
+    block_alphas: str = setting("", "Alpha per block, in the notation of block_ranks. Empty = alpha everywhere.",
+                                kohya="block_alphas")
     text_encoder: bool = setting(False, "Also train the CLIP text encoders (T5 / LLM encoders stay frozen).",
                                  input="train_text_encoder")
     dora: bool = setting(False, "DoRA: weight-decomposed adapters (a learned magnitude per input column).",
@@ -66,6 +69,9 @@ class NetworkConfig:
                 self.preset = "locon"
         if self.rank < 1:
             raise ValueError(f"rank: must be at least 1, got {self.rank}")
+        for name in ("block_ranks", "block_alphas"):  # files of earlier versions hold {} there
+            if getattr(self, name) == {}:
+                setattr(self, name, "")
         ALGORITHMS[self.algorithm].options_from(self)  # refuses settings the algorithm cannot honour
 
     def to_json(self) -> str:
@@ -76,15 +82,22 @@ class NetworkConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in json.loads(text).items() if k in known})
 
-    def rank_alpha(self, kind: str, block: str) -> tuple[int, float]:
+    def rank_alpha(self, kind: str) -> tuple[int, float]:
         if kind == "conv":
             rank = self.conv_rank or self.rank
             alpha = self.conv_alpha if self.conv_alpha is not None else (self.alpha if self.conv_rank is None else rank)
-        else:
-            rank, alpha = self.rank, self.alpha
-        rank = self.block_ranks.get(block, rank)
-        alpha = self.block_alphas.get(block, alpha if block not in self.block_ranks else rank)
-        return rank, alpha
+            return rank, alpha
+        return self.rank, self.alpha
+
+    def block_ranks_alphas(self, model) -> tuple[dict[str, float], dict[str, float], object]:
+        """block_ranks and block_alphas by block id of `model`'s layout, and the layout (None when both are unset)."""
+        if not (self.block_ranks or self.block_alphas) or model is None:
+            return {}, {}, None
+        layout = layout_of(model)
+        try:
+            return block_values(self.block_ranks, layout), block_values(self.block_alphas, layout), layout
+        except ValueError as error:
+            raise ValueError(f"block_ranks / block_alphas: {error}") from None
 
 
 ATTACH_MODES = ("bypass", "weights")
@@ -107,7 +120,7 @@ def _unet_layers(model, config: NetworkConfig):
     base = model.model
     layers = find_layers(base.diffusion_model, config.preset, config.include, config.exclude)
     names = kohya_keys.unet_names(base.model_config, [p for p, _ in layers])
-    return [(names[p], f"diffusion_model.{p}.weight", m, block_group(p)) for p, m in layers]
+    return [(names[p], f"diffusion_model.{p}.weight", m) for p, m in layers]
 
 
 def _text_encoder_layers(clip, config: NetworkConfig):
@@ -121,7 +134,7 @@ def _text_encoder_layers(clip, config: NetworkConfig):
             continue
         for path, module in find_layers(encoder, preset, config.include, config.exclude):
             full = f"{enc_name}.{path}" if enc_name else path
-            out.append((kohya_keys.text_encoder_name(prefixes[enc_name], full), f"{full}.weight", module, "te"))
+            out.append((kohya_keys.text_encoder_name(prefixes[enc_name], full), f"{full}.weight", module))
     return out
 
 
@@ -136,7 +149,7 @@ def _host_layers(model, clip) -> dict[str, tuple[str, tuple[int, ...]]]:
     everything = NetworkConfig(preset="all", text_encoder=True)
     layers = _unet_layers(model, everything) if model is not None else []
     layers += _text_encoder_layers(clip, everything) if clip is not None else []
-    return {key: (name, tuple(module.weight.shape)) for name, key, module, _ in layers}
+    return {key: (name, tuple(module.weight.shape)) for name, key, module in layers}
 
 
 def _read_adapter(parts: dict[str, torch.Tensor], shape: tuple[int, ...] | None) -> Adapter:
@@ -179,8 +192,14 @@ class LoraNetwork(nn.Module):
         adapter_cls = ALGORITHMS[config.algorithm]
         torch.manual_seed(config.seed)
         adapters, keys = {}, {}
-        for i, (name, key, module, block) in enumerate(layers):
-            rank, alpha = config.rank_alpha(layer_kind(module), block)
+        block_ranks, block_alphas, layout = config.block_ranks_alphas(model)
+        for i, (name, key, module) in enumerate(layers):
+            rank, alpha = config.rank_alpha(layer_kind(module))
+            if layout is not None:
+                block = block_of(key, layout)
+                rank, alpha = int(block_ranks.get(block, rank)), block_alphas.get(block, alpha)
+            if rank == 0:
+                continue  # block_ranks 0: kohya's block_dims leaves that block without a module
             weight = module.weight.detach()
             adapter = adapter_cls.create(weight, rank, alpha, **adapter_cls.options_from(config, i))
             if config.dora:

@@ -87,17 +87,6 @@ def text_encoders(cond_stage_model: nn.Module) -> dict[str, nn.Module]:
     return found or {"": cond_stage_model}
 
 
-def block_group(path: str) -> str:
-    """Coarse block group of a UNet / DiT module path, for per-block rank and alpha overrides."""
-    head = path.split(".")[0]
-    return {
-        "input_blocks": "input", "middle_block": "middle", "output_blocks": "output",
-        "double_blocks": "double", "single_blocks": "single", "joint_blocks": "joint",
-        "transformer_blocks": "transformer", "blocks": "transformer", "layers": "transformer",
-        "noise_refiner": "refiner", "context_refiner": "refiner",
-    }.get(head, "other")
-
-
 def block_lists(diffusion_model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """The model's own lists of blocks (Flux double_blocks / single_blocks, Wan blocks, UNet input_blocks...)."""
     return [(name, child) for name, child in diffusion_model.named_children()

@@ -23,6 +23,7 @@ from ..training.captioner import (
 from ..training.dataset import load_dataset
 from .dataset import resolve_folder
 from .inputs import CATEGORY, LoraDataset, Node
+from .shown_captions import CAPTION_EDITS
 
 MODELS_FOLDER = "captioners"
 NO_MODEL = "none"
@@ -110,7 +111,7 @@ class CaptionImages(Node):
                         "models/captioners, edit the captions (trigger word, prefix/suffix, find/replace, blacklist, "
                         "de-duplication, max tags) and write .txt sidecars. Existing caption files are only replaced "
                         "with write_files = overwrite existing. Outputs the dataset with the new captions for Train "
-                        "LoRA.",
+                        "LoRA. The captions of the shown images can be edited and saved on the node.",
             inputs=caption_inputs(),
             outputs=[LoraDataset.Output(display_name="dataset"), io.String.Output(display_name="captions"),
                      io.Image.Output(display_name="preview"), io.String.Output(display_name="tag_stats")],
@@ -147,10 +148,15 @@ class CaptionImages(Node):
             if captioner is not None:
                 captioner.close()
                 mm.soft_empty_cache()
-        return cls.outputs(dataset, run, preview_count)
+        return cls.outputs(dataset, run, preview_count, extension)
+
+    @classmethod
+    def fingerprint_inputs(cls, **inputs) -> int:
+        """Caption files saved from a node since the server started: after one, the next run reads them again."""
+        return CAPTION_EDITS.generation
 
     @staticmethod
-    def outputs(dataset, run, preview_count: int) -> io.NodeOutput:
+    def outputs(dataset, run, preview_count: int, extension: str = ".txt") -> io.NodeOutput:
         stats = run.summary()
         if dataset.report.skipped:
             stats += f"\nSkipped when the dataset was loaded ({len(dataset.report.skipped)}):\n" + "\n".join(
@@ -158,7 +164,10 @@ class CaptionImages(Node):
         shown = [(r.image, r.caption) for r in run.results[:preview_count]]
         tiles = preview_tiles(shown, open_image) or [caption_tile(None, "", placeholder="no preview")]
         listing = run.listing(dataset.root)
-        ui = {"images": save_temp_previews(tiles) if shown else [], "text": [stats, listing]}
+        token, names = CAPTION_EDITS.register(dataset.root, extension, [image for image, _ in shown])
+        ui = {"images": save_temp_previews(tiles) if shown else [], "text": [stats, listing],
+              "captions": [{"token": token, "image": names[image], "caption": caption}
+                           for image, caption in shown if image in names]}
         return io.NodeOutput(with_captions(dataset, run.captions()), listing, images_tensor(tiles), stats, ui=ui)
 
     @staticmethod

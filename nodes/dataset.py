@@ -13,7 +13,7 @@ from .inputs import CATEGORY, LoraDataset, Node, setting_inputs
 
 REQUIRED_WIDGETS = ["folder", "resolution", "min_side", "max_side", "bucket_step", "no_upscale", "caption_extension",
                     "validation_split", "seed"]
-OPTIONAL_WIDGETS = ["reg_folder", "prior_loss_weight"]
+OPTIONAL_WIDGETS = ["reg_folder", "prior_loss_weight", "mask_folder", "alpha_mask", "reg_empty_prompt"]
 
 
 def resolve_folder(folder: str) -> Path:

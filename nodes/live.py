@@ -48,7 +48,7 @@ class TrainingLog:
                 self._previews[node] = png
                 run["preview"] += 1
             run["last"] = {k: v for k, v in info.items() if k != "preview"}
-            run["done"] = info["step"] >= run["total"]
+            run["done"] = info["step"] >= run["total"] or bool(info.get("stopped_early"))
             return {**run["last"], "preview": run["preview"]}
 
     def state(self, node: str) -> dict | None:

@@ -6,14 +6,16 @@ import json
 
 from comfy_api.latest import io
 
+from ..lora_core.ema import average_files, power_ema_weights, run_checkpoints
 from ..lora_core.files import numbered_path, read_safetensors
 from ..lora_core.merge import merge_concat, merge_exact, merge_into_model, save_checkpoint
+from ..lora_core.network import LoraNetwork
 from ..lora_core.svd import SvdOptions
 from .host import comfy_progress, device
 from .inputs import CATEGORY, Lora, Node, rank_inputs, rank_rule
 from .loras import NONE, lora_choices, lora_file, read_lora
 
-MODES = ("exact", "concat", "into model")
+MODES = ("exact", "concat", "into model", "post-hoc ema")
 SLOTS = 4
 
 
@@ -36,7 +38,8 @@ class MergeLoRA(Node):
                         "to a rank (any LoRA/LoCon/LoHa/LoKr mix; the report gives the energy kept). concat: "
                         "LoRA/LoCon only, ranks side by side, exact at rank = sum of ranks. into model: patch "
                         "MODEL/CLIP like chained LoRA loaders and optionally save a checkpoint (the lora output is "
-                        "then empty).",
+                        "then empty). post-hoc ema: lora_1's run checkpoints (save_every) averaged as a power-function "
+                "EMA at lora_1's step.",
             inputs=[
                 io.Combo.Input("mode", options=list(MODES), default="exact"),
                 *rank_inputs(32, "exact: the merged rank (the maximum with a dynamic method)."),
@@ -50,6 +53,9 @@ class MergeLoRA(Node):
                 io.Vae.Input("vae", optional=True, tooltip="into model: included in the saved checkpoint."),
                 io.String.Input("checkpoint_prefix", default="", optional=True, tooltip="into model: save a "
                                 "checkpoint as models/checkpoints/<prefix>_00001.safetensors; empty = no file."),
+                io.Float.Input("ema_sigma_rel", default=0.1, min=0.01, max=0.27, step=0.01, optional=True,
+                               tooltip="post-hoc ema: the average's width relative to the run (EDM2's sigma_rel; "
+                                       "smaller = nearer the last checkpoint)."),
             ],
             outputs=[Lora.Output(display_name="lora"), io.Model.Output(display_name="model"),
                      io.Clip.Output(display_name="clip"), io.String.Output(display_name="report")],
@@ -57,7 +63,9 @@ class MergeLoRA(Node):
 
     @classmethod
     def execute(cls, mode, rank, dynamic, dynamic_param, model=None, clip=None, vae=None, checkpoint_prefix="",
-                **slots) -> io.NodeOutput:
+                ema_sigma_rel=0.1, **slots) -> io.NodeOutput:
+        if mode == "post-hoc ema":
+            return cls.post_hoc_ema(slots["lora_1"], ema_sigma_rel, model, clip)
         chosen = []
         for i in range(1, SLOTS + 1):
             network, name = slots.get(f"lora_in_{i}"), slots[f"lora_{i}"]
@@ -78,6 +86,23 @@ class MergeLoRA(Node):
         summary = report.summary()
         text = "inputs: " + ", ".join(labels) + "\n" + summary
         return io.NodeOutput(merged, model, clip, text, ui={"text": [summary.split("\n", 1)[0]]})
+
+    @staticmethod
+    def post_hoc_ema(name: str, sigma_rel: float, model, clip) -> io.NodeOutput:
+        if name == NONE:
+            raise ValueError("Merge LoRA: post-hoc ema averages the checkpoints of lora_1's run; choose its last "
+                             "checkpoint (or final file) as lora_1")
+        checkpoints = run_checkpoints(lora_file(name))
+        weights = power_ema_weights([step for step, _ in checkpoints], sigma_rel)
+        tensors, metadata = average_files([path for _, path in checkpoints], weights)
+        metadata = {**metadata, "lora_foundry_post_hoc_ema": json.dumps(
+            {"sigma_rel": sigma_rel, "checkpoints": {path.name: round(w, 6) for (_, path), w in
+                                                     zip(checkpoints, weights, strict=True)}})}
+        network = LoraNetwork.from_state_dict(tensors, metadata, model=model, clip=clip)
+        network.metadata = metadata
+        text = f"post-hoc EMA (sigma_rel {sigma_rel:g}) of {len(checkpoints)} checkpoints: " + ", ".join(
+            f"step {step} x {w:.3f}" for (step, _), w in zip(checkpoints, weights, strict=True))
+        return io.NodeOutput(network, model, clip, text, ui={"text": [text]})
 
     @staticmethod
     def into_model(chosen, labels, model, clip, vae, checkpoint_prefix):

@@ -1,4 +1,5 @@
-"""Our read-only HTTP routes: LoRA file info (loras folders only), block-weight presets, live training state."""
+"""Our HTTP routes: LoRA file info (loras folders only), block-weight presets, live training state, and the one
+that writes: a caption edited on the Caption Images node."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from ..lora_core.files import AdapterFileError
 from ..lora_core.info import lora_info
 from .live import TRAINING_LOG
 from .loras import lora_file
+from .shown_captions import CAPTION_EDITS, CaptionEditError
 
 
 def register(routes) -> None:
@@ -42,3 +44,21 @@ def register(routes) -> None:
         if png is None:
             return web.json_response({"error": "no preview"}, status=404)
         return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "no-store"})
+
+    @routes.post("/lora_foundry/caption")
+    async def post_caption(request):
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return web.json_response({"error": "body: send a JSON object {token, image, caption}", "field": "body"},
+                                     status=400)
+        try:
+            path = CAPTION_EDITS.save(body.get("token"), body.get("image"), body.get("caption"))
+        except CaptionEditError as e:
+            return web.json_response({"error": str(e), "field": e.field}, status=400)
+        except OSError as e:
+            return web.json_response({"error": f"the caption file cannot be written ({type(e).__name__}: {e})"},
+                                     status=500)
+        return web.json_response({"ok": True, "path": path})

@@ -15,6 +15,7 @@ from ..lora_core.network import LoraNetwork, NetworkConfig
 from ..lora_core.settings import from_inputs
 from ..training.captions import CaptionOptions
 from ..training.plots import loss_graph
+from ..training.sample_prompts import check_sample_prompts
 from ..training.trainer import TrainConfig, Trainer
 from .inputs import CATEGORY, Lora, LoraDataset, LoraLoss, Node, setting_inputs
 from .live import TRAINING_LOG
@@ -27,7 +28,8 @@ OPTIONAL_WIDGETS = ["gradient_checkpointing", "grad_accum", "grad_clip", "lora_p
                     "caption_dropout", "flip", "save_every", "validation_every", "sample_every", "sample_prompts",
                     "train_text_encoder", "text_encoder_lr", "resume", "cache_latents", "use_tucker",
                     "timestep_shift", "shift", "guidance", "attach", "network_dropout", "vram_budget_gb",
-                    "offload_activations", "compile_blocks"]
+                    "offload_activations", "compile_blocks", "mask_floor", "block_ranks", "block_alphas", "block_lrs",
+                    "keep_best", "patience", "ema_decay", "ema_every", "ema_warmup", "ema_output"]
 SETTINGS = (NetworkConfig, TrainConfig, CaptionOptions)
 
 
@@ -123,6 +125,7 @@ class TrainLoRA(Node):
     def execute(cls, model, clip, vae, dataset, output_name, resume=False, **inputs) -> io.NodeOutput:
         import folder_paths
 
+        check_sample_prompts(inputs.get("sample_prompts") or "")  # line numbers as typed, blank lines included
         network_config = from_inputs(NetworkConfig, inputs)
         config = from_inputs(TrainConfig, inputs, captions=from_inputs(CaptionOptions, inputs))
         folders = run_folders(folder_paths.get_folder_paths("loras")[0], folder_paths.get_output_directory(),

@@ -142,10 +142,12 @@ class Page:
 
 def train_state(page: Page, node_id: int) -> dict:
     return page.eval("""id => { const v = app.graph.getNodeById(id)?.widgets?.find(w => w.name === 'live_training')?.view;
-        if (!v) return null; const s = v.state; const c = v.canvas; let inked = 0;
+        if (!v) return null; const s = v.state; const c = v.canvas; let inked = 0; let best = 0;
         if (c.width) { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-          for (let i = 0; i < d.length; i += 4) if (d[i + 2] > 200 && d[i] < 120) inked++; }
-        return { step: s.step, total: s.total, losses: s.loss.length, validation: s.validation.length,
+          for (let i = 0; i < d.length; i += 4) {
+            if (d[i + 2] > 200 && d[i] < 120) inked++;
+            if (d[i + 1] > 180 && d[i] < 140 && d[i + 2] < 160) best++; } }  // the best adapter's green ring
+        return { step: s.step, total: s.total, losses: s.loss.length, validation: s.validation.length, best,
                  preview: s.preview, status: s.status, stats: v.stats.textContent, draws: v.draws, inked,
                  image: v.image.complete ? v.image.naturalWidth : 0 }; }""", node_id)
 
@@ -269,6 +271,7 @@ def test_training_view_updates_live_survives_a_reload_and_finishes(browser, ui_s
     assert state["validation"] >= 1 and state["preview"] >= 2 and state["image"] > 0, state
     assert state["inked"] > 0 and f"step {TRAIN_STEPS}/{TRAIN_STEPS}" in state["stats"], state
     assert re.search(r"est\. \d+\.\d\d GB", state["stats"]), state  # the run's planned peak memory
+    assert re.search(r"best \d+\.\d{4} @ \d+", state["stats"]) and state["best"] > 0, state  # marked on the chart
     assert_inside(train_layout(page, train["id"]))  # the longest stats line still within the node
     page.shot("train-finished")
     assert not page.errors, page.errors
@@ -436,3 +439,43 @@ def test_lora_info_route_reads_headers_only_inside_the_loras_folders(ui_server):
             ui_server.get("/lora_foundry/lora_info?name=" + urllib.parse.quote(bad))
         assert err.value.code in (400, 404), bad
     assert ui_server.get("/lora_foundry/train_state?node=12345") is None
+
+
+def test_caption_edited_on_the_node_is_saved_to_its_file(browser, ui_server, mode, concept_dataset, tmp_path):
+    source = next(concept_dataset.iterdir())
+    folder = tmp_path / "dataset" / source.name
+    folder.mkdir(parents=True)
+    for image in sorted(source.glob("*.png"))[:3]:
+        shutil.copy(image, folder)
+        shutil.copy(image.with_suffix(".txt"), folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    workflow = example("caption_then_train.json")  # its Caption Images node alone, on our folder, no model
+    node = next(n for n in workflow["nodes"] if n["type"] == "LoraFoundryCaptionImages")
+    for slot in node["inputs"]:
+        slot["link"] = None
+    for slot in node.get("outputs", []):
+        slot["links"] = []
+    info = ui_server.info["LoraFoundryCaptionImages"]
+    for name, value in (("model", "none"), ("mode", "keep existing"), ("write_files", "none"),
+                        ("folder", str(folder.parent)), ("preview_count", 3)):
+        assert set_widget(node, info, name, value), name
+    workflow.update(nodes=[node], links=[])
+
+    page = Page(browser, ui_server).open(mode)
+    page.load(workflow)
+    page.focus(node["id"], below=450)  # the editor's rows in the window: they come below the node's widgets
+    page.queue()
+    rows = page.page.locator(".lf-caption-row")
+    page.wait_for("() => document.querySelectorAll('.lf-caption-row').length === 3", timeout=120)
+    row = page.page.locator(f'.lf-caption-row[data-image="{source.name}/img_001.png"]')
+    assert row.locator("textarea").input_value() == before["img_001.txt"].decode().strip()
+    row.locator("textarea").fill("sks circle, edited in the browser")
+    assert row.locator(".lf-caption-status").inner_text() == "edited"
+    row.locator(".lf-caption-save").click()
+    page.wait_for("img => document.querySelector(`.lf-caption-row[data-image=\"${img}\"] .lf-caption-status`)"
+                  "?.textContent === 'saved'", timeout=30, arg=f"{source.name}/img_001.png")
+    page.shot("caption-saved")
+    assert (folder / "img_001.txt").read_text() == "sks circle, edited in the browser"
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "img_001.txt"} == \
+        {k: v for k, v in before.items() if k != "img_001.txt"}
+    assert rows.count() == 3 and not page.errors, page.errors

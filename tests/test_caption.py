@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -369,6 +370,67 @@ def test_errors_name_the_file_and_lose_nothing(caption_server, concept_dataset, 
     assert f"{folder / 'notes.png'}: not a readable image" in stats
     assert (folder / "img_002.txt").read_text().strip() == captions["img_002.png"]
     assert "notes.png" not in captions and (folder / "notes.png").read_text() == "not an image"
+
+
+def post_caption(server, body) -> tuple[int, dict]:
+    """POST /lora_foundry/caption; (HTTP status, JSON answer), errors included."""
+    try:
+        return 200, server.post("/lora_foundry/caption", body)
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.server
+def test_captions_edited_on_the_node_write_only_that_caption_file(caption_server, concept_dataset, tmp_path):
+    folder = copy_dataset(concept_dataset, tmp_path / "data", count=4)
+    sub = folder.name
+    (tmp_path / "outside.txt").write_text("outside")
+    workflow = caption_workflow(tmp_path / "data", "none", mode="keep existing", write_files="none", preview_count=3)
+    rows = caption_server.run(workflow, timeout=300)["2"]["captions"]
+    assert [r["image"] for r in rows] == [f"{sub}/img_00{i}.png" for i in range(3)], rows
+    assert all(r["caption"] == (folder / f"img_00{i}.txt").read_text().strip() for i, r in enumerate(rows)), rows
+    token = rows[0]["token"]
+    assert {r["token"] for r in rows} == {token}
+
+    text = "sks circle,  edited by hand \u00e9\n"  # exactly this, spaces and newline included
+    status, answer = post_caption(caption_server, {"token": token, "image": f"{sub}/img_001.png", "caption": text})
+    assert (status, answer) == (200, {"ok": True, "path": f"{sub}/img_001.txt"})
+    assert (folder / "img_001.txt").read_text(encoding="utf-8") == text
+
+    shutil.copy(folder / "img_000.png", folder / "new.png")  # in the folder, not in the run
+    (folder / "img_002.txt").unlink()
+    (folder / "img_002.txt").symlink_to(tmp_path / "outside.txt")  # a caption file that leads out
+    before = snapshot(folder)
+    good = {"token": token, "image": f"{sub}/img_000.png", "caption": "new"}
+    refused = [
+        ({"image": f"{sub}/img_003.png"}, "image", "not one of the 3 images this run showed"),
+        ({"image": f"{sub}/new.png"}, "image", "not one of the 3 images"),
+        ({"image": "../x.png"}, "image", "'..' is not allowed"),
+        ({"image": f"{sub}/../{sub}/img_000.png"}, "image", "'..' is not allowed"),
+        ({"image": str(folder / "img_000.png")}, "image", "absolute paths"),
+        ({"image": f"{sub}/img_000.png\0.txt"}, "image", "NUL byte"),
+        ({"image": 7}, "image", "as a string"),
+        ({"image": f"{sub}/img_002.png"}, "image", "leads out of"),
+        ({"token": "0" * 32}, "token", "unknown Caption Images run"),
+        ({"token": None}, "token", "unknown Caption Images run"),
+        ({"caption": ["a"]}, "caption", "must be a string"),
+        ({"caption": "x" * 10_001}, "caption", "at most 10000"),
+        ({"caption": "a\0b"}, "caption", "NUL byte"),
+    ]
+    for change, field, message in refused:
+        status, answer = post_caption(caption_server, {**good, **change})
+        assert status == 400 and answer["field"] == field, (change, status, answer)
+        assert answer["error"].startswith(f"{field}: ") and message in answer["error"], (change, answer)
+    status, answer = post_caption(caption_server, ["not", "an", "object"])
+    assert status == 400 and answer["field"] == "body", answer
+    assert snapshot(folder) == before and (tmp_path / "outside.txt").read_text() == "outside"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "outside.txt"]
+
+    # The same prompt again: the node runs again (not from the cache) and reads the saved caption.
+    outputs = caption_server.run(workflow, timeout=300)["2"]
+    listing = dict(line.split(": ", 1) for line in outputs["text"][1].splitlines())
+    assert listing[f"{sub}/img_001.png"] == "sks circle, edited by hand \u00e9", listing
+    assert outputs["captions"][0]["token"] != token
 
 
 @pytest.mark.server

@@ -145,7 +145,7 @@ def test_shuffled_captions_are_not_cached(pack, loaded_checkpoint, dataset_dir):
     assert set(fixed.text) == {LONG_CAPTION, "a red circle", ""}
 
 
-def test_preview_equals_ksampler_and_vae_decode(pack, loaded_checkpoint, dataset_dir, comfy_nodes):
+def test_preview_equals_ksampler_and_vae_decode(pack, loaded_checkpoint, dataset_dir, comfy_nodes, one_thread):
     """The preview at the last step is the final adapter sampled as a user would sample it in ComfyUI."""
     from lora_foundry.lora_core.apply import apply_lora
 

@@ -217,7 +217,7 @@ def test_family_preview_has_its_latent_shape(family, dataset_dir):
         trainer.encode_images(trainer.dataset.items)
         patched, _ = trainer.network.attach(family.model)
         with Recorder(family.model) as calls:
-            preview = sample(trainer, patched, 1)
+            preview, = sample(trainer, patched)
     shape = trainer.latents.get(0).shape
     assert calls.calls and all(tuple(c["x"].shape[1:]) == tuple(shape) for c in calls.calls)
     assert preview.size == tuple(trainer.dataset.items[0].bucket)

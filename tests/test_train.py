@@ -7,6 +7,7 @@ import math
 import random
 import re
 
+import numpy as np
 import pytest
 import torch
 from harness.comfy import REPO_ROOT
@@ -300,20 +301,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(pack, loaded_checkpoint
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
-def test_preview_samples_come_with_progress(pack, loaded_checkpoint, concept_dataset, tmp_path):
+def test_preview_samples_come_with_progress(pack, loaded_checkpoint, concept_dataset, tmp_path, one_thread):
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
     from lora_foundry.training.dataset import load_dataset
     from lora_foundry.training.trainer import TrainConfig, Trainer
 
     model, clip, vae = loaded_checkpoint
     dataset = load_dataset(concept_dataset, resolution=64, min_side=64, max_side=64, bucket_step=64)
-    config = TrainConfig(steps=2, sample_every=2, sample_prompts=["sks circle", "a red square"], sample_steps=2)
+    config = TrainConfig(steps=2, sample_every=2, sample_prompts=["sks circle", "a red square --w 32 --h 48"],
+                         sample_steps=2)
     events = []
     with torch.inference_mode(False):
         network = LoraNetwork.create(NetworkConfig(rank=2, alpha=2, preset="attention"), model)
         Trainer(model, clip, vae, dataset, network, config, on_step=events.append).run()
     assert [e["step"] for e in events] == [1, 2]
-    assert events[0]["preview"] is None and events[1]["preview"].size == (128, 64)
+    # step 1 shows the step-0 baseline (the base model); the grid is one row of both sizes, top-aligned on black
+    baseline, last = events[0]["preview"], events[1]["preview"]
+    assert baseline.size == last.size == (96, 64)
+    assert np.asarray(baseline)[48:, 64:].max() == 0 and np.asarray(baseline)[:48, 64:].max() > 0
     assert events[1]["eta"] == 0 and events[0]["lr"] > 0
 
 
@@ -375,7 +380,7 @@ def test_the_trigger_word_is_not_put_on_regularisation_captions(pack, loaded_che
     import shutil
 
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.captions import CaptionOptions, process_caption
+    from lora_foundry.training.captions import CaptionOptions
     from lora_foundry.training.dataset import load_dataset
     from lora_foundry.training.trainer import TrainConfig, Trainer
 
@@ -393,7 +398,7 @@ def test_the_trigger_word_is_not_put_on_regularisation_captions(pack, loaded_che
     regs = [i for i in dataset.items if i.is_reg]
     assert len(regs) == 3
     for item in dataset.items:
-        caption = process_caption(item.caption, trainer.caption_options(item), random.Random(0))
+        caption = trainer.caption(item, config.captions, random.Random(0))
         assert caption.startswith("sks") != item.is_reg, (item.path, caption)
         assert trainer.fixed_caption(item) == caption
 

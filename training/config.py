@@ -16,6 +16,7 @@ from .optim import OPTIMIZERS, SCHEDULERS
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LATENT_CACHES = ("memory", "disk")
+EMA_OUTPUTS = ("beside", "instead")
 
 
 class TrainingError(RuntimeError):
@@ -42,6 +43,9 @@ class TrainConfig:
                              kohya="lr_scheduler", ss=("ss_lr_scheduler",))
     warmup_steps: int = setting(0, "Steps of linear learning-rate warm-up.", min=0, max=100_000,
                                 kohya="lr_warmup_steps", ss=("ss_lr_warmup_steps",))
+    block_lrs: str = setting("", "Learning-rate multiplier per block, in block-weight notation (as Apply LoRA's "
+                             "block_weights: short or long vector, BASE = text encoders) or kohya's block_lr (every "
+                             "block). Empty = 1 everywhere.", kohya="block_lr")
     lora_plus_ratio: float = setting(0.0, "LoRA+: the zero-initialised factors learn this many times faster "
                                      "(0 = off).", min=0.0, max=64.0, step=1.0, kohya="loraplus_lr_ratio")
     grad_clip: float = setting(1.0, "Clip the gradient norm (0 = off).", min=0.0, max=100.0, step=0.1,
@@ -75,15 +79,31 @@ class TrainConfig:
     min_timestep: int = setting(0, "Lowest timestep drawn (of 1000).", min=0, max=999, kohya="min_timestep")
     max_timestep: int = setting(1000, "Highest timestep drawn (of 1000).", min=1, max=1000, kohya="max_timestep")
     flip: bool = setting(False, "Also train on mirrored images.", kohya="flip_aug", ss=("ss_flip_aug",))
+    mask_floor: float = setting(0.0, "Masked loss (a dataset with masks): the loss weight where a mask is black "
+                                "(0 = that area teaches nothing).", min=0.0, max=1.0, step=0.01)
     save_every: int = setting(0, "0 = only at the end.", min=0, max=1_000_000, kohya="save_every_n_steps")
     latent_cache: str = setting("memory", "disk: also keep the latents in a hidden .lora_foundry_cache folder next "
                                 "to the images, so the next run skips the VAE.", input="cache_latents",
                                 choices=LATENT_CACHES)
     validation_every: int = setting(0, "Held-out loss every N steps (0 = never).", min=0, max=1_000_000,
                                     kohya="validate_every_n_steps")
-    sample_every: int = setting(0, "A preview on the node every N steps (0 = never).", min=0, max=1_000_000,
-                                kohya="sample_every_n_steps")
-    sample_prompts: list[str] = setting([], "One prompt per line.", multiline=True)
+    keep_best: bool = setting(False, "Save the adapter with the lowest held-out loss so far as <name>-best "
+                              "(needs validation_every and a validation_split).")
+    patience: int = setting(0, "Stop when the held-out loss has not improved for this many validations (0 = never).",
+                            min=0, max=10_000)
+    ema_decay: float = setting(0.0, "Also keep an exponential moving average of the adapter (e.g. 0.99 for short "
+                               "runs, 0.999 for long ones; 0 = off).", min=0.0, max=0.99999, step=0.0001)
+    ema_every: int = setting(1, "Update the average every N steps.", min=1, max=10_000)
+    ema_warmup: bool = setting(True, "The average's decay rises as (1 + n) / (10 + n) over its first updates.")
+    ema_output: str = setting("beside", "beside: the average is saved as <name>-ema next to the adapter; instead: "
+                              "the node's adapter is the average.", choices=EMA_OUTPUTS)
+    sample_every: int = setting(0, "Sample the prompts at step 0, every N steps and at the end: PNGs in "
+                                "output/lora_foundry_runs/<name>/samples/ and a preview on the node (0 = never).",
+                                min=0, max=1_000_000, kohya="sample_every_n_steps")
+    sample_prompts: list[str] = setting([], "One prompt per line, kohya's options after it: --n negative --w width "
+                                        "--h height --s steps --l CFG --d seed (unset: the settings below, the first "
+                                        "bucket's size, seed + the prompt's index, no negative). # starts a comment.",
+                                        multiline=True)
     sample_steps: int = setting(12, "Sampler steps of a preview.", min=1, max=200)
     sample_cfg: float = setting(3.0, "CFG of a preview.", min=0.0, max=30.0, step=0.1)
     attach: str = setting("bypass", "bypass: each adapter adds its output in the layer's forward, the base weight "
@@ -104,6 +124,10 @@ class TrainConfig:
             raise ValueError(f"steps: must be at least 1, got {self.steps}")
         if not 0 <= self.min_timestep < self.max_timestep <= 1000:
             raise ValueError("min_timestep / max_timestep: need 0 <= min < max <= 1000")
+        if self.patience and not self.validation_every:
+            raise ValueError("patience: early stopping watches the held-out loss; set validation_every too")
+        if self.keep_best and not self.validation_every:
+            raise ValueError("keep_best: the best adapter is judged by the held-out loss; set validation_every too")
         if self.vram_budget_gb < 0:
             raise ValueError(f"vram_budget_gb: must be 0 (auto) or more, got {self.vram_budget_gb}")
 

@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 
 from .buckets import Bucketizer, Size, resize_and_crop
 from .captions import tag_frequency
+from .masks import ALPHA, has_alpha, mask_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.*)$")
@@ -40,6 +41,7 @@ class DatasetItem:
     loss_weight: float
     size: Size
     bucket: Size
+    mask: Path | str | None = None  # a mask file, masks.ALPHA (the image's alpha channel), or None (learn everywhere)
 
 
 @dataclass
@@ -53,6 +55,9 @@ class DatasetReport:
     captions_missing: int = 0
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     caption_errors: list[tuple[Path, str]] = field(default_factory=list)
+    masks: str = ""  # where masks come from, empty when masked loss is off
+    masks_found: int = 0
+    masks_missing: list[Path] = field(default_factory=list)
     train_count: int = 0
     validation_count: int = 0
     reg_count: int = 0
@@ -79,6 +84,12 @@ class DatasetReport:
             lines.append(
                 "  (put a .txt caption next to each image, or name its folder like '10_sks dog' to caption it 'sks dog')"
             )
+        if self.masks:
+            lines.append(f"Masks ({self.masks}): {self.masks_found} image(s) masked, {len(self.masks_missing)} "
+                         "without a mask (they learn everywhere)")
+            lines.extend(f"  no mask: {path}" for path in self.masks_missing[:20])
+            if len(self.masks_missing) > 20:
+                lines.append(f"  ... and {len(self.masks_missing) - 20} more")
         if self.caption_errors:
             lines.append(f"Caption files that could not be read ({len(self.caption_errors)}):")
             lines.extend(f"  {path}: {reason}" for path, reason in self.caption_errors)
@@ -96,6 +107,7 @@ class Dataset:
     validation: list[DatasetItem]
     report: DatasetReport
     root: Path
+    reg_empty_prompt: bool = False  # the regularisation images train with the empty prompt
 
     def epoch_order(self, epoch: int, seed: int, batch_size: int) -> list[list[int]]:
         """Batches of indices into `items` for one epoch: each item `repeats` times, one bucket per batch."""
@@ -169,6 +181,9 @@ def load_dataset(
     seed: int = 0,
     min_image_side: int = 8,
     default_repeats: int = 1,
+    mask_folder: str | os.PathLike | None = None,
+    alpha_mask: bool = False,
+    reg_empty_prompt: bool = False,
 ) -> Dataset:
     """Scan `folder` (and `reg_folder`) into bucketed, captioned items and a report."""
     _check_positive("resolution", *(resolution if isinstance(resolution, (tuple, list)) else (resolution,)))
@@ -194,10 +209,13 @@ def load_dataset(
     reg_root = _existing_folder(reg_folder, "reg_folder") if has_reg else None
     if reg_root == root:
         raise DatasetError(f"reg_folder must be a different folder from folder (both are {root})")
+    mask_root = _existing_folder(mask_folder, "mask_folder") if mask_folder is not None else None
     report = DatasetReport(root=str(root))
-    scan = _Scanner(bucketizer, caption_extensions, min_image_side, default_repeats, report)
+    if mask_root is not None or alpha_mask:
+        report.masks = " and ".join(([str(mask_root)] if mask_root else []) + (["alpha channels"] if alpha_mask else []))
+    scan = _Scanner(bucketizer, caption_extensions, min_image_side, default_repeats, report, mask_root, alpha_mask)
 
-    train = scan.folder(root, is_reg=False, loss_weight=1.0, exclude=reg_root)
+    train = scan.folder(root, is_reg=False, loss_weight=1.0, exclude=(reg_root, mask_root))
     if not train:
         raise DatasetError(_no_images_message(root, "folder", report.skipped))
     reg = scan.folder(reg_root, is_reg=True, loss_weight=prior_loss_weight) if reg_root else []
@@ -213,7 +231,7 @@ def load_dataset(
     report.validation_count = len(validation)
     report.reg_count = len(reg)
     report.samples_per_epoch = sum(item.repeats for item in items)
-    return Dataset(items=items, validation=validation, report=report, root=root)
+    return Dataset(items=items, validation=validation, report=report, root=root, reg_empty_prompt=reg_empty_prompt)
 
 
 def _check_positive(name: str, *values: object) -> None:
@@ -272,14 +290,17 @@ class _Scanner:
         min_image_side: int,
         default_repeats: int,
         report: DatasetReport,
+        mask_root: Path | None = None,
+        alpha_mask: bool = False,
     ) -> None:
         self.bucketizer = bucketizer
         self.caption_extensions = tuple(e if e.startswith(".") else f".{e}" for e in caption_extensions)
         self.min_image_side = min_image_side
         self.default_repeats = default_repeats
         self.report = report
+        self.mask_root, self.alpha_mask = mask_root, alpha_mask
 
-    def folder(self, root: Path, *, is_reg: bool, loss_weight: float, exclude: Path | None = None) -> list[DatasetItem]:
+    def folder(self, root: Path, *, is_reg: bool, loss_weight: float, exclude: tuple = ()) -> list[DatasetItem]:
         items = []
         for path in _image_files(root, exclude):
             item = self.image(root, path, is_reg, loss_weight)
@@ -288,9 +309,10 @@ class _Scanner:
         return items
 
     def image(self, root: Path, path: Path, is_reg: bool, loss_weight: float) -> DatasetItem | None:
-        size = self._size(path)
-        if size is None:
+        found = self._size(path)
+        if found is None:
             return None
+        size, alpha = found
         folder = path.parent.relative_to(root).as_posix()
         convention = _folder_convention(root, path.parent)
         repeats, tokens = convention if convention else (self.default_repeats, "")
@@ -307,15 +329,30 @@ class _Scanner:
             loss_weight=loss_weight,
             size=size,
             bucket=self.bucketizer.assign(*size),
+            mask=None if is_reg else self._mask(root, path, alpha),
         )
 
-    def _size(self, path: Path) -> Size | None:
-        """The displayed (EXIF-rotated) size, or None after recording why the file cannot be used."""
+    def _mask(self, root: Path, path: Path, alpha: bool) -> Path | str | None:
+        """The image's mask (the mask folder's first, then its alpha channel); recorded in the report."""
+        if self.mask_root is None and not self.alpha_mask:
+            return None
+        mask = mask_file(path, root, self.mask_root) if self.mask_root is not None else None
+        if mask is None and self.alpha_mask and alpha:
+            mask = ALPHA
+        if mask is None:
+            self.report.masks_missing.append(path)
+        else:
+            self.report.masks_found += 1
+        return mask
+
+    def _size(self, path: Path) -> tuple[Size, bool] | None:
+        """The displayed (EXIF-rotated) size and whether it has alpha, or None after recording why it cannot be used."""
         try:
             with Image.open(path) as img:
                 orientation = img.getexif().get(0x0112)
                 img.load()  # decodes everything: truncated or corrupt files fail here, not mid-training
                 width, height = img.size
+                alpha = has_alpha(img)
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
             self.report.skipped.append((path, f"not a readable image ({type(exc).__name__}: {exc})"))
             return None
@@ -326,7 +363,7 @@ class _Scanner:
                 (path, f"too small: {width}x{height} px, both sides must be at least {self.min_image_side} px")
             )
             return None
-        return width, height
+        return (width, height), alpha
 
     def _caption(self, path: Path, tokens: str) -> str:
         """The sidecar caption, else the folder's tokens; counts where it came from in the report."""
@@ -350,12 +387,12 @@ class _Scanner:
         return ""
 
 
-def _image_files(root: Path, exclude: Path | None) -> list[Path]:
+def _image_files(root: Path, exclude: tuple) -> list[Path]:
     """Image files under root in a fixed order; hidden files and folders are left out."""
     found = []
     for directory, subdirs, files in os.walk(root):
         here = Path(directory)
         # Hidden entries are macOS '._' resource forks and tool caches (.ipynb_checkpoints), not pictures.
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and here / d != exclude)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and here / d not in exclude)
         found.extend(here / f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
     return sorted(found)

@@ -26,6 +26,14 @@ class DatasetOptions:
     reg_folder: str = setting("", "Regularisation (prior) images; empty for none.", kohya="reg_data_dir")
     prior_loss_weight: float = setting(1.0, "Loss weight of the regularisation images.", min=0.0, max=10.0, step=0.05,
                                        kohya="prior_loss_weight")
+    reg_empty_prompt: bool = setting(False, "Train the regularisation images with the empty prompt, their captions "
+                                     "unused: the prior then anchors what the model makes with no prompt (the "
+                                     "sampler's empty negative).")
+    mask_folder: str = setting("", "Masked loss: a folder of masks with the images' file names (white = learn, black = "
+                               "ignore); absolute, or inside ComfyUI/input. Empty for none.",
+                               kohya="conditioning_data_dir")
+    alpha_mask: bool = setting(False, "Masked loss: an image's alpha channel is its mask (transparent = ignore).",
+                               kohya="alpha_mask")
 
     def caption_extensions(self) -> tuple[str, ...]:
         extensions = tuple(e.strip() if e.strip().startswith(".") else "." + e.strip()
@@ -39,4 +47,6 @@ class DatasetOptions:
             min_side=self.min_side, max_side=self.max_side, bucket_step=self.bucket_step, no_upscale=self.no_upscale,
             reg_folder=resolve(self.reg_folder) if self.reg_folder.strip() else None,
             prior_loss_weight=self.prior_loss_weight, validation_split=self.validation_split, seed=self.seed,
+            mask_folder=resolve(self.mask_folder) if self.mask_folder.strip() else None, alpha_mask=self.alpha_mask,
+            reg_empty_prompt=self.reg_empty_prompt,
         )

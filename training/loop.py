@@ -14,7 +14,8 @@ import torch
 from . import memory
 from .blocks import INPLACE_ERROR
 from .config import TrainingError, TrainResult
-from .evaluation import held_out_loss, sample
+from .ema import AdapterEMA
+from .evaluation import held_out_loss, sample_step
 from .optim import build_optimizer, build_scheduler
 from .state import load_state
 
@@ -42,12 +43,16 @@ class TrainLoop:
             logging.warning("Train LoRA: precision %s asked, but the base model computes in %s (its weights' dtype)",
                             cfg.precision, compute)
         self.scaler = torch.amp.GradScaler(device.type, enabled=compute == torch.float16)
-        self.state = {"step": 0, "epoch": 0, "order": [], "losses": [], "validation": []}
+        self.state = {"step": 0, "epoch": 0, "order": [], "losses": [], "validation": [], "best": None,
+                      "since_best": 0}
+        self.ema = AdapterEMA(trainer.network, cfg.ema_decay, cfg.ema_every, cfg.ema_warmup) if cfg.ema_decay else None
         if trainer.resume is not None:
-            self.state = load_state(trainer.resume, trainer.network, self.optimizer, self.scheduler, self.rng, self.gen)
+            self.state.update(load_state(trainer.resume, trainer.network, self.optimizer, self.scheduler, self.rng,
+                                         self.gen, self.ema))
         self.good_step = self.state["step"]  # how many steps made the adapter in `good`
         self.updating = False  # inside the optimizer's update: an error there may leave the adapter half-changed
         self.backward_done = False
+        self.preview = None  # the step-0 samples' grid, shown with the first report
 
     def run(self) -> TrainResult:
         import comfy.model_management as mm
@@ -56,11 +61,18 @@ class TrainLoop:
         activations = (torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
                        if cfg.offload_activations else contextlib.nullcontext())
         try:
+            if state["step"] == 0 and cfg.sample_every:  # the base model with the zero adapter, to compare with
+                self.preview = sample_step(self.trainer, self.patched, self.patchers, 0)
             with activations:
                 for step in range(state["step"] + 1, cfg.steps + 1):
                     mm.throw_exception_if_processing_interrupted()
                     self.after_step(step, self.step(step))
+                    if self.patience_ran_out():
+                        logging.info("Train LoRA: no better held-out loss in %d validations; stopped at step %d "
+                                     "(best: step %d)", cfg.patience, step, state["best"][0])
+                        break
             self.save_state()
+            self.finish()
         except mm.InterruptProcessingException:
             self.trainer.save_checkpoint(state["step"], "interrupted")
             self.save_state()
@@ -86,6 +98,8 @@ class TrainLoop:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(step)
         self.state["losses"].append(step_loss)
         self.state["step"] = step
         return step_loss
@@ -139,24 +153,48 @@ class TrainLoop:
         if cfg.validation_every and trainer.dataset.validation and (
                 step % cfg.validation_every == 0 or step == cfg.steps):
             validation.append((step, held_out_loss(trainer, self.patched, self.device)))
+            self.track_best(step, validation[-1][1])
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             trainer.save_checkpoint(step)
             self.save_state()
+        preview, self.preview = self.preview, None
+        if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps or self.patience_ran_out()):
+            preview = sample_step(trainer, self.patched, self.patchers, step)  # files even without a node
         if trainer.on_step is None:
             return
-        preview = None
-        if cfg.sample_every and cfg.sample_prompts and (step % cfg.sample_every == 0 or step == cfg.steps):
-            preview = sample(trainer, self.patched, step)
-            trainer.after_preview(self.patched, self.patchers)
         elapsed = time.monotonic() - self.start
         trainer.on_step({"step": step, "total": cfg.steps, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0],
                          "validation": validation[-1][1] if validation else None, "elapsed": elapsed,
                          "eta": elapsed / step * (cfg.steps - step),
                          "memory_gb": round(trainer.plan.peak / memory.GB, 2) if trainer.plan else None,
+                         "best": self.state["best"], "stopped_early": self.patience_ran_out(),
                          "preview": preview})
 
+    def track_best(self, step: int, loss: float) -> None:
+        """Remember the lowest held-out loss (and with keep_best, save that adapter as <name>-best)."""
+        best = self.state["best"]
+        if best is None or loss < best[1]:
+            self.state["best"], self.state["since_best"] = [step, loss], 0
+            if self.config.keep_best:
+                self.trainer.save_checkpoint(step, "best")
+        else:
+            self.state["since_best"] += 1
+
+    def patience_ran_out(self) -> bool:
+        return bool(self.config.patience) and self.state["since_best"] >= self.config.patience
+
+    def finish(self) -> None:
+        """The moving average at the end of the run: saved as <name>-ema beside the adapter, or made the adapter."""
+        if self.ema is None:
+            return
+        if self.config.ema_output == "instead":
+            self.ema.copy_to_network()
+        else:
+            with self.ema.swapped_in():
+                self.trainer.save_checkpoint(self.state["step"], "ema")
+
     def save_state(self) -> None:
-        self.trainer.save_state(self.optimizer, self.scheduler, self.state, self.rng, self.gen)
+        self.trainer.save_state(self.optimizer, self.scheduler, self.state, self.rng, self.gen, self.ema)
 
     def out_of_memory(self) -> TrainingError:
         """The error for a device OOM, after keeping the adapter of the last finished step."""

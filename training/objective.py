@@ -106,8 +106,10 @@ def sigmas_for(model_sampling, levels: list[float], shift: str = "model", shift_
 
 
 def prediction_loss(kind: str, denoised: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, loss: str = "mse",
-                    huber_delta: float = 1.0, sigma_data: float = 1.0) -> torch.Tensor:
-    """Per-sample loss of the native prediction error, shape [batch]."""
+                    huber_delta: float = 1.0, sigma_data: float = 1.0,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample loss of the native prediction error, shape [batch]; `weights` per sample ([batch]) or per
+    element (broadcast to the latent, e.g. a loss mask)."""
     if loss not in LOSSES:
         raise ValueError(f"loss: {loss!r} is not one of {', '.join(LOSSES)}")
     scale = error_scale(kind, sigma, sigma_data).view(-1, *[1] * (x0.dim() - 1))
@@ -119,4 +121,6 @@ def prediction_loss(kind: str, denoised: torch.Tensor, x0: torch.Tensor, sigma: 
         per_elem = F.l1_loss(err, zero, reduction="none")
     else:
         per_elem = F.huber_loss(err, zero, reduction="none", delta=huber_delta)
+    if weights is not None:
+        per_elem = per_elem * (weights.view(-1, *[1] * (x0.dim() - 1)) if weights.dim() == 1 else weights)
     return per_elem.flatten(1).mean(dim=1)

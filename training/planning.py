@@ -50,7 +50,7 @@ def simulate_step(trainer: Trainer, patched, blocks: BlockOptions, device, autoc
     # The model's sampling schedule stays real: timesteps are drawn from its values.
     modules = [patched.model.diffusion_model, trainer.network] + [p.model for p in patchers[1:]]
 
-    # Drawn and prepared on the CPU: the simulation puts every tensor on `device` ittrainer.
+    # Drawn and prepared on the CPU: the simulation puts every tensor on `device` itself.
     x0, noise, sigma, captions, geometries, weights = trainer.draw_batch(
         patched, [largest] * trainer.config.batch_size, random.Random(0), torch.Generator().manual_seed(0), "cpu")
     if trainer.train_clip is None:  # host code that reads values (attention masks) runs on real tensors

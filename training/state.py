@@ -29,9 +29,11 @@ def _rng_from_json(rng: random.Random, value: list) -> None:
 
 
 def save_state(path: Path, network, optimizer, scheduler, loop: dict, rng: random.Random,
-               generator: torch.Generator) -> Path:
-    """Write everything needed to continue training exactly where it is now."""
+               generator: torch.Generator, ema=None) -> Path:
+    """Write everything needed to continue training exactly where it is now (with the adapter's moving average)."""
     tensors = {f"adapter.{k}": v.detach() for k, v in network.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.state_tensors().items()})
     opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer)
     tensors.update({f"optimizer.{k}": v for k, v in opt_tensors.items()})
     tensors["rng.generator"] = generator.get_state()
@@ -45,7 +47,8 @@ def save_state(path: Path, network, optimizer, scheduler, loop: dict, rng: rando
     return write_safetensors(tensors, path, {STATE_KEY: json.dumps(doc)})
 
 
-def load_state(path: Path, network, optimizer, scheduler, rng: random.Random, generator: torch.Generator) -> dict:
+def load_state(path: Path, network, optimizer, scheduler, rng: random.Random, generator: torch.Generator,
+               ema=None) -> dict:
     """Restore a saved state into freshly built objects of the same shape; returns the loop position."""
     tensors, metadata = read_safetensors(path)
     if STATE_KEY not in metadata:
@@ -67,6 +70,11 @@ def load_state(path: Path, network, optimizer, scheduler, rng: random.Random, ge
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     _rng_from_json(rng, doc["rng"])
+    if ema is not None:
+        saved = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+        if not saved:
+            raise ValueError(f"{path}: this run was saved without ema_decay; resume with the same settings")
+        ema.load_state_tensors(saved)
     for name, value in doc["adapter_rngs"].items():
         _rng_from_json(network.adapters[name].rng, value)
     return doc["loop"]

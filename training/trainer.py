@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..lora_core.block_weights import block_of, block_values, layout_of
 from ..lora_core.files import write_safetensors
 from ..lora_core.metadata import kohya_metadata
 from ..lora_core.network import LoraNetwork, is_trainable_text_encoder
@@ -25,9 +26,11 @@ from .captions import CaptionOptions, process_caption
 from .conditioning import apply_model, encode_caption, image_geometry, model_inputs, to_device, training_guidance
 from .config import PRECISIONS, TrainConfig, TrainingError, TrainResult
 from .dataset import Dataset
+from .evaluation import sample_prompts
 from .latent_cache import LatentCache, vae_fingerprint
 from .latent_store import LatentStore
 from .loop import TrainLoop
+from .masks import latent_mask, load_mask
 from .optim import lora_plus_groups
 from .planning import plan_memory
 from .state import save_state
@@ -62,6 +65,7 @@ class Trainer:
             if unused:
                 logging.info("Train LoRA: %s does not apply to %s models; ignored", option, self.kind)
         self.latents = LatentStore()
+        self.masks = LatentStore()  # loss masks at the latents' size, for items that have one
         self.text: dict[str, list] = {}  # host conditioning of captions that never change
         self.checkpoints: list[Path] = []
         self.train_clip = None  # the CLIP clone carrying text-encoder adapters, while training them
@@ -70,6 +74,10 @@ class Trainer:
         self.guidance: float | None = None
         self.plan: memory.MemoryPlan | None = None  # device memory, estimated before step 1
         self.streamed = False  # whether some weights stream from RAM in this run
+        self.samples = sample_prompts(self)  # parsed before anything is encoded: a bad line fails the run's start
+        if (config.keep_best or config.patience) and not dataset.validation:
+            raise ValueError("keep_best / patience: judged by the held-out loss, but the dataset holds no image out; "
+                             "set validation_split in Load Dataset")
         self.check_model()
 
     # --- data --------------------------------------------------------------------------------
@@ -82,7 +90,7 @@ class Trainer:
         With the disk cache, latents found next to the images are read instead, and new ones written.
         """
         disk = self.disk_cache()
-        flips = (False, True) if self.config.flip and not validation else (False,)
+        flips = self.flips(validation)
         if getattr(self.vae, "latent_dim", 2) == 3:
             batch = 1
         todo: dict[tuple, list[tuple[int, bool]]] = {}
@@ -106,6 +114,17 @@ class Trainer:
                     self.latents.put(index, flip, validation, latent)
                     if disk:
                         disk.save(items[index], flip, raw_latent.unsqueeze(0))
+
+    def flips(self, validation: bool) -> tuple[bool, ...]:
+        return (False, True) if self.config.flip and not validation else (False,)
+
+    def encode_masks(self, items, validation: bool = False) -> None:
+        """Each masked item's loss mask, cut as its image and averaged down to its latent's size."""
+        for index, item in enumerate(items):
+            for flip in self.flips(validation) if item.mask is not None else ():
+                pixels = load_mask(item.path, item.mask, item.bucket, flip)
+                self.masks.put(index, flip, validation,
+                               latent_mask(pixels, self.latents.get(index, flip, validation).shape))
 
     def disk_cache(self) -> LatentCache | None:
         if self.config.latent_cache != "disk":
@@ -134,17 +153,19 @@ class Trainer:
             return
         rng = random.Random(0)
         for item in self.dataset.items:
-            self.encode_text(process_caption(item.caption, self.caption_options(item), rng))
+            self.encode_text(self.caption(item, self.config.captions, rng))
 
-    def caption_options(self, item, options: CaptionOptions | None = None) -> CaptionOptions:
-        """Regularisation images keep their own captions: the trigger word is what they must not learn."""
-        options = options or self.config.captions
-        return replace(options, trigger_word="") if item.is_reg else options
+    def caption(self, item, options: CaptionOptions, rng: random.Random) -> str:
+        """The caption an item trains with: regularisation images keep their own (no trigger word: it is what they
+        must not learn), or the empty prompt with reg_empty_prompt (what the sampler's empty negative encodes)."""
+        if item.is_reg and self.dataset.reg_empty_prompt:
+            return ""
+        return process_caption(item.caption, replace(options, trigger_word="") if item.is_reg else options, rng)
 
     def fixed_caption(self, item) -> str:
         """The caption with trigger word, prefix and suffix, and nothing random (for validation)."""
         c = replace(self.config.captions, shuffle_tags=False, caption_dropout=0.0, tag_dropout=0.0)
-        return process_caption(item.caption, self.caption_options(item, c), random.Random(0))
+        return self.caption(item, c, random.Random(0))
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -153,6 +174,8 @@ class Trainer:
         start = time.monotonic()
         self.encode_images(self.dataset.items)
         self.encode_images(self.dataset.validation, validation=True)
+        self.encode_masks(self.dataset.items)
+        self.encode_masks(self.dataset.validation, validation=True)
         self.encode_fixed_captions()
         for item in self.dataset.validation:
             self.encode_text(self.fixed_caption(item))
@@ -192,14 +215,26 @@ class Trainer:
             self.train_clip = None
 
     def param_groups(self) -> list[dict]:
-        """Optimizer groups: UNet and text-encoder adapters at their learning rates, each split for LoRA+."""
+        """Optimizer groups: UNet and text-encoder adapters at their learning rates (times their block's block_lrs
+        multiplier), each split for LoRA+."""
         cfg = self.config
+        multipliers, layout = {}, None
+        if cfg.block_lrs:
+            layout = layout_of(self.model)
+            try:
+                multipliers = block_values(cfg.block_lrs, layout)
+            except ValueError as error:
+                raise ValueError(f"block_lrs: {error}") from None
+        by_lr: dict[tuple[bool, float], list] = {}  # UNet groups first, as resumed states expect
+        for name, adapter in self.network.adapters.items():
+            te = name.startswith("lora_te")
+            lr = (cfg.text_encoder_lr or cfg.learning_rate) if te else cfg.learning_rate
+            if layout is not None:
+                lr *= multipliers.get(block_of(name, layout), 1.0)
+            by_lr.setdefault((te, lr), []).extend((f"{name}.{p}", t) for p, t in adapter.named_parameters())
         groups = []
-        for part, lr in (("unet", cfg.learning_rate), ("te", cfg.text_encoder_lr or cfg.learning_rate)):
-            named = [(f"{n}.{p}", t) for n, a in self.network.adapters.items()
-                     if n.startswith("lora_te") == (part == "te") for p, t in a.named_parameters()]
-            if named:
-                groups += lora_plus_groups(named, lr, cfg.lora_plus_ratio, cfg.weight_decay)
+        for (_, lr), named in sorted(by_lr.items(), key=lambda entry: entry[0][0]):
+            groups += lora_plus_groups(named, lr, cfg.lora_plus_ratio, cfg.weight_decay)
         return groups
 
     def after_preview(self, patched, patchers) -> None:
@@ -229,15 +264,29 @@ class Trainer:
         items = [self.dataset.items[i] for i in batch]
         flips = [cfg.flip and rng.random() < 0.5 for _ in batch]
         x0 = torch.stack([self.latents.get(i, flip) for i, flip in zip(batch, flips, strict=True)]).to(device)
-        captions = [process_caption(item.caption, self.caption_options(item), rng) for item in items]
+        captions = [self.caption(item, cfg.captions, rng) for item in items]
         levels = objective.sample_noise_levels(len(batch), rng, self.timestep_sampling,
                                                cfg.min_timestep / 1000, cfg.max_timestep / 1000)
         noise = torch.randn(x0.shape, generator=gen)
         if cfg.noise_offset:
             noise = noise + cfg.noise_offset * torch.randn((*x0.shape[:2], *[1] * (x0.dim() - 2)), generator=gen)
-        weights = torch.tensor([item.loss_weight for item in items], device=device)
+        weights = self.loss_weights(items, batch, flips, False, device)
         geometries = [image_geometry(item, flip) for item, flip in zip(items, flips, strict=True)]
         return x0, noise.to(device), self.sigmas(patched, levels, x0), captions, geometries, weights
+
+    def loss_weights(self, items, indices: list[int], flips: list[bool], validation: bool, device) -> torch.Tensor:
+        """Per sample (the items' loss weights), or per latent element where an item has a loss mask: the mask
+        lifted to mask_floor and scaled to mean 1, so a masked image's loss is its mean over the area it learns."""
+        weights = torch.tensor([item.loss_weight for item in items], device=device)
+        if not any(self.masks.has(i, f, validation) for i, f in zip(indices, flips, strict=True)):
+            return weights
+        floor = self.config.mask_floor
+        shape = self.latents.get(indices[0], flips[0], validation).shape
+        ones = torch.ones(1, *[1] * (len(shape) - 3), *shape[-2:])
+        masks = torch.stack([floor + (1 - floor) * self.masks.get(i, f, validation) if self.masks.has(i, f, validation)
+                             else ones for i, f in zip(indices, flips, strict=True)])
+        masks = masks / masks.flatten(1).mean(1).clamp_min(1e-6).view(-1, *[1] * (masks.dim() - 1))
+        return (masks * weights.cpu().view(-1, *[1] * (masks.dim() - 1))).to(device)
 
     def batch_loss(self, patched, batch: list[int], rng, gen, device, autocast_dtype) -> torch.Tensor:
         x0, noise, sigma, captions, geometries, weights = self.draw_batch(patched, batch, rng, gen, device)
@@ -269,10 +318,10 @@ class Trainer:
         with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             denoised = apply_model(patched.model, x, sigma, inputs)
         per_sample = objective.prediction_loss(self.kind, denoised, x0, sigma, self.config.loss,
-                                               self.config.huber_delta, sigma_data)
+                                               self.config.huber_delta, sigma_data, weights)
         if min_snr and self.kind != "flow":
             per_sample = per_sample * objective.min_snr_weight(self.kind, sigma, min_snr, sigma_data)
-        return (per_sample * weights).mean()
+        return per_sample.mean()
 
     # --- files -------------------------------------------------------------------------------
     def metadata(self, step: int) -> dict[str, str]:
@@ -281,6 +330,10 @@ class Trainer:
             **ss_metadata(cfg), **ss_metadata(cfg.captions),
             **(ss_metadata(self.network.config) if self.network.config is not None else {}),
             "ss_steps": str(step), "ss_num_train_images": str(len(self.dataset.items)),
+            "ss_masked_loss": str(len(self.masks) > 0),
+            "lora_foundry_dataset": _json({"masks": self.dataset.report.masks,
+                                           "masked_images": self.dataset.report.masks_found,
+                                           "reg_empty_prompt": self.dataset.reg_empty_prompt}),
             "lora_foundry_training": _json(asdict(cfg)),
         }
         return kohya_metadata(self.network.config, self.model.model.model_config, self.name, info,
@@ -290,10 +343,10 @@ class Trainer:
     def state_path(self) -> Path | None:
         return Path(self.state_dir) / f"{self.name}-state.safetensors" if self.state_dir is not None else None
 
-    def save_state(self, optimizer, scheduler, loop, rng, gen) -> None:
+    def save_state(self, optimizer, scheduler, loop, rng, gen, ema=None) -> None:
         """Write the full training state next to the checkpoints (to resume with `resume=state_path`)."""
         if self.state_path is not None:
-            save_state(self.state_path, self.network, optimizer, scheduler, loop, rng, gen)
+            save_state(self.state_path, self.network, optimizer, scheduler, loop, rng, gen, ema)
 
     def save_checkpoint(self, step: int, tag: str | None = None) -> Path | None:
         """Write the adapter as it is now into the output folder (atomic); None without a folder."""

@@ -14,7 +14,7 @@ const states = new Map(); // node id -> state, also for events that arrive befor
 
 function newState(total = 0) {
   return { steps: [], loss: [], validation: [], total, step: 0, lr: null, elapsed: 0, eta: null, rate: null,
-    recent: [], preview: 0, status: "idle", memory: null };
+    recent: [], preview: 0, status: "idle", memory: null, best: null };
 }
 
 function stateFor(id) {
@@ -65,7 +65,9 @@ function onEvent(detail) {
   state.rate = state.recent.length > 1 && detail.elapsed > t0 ? (detail.step - s0) / (detail.elapsed - t0)
     : detail.elapsed > 0 ? detail.step / detail.elapsed : null;
   if (detail.preview) state.preview = detail.preview;
+  state.best = detail.best ?? state.best; // [step, held-out loss] of the best adapter so far
   if (detail.step >= detail.total) state.status = "finished";
+  if (detail.stopped_early) state.status = "stopped early";
   views.get(String(detail.node))?.update();
 }
 
@@ -145,7 +147,8 @@ class TrainView {
         s.lr !== null ? `lr ${Number(s.lr).toExponential(2)}` : null,
         s.memory !== null ? `est. ${s.memory.toFixed(2)} GB` : null,
         last !== undefined ? `loss ${last.toFixed(4)}` : null,
-        s.validation.length ? `val ${s.validation.at(-1)[1].toFixed(4)}` : null]
+        s.validation.length ? `val ${s.validation.at(-1)[1].toFixed(4)}` : null,
+        s.best ? `best ${s.best[1].toFixed(4)} @ ${s.best[0]}` : null]
       : ["waiting for training\u2026"];
     this.stats.textContent = parts.filter(Boolean).join("  \u00b7  ");
     if (s.preview && s.preview !== this.shownPreview) {
@@ -198,6 +201,20 @@ class TrainView {
       ctx.arc(x(step), y(v), 3, 0, 2 * Math.PI);
       ctx.fill();
     }
+    if (s.best) { // the best adapter so far: a ring, and a dashed line at its step
+      ctx.strokeStyle = "#5fdc7a";
+      ctx.lineWidth = 2;
+      ctx.beginPath();
+      ctx.arc(x(s.best[0]), y(s.best[1]), 6, 0, 2 * Math.PI);
+      ctx.stroke();
+      ctx.setLineDash([3, 3]);
+      ctx.lineWidth = 1;
+      ctx.beginPath();
+      ctx.moveTo(x(s.best[0]), pad.t);
+      ctx.lineTo(x(s.best[0]), h - pad.b);
+      ctx.stroke();
+      ctx.setLineDash([]);
+    }
   }
 
   async restore() {
@@ -209,7 +226,8 @@ class TrainView {
       Object.assign(state, newState(run.total), {
         steps: run.steps, loss: run.loss, validation: run.validation, step: last.step ?? 0, lr: last.lr ?? null,
         elapsed: last.elapsed ?? 0, eta: last.eta ?? null, preview: run.preview, memory: last.memory_gb ?? null,
-        rate: last.elapsed ? last.step / last.elapsed : null, status: run.done ? "finished" : "running",
+        rate: last.elapsed ? last.step / last.elapsed : null, best: last.best ?? null,
+        status: last.stopped_early ? "stopped early" : run.done ? "finished" : "running",
       });
     }
     this.update();
@@ -290,7 +308,7 @@ app.registerExtension({
         state.total = Math.max(state.total, output.loss.length);
         state.step = output.loss.length;
       }
-      state.status = "finished";
+      if (state.status !== "stopped early") state.status = "finished";
       track(this)?.update();
       return result;
     };

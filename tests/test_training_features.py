@@ -1,0 +1,431 @@
+"""Training features of issue 17: masked loss, EMA, best checkpoint and early stopping, per-block learning rates
+and ranks, prior images with the empty prompt. Mechanisms are checked in-process; one run goes through the server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+def _masked_dataset(concept_dataset: Path, root: Path, count: int = 4) -> tuple[Path, Path]:
+    """A copy of `count` concept images, and a mask folder beside it: the left half of each image black."""
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir()
+    for path in sorted(concept_dataset.rglob("*.png"))[:count]:
+        shutil.copy(path, images / path.name)
+        if path.with_suffix(".txt").is_file():
+            shutil.copy(path.with_suffix(".txt"), images / f"{path.stem}.txt")
+        with Image.open(path) as img:
+            w, h = img.size
+        mask = np.full((h, w), 255, np.uint8)
+        mask[:, : w // 2] = 0
+        Image.fromarray(mask).save(masks / f"{path.stem}.png")
+    return images, masks
+
+
+def _trainer(pack, loaded_checkpoint, dataset, tmp_path, net: dict | None = None, **settings):
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.training.trainer import TrainConfig, Trainer
+
+    model, clip, vae = loaded_checkpoint
+    config = TrainConfig(**{"steps": 1, "batch_size": 1, "learning_rate": 1e-3, "seed": 0, **settings})
+    with torch.inference_mode(False):
+        network = LoraNetwork.create(NetworkConfig(**{"rank": 4, "alpha": 4, "preset": "attention", **(net or {})}),
+                                     model)
+        return Trainer(model, clip, vae, dataset, network, config, output_dir=tmp_path)
+
+
+# --- masked loss ------------------------------------------------------------------------------------------------
+
+
+def test_masks_are_found_reported_and_cut_as_their_images(pack, concept_dataset, tmp_path):
+    from lora_foundry.training.dataset import load_dataset, load_item_image
+    from lora_foundry.training.masks import ALPHA, load_mask
+
+    images, masks = _masked_dataset(concept_dataset, tmp_path / "data")
+    missing = sorted(masks.iterdir())[0]
+    missing.unlink()
+    dataset = load_dataset(images, resolution=64, min_side=32, max_side=128, bucket_step=32, mask_folder=masks)
+    with_mask = [i for i in dataset.items if i.mask is not None]
+    assert len(with_mask) == len(dataset.items) - 1
+    assert dataset.report.masks_found == len(with_mask) and dataset.report.masks_missing == [images / f"{missing.stem}.png"]
+    assert f"no mask: {images / missing.stem}.png" in dataset.report.summary()
+
+    # A mask folder inside the dataset is not scanned as images; an RGBA image's alpha is its mask.
+    inside = tmp_path / "inside"
+    shutil.copytree(images, inside)
+    shutil.copytree(masks, inside / "masks")
+    rgba = Image.new("RGBA", (96, 64), (10, 200, 30, 255))
+    rgba.paste((10, 200, 30, 0), (0, 0, 48, 64))  # left half transparent
+    rgba.save(inside / "rgba.png")
+    dataset = load_dataset(inside, resolution=64, min_side=32, max_side=128, bucket_step=32,
+                           mask_folder=inside / "masks", alpha_mask=True)
+    assert not [i for i in dataset.items if "masks" in i.path.parts]
+    item = next(i for i in dataset.items if i.path.name == "rgba.png")
+    assert item.mask == ALPHA
+    # Cut exactly as the image: an image that is its own mask (white right half) gives the same pixels.
+    picture = tmp_path / "picture.png"
+    mask = np.zeros((80, 120), np.uint8)
+    mask[:, 57:] = 255
+    Image.fromarray(mask).convert("RGB").save(picture)
+    item.path, item.size, item.bucket = picture, (120, 80), (64, 32)
+    for flip in (False, True):
+        cut = load_mask(picture, picture, item.bucket, flip)
+        image = load_item_image(item, "center", flip)[0][..., 0]
+        assert cut.shape == image.shape == (32, 64)
+        torch.testing.assert_close(cut, image, atol=1 / 255, rtol=0)
+
+
+def test_masked_loss_teaches_nothing_where_the_mask_is_black(pack, loaded_checkpoint, concept_dataset, tmp_path):
+    """The gradient reaching the model's output is exactly zero under the black half and not elsewhere; with a
+    floor the black half teaches again, floor times as much."""
+    from lora_foundry.training.dataset import load_dataset
+
+    images, masks = _masked_dataset(concept_dataset, tmp_path / "data", count=1)
+    dataset = load_dataset(images, resolution=64, min_side=64, max_side=64, bucket_step=64, mask_folder=masks)
+    grads = {}
+    for floor in (0.0, 0.25):
+        trainer = _trainer(pack, loaded_checkpoint, dataset, tmp_path / f"f{floor}", mask_floor=floor)
+        outputs = []
+
+        def keep(module, args, output, outputs=outputs):
+            if output.requires_grad and output.untyped_storage().nbytes():  # not the memory plan's storage-less run
+                output.retain_grad()
+                outputs.append(output)
+
+        hook = trainer.model.model.diffusion_model.register_forward_hook(keep)
+        try:
+            trainer.run()
+        finally:
+            hook.remove()
+        mask = trainer.masks.get(0)
+        assert mask.shape[-2:] == outputs[-1].shape[-2:]
+        grads[floor] = outputs[-1].grad[0].abs().sum(0)
+        black, white = mask[0] == 0, mask[0] == 1
+        assert black.any() and white.any()
+        assert (grads[floor][white] > 0).all()
+        if floor == 0:
+            assert torch.equal(grads[floor][black], torch.zeros_like(grads[floor][black]))
+        else:
+            assert (grads[floor][black] > 0).all()
+    # Same draws and the same (zero-adapter) output in both runs; weights are the mask lifted to the floor and
+    # scaled to mean 1: white 1 / 0.5 = 2 without a floor, 1 / 0.625 = 1.6 with 0.25 (black 0.4).
+    white = mask[0] == 1
+    torch.testing.assert_close(grads[0.25][white], 0.8 * grads[0.0][white])
+
+
+# --- EMA, best checkpoint, early stopping ---------------------------------------------------------------------------
+
+
+def _concept(concept_dataset, validation_split: float = 0.0, count: int = 4):
+    """`count` concept images at 64 px (few and small: these tests check mechanisms, not learning)."""
+    from lora_foundry.training.dataset import load_dataset
+
+    folder = concept_dataset.parent / f"{concept_dataset.name}-first{count}"
+    if not folder.is_dir():
+        staging = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for path in sorted(concept_dataset.rglob("*.png"))[:count]:
+            for source in (path, path.with_suffix(".txt")):
+                if source.is_file():
+                    shutil.copy(source, staging / source.name)
+        staging.rename(folder)
+    return load_dataset(folder, resolution=64, min_side=64, max_side=64, bucket_step=64,
+                        validation_split=validation_split, seed=0)
+
+
+def test_the_moving_average_is_the_average_of_the_steps(pack, loaded_checkpoint, concept_dataset, tmp_path):
+    """The -ema file holds exactly decay-weighted step parameters (recorded at every step), with warm-up; a run
+    resumed in the middle gives the same average; `instead` makes it the run's adapter."""
+    from safetensors.torch import load_file
+
+    dataset = _concept(concept_dataset)
+    decay, steps = 0.8, 6
+    trainer = _trainer(pack, loaded_checkpoint, dataset, tmp_path / "a", steps=steps, ema_decay=decay, ema_every=2)
+    seen = []
+    trainer.on_step = lambda info: seen.append({k: v.detach().clone()
+                                                for k, v in trainer.network.state_dict_kohya().items()})
+    result = trainer.run()
+    expected, updates = None, 0
+    for step, params in enumerate(seen, start=1):
+        if step % 2:
+            continue
+        d = 0.0 if updates == 0 else min(decay, (1 + updates) / (10 + updates))
+        expected = params if expected is None else {k: d * expected[k] + (1 - d) * params[k] for k in params}
+        updates += 1
+    saved = load_file(str(tmp_path / "a" / "lora-ema.safetensors"))
+    for key, value in expected.items():
+        if "alpha" not in key:
+            torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(saved[next(k for k in saved if "lora_up" in k)],
+                           result.network.state_dict_kohya()[next(k for k in saved if "lora_up" in k)])
+
+    # Resumed at step 3 (state saved with the average), the run ends with the same average.
+    first = _trainer(pack, loaded_checkpoint, dataset, tmp_path / "b", steps=3, ema_decay=decay, ema_every=2)
+    first.run()
+    again = _trainer(pack, loaded_checkpoint, dataset, tmp_path / "b", steps=steps, ema_decay=decay, ema_every=2)
+    again.resume = first.state_path
+    again.run()
+    resumed = load_file(str(tmp_path / "b" / "lora-ema.safetensors"))
+    for key in saved:
+        torch.testing.assert_close(resumed[key], saved[key])
+
+    instead = _trainer(pack, loaded_checkpoint, dataset, tmp_path / "c", steps=steps, ema_decay=decay, ema_every=2,
+                       ema_output="instead")
+    out = instead.run().network.state_dict_kohya()
+    assert not (tmp_path / "c" / "lora-ema.safetensors").exists()
+    for key in saved:
+        torch.testing.assert_close(out[key], saved[key])
+
+
+def test_post_hoc_ema_weights_and_average(pack, tmp_path):
+    from lora_foundry.lora_core.ema import average_files, gamma_of, power_ema_weights, run_checkpoints
+    from lora_foundry.lora_core.files import write_safetensors
+
+    # A narrower average (smaller sigma_rel) is a higher power; gamma solves EDM2's equation for sigma_rel.
+    assert gamma_of(0.2) < gamma_of(0.1) < gamma_of(0.05)
+    g = gamma_of(0.1)
+    assert abs(((g + 1) / ((g + 2) ** 2 * (g + 3))) ** 0.5 - 0.1) < 1e-9
+    weights = power_ema_weights([10, 20, 30, 40], 0.1)
+    expected = [(s / 40) ** (g + 1) - (p / 40) ** (g + 1) for p, s in zip([0, 10, 20, 30], [10, 20, 30, 40], strict=True)]
+    assert weights == pytest.approx([e / sum(expected) for e in expected])
+    assert weights[-1] > weights[-2] > weights[0] and sum(weights) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="ascending"):
+        power_ema_weights([20, 10], 0.1)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    tensors = {}
+    for step in (10, 20, 30, 40):
+        tensors[step] = {"m.lora_up.weight": torch.full((2, 2), float(step)), "m.alpha": torch.tensor(4.0)}
+        write_safetensors(tensors[step], run / f"demo-step{step:06d}.safetensors",
+                          {"ss_output_name": "demo", "ss_steps": str(step)})
+    (run / "demo-step000050.safetensors").write_bytes((run / "demo-step000040.safetensors").read_bytes())
+    found = run_checkpoints(run / "demo-step000040.safetensors")
+    assert [s for s, _ in found] == [10, 20, 30, 40]  # later checkpoints of the run are left out
+    averaged, _ = average_files([p for _, p in found], weights)
+    assert averaged["m.lora_up.weight"][0, 0].item() == pytest.approx(sum(w * s for w, s in
+                                                                        zip(weights, [10, 20, 30, 40], strict=True)))
+    assert averaged["m.alpha"].item() == pytest.approx(4.0)
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    write_safetensors(tensors[10], lonely / "x.safetensors", {"ss_output_name": "x", "ss_steps": "10"})
+    with pytest.raises(ValueError, match="save_every"):
+        run_checkpoints(lonely / "x.safetensors")
+
+
+def test_best_checkpoint_and_early_stopping(pack, loaded_checkpoint, concept_dataset, tmp_path, monkeypatch):
+    """<name>-best holds the adapter of the lowest held-out loss; patience stops the run that many validations after
+    it; both need held-out images and say so."""
+    from lora_foundry.training import loop
+    from safetensors.torch import load_file
+
+    scripted = iter([5.0, 4.0, 3.0, 3.5, 3.2, 3.1, 1.0])  # best at the third validation (step 6)
+    monkeypatch.setattr(loop, "held_out_loss", lambda *args: next(scripted))
+    dataset = _concept(concept_dataset, validation_split=0.15)
+    trainer = _trainer(pack, loaded_checkpoint, dataset, tmp_path / "a", steps=40, validation_every=2,
+                       keep_best=True, patience=3)
+    events, adapters = [], {}
+
+    def on_step(info):
+        events.append(info)
+        adapters[info["step"]] = {k: v.clone() for k, v in trainer.network.state_dict_kohya().items()}
+
+    trainer.on_step = on_step
+    result = trainer.run()
+    assert result.steps == 12 and [s for s, _ in result.validation] == [2, 4, 6, 8, 10, 12]
+    assert events[-1]["stopped_early"] and events[-1]["best"] == [6, 3.0]
+    assert not any(e["stopped_early"] for e in events[:-1])
+    best = load_file(str(tmp_path / "a" / "lora-best.safetensors"))
+    for key, value in adapters[6].items():
+        torch.testing.assert_close(best[key], value)
+    assert not torch.equal(best[next(k for k in best if "lora_up" in k)],
+                           adapters[12][next(k for k in best if "lora_up" in k)])
+
+    with pytest.raises(ValueError, match="validation_split"):
+        _trainer(pack, loaded_checkpoint, _concept(concept_dataset), tmp_path / "b", steps=2, validation_every=1,
+                 keep_best=True)
+    from lora_foundry.training.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match="patience.*validation_every"):
+        TrainConfig(patience=2)
+
+
+# --- per-block ranks and learning rates -----------------------------------------------------------------------------
+
+
+def test_block_ranks_and_learning_rates(pack, loaded_checkpoint, concept_dataset):
+    """kohya's block_dims (every block) and block-weight vectors set each block's rank (0 = no adapter) and learning
+    rate; the optimizer groups carry the rates."""
+    from lora_foundry.lora_core.block_weights import SD1, block_of
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+
+    model, clip, vae = loaded_checkpoint
+    with torch.inference_mode(False):
+        plain = LoraNetwork.create(NetworkConfig(rank=4, preset="attention"), model)
+    blocks = {name: block_of(name, SD1) for name in plain.adapters}
+    assert "MID" in blocks.values()
+    wider = sorted(set(blocks.values()) - {"MID"})[-1]
+    dims = ["4"] * 25  # kohya's block_dims: every block, no BASE
+    dims[SD1.all_ids.index("MID") - 1] = "0"
+    dims[SD1.all_ids.index(wider) - 1] = "8"
+    with torch.inference_mode(False):
+        network = LoraNetwork.create(NetworkConfig(rank=4, preset="attention", block_ranks=",".join(dims)), model)
+    assert {blocks[n] for n in network.adapters} == set(blocks.values()) - {"MID"}
+    for name, adapter in network.adapters.items():
+        assert adapter.rank == (8 if blocks[name] == wider else 4), name
+    with pytest.raises(ValueError, match="block_ranks.*values"):
+        with torch.inference_mode(False):
+            LoraNetwork.create(NetworkConfig(rank=4, block_ranks="1,2,3"), model)
+
+    lrs = {block: 1.0 for block in SD1.all_ids}  # the long vector: BASE and every block
+    lrs.update({"MID": 2.0, wider: 0.5})
+    trainer = _trainer(pack, loaded_checkpoint, _concept(concept_dataset), None, learning_rate=1e-3,
+                       block_lrs=",".join(str(v) for v in lrs.values()))
+    group_of = {id(p): group["lr"] for group in trainer.param_groups() for p in group["params"]}
+    for name, adapter in trainer.network.adapters.items():
+        for p in adapter.parameters():
+            assert group_of[id(p)] == pytest.approx(1e-3 * lrs[blocks[name]]), name
+
+
+# --- prior images with the empty prompt ---------------------------------------------------------------------------
+
+
+def test_prior_images_train_with_the_empty_prompt_when_asked(pack, loaded_checkpoint, concept_dataset, tmp_path):
+    """With reg_empty_prompt the regularisation batches get exactly the conditioning of the sampler's empty negative
+    (CLIPTextEncode of ""), their own captions unused; the training images keep theirs."""
+    import random
+
+    from lora_foundry.training.captions import CaptionOptions
+    from lora_foundry.training.conditioning import encode_caption
+    from lora_foundry.training.dataset import load_dataset
+
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    for image in sorted(concept_dataset.rglob("*.png"))[:2]:
+        shutil.copy(image, reg / image.name)
+        (reg / image.name).with_suffix(".txt").write_text("a circle")
+    _, clip, _ = loaded_checkpoint
+    for empty in (False, True):
+        dataset = load_dataset(concept_dataset, resolution=64, min_side=32, max_side=128, bucket_step=32,
+                               reg_folder=reg, reg_empty_prompt=empty)
+        trainer = _trainer(pack, loaded_checkpoint, dataset, tmp_path / str(empty),
+                           captions=CaptionOptions(trigger_word="sks", prefix="photo"))
+        for item in dataset.items:
+            caption = trainer.caption(item, trainer.config.captions, random.Random(0))
+            if item.is_reg:
+                assert (caption == "") == empty and (empty or "circle" in caption), caption
+            else:
+                assert caption.startswith("sks") or "sks" in caption
+    negative = encode_caption(clip, "")
+    reg_index = next(i for i, item in enumerate(dataset.items) if item.is_reg)
+    conditioning = trainer.conditioning([trainer.caption(dataset.items[reg_index], trainer.config.captions,
+                                                         random.Random(0))], "cpu")[0]
+    torch.testing.assert_close(conditioning[0][0], negative[0][0])
+
+
+# --- through the server ---------------------------------------------------------------------------------------------
+
+
+def _defaults(info: dict) -> dict:
+    """A node's required widget inputs at their defaults (combos: the first option)."""
+    out = {}
+    for name, spec in info["input"]["required"].items():
+        kind, options = spec[0], spec[1] if len(spec) > 1 else {}
+        if isinstance(kind, list):
+            out[name] = options.get("default", kind[0])
+        elif kind == "COMBO":
+            out[name] = options.get("default", options.get("options", [None])[0])
+        elif "default" in options:
+            out[name] = options["default"]
+    return out
+
+
+@pytest.mark.server
+def test_features_through_the_server(pack, server, tiny_checkpoint, concept_dataset, tmp_path):
+    """Load Dataset with masks and an empty-prompt prior, Train LoRA with per-block ranks / learning rates, EMA and
+    the best checkpoint; then Merge LoRA's post-hoc EMA over the run's checkpoints, all by HTTP."""
+    from lora_foundry.lora_core.files import read_safetensors
+
+    images, masks = _masked_dataset(concept_dataset, tmp_path / "data", count=6)
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    for image in sorted(images.glob("*.png"))[:2]:
+        shutil.copy(image, reg / image.name)
+    info = server.object_info()
+    dataset = {**_defaults(info["LoraFoundryLoadDataset"]), "folder": str(images), "resolution": 64, "min_side": 64,
+               "max_side": 64, "bucket_step": 64, "validation_split": 0.2, "mask_folder": str(masks),
+               "reg_folder": str(reg), "reg_empty_prompt": True}
+    lrs = ",".join(["1"] * 26)
+    train = {**_defaults(info["LoraFoundryTrainLoRA"]), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+             "dataset": ["2", 0], "output_name": "features", "rank": 4, "alpha": 4.0, "targets": "attention",
+             "steps": 6, "learning_rate": 1e-3, "save_every": 2, "validation_every": 2, "keep_best": True,
+             "ema_decay": 0.5, "mask_floor": 0.1, "block_lrs": lrs, "trigger_word": "sks"}
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint.name}},
+        "2": {"class_type": "LoraFoundryLoadDataset", "inputs": dataset},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}},
+        "4": {"class_type": "LoraFoundryTrainLoRA", "inputs": train},
+        "5": {"class_type": "LoraFoundrySaveLoRA", "inputs": {
+            "lora": ["4", 0], "filename_prefix": "features_final", "precision": "fp32", "folder": "loras",
+            "overwrite": False}},
+    }
+    outputs = server.run(prompt, timeout=600)
+    report = outputs["3"]["text"][0]
+    assert "Masks (" in report and "6 image(s) masked, 0 without" in report, report  # prior images have none
+    run = server.base_dir / "models" / "loras" / "features"
+    names = sorted(p.name for p in run.glob("*.safetensors"))
+    assert {"features-step000002.safetensors", "features-step000004.safetensors", "features-best.safetensors",
+            "features-ema.safetensors"} <= set(names), names
+    _, meta = read_safetensors(run / "features-ema.safetensors")
+    training = json.loads(meta["lora_foundry_training"])
+    assert meta["ss_masked_loss"] == "True" and training["ema_decay"] == 0.5 and training["block_lrs"] == lrs
+    assert training["keep_best"] and training["mask_floor"] == 0.1
+    assert json.loads(meta["lora_foundry_dataset"]) == {"masks": str(masks), "masked_images": 6,
+                                                        "reg_empty_prompt": True}
+
+    merge = {**_defaults(info["LoraFoundryMergeLoRA"]), "mode": "post-hoc ema",
+             "lora_1": "features/features-step000004.safetensors", "ema_sigma_rel": 0.2}
+    prompt = {"1": {"class_type": "LoraFoundryMergeLoRA", "inputs": merge},
+              "2": {"class_type": "LoraFoundrySaveLoRA", "inputs": {
+                  "lora": ["1", 0], "filename_prefix": "features_ema", "precision": "fp32", "folder": "loras",
+                  "overwrite": False}}}
+    outputs = server.run(prompt, timeout=300)
+    assert "post-hoc EMA (sigma_rel 0.2) of 2 checkpoints: step 2" in outputs["1"]["text"][0]
+    tensors, meta = read_safetensors(outputs["2"]["text"][0])
+    steps = [read_safetensors(run / f"features-step00000{s}.safetensors")[0] for s in (2, 4)]
+    weights = list(json.loads(meta["lora_foundry_post_hoc_ema"])["checkpoints"].values())
+    key = next(k for k in tensors if "lora_up" in k)
+    torch.testing.assert_close(tensors[key], weights[0] * steps[0][key] + weights[1] * steps[1][key], rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_block_ranks_of_a_dit_follow_its_block_lists(pack):
+    """A Flux-layout model: the short vector gives each block list its rank (D = double_blocks, S = single_blocks);
+    the long one each block."""
+    from harness.families import build_family
+    from lora_foundry.lora_core.block_weights import block_of, layout_of
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+
+    fam = build_family("flux")
+    layout = layout_of(fam.model)
+    assert layout.short_ids == ["BASE", "D", "S"]
+    with torch.inference_mode(False):
+        network = LoraNetwork.create(NetworkConfig(rank=4, preset="all", block_ranks="1,2,0"), fam.model)
+        long = ["4"] * len(layout.all_ids)
+        long[layout.all_ids.index("D00")] = "0"
+        per_block = LoraNetwork.create(NetworkConfig(rank=4, preset="all", block_ranks=",".join(long)), fam.model)
+    blocks = {name: block_of(name, layout) for name in network.adapters}
+    assert not [b for b in blocks.values() if b and b.startswith("S")]
+    assert all(network.adapters[n].rank == 2 for n, b in blocks.items() if b and b.startswith("D"))
+    assert all(network.adapters[n].rank == 4 for n, b in blocks.items() if b is None)  # outside every block
+    kept = {block_of(n, layout) for n in per_block.adapters}
+    assert "D00" not in kept and set(layout.all_ids[1:]) - {"D00"} <= kept, (kept, layout.all_ids)
