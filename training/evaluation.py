@@ -112,8 +112,9 @@ def held_out_loss(trainer: Trainer, patched, device, levels=(0.1, 0.3, 0.5, 0.7,
             conditioning = trainer.conditioning([trainer.fixed_caption(item)], device)
             for level in levels:
                 noise = torch.randn(x0.shape, generator=gen).to(device)
+                weights = trainer.masks.weights([item], [index], [False], True, trainer.latents, device)
                 loss = trainer.loss(patched, x0, noise, trainer.sigmas(patched, [level], x0), conditioning,
-                                    [image_geometry(item)], trainer.loss_weights([item], [index], [False], True, device), None)
+                                    [image_geometry(item)], weights, None)
                 total += loss.item()
                 count += 1
     trainer.network.train(training)

@@ -53,3 +53,40 @@ def latent_mask(mask: torch.Tensor, latent_shape: torch.Size) -> torch.Tensor:
     """A [H, W] pixel mask averaged down to a latent of `latent_shape` ([C, H, W] or [C, T, H, W]): [1, ..., h, w]."""
     small = F.interpolate(mask[None, None], size=tuple(latent_shape[-2:]), mode="area")[0, 0]
     return small.view(1, *[1] * (len(latent_shape) - 3), *small.shape)
+
+
+class LossMasks:
+    """The run's loss masks at the latents' size, by item index, flip and split; and the loss weights they give."""
+
+    def __init__(self, floor: float):
+        self.floor = floor  # the weight where a mask is black
+        self._masks: dict[tuple[bool, int, bool], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def get(self, index: int, flip: bool = False, validation: bool = False) -> torch.Tensor:
+        return self._masks[(validation, index, flip)]
+
+    def encode(self, items, latents, flips: tuple[bool, ...], validation: bool = False) -> None:
+        """Each masked item's mask, cut as its image and averaged down to its latent's size (from `latents`)."""
+        for index, item in enumerate(items):
+            for flip in flips if item.mask is not None else ():
+                pixels = load_mask(item.path, item.mask, item.bucket, flip)
+                self._masks[(validation, index, flip)] = latent_mask(pixels, latents.get(index, flip, validation).shape)
+
+    def weights(self, items, indices: list[int], flips: list[bool], validation: bool, latents,
+                device) -> torch.Tensor:
+        """Per sample (the items' loss weights), or per latent element where an item has a mask: the mask lifted
+        to the floor and scaled to mean 1, so a masked image's loss is its mean over the area it learns."""
+        weights = torch.tensor([item.loss_weight for item in items], device=device)
+        keys = [(validation, i, f) for i, f in zip(indices, flips, strict=True)]
+        if not any(key in self._masks for key in keys):
+            return weights
+        shape = latents.get(indices[0], flips[0], validation).shape
+        ones = torch.ones(1, *[1] * (len(shape) - 3), *shape[-2:])
+        masks = torch.stack([self.floor + (1 - self.floor) * self._masks[key] if key in self._masks else ones
+                             for key in keys])
+        per_sample = [-1, *[1] * (masks.dim() - 1)]
+        masks = masks / masks.flatten(1).mean(1).clamp_min(1e-6).view(per_sample)
+        return (masks * weights.cpu().view(per_sample)).to(device)

@@ -30,7 +30,7 @@ from .evaluation import sample_prompts
 from .latent_cache import LatentCache, vae_fingerprint
 from .latent_store import LatentStore
 from .loop import TrainLoop
-from .masks import latent_mask, load_mask
+from .masks import LossMasks
 from .optim import lora_plus_groups
 from .planning import plan_memory
 from .state import save_state
@@ -65,7 +65,7 @@ class Trainer:
             if unused:
                 logging.info("Train LoRA: %s does not apply to %s models; ignored", option, self.kind)
         self.latents = LatentStore()
-        self.masks = LatentStore()  # loss masks at the latents' size, for items that have one
+        self.masks = LossMasks(config.mask_floor)
         self.text: dict[str, list] = {}  # host conditioning of captions that never change
         self.checkpoints: list[Path] = []
         self.train_clip = None  # the CLIP clone carrying text-encoder adapters, while training them
@@ -118,14 +118,6 @@ class Trainer:
     def flips(self, validation: bool) -> tuple[bool, ...]:
         return (False, True) if self.config.flip and not validation else (False,)
 
-    def encode_masks(self, items, validation: bool = False) -> None:
-        """Each masked item's loss mask, cut as its image and averaged down to its latent's size."""
-        for index, item in enumerate(items):
-            for flip in self.flips(validation) if item.mask is not None else ():
-                pixels = load_mask(item.path, item.mask, item.bucket, flip)
-                self.masks.put(index, flip, validation,
-                               latent_mask(pixels, self.latents.get(index, flip, validation).shape))
-
     def disk_cache(self) -> LatentCache | None:
         if self.config.latent_cache != "disk":
             return None
@@ -174,8 +166,8 @@ class Trainer:
         start = time.monotonic()
         self.encode_images(self.dataset.items)
         self.encode_images(self.dataset.validation, validation=True)
-        self.encode_masks(self.dataset.items)
-        self.encode_masks(self.dataset.validation, validation=True)
+        self.masks.encode(self.dataset.items, self.latents, self.flips(False))
+        self.masks.encode(self.dataset.validation, self.latents, self.flips(True), validation=True)
         self.encode_fixed_captions()
         for item in self.dataset.validation:
             self.encode_text(self.fixed_caption(item))
@@ -270,23 +262,9 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=gen)
         if cfg.noise_offset:
             noise = noise + cfg.noise_offset * torch.randn((*x0.shape[:2], *[1] * (x0.dim() - 2)), generator=gen)
-        weights = self.loss_weights(items, batch, flips, False, device)
+        weights = self.masks.weights(items, batch, flips, False, self.latents, device)
         geometries = [image_geometry(item, flip) for item, flip in zip(items, flips, strict=True)]
         return x0, noise.to(device), self.sigmas(patched, levels, x0), captions, geometries, weights
-
-    def loss_weights(self, items, indices: list[int], flips: list[bool], validation: bool, device) -> torch.Tensor:
-        """Per sample (the items' loss weights), or per latent element where an item has a loss mask: the mask
-        lifted to mask_floor and scaled to mean 1, so a masked image's loss is its mean over the area it learns."""
-        weights = torch.tensor([item.loss_weight for item in items], device=device)
-        if not any(self.masks.has(i, f, validation) for i, f in zip(indices, flips, strict=True)):
-            return weights
-        floor = self.config.mask_floor
-        shape = self.latents.get(indices[0], flips[0], validation).shape
-        ones = torch.ones(1, *[1] * (len(shape) - 3), *shape[-2:])
-        masks = torch.stack([floor + (1 - floor) * self.masks.get(i, f, validation) if self.masks.has(i, f, validation)
-                             else ones for i, f in zip(indices, flips, strict=True)])
-        masks = masks / masks.flatten(1).mean(1).clamp_min(1e-6).view(-1, *[1] * (masks.dim() - 1))
-        return (masks * weights.cpu().view(-1, *[1] * (masks.dim() - 1))).to(device)
 
     def batch_loss(self, patched, batch: list[int], rng, gen, device, autocast_dtype) -> torch.Tensor:
         x0, noise, sigma, captions, geometries, weights = self.draw_batch(patched, batch, rng, gen, device)
