@@ -201,9 +201,9 @@ def parse_block_weights(value, layout: Layout) -> BlockWeights | None:
 
 def block_values(value: str, layout: Layout | DiTLayout) -> dict[str, float]:
     """Per-block values (ranks, learning-rate multipliers) by block id, written as block weights are (a preset, the
-    short or the long vector) or as kohya's block_dims / block_lr (every block, without BASE); {} for ""."""
+    short or the long vector) or, for a UNet, as kohya's block_dims (every block, without BASE); {} for ""."""
     text = str(value).strip()
-    if text and len(text.strip("[]").split(",")) == len(layout.all_ids) - 1:
+    if text and isinstance(layout, Layout) and len(text.strip("[]").split(",")) == len(layout.all_ids) - 1:
         weights = parse_block_weights("0," + text.strip("[]"), layout).weights
         del weights["BASE"]
         return weights

@@ -9,12 +9,16 @@ averages too, so this works for every algorithm.
 
 from __future__ import annotations
 
+import glob
 import math
+import re
 from pathlib import Path
 
 import torch
 
 from .files import read_safetensors
+
+_STEP_FILE = re.compile(r"(.+)-step(\d{6,})\.safetensors")
 
 
 def gamma_of(sigma_rel: float) -> float:
@@ -44,20 +48,21 @@ def power_ema_weights(steps: list[int], sigma_rel: float) -> list[float]:
 
 
 def run_checkpoints(last: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the checkpoints a run saved next to `last` (<name>-stepNNNNNN), up to `last`'s step."""
-    tensors_meta = read_safetensors(last)[1]
-    name = tensors_meta.get("ss_output_name", "")
-    last_step = int(tensors_meta.get("ss_steps", "0") or 0)
-    found = {}
-    for path in sorted(last.parent.glob(f"{name}-step*.safetensors")) + [last]:
-        digits = path.stem[len(name) + len("-step"):]
-        step = int(digits) if digits.isdigit() else (last_step if path == last else 0)
-        if 0 < step <= last_step:
-            found.setdefault(step, path)
+    """(step, path) of the step checkpoints (<name>-stepNNNNNN) saved next to `last`, one of them, up to its step."""
+    match = _STEP_FILE.fullmatch(last.name)
+    if match is None:
+        raise ValueError(f"{last.name}: post-hoc EMA starts from one of a run's step checkpoints "
+                         "(<name>-stepNNNNNN.safetensors, written with save_every); choose the last one to average to")
+    name, last_step = match.group(1), int(match.group(2))
+    found = []
+    for path in sorted(last.parent.glob(f"{glob.escape(name)}-step*.safetensors")):
+        other = _STEP_FILE.fullmatch(path.name)
+        if other is not None and other.group(1) == name and 0 < int(other.group(2)) <= last_step:
+            found.append((int(other.group(2)), path))
     if len(found) < 2:
-        raise ValueError(f"{last.name}: post-hoc EMA needs a run's step checkpoints (save_every) next to it; "
-                         f"found {len(found)} for run {name!r} up to step {last_step}")
-    return sorted(found.items())
+        raise ValueError(f"{last.name}: post-hoc EMA needs at least two step checkpoints of run {name!r} (save_every) "
+                         f"up to step {last_step}; found {len(found)}")
+    return sorted(found)
 
 
 def average_files(paths: list[Path], weights: list[float]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

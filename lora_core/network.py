@@ -40,8 +40,9 @@ class NetworkConfig:
     include: list[str] = setting([], "Extra module globs, e.g. *.proj_out.")
     exclude: list[str] = setting([], "Module globs left out.")
     block_ranks: str = setting("", "Rank per block, in block-weight notation (as Apply LoRA's block_weights: the "
-                               "short or long vector, BASE = text encoders) or kohya's block_dims (every block); "
-                               "0 = no adapter there. Empty = rank everywhere.", kohya="block_dims")
+                               "short or long vector, BASE = text encoders) or a UNet's kohya block_dims (every "
+                               "block); linear layers take it, convolutions keep conv_rank; 0 = no adapter in that "
+                               "block. Empty = rank everywhere.", kohya="block_dims")
     block_alphas: str = setting("", "Alpha per block, in the notation of block_ranks. Empty = alpha everywhere.",
                                 kohya="block_alphas")
     text_encoder: bool = setting(False, "Also train the CLIP text encoders (T5 / LLM encoders stay frozen).",
@@ -95,9 +96,15 @@ class NetworkConfig:
             return {}, {}, None
         layout = layout_of(model)
         try:
-            return block_values(self.block_ranks, layout), block_values(self.block_alphas, layout), layout
+            ranks, alphas = block_values(self.block_ranks, layout), block_values(self.block_alphas, layout)
         except ValueError as error:
             raise ValueError(f"block_ranks / block_alphas: {error}") from None
+        bad = [f"{block}={value:g}" for block, value in ranks.items() if value < 0 or value != int(value)]
+        bad += [f"{block}={value:g} (alpha)" for block, value in alphas.items() if value < 0]
+        if bad:
+            raise ValueError(f"block_ranks / block_alphas: ranks are whole numbers from 0, alphas 0 or more; got "
+                             f"{', '.join(bad[:5])}")
+        return ranks, alphas, layout
 
 
 ATTACH_MODES = ("bypass", "weights")
@@ -195,11 +202,12 @@ class LoraNetwork(nn.Module):
         block_ranks, block_alphas, layout = config.block_ranks_alphas(model)
         for i, (name, key, module) in enumerate(layers):
             rank, alpha = config.rank_alpha(layer_kind(module))
-            if layout is not None:
+            if layout is not None:  # kohya's block_dims: linear layers take the block's rank, 0 drops the block
                 block = block_of(key, layout)
-                rank, alpha = int(block_ranks.get(block, rank)), block_alphas.get(block, alpha)
-            if rank == 0:
-                continue  # block_ranks 0: kohya's block_dims leaves that block without a module
+                if block_ranks.get(block) == 0:
+                    continue
+                if layer_kind(module) != "conv":
+                    rank, alpha = int(block_ranks.get(block, rank)), block_alphas.get(block, alpha)
             weight = module.weight.detach()
             adapter = adapter_cls.create(weight, rank, alpha, **adapter_cls.options_from(config, i))
             if config.dora:

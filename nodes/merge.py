@@ -91,7 +91,7 @@ class MergeLoRA(Node):
     def post_hoc_ema(name: str, sigma_rel: float, model, clip) -> io.NodeOutput:
         if name == NONE:
             raise ValueError("Merge LoRA: post-hoc ema averages the checkpoints of lora_1's run; choose its last "
-                             "checkpoint (or final file) as lora_1")
+                             "step checkpoint (<name>-stepNNNNNN, in the run's folder) as lora_1")
         checkpoints = run_checkpoints(lora_file(name))
         weights = power_ema_weights([step for step, _ in checkpoints], sigma_rel)
         tensors, metadata = average_files([path for _, path in checkpoints], weights)

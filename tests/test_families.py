@@ -402,7 +402,8 @@ def test_sd3_trains_through_the_server_from_files(pack, tmp_path_factory, datase
     assert meta["modelspec.architecture"] == "stable-diffusion-3-medium/lora" and meta["ss_base_model_version"] == "sd3"
 
     loras = base / "models" / "loras"
-    assert sorted(listed) == ["sd3/toy_00001.safetensors", "sd3_toy/sd3_toy-step000006.safetensors"]
+    assert sorted(listed) == ["sd3/toy_00001.safetensors", "sd3_toy/sd3_toy-step000006.safetensors",
+                              "sd3_toy/sd3_toy-step000012.safetensors"]
     assert (base / "output" / "lora_foundry_runs" / "sd3_toy" / "sd3_toy-state.safetensors").is_file()
     model = comfy.sd.load_diffusion_model(str(files["unet"]))
     clip = comfy.sd.load_clip([str(tiny_parts["clip"])])

@@ -46,6 +46,9 @@ def test_every_option_and_the_defaults(prompts):
     coarse = prompts.SampleDefaults(64, 64, 1, 1.0, 0, multiple=16)  # a VAE that downscales 16x
     got = prompts.parse_sample_prompts(["x --w 100 --h 31"], coarse)[0]
     assert (got.width, got.height) == (96, 16)
+    # kohya's options previews do not use are skipped, as a kohya prompt file has them
+    got = prompts.parse_sample_prompts(["x --ss euler_a --g 3.5 --d 5"], coarse)[0]
+    assert (got.prompt, got.seed) == ("x", 5)
 
 
 @pytest.mark.parametrize("lines, line, option", [

@@ -148,7 +148,7 @@ def test_checkpoints_are_written_every_n_steps(pack, loaded_checkpoint, concept_
 
     _, result = _train(pack, loaded_checkpoint, concept_dataset, tmp_path, steps=4, save_every=2)
     names = sorted(p.name for p in tmp_path.glob("*.safetensors"))
-    assert names == ["lora-state.safetensors", "lora-step000002.safetensors"]
+    assert names == ["lora-state.safetensors", "lora-step000002.safetensors", "lora-step000004.safetensors"]
     with safe_open(str(tmp_path / names[1]), "pt") as f:
         meta = f.metadata()
     assert meta["ss_steps"] == "2" and meta["ss_network_module"] == "networks.lora"

@@ -57,6 +57,15 @@ def test_masks_are_found_reported_and_cut_as_their_images(pack, concept_dataset,
     assert len(with_mask) == len(dataset.items) - 1
     assert dataset.report.masks_found == len(with_mask) and dataset.report.masks_missing == [images / f"{missing.stem}.png"]
     assert f"no mask: {images / missing.stem}.png" in dataset.report.summary()
+    # A mask of another shape (made from the stored pixels of a rotated photo, say) is refused, naming both files.
+    wrong = sorted(masks.iterdir())[0]
+    with Image.open(wrong) as img:
+        img.transpose(Image.Transpose.ROTATE_90).resize((img.width, img.height // 2)).save(wrong)
+    from lora_foundry.training.dataset import DatasetError
+
+    with pytest.raises(DatasetError, match=f"mask {wrong}.*its image"):
+        load_dataset(images, resolution=64, min_side=32, max_side=128, bucket_step=32, mask_folder=masks)
+    wrong.unlink()
 
     # A mask folder inside the dataset is not scanned as images; an RGBA image's alpha is its mask.
     inside = tmp_path / "inside"
@@ -215,11 +224,20 @@ def test_post_hoc_ema_weights_and_average(pack, tmp_path):
     assert averaged["m.lora_up.weight"][0, 0].item() == pytest.approx(sum(w * s for w, s in
                                                                         zip(weights, [10, 20, 30, 40], strict=True)))
     assert averaged["m.alpha"].item() == pytest.approx(4.0)
-    lonely = tmp_path / "lonely"
-    lonely.mkdir()
-    write_safetensors(tensors[10], lonely / "x.safetensors", {"ss_output_name": "x", "ss_steps": "10"})
-    with pytest.raises(ValueError, match="save_every"):
-        run_checkpoints(lonely / "x.safetensors")
+    # Only step checkpoints of that run: not another run's (a name that is a prefix, or glob characters), not -ema.
+    for other in ("demo2-step000020", "dem-step000020", "demo-ema", "demo-step000020.tmp"):
+        (run / f"{other}.safetensors").write_bytes((run / "demo-step000010.safetensors").read_bytes())
+    assert [s for s, _ in run_checkpoints(run / "demo-step000030.safetensors")] == [10, 20, 30]
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    for step in (10, 20):
+        write_safetensors(tensors[step], odd / f"st[y]le-step{step:06d}.safetensors")
+    write_safetensors(tensors[10], odd / "sty-step000015.safetensors")
+    assert [s for s, _ in run_checkpoints(odd / "st[y]le-step000020.safetensors")] == [10, 20]
+    with pytest.raises(ValueError, match="step checkpoints"):
+        run_checkpoints(run / "demo-ema.safetensors")
+    with pytest.raises(ValueError, match="at least two"):
+        run_checkpoints(run / "demo-step000010.safetensors")
 
 
 def test_best_checkpoint_and_early_stopping(pack, loaded_checkpoint, concept_dataset, tmp_path, monkeypatch):
@@ -249,6 +267,11 @@ def test_best_checkpoint_and_early_stopping(pack, loaded_checkpoint, concept_dat
         torch.testing.assert_close(best[key], value)
     assert not torch.equal(best[next(k for k in best if "lora_up" in k)],
                            adapters[12][next(k for k in best if "lora_up" in k)])
+    # Resumed with the same patience, the stopped run stays stopped: no step is trained.
+    again = _trainer(pack, loaded_checkpoint, dataset, tmp_path / "a", steps=40, validation_every=2,
+                     keep_best=True, patience=3)
+    again.resume = trainer.state_path
+    assert again.run().steps == 12
 
     with pytest.raises(ValueError, match="validation_split"):
         _trainer(pack, loaded_checkpoint, _concept(concept_dataset), tmp_path / "b", steps=2, validation_every=1,
@@ -409,23 +432,24 @@ def test_features_through_the_server(pack, server, tiny_checkpoint, concept_data
 
 
 def test_block_ranks_of_a_dit_follow_its_block_lists(pack):
-    """A Flux-layout model: the short vector gives each block list its rank (D = double_blocks, S = single_blocks);
-    the long one each block."""
+    """An SD3-layout model (two joint blocks): the short vector gives the block list its rank, the long one each
+    block; 0 drops a block."""
     from harness.families import build_family
     from lora_foundry.lora_core.block_weights import block_of, layout_of
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
 
-    fam = build_family("flux")
+    fam = build_family("sd3")
     layout = layout_of(fam.model)
-    assert layout.short_ids == ["BASE", "D", "S"]
+    assert layout.short_ids == ["BASE", "J"] and layout.all_ids == ["BASE", "J00", "J01"]
     with torch.inference_mode(False):
-        network = LoraNetwork.create(NetworkConfig(rank=4, preset="all", block_ranks="1,2,0"), fam.model)
-        long = ["4"] * len(layout.all_ids)
-        long[layout.all_ids.index("D00")] = "0"
-        per_block = LoraNetwork.create(NetworkConfig(rank=4, preset="all", block_ranks=",".join(long)), fam.model)
-    blocks = {name: block_of(name, layout) for name in network.adapters}
-    assert not [b for b in blocks.values() if b and b.startswith("S")]
-    assert all(network.adapters[n].rank == 2 for n, b in blocks.items() if b and b.startswith("D"))
-    assert all(network.adapters[n].rank == 4 for n, b in blocks.items() if b is None)  # outside every block
-    kept = {block_of(n, layout) for n in per_block.adapters}
-    assert "D00" not in kept and set(layout.all_ids[1:]) - {"D00"} <= kept, (kept, layout.all_ids)
+        short = LoraNetwork.create(NetworkConfig(rank=4, preset="all", block_ranks="1,2"), fam.model)
+        long = LoraNetwork.create(NetworkConfig(rank=4, preset="all", block_ranks="1,0,8"), fam.model)
+    blocks = {name: block_of(name, layout) for name in short.adapters}
+    assert {"J00", "J01", None} <= set(blocks.values())
+    for name, adapter in short.adapters.items():
+        assert adapter.rank == (2 if blocks[name] else 4), name  # outside every block: the rank
+    kept = {block_of(name, layout): a.rank for name, a in long.adapters.items()}
+    assert "J00" not in kept and kept["J01"] == 8
+    with pytest.raises(ValueError, match="whole numbers"):
+        with torch.inference_mode(False):
+            LoraNetwork.create(NetworkConfig(rank=4, preset="all", block_ranks="1,2.5"), fam.model)

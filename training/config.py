@@ -44,8 +44,8 @@ class TrainConfig:
     warmup_steps: int = setting(0, "Steps of linear learning-rate warm-up.", min=0, max=100_000,
                                 kohya="lr_warmup_steps", ss=("ss_lr_warmup_steps",))
     block_lrs: str = setting("", "Learning-rate multiplier per block, in block-weight notation (as Apply LoRA's "
-                             "block_weights: short or long vector, BASE = text encoders) or kohya's block_lr (every "
-                             "block). Empty = 1 everywhere.", kohya="block_lr")
+                             "block_weights: short or long vector, BASE = text encoders) or a UNet's every-block "
+                             "vector without BASE (kohya's block_dims form). Empty = 1 everywhere.", kohya="block_lr")
     lora_plus_ratio: float = setting(0.0, "LoRA+: the zero-initialised factors learn this many times faster "
                                      "(0 = off).", min=0.0, max=64.0, step=1.0, kohya="loraplus_lr_ratio")
     grad_clip: float = setting(1.0, "Clip the gradient norm (0 = off).", min=0.0, max=100.0, step=0.1,
@@ -81,7 +81,8 @@ class TrainConfig:
     flip: bool = setting(False, "Also train on mirrored images.", kohya="flip_aug", ss=("ss_flip_aug",))
     mask_floor: float = setting(0.0, "Masked loss (a dataset with masks): the loss weight where a mask is black "
                                 "(0 = that area teaches nothing).", min=0.0, max=1.0, step=0.01)
-    save_every: int = setting(0, "0 = only at the end.", min=0, max=1_000_000, kohya="save_every_n_steps")
+    save_every: int = setting(0, "Save <name>-stepNNNNNN every N steps and at the last (for resume and post-hoc "
+                              "EMA); 0 = none.", min=0, max=1_000_000, kohya="save_every_n_steps")
     latent_cache: str = setting("memory", "disk: also keep the latents in a hidden .lora_foundry_cache folder next "
                                 "to the images, so the next run skips the VAE.", input="cache_latents",
                                 choices=LATENT_CACHES)

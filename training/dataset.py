@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from .buckets import Bucketizer, Size, resize_and_crop
 from .captions import tag_frequency
-from .masks import ALPHA, has_alpha, mask_file
+from .masks import ALPHA, check_mask_shape, has_alpha, mask_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.*)$")
@@ -329,14 +329,19 @@ class _Scanner:
             loss_weight=loss_weight,
             size=size,
             bucket=self.bucketizer.assign(*size),
-            mask=None if is_reg else self._mask(root, path, alpha),
+            mask=None if is_reg else self._mask(root, path, alpha, size),
         )
 
-    def _mask(self, root: Path, path: Path, alpha: bool) -> Path | str | None:
+    def _mask(self, root: Path, path: Path, alpha: bool, size: Size) -> Path | str | None:
         """The image's mask (the mask folder's first, then its alpha channel); recorded in the report."""
         if self.mask_root is None and not self.alpha_mask:
             return None
         mask = mask_file(path, root, self.mask_root) if self.mask_root is not None else None
+        if mask is not None:
+            try:
+                check_mask_shape(mask, path, size)
+            except ValueError as error:
+                raise DatasetError(str(error)) from None
         if mask is None and self.alpha_mask and alpha:
             mask = ALPHA
         if mask is None:

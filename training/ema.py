@@ -62,5 +62,5 @@ class AdapterEMA:
         if missing:
             raise ValueError(f"the saved EMA does not match this network (missing {sorted(missing)[:5]})")
         for name in self.shadow:
-            self.shadow[name] = tensors[name].float().clone()
+            self.shadow[name] = tensors[name].to(self.shadow[name].device, torch.float32)
         self.updates = int(tensors["_updates"])

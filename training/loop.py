@@ -49,6 +49,10 @@ class TrainLoop:
         if trainer.resume is not None:
             self.state.update(load_state(trainer.resume, trainer.network, self.optimizer, self.scheduler, self.rng,
                                          self.gen, self.ema))
+            if self.state["best"] is None and self.state["validation"]:  # a state written before best was kept
+                best = min(self.state["validation"], key=lambda v: v[1])
+                self.state["best"] = list(best)
+                self.state["since_best"] = sum(1 for step, _ in self.state["validation"] if step > best[0])
         self.good_step = self.state["step"]  # how many steps made the adapter in `good`
         self.updating = False  # inside the optimizer's update: an error there may leave the adapter half-changed
         self.backward_done = False
@@ -65,12 +69,12 @@ class TrainLoop:
                 self.preview = sample_step(self.trainer, self.patched, self.patchers, 0)
             with activations:
                 for step in range(state["step"] + 1, cfg.steps + 1):
+                    if self.patience_ran_out():  # also a resumed run that had stopped early
+                        logging.info("Train LoRA: no better held-out loss in %d validations; stopped at step %d "
+                                     "(best: step %d)", cfg.patience, state["step"], state["best"][0])
+                        break
                     mm.throw_exception_if_processing_interrupted()
                     self.after_step(step, self.step(step))
-                    if self.patience_ran_out():
-                        logging.info("Train LoRA: no better held-out loss in %d validations; stopped at step %d "
-                                     "(best: step %d)", cfg.patience, step, state["best"][0])
-                        break
             self.save_state()
             self.finish()
         except mm.InterruptProcessingException:
@@ -154,9 +158,10 @@ class TrainLoop:
                 step % cfg.validation_every == 0 or step == cfg.steps):
             validation.append((step, held_out_loss(trainer, self.patched, self.device)))
             self.track_best(step, validation[-1][1])
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            trainer.save_checkpoint(step)
-            self.save_state()
+        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or self.patience_ran_out()):
+            trainer.save_checkpoint(step)  # the last step's too: post-hoc EMA averages up to the end
+            if step < cfg.steps:
+                self.save_state()
         preview, self.preview = self.preview, None
         if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps or self.patience_ran_out()):
             preview = sample_step(trainer, self.patched, self.patchers, step)  # files even without a node

@@ -34,6 +34,19 @@ def mask_file(image: Path, root: Path, mask_root: Path) -> Path | None:
     return None
 
 
+def check_mask_shape(mask: Path, image: Path, size: tuple[int, int]) -> None:
+    """Refuse a mask whose shape (as shown, EXIF rotation applied) is not its image's: it would be cut elsewhere."""
+    try:
+        with Image.open(mask) as opened:
+            width, height = ImageOps.exif_transpose(opened).size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"mask {mask} cannot be read ({exc}); fix or remove it") from exc
+    if abs(width * size[1] - height * size[0]) > 0.01 * size[0] * height:
+        raise ValueError(f"mask {mask} is {width}x{height}, its image {image} is {size[0]}x{size[1]} as shown (EXIF "
+                         "rotation applied): a mask must have its image's shape (any scale); make it from the image "
+                         "as shown")
+
+
 def load_mask(image: Path, source: str | Path, bucket: Size, flip: bool = False) -> torch.Tensor:
     """The mask as float [H, W] in [0, 1] at the bucket's size, cut as the image is."""
     with Image.open(image if source == ALPHA else source) as opened:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
 OPTIONS = {"n": "negative prompt", "w": "width", "h": "height", "s": "steps", "l": "CFG scale", "d": "seed"}
+# kohya's options that previews here do not use (they sample with euler / normal and the run's own adapter)
+KOHYA_IGNORED = {"ss": "sampler", "g": "guidance scale", "cn": "ControlNet image", "am": "network multipliers"}
 _OPTION = re.compile(r"(?:^|\s)--(?=\S)")  # an option starts at ` --` followed by its letter, as in sd-scripts
 
 
@@ -54,6 +57,10 @@ def _parse_line(line: str, number: int, defaults: SampleDefaults, index: int) ->
     values: dict[str, str] = {}
     for option in options:
         name, *value = option.split(None, 1)
+        if name.lower() in KOHYA_IGNORED:
+            logging.info("sample_prompts line %d: --%s (kohya's %s) is ignored", number, name,
+                         KOHYA_IGNORED[name.lower()])
+            continue
         if name.lower() not in OPTIONS:
             raise ValueError(f"sample_prompts line {number}: unknown option --{name} (known: "
                              f"{', '.join(f'--{k} {v}' for k, v in OPTIONS.items())})")
