@@ -199,15 +199,19 @@ def parse_block_weights(value, layout: Layout) -> BlockWeights | None:
     return BlockWeights(layout, layout.expand(numbers))
 
 
-def block_values(value: str, layout: Layout | DiTLayout) -> dict[str, float]:
+def block_values(value: str, layout: Layout | DiTLayout, setting: str) -> dict[str, float]:
     """Per-block values (ranks, learning-rate multipliers) by block id, written as block weights are (a preset, the
-    short or the long vector) or, for a UNet, as kohya's block_dims (every block, without BASE); {} for ""."""
+    short or the long vector) or, for a UNet, as kohya's block_dims (every block, without BASE); {} for "".
+    A ValueError names `setting`."""
     text = str(value).strip()
-    if text and isinstance(layout, Layout) and len(text.strip("[]").split(",")) == len(layout.all_ids) - 1:
-        weights = parse_block_weights("0," + text.strip("[]"), layout).weights
-        del weights["BASE"]
-        return weights
-    parsed = parse_block_weights(text, layout)
+    try:
+        if text and isinstance(layout, Layout) and len(text.strip("[]").split(",")) == len(layout.all_ids) - 1:
+            weights = parse_block_weights("0," + text.strip("[]"), layout).weights
+            del weights["BASE"]
+            return weights
+        parsed = parse_block_weights(text, layout)
+    except ValueError as error:
+        raise ValueError(f"{setting}: {error}") from None
     return dict(parsed.weights) if parsed is not None else {}
 
 

@@ -95,10 +95,8 @@ class NetworkConfig:
         if not (self.block_ranks or self.block_alphas) or model is None:
             return {}, {}, None
         layout = layout_of(model)
-        try:
-            ranks, alphas = block_values(self.block_ranks, layout), block_values(self.block_alphas, layout)
-        except ValueError as error:
-            raise ValueError(f"block_ranks / block_alphas: {error}") from None
+        ranks = block_values(self.block_ranks, layout, "block_ranks")
+        alphas = block_values(self.block_alphas, layout, "block_alphas")
         bad = [f"{block}={value:g}" for block, value in ranks.items() if value < 0 or value != int(value)]
         bad += [f"{block}={value:g} (alpha)" for block, value in alphas.items() if value < 0]
         if bad:

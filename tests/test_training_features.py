@@ -313,6 +313,8 @@ def test_block_ranks_and_learning_rates(pack, loaded_checkpoint, concept_dataset
     lrs.update({"MID": 2.0, wider: 0.5})
     trainer = _trainer(pack, loaded_checkpoint, _concept(concept_dataset), None, learning_rate=1e-3,
                        block_lrs=",".join(str(v) for v in lrs.values()))
+    with pytest.raises(ValueError, match="block_lrs: 3 values"):  # refused before anything is encoded
+        _trainer(pack, loaded_checkpoint, _concept(concept_dataset), None, block_lrs="1,2,3")
     group_of = {id(p): group["lr"] for group in trainer.param_groups() for p in group["params"]}
     for name, adapter in trainer.network.adapters.items():
         for p in adapter.parameters():

@@ -41,8 +41,7 @@ class AdapterEMA:
     def swapped_in(self) -> Iterator[None]:
         """The network holds the averaged parameters inside the block, its own ones again after."""
         saved = {name: p.detach().clone() for name, p in self.network.named_parameters()}
-        for name, p in self.network.named_parameters():
-            p.copy_(self.shadow[name].to(p.device, p.dtype))
+        self.copy_to_network()
         try:
             yield
         finally:

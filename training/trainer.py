@@ -75,6 +75,8 @@ class Trainer:
         self.plan: memory.MemoryPlan | None = None  # device memory, estimated before step 1
         self.streamed = False  # whether some weights stream from RAM in this run
         self.samples = sample_prompts(self)  # parsed before anything is encoded: a bad line fails the run's start
+        layout = layout_of(model) if config.block_lrs else None
+        self.block_lrs = (layout, block_values(config.block_lrs, layout, "block_lrs") if layout else {})
         if (config.keep_best or config.patience) and not dataset.validation:
             raise ValueError("keep_best / patience: judged by the held-out loss, but the dataset holds no image out; "
                              "set validation_split in Load Dataset")
@@ -210,13 +212,7 @@ class Trainer:
         """Optimizer groups: UNet and text-encoder adapters at their learning rates (times their block's block_lrs
         multiplier), each split for LoRA+."""
         cfg = self.config
-        multipliers, layout = {}, None
-        if cfg.block_lrs:
-            layout = layout_of(self.model)
-            try:
-                multipliers = block_values(cfg.block_lrs, layout)
-            except ValueError as error:
-                raise ValueError(f"block_lrs: {error}") from None
+        layout, multipliers = self.block_lrs
         by_lr: dict[tuple[bool, float], list] = {}  # UNet groups first, as resumed states expect
         for name, adapter in self.network.adapters.items():
             te = name.startswith("lora_te")

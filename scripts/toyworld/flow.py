@@ -14,7 +14,6 @@ output padded to 2048), exactly as CLIPTextEncode computes them. The VAE is the 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,8 +21,8 @@ from pathlib import Path
 from harness import fixtures
 from harness.comfy import setup_inprocess
 
-from . import VERSION, vae, world
-from .pretrain import cache_dir, latent_stats, optimise, training_images
+from . import VERSION, world
+from .pretrain import base_parts, cache_dir, optimise, save_base, training_images
 
 CHANNELS = 16
 SD3_SCALE, SD3_SHIFT = 1.5305, 0.0609  # comfy.latent_formats.SD3
@@ -143,9 +142,7 @@ def pretrain(seed: int = 0, config: FlowConfig = DEFAULT, force: bool = False, l
     started = time.monotonic()
     torch.manual_seed(seed)
     log(f"toy world (flow): pretraining the base model ({config.steps} steps of {config.batch_size}) -> {path}")
-    stats = latent_stats(seed)
-    vae_sd = {k: v.float() for k, v in vae.build(stats, CHANNELS, SD3_SCALE, SD3_SHIFT).state_dict().items()}
-    clip_sd = {k: v.to(torch.float16) for k, v in fixtures.build_clip_l(seed).state_dict().items()}
+    stats, vae_sd, clip_sd = base_parts(seed, CHANNELS, SD3_SCALE, SD3_SHIFT)
     model = build_mmdit(config.depth, seed)
     captions = world.all_captions()
     encoded = encode_captions(checkpoint_dict(model.state_dict(), clip_sd, vae_sd), captions + [""], seed, log)
@@ -156,11 +153,8 @@ def pretrain(seed: int = 0, config: FlowConfig = DEFAULT, force: bool = False, l
     log(f"  {len(latents)} images encoded ({time.monotonic() - started:.0f}s)")
     losses = train_flow(model, latents, cond_index, conds, pooled, config, seed, log)
     unet_sd = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
-    info = {"version": VERSION, "family": "sd3", "seed": seed, "config": asdict(config), "latent_stats": stats,
-            "seconds": round(time.monotonic() - started, 1), "final_loss": sum(losses[-50:]) / 50}
-    fixtures._save_atomic(checkpoint_dict(unet_sd, clip_sd, vae_sd), path, metadata={"toyworld": json.dumps(info)})
-    log(f"toy world (flow): base model ready in {info['seconds']:.0f}s: {path}")
-    return path
+    info = {"version": VERSION, "family": "sd3", "seed": seed, "config": asdict(config), "latent_stats": stats}
+    return save_base(path, checkpoint_dict(unet_sd, clip_sd, vae_sd), info, losses, started, "toy world (flow)", log)
 
 
 def main() -> None:

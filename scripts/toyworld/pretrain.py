@@ -188,6 +188,25 @@ def train_unet(unet, latents, cond_index, conds, cfg: PretrainConfig, seed: int,
     return losses
 
 
+def base_parts(seed: int, *vae_args) -> tuple[dict, dict, dict]:
+    """What both toy bases share: the dataset's latent statistics, the toy VAE (fp32) and the seeded CLIP-L (fp16)."""
+    import torch
+
+    stats = latent_stats(seed)
+    vae_sd = {k: v.float() for k, v in vae.build(stats, *vae_args).state_dict().items()}
+    clip_sd = {k: v.to(torch.float16) for k, v in fixtures.build_clip_l(seed).state_dict().items()}
+    return stats, vae_sd, clip_sd
+
+
+def save_base(path: Path, checkpoint: dict, info: dict, losses: list[float], started: float, label: str,
+              log=print) -> Path:
+    """Write a pretrained base with its `toyworld` metadata (info + time and final loss), atomically."""
+    info = {**info, "seconds": round(time.monotonic() - started, 1), "final_loss": sum(losses[-50:]) / 50}
+    fixtures._save_atomic(checkpoint, path, metadata={"toyworld": json.dumps(info)})
+    log(f"{label}: base model ready in {info['seconds']:.0f}s: {path}")
+    return path
+
+
 def pretrain(seed: int = 0, config: PretrainConfig = DEFAULT, force: bool = False, log=print) -> Path:
     """The cached base checkpoint for `seed`, pretrained now if it is not on disk."""
     path = checkpoint_path(seed, config)
@@ -199,9 +218,7 @@ def pretrain(seed: int = 0, config: PretrainConfig = DEFAULT, force: bool = Fals
     started = time.monotonic()
     torch.manual_seed(seed)
     log(f"toy world: pretraining the base model ({config.steps} steps of {config.batch_size}) -> {path}")
-    stats = latent_stats(seed)
-    vae_sd = {k: v.float() for k, v in vae.build(stats).state_dict().items()}
-    clip_sd = {k: v.to(torch.float16) for k, v in fixtures.build_clip_l(seed).state_dict().items()}
+    stats, vae_sd, clip_sd = base_parts(seed)
     unet = fixtures.build_unet(seed)
     captions = world.all_captions()
     conds = encode_captions(clip_sd, unet.state_dict(), vae_sd, captions + [""], seed, log)
@@ -211,11 +228,8 @@ def pretrain(seed: int = 0, config: PretrainConfig = DEFAULT, force: bool = Fals
     log(f"  {len(latents)} images encoded ({time.monotonic() - started:.0f}s)")
     losses = train_unet(unet, latents, cond_index, cond_table, config, seed, log)
     unet_sd = {k: v.to(torch.float16) for k, v in unet.state_dict().items()}
-    info = {"version": VERSION, "seed": seed, "config": asdict(config), "latent_stats": stats,
-            "seconds": round(time.monotonic() - started, 1), "final_loss": sum(losses[-50:]) / 50}
-    fixtures._save_atomic(_checkpoint_dict(unet_sd, clip_sd, vae_sd), path, metadata={"toyworld": json.dumps(info)})
-    log(f"toy world: base model ready in {info['seconds']:.0f}s: {path}")
-    return path
+    info = {"version": VERSION, "seed": seed, "config": asdict(config), "latent_stats": stats}
+    return save_base(path, _checkpoint_dict(unet_sd, clip_sd, vae_sd), info, losses, started, "toy world", log)
 
 
 def main() -> None:
