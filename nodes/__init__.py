@@ -9,7 +9,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .routes import register
 
-NODE_MODULES = ("apply", "dataset", "save", "train", "merge", "extract", "resize", "caption")
+NODE_MODULES = ("apply", "dataset", "save", "train", "merge", "extract", "resize", "caption", "configs")
 NODES: list[type[io.ComfyNode]] = [node for name in NODE_MODULES for node in import_module(f".{name}", __name__).NODES]
 
 

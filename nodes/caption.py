@@ -21,7 +21,7 @@ from ..training.captioner import (
     model_folder_help,
 )
 from ..training.dataset import load_dataset
-from .dataset import resolve_folder
+from ..training.run import resolve_input_folder
 from .inputs import CATEGORY, LoraDataset, Node
 from .shown_captions import CAPTION_EDITS
 
@@ -129,7 +129,7 @@ class CaptionImages(Node):
         if dataset is None:
             if not folder.strip():
                 raise ValueError("Caption Images: connect a dataset (Load Dataset) or give a folder")
-            dataset = load_dataset(resolve_folder(folder), caption_extensions=(extension,))
+            dataset = load_dataset(resolve_input_folder(folder), caption_extensions=(extension,))
         edit = EditOptions(trigger_word=trigger_word, class_word=class_word, prefix=prefix, suffix=suffix,
                            replacements=parse_replacements(find_replace), blacklist=parse_tag_list(blacklist),
                            deduplicate=deduplicate, max_tags=max_tags)

@@ -35,6 +35,7 @@ class TrainingLog:
             run = self._runs.get(node)
             if run is None:
                 return dict(info)
+            run["total"] = info.get("total", run["total"])  # epochs: the steps are known once the run starts
             run["steps"].append(info["step"])
             run["loss"].append(info["loss"])
             val = info.get("validation")

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import torch
 from comfy_api.latest import io
 
 from ..lora_core.apply import apply_lora
-from ..lora_core.files import path_inside
 from ..lora_core.network import LoraNetwork, NetworkConfig
-from ..lora_core.settings import from_inputs
 from ..training.captions import CaptionOptions
 from ..training.plots import loss_graph
-from ..training.sample_prompts import check_sample_prompts
+from ..training.run import run_folders, train
+from ..training.run_config import GRAPH_SECTIONS
 from ..training.trainer import TrainConfig, Trainer
-from .inputs import CATEGORY, Lora, LoraDataset, LoraLoss, Node, setting_inputs
+from .inputs import CATEGORY, Lora, LoraDataset, LoraLoss, Node, TrainingConfig, setting_inputs
 from .live import TRAINING_LOG
 
 # Train LoRA's widgets in order (saved workflows store values by position): declared settings, and node_inputs().
@@ -29,7 +25,8 @@ OPTIONAL_WIDGETS = ["gradient_checkpointing", "grad_accum", "grad_clip", "lora_p
                     "train_text_encoder", "text_encoder_lr", "resume", "cache_latents", "use_tucker",
                     "timestep_shift", "shift", "guidance", "attach", "network_dropout", "vram_budget_gb",
                     "offload_activations", "compile_blocks", "mask_floor", "block_ranks", "block_alphas", "block_lrs",
-                    "keep_best", "patience", "ema_decay", "ema_every", "ema_warmup", "ema_output"]
+                    "keep_best", "patience", "ema_decay", "ema_every", "ema_warmup", "ema_output", "optimizer_args",
+                    "epochs"]
 SETTINGS = (NetworkConfig, TrainConfig, CaptionOptions)
 
 
@@ -58,7 +55,7 @@ def progress_reporter(node_id: str | None, total: int):
 
     def report(info: dict) -> None:
         preview = info.pop("preview", None)
-        bar.update_absolute(info["step"], total, ("PNG", preview, None) if preview is not None else None)
+        bar.update_absolute(info["step"], info["total"], ("PNG", preview, None) if preview is not None else None)
         event = TRAINING_LOG.record(node, info, preview)  # kept for a page reloaded mid-run
         try:
             from server import PromptServer
@@ -68,38 +65,6 @@ def progress_reporter(node_id: str | None, total: int):
             pass  # headless use without a server
 
     return report
-
-
-@dataclass
-class RunFolders:
-    loras: Path  # the run's adapters: final and intermediate LoRAs, listed by every LoRA loader
-    states: Path  # the resume state: not a LoRA, so never inside a loras folder
-    resume: Path | None  # the state to continue, or None for a new run
-
-    @property
-    def name(self) -> str:
-        return self.loras.name
-
-
-STATES_FOLDER = "lora_foundry_runs"
-
-
-def run_folders(loras: str, output: str, output_name: str, resume: bool) -> RunFolders:
-    """Where a run writes; a new run gets fresh folders, never used ones, and `resume` needs a saved state."""
-    n = 1
-    while True:
-        name = output_name if n == 1 else f"{output_name}_{n}"
-        folders = RunFolders(path_inside(loras, name), path_inside(output, f"{STATES_FOLDER}/{name}"), None)
-        state = folders.states / f"{folders.name}-state.safetensors"
-        if resume:
-            earlier = folders.loras / state.name  # where earlier versions of the pack kept it
-            if not state.is_file() and not earlier.is_file():
-                raise ValueError(f"resume: no saved state at {state}; train once with this output_name first")
-            folders.resume = state if state.is_file() else earlier
-            return folders
-        if not any(f.exists() and any(f.iterdir()) for f in (folders.loras, folders.states)):
-            return folders
-        n += 1
 
 
 class TrainLoRA(Node):
@@ -114,7 +79,9 @@ class TrainLoRA(Node):
                     io.Vae.Input("vae", tooltip="Encodes the images (latents are cached once)."),
                     LoraDataset.Input("dataset"),
                     *setting_inputs(REQUIRED_WIDGETS, SETTINGS, node_inputs()),
-                    *setting_inputs(OPTIONAL_WIDGETS, SETTINGS, node_inputs(), optional=True)],
+                    *setting_inputs(OPTIONAL_WIDGETS, SETTINGS, node_inputs(), optional=True),
+                    TrainingConfig.Input("config", optional=True, tooltip="Settings from Load Training Config: "
+                                         "they replace the widgets' values (the summary lists them).")],
             outputs=[Lora.Output(display_name="lora"), io.Model.Output(display_name="model"),
                      LoraLoss.Output(display_name="loss"), io.Image.Output(display_name="loss_graph"),
                      io.String.Output(display_name="summary"), io.Clip.Output(display_name="clip")],
@@ -122,24 +89,23 @@ class TrainLoRA(Node):
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, dataset, output_name, resume=False, **inputs) -> io.NodeOutput:
+    def execute(cls, model, clip, vae, dataset, output_name, resume=False, config=None, **inputs) -> io.NodeOutput:
         import folder_paths
 
-        check_sample_prompts(inputs.get("sample_prompts") or "")  # line numbers as typed, blank lines included
-        network_config = from_inputs(NetworkConfig, inputs)
-        config = from_inputs(TrainConfig, inputs, captions=from_inputs(CaptionOptions, inputs))
+        if config is not None:  # a Load Training Config: its settings replace the widgets'
+            inputs.update(config.inputs(*GRAPH_SECTIONS))
+            output_name = config.values.get("run", {}).get("output_name", output_name)
+            resume = config.values.get("run", {}).get("resume", resume)
+        total = inputs.get("steps", 1)
         folders = run_folders(folder_paths.get_folder_paths("loras")[0], folder_paths.get_output_directory(),
                               output_name, resume)
-        with torch.inference_mode(False):
-            network = LoraNetwork.create(network_config, model, clip)
-            trainer = Trainer(model, clip, vae, dataset, network, config, output_dir=folders.loras,
-                              name=folders.name, on_step=progress_reporter(cls.hidden.unique_id, config.steps),
-                              resume=folders.resume, state_dir=folders.states)
-            result = trainer.run()
-        network.metadata = trainer.metadata(result.steps)
+        network, trainer, result = train(model, clip, vae, dataset, inputs, folders,
+                                         on_step=progress_reporter(cls.hidden.unique_id, total))
         trained_model, trained_clip, _ = apply_lora(model, clip, network.state_dict_kohya(), 1.0, 1.0)
         history = {"loss": result.losses, "validation": result.validation}
         summary = run_summary(network, trainer, result)
+        if config is not None:
+            summary += "\n" + config.describe()
         graph = pil_to_image(loss_graph(result.losses, result.validation))
         ui = {"text": [summary], "loss": result.losses, "validation": [list(v) for v in result.validation]}
         return io.NodeOutput(network, trained_model, history, graph, summary, trained_clip, ui=ui)

@@ -11,9 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 from harness import fixtures
-from harness.comfy import REPO_ROOT, import_pack, setup_inprocess
+from harness.comfy import REPO_ROOT, allowed_roots_env, import_pack, setup_inprocess
 from harness.server import ComfyServer
 
+os.environ.update(allowed_roots_env())  # tests give nodes folders in temporary and cache folders
 ARTIFACTS = Path(os.environ.get("LORA_FOUNDRY_ARTIFACTS", REPO_ROOT / "test-artifacts"))
 
 

@@ -12,6 +12,7 @@ from harness.server import PACK_DIR_NAME, WorkflowError
 from harness.workflow import to_api_prompt
 
 DISPLAY_NAMES = {"Load Dataset", "Caption Images", "Train LoRA", "Save LoRA", "Merge LoRA", "Extract LoRA", "Apply LoRA",
+                 "Load Training Config", "Save Training Config",
                  "Apply LoRA Stack", "LoRA Stack", "Resize LoRA"}
 
 

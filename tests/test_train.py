@@ -245,7 +245,7 @@ def test_resume_continues_exactly(pack, loaded_checkpoint, concept_dataset, tmp_
 
 
 def test_a_new_run_never_reuses_a_folder_and_resume_needs_a_state(pack, tmp_path):
-    from lora_foundry.nodes.train import run_folders
+    from lora_foundry.training.run import run_folders
 
     loras, output = tmp_path / "loras", tmp_path / "output"
     folders = run_folders(str(loras), str(output), "style", resume=False)
@@ -446,3 +446,42 @@ def test_saved_files_carry_kohyas_training_metadata(pack, loaded_checkpoint, con
             "ss_caption_dropout_rate": "0.1", "ss_network_dropout": "0.0", "ss_network_dim": "4",
             "ss_num_train_images": str(len(trainer.dataset.items))}
     assert {k: meta.get(k) for k in want} == want
+
+
+def test_resume_with_other_settings_is_refused_naming_them(pack, loaded_checkpoint, concept_dataset, tmp_path):
+    """A state resumed with another rank, algorithm, optimizer or set of images is refused before anything loads,
+    naming the setting; a learning rate or dropout may change."""
+    import shutil
+
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.training.config import TrainingError
+    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.trainer import TrainConfig, Trainer
+
+    model, clip, vae = loaded_checkpoint
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted((concept_dataset / "10_sks circle").iterdir())[:16]:  # 8 images, 8 captions
+        shutil.copy(path, images / path.name)
+
+    def train(folder, resume=None, steps=1, **network):
+        dataset = load_dataset(images, resolution=64, min_side=64, max_side=64)
+        optimizer = network.pop("optimizer", "AdamW")
+        lr = network.pop("learning_rate", 1e-3)
+        settings = {"rank": 2, "alpha": 2.0, "preset": "attention", **network}
+        with torch.inference_mode(False):
+            trainer = Trainer(model, clip, vae, dataset, LoraNetwork.create(NetworkConfig(**settings), model),
+                              TrainConfig(steps=steps, learning_rate=lr, optimizer=optimizer), output_dir=folder,
+                              resume=resume)
+            trainer.run()
+        return trainer
+
+    state = train(tmp_path / "first").state_path
+    for changed, message in [({"rank": 4}, "rank: the run saved at"), ({"algorithm": "loha"}, "algorithm: "),
+                             ({"optimizer": "Lion"}, "optimizer: the run saved at")]:
+        with pytest.raises(TrainingError, match=message):
+            train(tmp_path / "again", state, 2, **changed)
+    assert train(tmp_path / "ok", state, 2, learning_rate=5e-4, module_dropout=0.1).state_path.is_file()
+    next(images.glob("*.png")).unlink()
+    with pytest.raises(TrainingError, match="dataset: the run saved at .* trained on 8 images .*, now 7"):
+        train(tmp_path / "again", state, 2)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from harness.workflow import default_inputs
 from PIL import Image
 
 
@@ -360,20 +361,6 @@ def test_prior_images_train_with_the_empty_prompt_when_asked(pack, loaded_checkp
 # --- through the server ---------------------------------------------------------------------------------------------
 
 
-def _defaults(info: dict) -> dict:
-    """A node's required widget inputs at their defaults (combos: the first option)."""
-    out = {}
-    for name, spec in info["input"]["required"].items():
-        kind, options = spec[0], spec[1] if len(spec) > 1 else {}
-        if isinstance(kind, list):
-            out[name] = options.get("default", kind[0])
-        elif kind == "COMBO":
-            out[name] = options.get("default", options.get("options", [None])[0])
-        elif "default" in options:
-            out[name] = options["default"]
-    return out
-
-
 @pytest.mark.server
 def test_features_through_the_server(pack, server, tiny_checkpoint, concept_dataset, tmp_path):
     """Load Dataset with masks and an empty-prompt prior, Train LoRA with per-block ranks / learning rates, EMA and
@@ -386,11 +373,11 @@ def test_features_through_the_server(pack, server, tiny_checkpoint, concept_data
     for image in sorted(images.glob("*.png"))[:2]:
         shutil.copy(image, reg / image.name)
     info = server.object_info()
-    dataset = {**_defaults(info["LoraFoundryLoadDataset"]), "folder": str(images), "resolution": 64, "min_side": 64,
+    dataset = {**default_inputs(info["LoraFoundryLoadDataset"]), "folder": str(images), "resolution": 64, "min_side": 64,
                "max_side": 64, "bucket_step": 64, "validation_split": 0.2, "mask_folder": str(masks),
                "reg_folder": str(reg), "reg_empty_prompt": True}
     lrs = ",".join(["1"] * 26)
-    train = {**_defaults(info["LoraFoundryTrainLoRA"]), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+    train = {**default_inputs(info["LoraFoundryTrainLoRA"]), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
              "dataset": ["2", 0], "output_name": "features", "rank": 4, "alpha": 4.0, "targets": "attention",
              "steps": 6, "learning_rate": 1e-3, "save_every": 2, "validation_every": 2, "keep_best": True,
              "ema_decay": 0.5, "mask_floor": 0.1, "block_lrs": lrs, "trigger_word": "sks"}
@@ -417,7 +404,7 @@ def test_features_through_the_server(pack, server, tiny_checkpoint, concept_data
     assert json.loads(meta["lora_foundry_dataset"]) == {"masks": str(masks), "masked_images": 6,
                                                         "reg_empty_prompt": True}
 
-    merge = {**_defaults(info["LoraFoundryMergeLoRA"]), "mode": "post-hoc ema",
+    merge = {**default_inputs(info["LoraFoundryMergeLoRA"]), "mode": "post-hoc ema",
              "lora_1": "features/features-step000004.safetensors", "ema_sigma_rel": 0.2}
     prompt = {"1": {"class_type": "LoraFoundryMergeLoRA", "inputs": merge},
               "2": {"class_type": "LoraFoundrySaveLoRA", "inputs": {

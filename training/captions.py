@@ -17,7 +17,7 @@ class CaptionOptions:
     so the trigger word is always kept, whether it was in the caption or added.
     """
 
-    trigger_word: str = setting("", "Put in front of every caption.", kohya="trigger_word")
+    trigger_word: str = setting("", "Put in front of every caption.")
     prefix: str = setting("", "Text put before every caption (after the trigger word).", kohya="caption_prefix")
     suffix: str = setting("", "Text put after every caption.", kohya="caption_suffix")
     shuffle_tags: bool = setting(False, "Shuffle the comma-separated tags of each caption at every step.",

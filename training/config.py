@@ -12,7 +12,7 @@ from ..lora_core.settings import check_choices, setting
 from .captions import CaptionOptions
 from .conditioning import TRAINING_GUIDANCE
 from .objective import LOSSES, TIMESTEP_SAMPLING, TIMESTEP_SHIFTS
-from .optim import OPTIMIZERS, SCHEDULERS
+from .optim import OPTIMIZERS, SCHEDULERS, parse_optimizer_args
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LATENT_CACHES = ("memory", "disk")
@@ -29,6 +29,9 @@ class TrainConfig:
 
     steps: int = setting(300, "Optimizer steps.", min=1, max=1_000_000, kohya="max_train_steps",
                          ss=("ss_max_train_steps",))
+    epochs: int = setting(0, "Train this many epochs instead (every image times its repeats once per epoch): the "
+                          "steps follow from the dataset, batch and accumulation; 0 = steps decide.", min=0,
+                          max=100_000, kohya="max_train_epochs")
     batch_size: int = setting(1, "Images per micro-batch.", min=1, max=256, kohya="train_batch_size",
                               ss=("ss_batch_size_per_device",))
     learning_rate: float = setting(1e-4, "The adapters' learning rate (UNet / DiT).", min=0.0, max=10.0, step=1e-5,
@@ -38,6 +41,9 @@ class TrainConfig:
     optimizer: str = setting("AdamW", "AdamW8bit keeps its state in 8 bits; Prodigy finds its own step size "
                              "(learning rate about 1.0).", choices=OPTIMIZERS, kohya="optimizer_type",
                              ss=("ss_optimizer",))
+    optimizer_args: list[str] = setting([], "Optimizer options, key=value (kohya's optimizer_args), e.g. "
+                                        "betas=0.9,0.99 or decouple=True d_coef=2 for Prodigy.", multiline=True,
+                                        kohya="optimizer_args")
     weight_decay: float = setting(0.01, "Decoupled weight decay.", min=0.0, max=1.0, step=0.001)
     scheduler: str = setting("constant", "Learning-rate schedule after the warm-up.", choices=SCHEDULERS,
                              kohya="lr_scheduler", ss=("ss_lr_scheduler",))
@@ -45,7 +51,7 @@ class TrainConfig:
                                 kohya="lr_warmup_steps", ss=("ss_lr_warmup_steps",))
     block_lrs: str = setting("", "Learning-rate multiplier per block, in block-weight notation (as Apply LoRA's "
                              "block_weights: short or long vector, BASE = text encoders) or a UNet's every-block "
-                             "vector without BASE (kohya's block_dims form). Empty = 1 everywhere.", kohya="block_lr")
+                             "vector without BASE (kohya's block_dims form). Empty = 1 everywhere.")
     lora_plus_ratio: float = setting(0.0, "LoRA+: the zero-initialised factors learn this many times faster "
                                      "(0 = off).", min=0.0, max=64.0, step=1.0, kohya="loraplus_lr_ratio")
     grad_clip: float = setting(1.0, "Clip the gradient norm (0 = off).", min=0.0, max=100.0, step=0.1,
@@ -121,6 +127,10 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choices(self)
+        own = sorted(set(parse_optimizer_args(self.optimizer_args)) & {"lr", "weight_decay", "params"})
+        if own:
+            raise ValueError(f"optimizer_args: {', '.join(own)} are settings of their own (learning_rate, "
+                             "weight_decay); set them there")
         if self.steps < 1:
             raise ValueError(f"steps: must be at least 1, got {self.steps}")
         if not 0 <= self.min_timestep < self.max_timestep <= 1000:

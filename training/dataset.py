@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 import random
 import re
+import warnings
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,16 +22,27 @@ from PIL import Image, ImageOps
 
 from .buckets import Bucketizer, Size, resize_and_crop
 from .captions import tag_frequency
-from .masks import ALPHA, check_mask_shape, has_alpha, mask_file
+from .masks import ALPHA, SIXTEEN_BIT_MODES, check_mask_shape, has_alpha, mask_file, to_8bit
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.*)$")
 # EXIF orientations that turn the stored picture by 90 degrees: width and height swap on display.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+# Above any camera's photo (150 MP medium format) and below the size Pillow refuses by default (179 MP), so this
+# check and its message are what a user meets. It reads the header, so a decompression bomb is never decoded.
+MAX_IMAGE_PIXELS = 160_000_000
+# Pillow opens a 16-bit greyscale PNG as I;16 (older Pillow: I); convert() clips it, so it would turn white.
+_USABLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", *SIXTEEN_BIT_MODES)
+SUMMARY_LIST_LIMIT = 20  # lines per list in the summary: a report of 10,000 files stays readable
+_LINKED_FOLDER = "symlink to a folder, not followed; copy the folder here, or link its image files one by one"
 
 
 class DatasetError(ValueError):
     """The dataset cannot be used as given; the message says what to change."""
+
+
+class _Unusable(ValueError):
+    """A file the scan leaves out; the message is the reason the report gives."""
 
 
 @dataclass
@@ -55,6 +69,9 @@ class DatasetReport:
     captions_missing: int = 0
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     caption_errors: list[tuple[Path, str]] = field(default_factory=list)
+    animated: list[Path] = field(default_factory=list)  # images with several frames: the first one is used
+    # Images differing only by extension, and the caption file they share (None: none yet).
+    shared_captions: list[tuple[tuple[Path, ...], Path | None]] = field(default_factory=list)
     masks: str = ""  # where masks come from, empty when masked loss is off
     masks_found: int = 0
     masks_missing: list[Path] = field(default_factory=list)
@@ -87,18 +104,30 @@ class DatasetReport:
         if self.masks:
             lines.append(f"Masks ({self.masks}): {self.masks_found} image(s) masked, {len(self.masks_missing)} "
                          "without a mask (they learn everywhere)")
-            lines.extend(f"  no mask: {path}" for path in self.masks_missing[:20])
-            if len(self.masks_missing) > 20:
-                lines.append(f"  ... and {len(self.masks_missing) - 20} more")
+            lines.extend(_capped([f"  no mask: {path}" for path in self.masks_missing]))
+        if self.shared_captions:
+            lines.append(f"Images with the same name in one folder ({len(self.shared_captions)}): one caption file "
+                         "captions all of them; rename all but one and give each its own caption")
+            lines.extend(_capped([f"  {', '.join(map(str, paths))}: "
+                                  + (f"share {caption}" if caption else "no caption file yet, one would caption all")
+                                  for paths, caption in self.shared_captions]))
+        if self.animated:
+            lines.append(f"Animated images ({len(self.animated)}): the first frame of each is used")
+            lines.extend(_capped([f"  {path}" for path in self.animated]))
         if self.caption_errors:
             lines.append(f"Caption files that could not be read ({len(self.caption_errors)}):")
-            lines.extend(f"  {path}: {reason}" for path, reason in self.caption_errors)
+            lines.extend(_capped([f"  {path}: {reason}" for path, reason in self.caption_errors]))
         if self.skipped:
             lines.append(f"Skipped files ({len(self.skipped)}):")
-            lines.extend(f"  {path}: {reason}" for path, reason in self.skipped)
+            lines.extend(_capped([f"  {path}: {reason}" for path, reason in self.skipped]))
         else:
             lines.append("Skipped files: none")
         return "\n".join(lines)
+
+
+def _capped(lines: list[str], limit: int = SUMMARY_LIST_LIMIT) -> list[str]:
+    """The first `limit` lines, then how many more there are."""
+    return lines[:limit] + ([f"  ... and {len(lines) - limit} more"] if len(lines) > limit else [])
 
 
 @dataclass
@@ -108,6 +137,7 @@ class Dataset:
     report: DatasetReport
     root: Path
     reg_empty_prompt: bool = False  # the regularisation images train with the empty prompt
+    options: dict | None = None  # the Load Dataset settings it was made with (kept in the LoRA's metadata)
 
     def epoch_order(self, epoch: int, seed: int, batch_size: int) -> list[list[int]]:
         """Batches of indices into `items` for one epoch: each item `repeats` times, one bucket per batch."""
@@ -146,7 +176,7 @@ def load_item_image(
 ) -> tuple[torch.Tensor, Size]:
     """The item's image tensor and the crop's (top, left) corner in the resized image (for SDXL conditioning)."""
     try:
-        with Image.open(item.path) as opened:
+        with _open_image(item.path) as opened:
             img = _to_rgb(ImageOps.exif_transpose(opened))
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise DatasetError(f"cannot read {item.path} any more ({exc}); reload the dataset") from exc
@@ -157,9 +187,24 @@ def load_item_image(
     return torch.from_numpy(array.copy()), corner
 
 
+@contextmanager
+def _open_image(path: Path) -> Iterator[Image.Image]:
+    """The image opened, not decoded yet; _Unusable when its header says it has more than MAX_IMAGE_PIXELS."""
+    with warnings.catch_warnings():
+        # MAX_IMAGE_PIXELS decides; Pillow's warning for images over 89 MP would repeat at every load.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise _Unusable(f"too large: {width}x{height} ({width * height / 1e6:.3g} megapixels, the limit is "
+                                f"{MAX_IMAGE_PIXELS / 1e6:.3g}); downscale it")
+            yield img
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB; transparent areas become white rather than whatever colour the hidden pixels have."""
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    img = to_8bit(img)
+    if has_alpha(img) or "transparency" in img.info:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -302,11 +347,22 @@ class _Scanner:
 
     def folder(self, root: Path, *, is_reg: bool, loss_weight: float, exclude: tuple = ()) -> list[DatasetItem]:
         items = []
-        for path in _image_files(root, exclude):
+        for path in _image_files(root, exclude, self.report.skipped):
             item = self.image(root, path, is_reg, loss_weight)
             if item is not None:
                 items.append(item)
+        self._shared_names(items)
         return items
+
+    def _shared_names(self, items: list[DatasetItem]) -> None:
+        """Record images that differ only by extension (a.png, a.jpg): one caption file stands for all of them."""
+        by_stem: dict[Path, list[Path]] = defaultdict(list)
+        for item in items:
+            by_stem[item.path.with_suffix("")].append(item.path)
+        for paths in by_stem.values():
+            if len(paths) > 1:
+                sidecars = (paths[0].with_suffix(ext) for ext in self.caption_extensions)
+                self.report.shared_captions.append((tuple(paths), next((s for s in sidecars if s.is_file()), None)))
 
     def image(self, root: Path, path: Path, is_reg: bool, loss_weight: float) -> DatasetItem | None:
         found = self._size(path)
@@ -353,22 +409,23 @@ class _Scanner:
     def _size(self, path: Path) -> tuple[Size, bool] | None:
         """The displayed (EXIF-rotated) size and whether it has alpha, or None after recording why it cannot be used."""
         try:
-            with Image.open(path) as img:
-                orientation = img.getexif().get(0x0112)
-                img.load()  # decodes everything: truncated or corrupt files fail here, not mid-training
-                width, height = img.size
-                alpha = has_alpha(img)
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-            self.report.skipped.append((path, f"not a readable image ({type(exc).__name__}: {exc})"))
-            return None
-        if orientation in _TRANSPOSED_ORIENTATIONS:
-            width, height = height, width
+            (width, height), alpha, animated = _inspect(path)
+        except _Unusable as exc:
+            return self._skip(path, str(exc))
+        except Image.DecompressionBombError as exc:
+            return self._skip(path, f"too large for Pillow ({exc}); downscale it")
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            return self._skip(path, f"not a readable image ({type(exc).__name__}: {exc})")
         if min(width, height) < self.min_image_side:
-            self.report.skipped.append(
-                (path, f"too small: {width}x{height} px, both sides must be at least {self.min_image_side} px")
+            return self._skip(
+                path, f"too small: {width}x{height} px, both sides must be at least {self.min_image_side} px"
             )
-            return None
+        if animated:
+            self.report.animated.append(path)
         return (width, height), alpha
+
+    def _skip(self, path: Path, reason: str) -> None:
+        self.report.skipped.append((path, reason))
 
     def _caption(self, path: Path, tokens: str) -> str:
         """The sidecar caption, else the folder's tokens; counts where it came from in the report."""
@@ -392,12 +449,42 @@ class _Scanner:
         return ""
 
 
-def _image_files(root: Path, exclude: tuple) -> list[Path]:
-    """Image files under root in a fixed order; hidden files and folders are left out."""
+def _inspect(path: Path) -> tuple[Size, bool, bool]:
+    """The displayed (EXIF-rotated) size, whether it has alpha, whether it is animated. Decodes the whole file, so
+    a truncated or corrupt one fails here rather than mid-training."""
+    if path.stat().st_size == 0:
+        raise _Unusable("empty file (0 bytes), perhaps a copy that did not finish; copy it again or remove it")
+    with _open_image(path) as img:
+        if img.mode not in _USABLE_MODES:
+            raise _Unusable(f"unsupported colour mode {img.mode}; save it as an 8-bit RGB PNG or JPEG")
+        width, height = img.size  # before draft() shrinks it
+        orientation = img.getexif().get(0x0112)
+        if img.format == "JPEG":
+            # At 1/8 scale a JPEG still reads all its data (truncation is still found) in under half the time.
+            img.draft(img.mode, (1, 1))
+        img.load()
+        alpha, animated = has_alpha(img), getattr(img, "is_animated", False)
+    if orientation in _TRANSPOSED_ORIENTATIONS:
+        width, height = height, width
+    return (width, height), alpha, animated
+
+
+def _image_files(root: Path, exclude: tuple, skipped: list[tuple[Path, str]]) -> list[Path]:
+    """Image files under root in a fixed order; hidden files and folders are left out, and folders that cannot be
+    read or are symlinks are recorded in `skipped`."""
     found = []
-    for directory, subdirs, files in os.walk(root):
+
+    def unreadable(error: OSError) -> None:
+        reason = f"folder cannot be read ({error.strerror or error}); check its permissions"
+        skipped.append((Path(error.filename or root), reason))
+
+    # os.walk does not follow symlinked folders (a link to a parent would loop forever), so say which it left out.
+    for directory, subdirs, files in os.walk(root, onerror=unreadable):
         here = Path(directory)
         # Hidden entries are macOS '._' resource forks and tool caches (.ipynb_checkpoints), not pictures.
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and here / d not in exclude)
+        visible = sorted(d for d in subdirs if not d.startswith(".") and here / d not in exclude)
+        links = [d for d in visible if (here / d).is_symlink()]
+        skipped.extend((here / d, _LINKED_FOLDER) for d in links)
+        subdirs[:] = [d for d in visible if d not in links]
         found.extend(here / f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
     return sorted(found)

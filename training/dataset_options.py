@@ -21,8 +21,8 @@ class DatasetOptions:
     no_upscale: bool = setting(False, "Never enlarge an image to fill its bucket.", kohya="bucket_no_upscale")
     caption_extension: str = setting(".txt", "Caption file extensions, comma separated.", kohya="caption_extension")
     validation_split: float = setting(0.0, "Fraction of the images held out to measure validation loss.", min=0.0,
-                                      max=0.5, step=0.01)
-    seed: int = setting(0, "Seed of the validation split.", min=0, max=2**31 - 1)
+                                      max=0.5, step=0.01, kohya="validation_split")
+    seed: int = setting(0, "Seed of the validation split.", min=0, max=2**31 - 1, kohya="validation_seed")
     reg_folder: str = setting("", "Regularisation (prior) images; empty for none.", kohya="reg_data_dir")
     prior_loss_weight: float = setting(1.0, "Loss weight of the regularisation images.", min=0.0, max=10.0, step=0.05,
                                        kohya="prior_loss_weight")
@@ -35,18 +35,31 @@ class DatasetOptions:
     alpha_mask: bool = setting(False, "Masked loss: an image's alpha channel is its mask (transparent = ignore).",
                                kohya="alpha_mask")
 
+    repeats: int = setting(1, "Repeats of each image whose folder name sets none (kohya's num_repeats; a folder "
+                           "named `10_name` repeats its images 10 times).", min=1, max=10_000, kohya="num_repeats")
+
     def caption_extensions(self) -> tuple[str, ...]:
         extensions = tuple(e.strip() if e.strip().startswith(".") else "." + e.strip()
                            for e in self.caption_extension.split(",") if e.strip())
         return extensions or (".txt",)
 
-    def load_arguments(self, resolve: Callable[[str], os.PathLike]) -> dict:
-        """load_dataset's arguments, with folder names turned into paths by `resolve`."""
+    def load_arguments(self, resolve: Callable[[str, str], os.PathLike]) -> dict:
+        """load_dataset's arguments, with folder names turned into paths by `resolve(name, setting)`."""
         return dict(
-            folder=resolve(self.folder), caption_extensions=self.caption_extensions(), resolution=self.resolution,
+            folder=resolve(self.folder, "folder"), caption_extensions=self.caption_extensions(), resolution=self.resolution,
             min_side=self.min_side, max_side=self.max_side, bucket_step=self.bucket_step, no_upscale=self.no_upscale,
-            reg_folder=resolve(self.reg_folder) if self.reg_folder.strip() else None,
+            reg_folder=resolve(self.reg_folder, "reg_folder") if self.reg_folder.strip() else None,
             prior_loss_weight=self.prior_loss_weight, validation_split=self.validation_split, seed=self.seed,
-            mask_folder=resolve(self.mask_folder) if self.mask_folder.strip() else None, alpha_mask=self.alpha_mask,
-            reg_empty_prompt=self.reg_empty_prompt,
+            mask_folder=resolve(self.mask_folder, "mask_folder") if self.mask_folder.strip() else None, alpha_mask=self.alpha_mask,
+            reg_empty_prompt=self.reg_empty_prompt, default_repeats=self.repeats,
         )
+
+    def load(self, resolve: Callable[[str, str], os.PathLike]):
+        """The dataset these options describe (folder names turned into paths by `resolve`)."""
+        from dataclasses import asdict
+
+        from .dataset import load_dataset
+
+        dataset = load_dataset(**self.load_arguments(resolve))
+        dataset.options = asdict(self)
+        return dataset

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from typing import TYPE_CHECKING
@@ -16,8 +17,8 @@ from .blocks import INPLACE_ERROR
 from .config import TrainingError, TrainResult
 from .ema import AdapterEMA
 from .evaluation import held_out_loss, sample_step
-from .optim import build_optimizer, build_scheduler
-from .state import load_state
+from .optim import build_optimizer, build_scheduler, parse_optimizer_args
+from .state import load_state, saved_loop
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -33,7 +34,9 @@ class TrainLoop:
         self.rng = random.Random(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         groups = trainer.param_groups()
-        self.optimizer = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay)
+        extra = parse_optimizer_args(cfg.optimizer_args)
+        self.optimizer = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay,
+                                         extra.pop("betas", None), extra)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, cfg.steps, cfg.warmup_steps)
         self.params = [p for g in groups for p in g["params"]]
         self.good = [p.detach().clone() for p in self.params]  # the adapter that last gave a finite loss
@@ -44,9 +47,10 @@ class TrainLoop:
                             cfg.precision, compute)
         self.scaler = torch.amp.GradScaler(device.type, enabled=compute == torch.float16)
         self.state = {"step": 0, "epoch": 0, "order": [], "losses": [], "validation": [], "best": None,
-                      "since_best": 0}
+                      "since_best": 0}  # with global_batch, set below (a state saved before it has none)
         self.ema = AdapterEMA(trainer.network, cfg.ema_decay, cfg.ema_every, cfg.ema_warmup) if cfg.ema_decay else None
         if trainer.resume is not None:
+            check_same_run(saved_loop(trainer.resume).get("run"), trainer.run_identity(), trainer.resume)
             self.state.update(load_state(trainer.resume, trainer.network, self.optimizer, self.scheduler, self.rng,
                                          self.gen, self.ema))
             if self.state["best"] is None and self.state["validation"]:  # a state written before best was kept
@@ -57,6 +61,13 @@ class TrainLoop:
         self.updating = False  # inside the optimizer's update: an error there may leave the adapter half-changed
         self.backward_done = False
         self.preview = None  # the step-0 samples' grid, shown with the first report
+        self.state["run"] = trainer.run_identity()
+        self.global_batch = cfg.batch_size * trainer.processes.world
+        if self.state.setdefault("global_batch", self.global_batch) != self.global_batch:
+            raise TrainingError(
+                f"batch_size: this run trained {self.state['global_batch']} images per micro-batch over all "
+                f"processes, now {cfg.batch_size} x {trainer.processes.world} process(es) = {self.global_batch}; "
+                "to resume exactly keep batch_size x processes the same")
 
     def run(self) -> TrainResult:
         import comfy.model_management as mm
@@ -65,7 +76,7 @@ class TrainLoop:
         activations = (torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
                        if cfg.offload_activations else contextlib.nullcontext())
         try:
-            if state["step"] == 0 and cfg.sample_every:  # the base model with the zero adapter, to compare with
+            if state["step"] == 0 and cfg.sample_every and self.trainer.processes.writes:  # the base model with the zero adapter, to compare with
                 self.preview = sample_step(self.trainer, self.patched, self.patchers, 0)
             with activations:
                 for step in range(state["step"] + 1, cfg.steps + 1):
@@ -93,6 +104,7 @@ class TrainLoop:
         for _ in range(cfg.grad_accum):
             loss = self.micro_batch(step, self.next_batch())
             step_loss += loss / cfg.grad_accum
+        self.trainer.processes.average_gradients(self.params)
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
@@ -109,31 +121,38 @@ class TrainLoop:
         return step_loss
 
     def next_batch(self) -> list[int]:
+        """The next global batch: batch_size items for each process."""
         state, cfg = self.state, self.config
         if not state["order"]:
-            state["order"].extend(self.trainer.dataset.epoch_order(state["epoch"], cfg.seed, cfg.batch_size))
+            state["order"].extend(self.trainer.dataset.epoch_order(state["epoch"], cfg.seed, self.global_batch))
             state["epoch"] += 1
         return state["order"].pop(0)
 
     def micro_batch(self, step: int, batch: list[int]) -> float:
-        """Forward and backward of one micro-batch; stops the run on a non-finite loss, keeping the last good
-        adapter."""
-        trainer, cfg = self.trainer, self.config
+        """Forward and backward of this process's share of one micro-batch; stops the run on a non-finite loss,
+        keeping the last good adapter. The batch's mean loss over every process."""
+        trainer, cfg, processes = self.trainer, self.config, self.trainer.processes
         trainer.network.new_step()
         draws = (self.rng.getstate(), self.gen.get_state())  # what batch_loss draws from
-        loss = trainer.batch_loss(self.patched, batch, self.rng, self.gen, self.device, self.autocast_dtype)
-        if not torch.isfinite(loss):
+        share = processes.share(batch)
+        weight = (share[1] - share[0]) / len(batch)  # this process's part of the batch's mean
+        if not weight:  # fewer items than processes: drawn like the others, nothing to compute
+            trainer.draw_batch(self.patched, batch, self.rng, self.gen, "cpu", share)
+            return processes.sum(0.0, self.device)
+        loss = trainer.batch_loss(self.patched, batch, self.rng, self.gen, self.device, self.autocast_dtype, share)
+        total = processes.sum(loss.item() * weight, self.device)
+        if not math.isfinite(total):
             with torch.no_grad():
                 torch._foreach_copy_(self.params, self.good)
             path = trainer.save_checkpoint(self.good_step, "last-good")
-            raise TrainingError(f"loss became {loss.item()} at step {step}; training stopped. The last adapter that "
+            raise TrainingError(f"loss became {total} at step {step}; training stopped. The last adapter that "
                                 f"gave a finite loss (step {self.good_step}) is kept at {path}. Lower the learning "
                                 "rate or use fp32/bf16.")
         with torch.no_grad():
             torch._foreach_copy_(self.good, self.params)
         self.good_step = self.state["step"]
         try:
-            self.scaler.scale(loss / cfg.grad_accum).backward()
+            self.scaler.scale(loss * weight / cfg.grad_accum).backward()
         except RuntimeError as error:
             if INPLACE_ERROR not in str(error) or self.backward_done:
                 raise
@@ -146,10 +165,11 @@ class TrainLoop:
             self.optimizer.zero_grad(set_to_none=True)
             self.rng.setstate(draws[0])
             self.gen.set_state(draws[1])
-            loss = trainer.batch_loss(self.patched, batch, self.rng, self.gen, self.device, self.autocast_dtype)
-            self.scaler.scale(loss / cfg.grad_accum).backward()
+            loss = trainer.batch_loss(self.patched, batch, self.rng, self.gen, self.device, self.autocast_dtype,
+                                      share)
+            self.scaler.scale(loss * weight / cfg.grad_accum).backward()
         self.backward_done = True
-        return loss.item()
+        return total
 
     def after_step(self, step: int, step_loss: float) -> None:
         """Validation, intermediate files, and the step's report (with a preview) to the node."""
@@ -163,7 +183,7 @@ class TrainLoop:
             if step < cfg.steps:
                 self.save_state()
         preview, self.preview = self.preview, None
-        if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps or self.patience_ran_out()):
+        if cfg.sample_every and trainer.processes.writes and (step % cfg.sample_every == 0 or step == cfg.steps or self.patience_ran_out()):
             preview = sample_step(trainer, self.patched, self.patchers, step)  # files even without a node
         if trainer.on_step is None:
             return
@@ -210,3 +230,23 @@ class TrainLoop:
         path = self.trainer.save_checkpoint(self.state["step"], "last-good")
         return TrainingError(f"out of device memory at step {self.state['step'] + 1} ({plan.describe()}); the adapter "
                              f"of the last finished step is kept at {path}. To fit: {plan.hint()}")
+
+
+def check_same_run(saved: dict | None, now: dict, path) -> None:
+    """Refuse to resume a state made with other adapters, optimizer or images, naming the setting that changed (a
+    state saved before these were kept is not checked)."""
+    if not saved:
+        return
+    for name, value in saved.get("network", {}).items():
+        if now["network"].get(name) != value:
+            raise TrainingError(f"{name}: the run saved at {path} was trained with {value!r}, now "
+                                f"{now['network'].get(name)!r}; set it back to resume, or turn resume off to start "
+                                "a new run")
+    if saved.get("optimizer") != now["optimizer"]:
+        raise TrainingError(f"optimizer: the run saved at {path} used {saved.get('optimizer')}, now "
+                            f"{now['optimizer']}; its state cannot continue in another optimizer")
+    was, new = saved.get("dataset", {}), now["dataset"]
+    if (was.get("images"), was.get("files")) != (new["images"], new["files"]):  # the folder itself may move
+        raise TrainingError(f"dataset: the run saved at {path} trained on {was.get('images')} images "
+                            f"({was.get('folder')}), now {new['images']} ({new['folder']}) and not the same files, "
+                            "repeats or split; resume with the dataset it started with")

@@ -20,6 +20,17 @@ MASK_EXTENSIONS = (".png", ".webp", ".jpg", ".jpeg")
 ALPHA = "alpha"  # DatasetItem.mask_source of a mask read from the image's own alpha channel
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image as 8-bit L (value / 257, rounded); any other image as it is."""
+    if img.mode not in SIXTEEN_BIT_MODES:
+        return img
+    values = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)
+    return Image.fromarray(((values + 128) // 257).astype(np.uint8))
+
+
 def has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
 
@@ -50,7 +61,7 @@ def check_mask_shape(mask: Path, image: Path, size: tuple[int, int]) -> None:
 def load_mask(image: Path, source: str | Path, bucket: Size, flip: bool = False) -> torch.Tensor:
     """The mask as float [H, W] in [0, 1] at the bucket's size, cut as the image is."""
     with Image.open(image if source == ALPHA else source) as opened:
-        img = ImageOps.exif_transpose(opened)
+        img = to_8bit(ImageOps.exif_transpose(opened))  # a 16-bit mask would clip to white
         if source == ALPHA:
             img = img.convert("RGBA").getchannel("A")
         else:

@@ -201,6 +201,35 @@ def build_optimizer(name: str, param_groups: list[dict], lr: float, weight_decay
     return cls(param_groups, **kwargs)
 
 
+def parse_optimizer_args(lines: list[str]) -> dict:
+    """kohya's optimizer_args ("key=value", several per line allowed) as keywords: True / False, numbers, and
+    comma-separated numbers (betas=0.9,0.99) as tuples; anything else stays text."""
+    out = {}
+    for line in lines:
+        for pair in line.split():
+            key, sep, text = pair.partition("=")
+            if not sep or not key or not text:
+                raise ValueError(f"optimizer_args: {pair!r} is not key=value (e.g. betas=0.9,0.99 or decouple=True)")
+            out[key] = _argument(text)
+    return out
+
+
+def _argument(text: str):
+    if text in ("True", "true", "False", "false"):
+        return text in ("True", "true")
+    parts = text.split(",")
+    numbers = []
+    for part in parts:
+        try:
+            numbers.append(int(part))
+        except ValueError:
+            try:
+                numbers.append(float(part))
+            except ValueError:
+                return text
+    return tuple(numbers) if len(parts) > 1 else numbers[0]
+
+
 def lora_plus_groups(named_params: list[tuple[str, torch.nn.Parameter]], lr: float, ratio: float,
                      weight_decay: float) -> list[dict]:
     """LoRA+ groups: the zero-initialised side of each adapter at lr * ratio, the rest at lr.

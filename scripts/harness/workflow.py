@@ -99,3 +99,17 @@ def to_api_prompt(workflow: dict, object_info: dict) -> dict:
                 inputs[slot["name"]] = src
         prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs}
     return prompt
+
+
+def default_inputs(info: dict) -> dict:
+    """A node's required widget inputs at their defaults (combos: the first option), for an API prompt."""
+    out = {}
+    for name, spec in info["input"]["required"].items():
+        kind, options = spec[0], spec[1] if len(spec) > 1 else {}
+        if isinstance(kind, list):
+            out[name] = options.get("default", kind[0])
+        elif kind == "COMBO":
+            out[name] = options.get("default", options.get("options", [None])[0])
+        elif "default" in options:
+            out[name] = options["default"]
+    return out

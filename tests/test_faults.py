@@ -1,0 +1,162 @@
+"""Faults and a shared server: folders outside ComfyUI's refused unless allowed, cancel during latent caching,
+kill -9 then resume, prompts back to back on one server with their memory released."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from harness.comfy import REPO_ROOT
+from harness.server import WorkflowError
+from harness.workflow import default_inputs
+
+HEADLESS = REPO_ROOT / "scripts" / "train_lora.py"
+
+
+def small_dataset(concept_dataset: Path, folder: Path, count: int = 6) -> Path:
+    folder.mkdir(parents=True)
+    for path in sorted((concept_dataset / "10_sks circle").glob("*.png"))[:count]:
+        shutil.copy(path, folder / path.name)
+        shutil.copy(path.with_suffix(".txt"), folder / f"{path.stem}.txt")
+    return folder
+
+
+# --- folders a shared server reads ------------------------------------------------------------------------------------
+
+
+def test_folders_outside_comfyui_are_refused_unless_the_owner_allows_them(pack, tmp_path, monkeypatch):
+    import folder_paths
+    from lora_foundry.training.run import ALLOWED_ROOTS, resolve_input_folder
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    monkeypatch.setenv(ALLOWED_ROOTS, "")
+    with pytest.raises(ValueError, match=f"reg_folder: {outside} is outside ComfyUI's input, output and models "
+                                         f"folders.*start ComfyUI with {ALLOWED_ROOTS}={outside}"):
+        resolve_input_folder(str(outside), "reg_folder")
+    with pytest.raises(ValueError, match=r"folder: '../x' leaves ComfyUI's input folder"):
+        resolve_input_folder("../x")
+    with pytest.raises(ValueError, match="is outside"):  # '..' inside an absolute path is normalised first
+        resolve_input_folder(os.path.join(folder_paths.get_input_directory(), "..", "..", "etc"))
+    inside = Path(folder_paths.get_input_directory()) / "mine"
+    assert resolve_input_folder("mine") == inside
+    assert resolve_input_folder(str(inside)) == inside
+    assert resolve_input_folder(str(Path(folder_paths.models_dir) / "x")) == Path(folder_paths.models_dir) / "x"
+    monkeypatch.setenv(ALLOWED_ROOTS, os.pathsep.join(["/nonexistent", str(tmp_path)]))
+    assert resolve_input_folder(str(outside)) == outside
+    monkeypatch.setenv(ALLOWED_ROOTS, "")
+    assert resolve_input_folder(str(outside), restricted=False) == outside  # a headless run by the machine's user
+
+
+@pytest.mark.server
+def test_the_server_refuses_a_dataset_folder_outside_its_roots(server):
+    """Load Dataset on /usr/share (outside the server's folders and the roots its owner listed) fails naming the
+    setting and the way to allow it; the server keeps serving."""
+    info = server.object_info()
+    prompt = {"1": {"class_type": "LoraFoundryLoadDataset",
+                    "inputs": {**default_inputs(info["LoraFoundryLoadDataset"]), "folder": "/usr/share"}},
+              "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
+    with pytest.raises(WorkflowError, match="folder: /usr/share is outside ComfyUI's input, output and models folders"
+                                            ".*LORA_FOUNDRY_ALLOWED_ROOTS"):
+        server.run(prompt, timeout=120)
+    assert server.object_info()  # still up
+
+
+# --- cancel and kill ------------------------------------------------------------------------------------------------
+
+
+def test_cancel_during_latent_caching_leaves_only_whole_cache_files(pack, loaded_checkpoint, concept_dataset,
+                                                                    tmp_path):
+    """Cancel while the VAE encodes: the run stops before its next chunk, and what the disk cache holds is whole
+    files (each reads back), none under a temporary name."""
+    import comfy.model_management as mm
+    from lora_foundry.lora_core.files import read_safetensors
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.trainer import TrainConfig, Trainer
+
+    model, clip, vae = loaded_checkpoint
+    images = small_dataset(concept_dataset, tmp_path / "images", count=20)
+    dataset = load_dataset(images, resolution=64, min_side=64, max_side=64)
+    encodes = []
+
+    class CancelAfterFirst:  # the VAE, with the user pressing Cancel once its first chunk is encoded
+        def __getattr__(self, name):
+            return getattr(vae, name)
+
+        def encode(self, pixels):
+            encodes.append(len(pixels))
+            latents = vae.encode(pixels)
+            mm.interrupt_current_processing(True)
+            return latents
+
+    with torch.inference_mode(False):
+        network = LoraNetwork.create(NetworkConfig(rank=2, preset="attention"), model)
+        trainer = Trainer(model, clip, CancelAfterFirst(), dataset, network,
+                          TrainConfig(steps=1, latent_cache="disk"), output_dir=tmp_path / "out")
+        try:
+            with pytest.raises(mm.InterruptProcessingException):
+                trainer.run()
+        finally:
+            mm.interrupt_current_processing(False)
+    assert encodes == [16]  # one chunk of 16, then the cancel was seen
+    cached = [p for p in images.rglob("*") if p.is_file() and ".lora_foundry_cache" in p.parts]
+    assert len(cached) == 16 and all(p.suffix == ".safetensors" and not p.name.startswith(".") for p in cached)
+    assert all(read_safetensors(p)[0]["latent"].shape[1] == 4 for p in cached)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_kill_9_during_training_then_resume(pack, concept_dataset, tmp_path, tiny_checkpoint):
+    """SIGKILL a headless run that saves every step, mid-run: every .safetensors left reads back whole (writes are
+    atomic; a write the kill cut short can only leave a hidden .tmp file, which no loader lists), and the run resumes
+    from its state to the end."""
+    from lora_foundry.lora_core.files import read_safetensors
+    from lora_foundry.training.state import saved_loop
+
+    base = tmp_path / "base"
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "checkpoints" / "tiny.safetensors").symlink_to(tiny_checkpoint)
+    images = small_dataset(concept_dataset, tmp_path / "images")
+
+    def config(resume: bool, steps: int) -> Path:
+        path = tmp_path / f"run-{resume}.toml"
+        path.write_text(f'[run]\noutput_name = "killed"\nresume = {str(resume).lower()}\n'
+                        f'[model]\ncheckpoint = "tiny.safetensors"\n'
+                        f'[dataset]\nfolder = "{images}"\nresolution = 64\nmin_side = 64\nmax_side = 64\n'
+                        '[network]\nrank = 2\nalpha = 2.0\ntargets = "attention"\n'
+                        f'[training]\nsteps = {steps}\nsave_every = 1\n')
+        return path
+
+    run = base / "models" / "loras" / "killed"
+    state = base / "output" / "lora_foundry_runs" / "killed" / "killed-state.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(HEADLESS), str(config(False, 10_000)), "--base-directory",
+                                str(base), "--cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(list(run.glob("killed-step*.safetensors"))) < 3:
+            time.sleep(0.1)
+        time.sleep(0.5)  # inside some later step's writes
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    names = [p.name for p in run.iterdir()] + [p.name for p in state.parent.iterdir()]
+    finals = [n for n in names if n.endswith(".safetensors")]
+    assert len(finals) >= 4 and all(n.startswith("killed-st") for n in finals), names
+    assert all(n.startswith(".") and n.endswith(".tmp") for n in set(names) - set(finals)), names
+    for path in [*run.glob("*.safetensors"), state]:
+        read_safetensors(path)  # whole: a half-written file fails to read
+    step = saved_loop(state)["step"]
+    assert step >= 3
+    result = subprocess.run([sys.executable, str(HEADLESS), str(config(True, step + 2)), "--base-directory",
+                             str(base), "--cpu"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{step + 2} steps in" in result.stdout and (run / "killed.safetensors").is_file()
+    assert saved_loop(state)["step"] == step + 2

@@ -1,0 +1,114 @@
+"""One training run from its settings: the run's folders, the network on the model, the Trainer, and the
+adapter's metadata. Train LoRA and the headless command (training/headless.py) both run it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..lora_core.files import path_inside
+from ..lora_core.network import LoraNetwork, NetworkConfig
+from ..lora_core.settings import from_inputs
+from .captions import CaptionOptions
+from .config import TrainConfig, TrainResult
+from .distributed import SINGLE, Processes
+from .sample_prompts import check_sample_prompts
+from .trainer import Trainer
+
+STATES_FOLDER = "lora_foundry_runs"
+
+
+@dataclass
+class RunFolders:
+    loras: Path  # the run's adapters: final and intermediate LoRAs, listed by every LoRA loader
+    states: Path  # the resume state: not a LoRA, so never inside a loras folder
+    resume: Path | None  # the state to continue, or None for a new run
+
+    @property
+    def name(self) -> str:
+        return self.loras.name
+
+
+def run_folders(loras: str, output: str, output_name: str, resume: bool) -> RunFolders:
+    """Where a run writes; a new run gets fresh folders, never used ones, and `resume` needs a saved state."""
+    n = 1
+    while True:
+        name = output_name if n == 1 else f"{output_name}_{n}"
+        folders = RunFolders(path_inside(loras, name), path_inside(output, f"{STATES_FOLDER}/{name}"), None)
+        state = folders.states / f"{folders.name}-state.safetensors"
+        if resume:
+            earlier = folders.loras / state.name  # where earlier versions of the pack kept it
+            if not state.is_file() and not earlier.is_file():
+                raise ValueError(f"resume: no saved state at {state}; train once with this output_name first")
+            folders.resume = state if state.is_file() else earlier
+            return folders
+        if not any(f.exists() and any(f.iterdir()) for f in (folders.loras, folders.states)):
+            return folders
+        n += 1
+
+
+ALLOWED_ROOTS = "LORA_FOUNDRY_ALLOWED_ROOTS"  # more folders a server's owner lets its users read, os.pathsep-separated
+
+
+def resolve_input_folder(folder: str, setting: str = "folder", restricted: bool = True) -> Path:
+    """A folder a node reads (and writes captions or latents next to): relative names inside ComfyUI's input folder;
+    absolute paths only inside ComfyUI's input, output or models folders or a root listed in
+    $LORA_FOUNDRY_ALLOWED_ROOTS, unless not `restricted` (a headless run, by the machine's own user)."""
+    import folder_paths
+
+    path = Path(folder.strip()).expanduser()
+    if not path.is_absolute():
+        if ".." in path.parts:
+            raise ValueError(f"{setting}: {folder!r} leaves ComfyUI's input folder ('..'); give a folder inside it")
+        return Path(folder_paths.get_input_directory()) / path
+    if restricted and not any(_inside(path, root) for root in allowed_roots()):
+        raise ValueError(
+            f"{setting}: {path} is outside ComfyUI's input, output and models folders, which is all a shared server "
+            f"reads by default. Move the folder into {folder_paths.get_input_directory()} (and give its name), or, "
+            f"as the server's owner, allow it: start ComfyUI with {ALLOWED_ROOTS}={path} (several folders "
+            f"separated by '{os.pathsep}')")
+    return path
+
+
+def allowed_roots() -> list[Path]:
+    """ComfyUI's input, output and models folders, and the folders listed in $LORA_FOUNDRY_ALLOWED_ROOTS."""
+    import folder_paths
+
+    listed = [Path(p).expanduser() for p in os.environ.get(ALLOWED_ROOTS, "").split(os.pathsep) if p.strip()]
+    return [Path(folder_paths.get_input_directory()), Path(folder_paths.get_output_directory()),
+            Path(folder_paths.models_dir), *listed]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path` is `root` or below it, both as written (a link the owner put in a root stays usable) and
+    with links resolved."""
+    lexical = Path(os.path.normpath(path)), Path(os.path.normpath(root.absolute()))
+    real = path.resolve(), root.resolve()
+    return any(p == r or r in p.parents for p, r in (lexical, real))
+
+
+def settings(inputs: dict[str, Any]) -> tuple[NetworkConfig, TrainConfig]:
+    """The network and training settings from node-input values (absent ones keep their defaults)."""
+    check_sample_prompts(inputs.get("sample_prompts") or "")  # line numbers as typed, blank lines included
+    network = from_inputs(NetworkConfig, inputs)
+    return network, from_inputs(TrainConfig, inputs, captions=from_inputs(CaptionOptions, inputs))
+
+
+def train(model, clip, vae, dataset, inputs: dict[str, Any], folders: RunFolders,
+          on_step: Callable[[dict], None] | None = None,
+          processes: Processes = SINGLE) -> tuple[LoraNetwork, Trainer, TrainResult]:
+    """Train an adapter on `model` with the settings in `inputs` (node-input values); the network carries its
+    metadata afterwards."""
+    network_config, config = settings(inputs)
+    with torch.inference_mode(False):
+        network = LoraNetwork.create(network_config, model, clip)
+        trainer = Trainer(model, clip, vae, dataset, network, config, output_dir=folders.loras, name=folders.name,
+                          on_step=on_step, resume=folders.resume, state_dir=folders.states, processes=processes)
+        result = trainer.run()
+    network.metadata = trainer.metadata(result.steps)
+    return network, trainer, result
