@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import adapter_from_factors, without_tucker
-from .files import split_modules
+from .files import factor_problems, split_modules
+from .info import base_model
 
 
 @dataclass
@@ -21,19 +22,25 @@ class ApplyReport:
     mismatched: list[str] = field(default_factory=list)  # "name: file shape vs model shape"
     unknown_keys: list[str] = field(default_factory=list)  # tensors that are no adapter factor
     zeroed: list[str] = field(default_factory=list)  # weight keys left unpatched: block weight 0
+    refused: list[str] = field(default_factory=list)  # "name: why": NaN / infinite / non-float values, not applied
+    hint: str = ""  # what the whole file's fit suggests, e.g. a LoRA for another base model
 
     @property
     def ok(self) -> bool:
-        return not (self.unmatched or self.mismatched or self.unknown_keys)
+        return bool(self.applied) and not (self.unmatched or self.mismatched or self.unknown_keys or self.refused)
 
     def summary(self) -> str:
         lines = [f"{len(self.applied)} modules applied"]
-        for title, items in (("no matching layer", self.unmatched), ("shape mismatch", self.mismatched),
+        for title, items in (("refused, not applied (NaN / infinite / non-float values: the file is damaged, "
+                              "re-download or re-export it)", self.refused),
+                             ("no matching layer", self.unmatched), ("shape mismatch", self.mismatched),
                              ("unknown keys", self.unknown_keys)):
             if items:
                 lines.append(f"{len(items)} {title}: " + ", ".join(items[:50]) + (" ..." if len(items) > 50 else ""))
         if self.zeroed:
             lines.append(f"{len(self.zeroed)} layers left unpatched by a block weight of 0")
+        if self.hint:
+            lines.append(self.hint)
         return "\n".join(lines)
 
 
@@ -74,12 +81,31 @@ def _shape_problem(parts: dict[str, torch.Tensor], target: torch.Size) -> str | 
     return adapter.shape_error(target) if adapter is not None else None
 
 
+TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder")
+
+
+def _fit_hint(model, clip, names: list[str], metadata: dict[str, str] | None) -> str:
+    """What to say when none of a file's modules (`names`) fits the model."""
+    module_count = len(names)
+    if module_count == 0:
+        return "the file holds no LoRA / LoHa / LoKr modules: it is empty or not an adapter; choose another file"
+    if clip is None and all(name.startswith(TEXT_ENCODER_PREFIXES) for name in names):
+        return "all of the file's modules are for the text encoder: connect a CLIP to apply them"
+    family = type(model.model.model_config).__name__ if model is not None else ""
+    made_for = base_model(metadata or {})
+    return (f"none of the file's {module_count} modules fits this model{f' ({family})' if family else ''}: it is "
+            f"probably a LoRA for another base model{f' (its metadata says {made_for})' if made_for else ''}; "
+            "choose a LoRA made for this model")
+
+
 def apply_lora(model, clip, tensors: dict[str, torch.Tensor], strength_model: float = 1.0,
-               strength_clip: float = 1.0, block_strength=None):
+               strength_clip: float = 1.0, block_strength=None, metadata: dict[str, str] | None = None):
     """(MODEL clone, CLIP clone, ApplyReport) with the adapter in `tensors` patched in.
 
     `block_strength(weight_key) -> float`, when given, scales each UNet layer's strength; layers
     it gives 0 are left unpatched (listed in the report's `zeroed`), like a strength of 0 leaves a part.
+    Modules with NaN / infinite / non-float values are refused (listed in `refused`). `metadata`, the
+    file's, names the base model it was made for when none of its modules fits.
     """
     import comfy.lora
     import comfy.lora_convert
@@ -94,6 +120,10 @@ def apply_lora(model, clip, tensors: dict[str, torch.Tensor], strength_model: fl
         target = key_map.get(name)
         if target is None:
             report.unmatched.append(name)
+            continue
+        values = factor_problems(parts)
+        if values:
+            report.refused.append(f"{name}: {'; '.join(values)}")
             continue
         target_key = target[0] if isinstance(target, tuple) else target
         problem = None if isinstance(target, tuple) else _shape_problem(parts, shapes[target_key])
@@ -123,6 +153,9 @@ def apply_lora(model, clip, tensors: dict[str, torch.Tensor], strength_model: fl
     if new_clip is not None and te and strength_clip != 0:
         new_clip.add_patches(te, strength_clip)
     report.unmatched.sort()
+    report.refused.sort()
+    if not (report.applied or report.refused):
+        report.hint = _fit_hint(model, clip, list(modules), metadata)
     return new_model, new_clip, report
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,25 +26,78 @@ class AdapterFileError(ValueError):
     """A file that cannot be read as an adapter; the message names the file and what to do."""
 
 
+HEADER_LIMIT = 100_000_000  # safetensors' own limit on a header's length; it refuses longer ones
+# How pickle (protocol 2+) and zip (torch.save since 1.6) files begin.
+PICKLE_STARTS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+REDOWNLOAD = "re-download the file or re-save it as safetensors"
+
+
+def check_safetensors(path: str | os.PathLike, shown: str | None = None) -> Path:
+    """`path` if it names a regular .safetensors file whose header fits in it; AdapterFileError otherwise.
+
+    Pickle formats are refused by name and by content, never loaded. `shown` is how messages name the file.
+    """
+    path = Path(path)
+    shown = shown or str(path)
+    if path.suffix.lower() != ".safetensors":
+        raise AdapterFileError(f"{shown}: only .safetensors files are read (pickle formats such as .ckpt/.pt/.bin "
+                               "can run code); convert it to safetensors first")
+    if not path.is_file():  # also keeps FIFOs and devices, which would block or never end, from being opened
+        raise AdapterFileError(f"{shown}: file not found")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise AdapterFileError(f"{shown}: cannot be opened ({e.strerror or e}); check its permissions") from e
+    if size < 8:
+        raise AdapterFileError(f"{shown}: the file is {size} bytes, too short to be a safetensors file; {REDOWNLOAD}")
+    length = int.from_bytes(head, "little")
+    if 8 + length > size or length > HEADER_LIMIT:
+        if head.startswith(PICKLE_STARTS):
+            raise AdapterFileError(f"{shown}: this is a PyTorch pickle / zip file named .safetensors; such files can "
+                                   "run code and are never read: convert it to safetensors with a trusted tool")
+        claim = (f"more than the {HEADER_LIMIT:,} safetensors allows" if length > HEADER_LIMIT
+                 else f"but the file has only {size:,}")
+        raise AdapterFileError(f"{shown}: its header claims {length:,} bytes, {claim}: the file is cut short or not a "
+                               f"safetensors file; {REDOWNLOAD}")
+    return path
+
+
+def unreadable(path: Path, shown: str, error: Exception) -> AdapterFileError:
+    """A clear error for a file safetensors refused: cut-short data is named as such, the rest quoted."""
+    needed = _data_end(path)
+    size = path.stat().st_size if path.exists() else 0
+    if needed is not None and needed > size:
+        return AdapterFileError(f"{shown}: the file is cut short: its tensors need {needed:,} bytes, it has "
+                                f"{size:,} (an incomplete download?); {REDOWNLOAD}")
+    return AdapterFileError(f"{shown}: not a readable safetensors file ({error}); {REDOWNLOAD}")
+
+
+def _data_end(path: Path) -> int | None:
+    """Where the header says the tensor data ends, or None when the header cannot tell."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        return 8 + length + max(int(end) for end in ends) if ends else None
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError):
+        return None
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a .safetensors file (no pickle formats are ever loaded)."""
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
-    path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        raise AdapterFileError(
-            f"{path}: only .safetensors files are read (pickle formats such as .ckpt/.pt/.bin can run code); "
-            "convert it to safetensors first"
-        )
-    if not path.is_file():
-        raise AdapterFileError(f"{path}: file not found")
+    path = check_safetensors(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterFileError(f"{path}: not a readable safetensors file ({e}); re-download or re-save it") from e
+        raise unreadable(path, str(path), e) from e
     return tensors, metadata
 
 
@@ -59,15 +116,33 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike, overwrite: bool = T
     appears while writing: the temporary file is hard-linked to `path`, which fails if it exists.
     """
     path = Path(path)
+    with atomic_target(path, overwrite) as tmp:
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise write_error(path, e) from e
+    return path
+
+
+@contextmanager
+def atomic_target(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """A temporary `.<name>.<random>.tmp` beside `path` to write; it becomes `path` when the block succeeds and
+    is removed when it fails, so `path` is either the old file or the whole new one.
+
+    The name ends in .tmp so that a leftover of a killed process is never listed as a model. With
+    overwrite=False an existing `path` is never replaced (FileExistsError).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        if hasattr(os, "fchmod"):  # mkstemp makes owner-only files; keep a replaced file's mode
-            os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        # mkstemp makes owner-only files; keep a replaced file's mode
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        yield Path(tmp)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -75,7 +150,18 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike, overwrite: bool = T
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+
+
+def write_error(path: Path, error: OSError) -> OSError:
+    """An OSError (same errno) saying that `path` was not written, that what was there is intact, and what to do."""
+    before = "the previous file is unchanged" if path.exists() else "no file was written"
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        todo = "free some space and run again"
+    else:
+        todo = "check that the folder is writable and run again"
+    out = OSError(f"{path}: could not be written ({error.strerror or error}); {before}; {todo}")
+    out.errno = error.errno
+    return out
 
 
 def _link_new(tmp: str, path: Path) -> None:
@@ -108,16 +194,34 @@ def split_modules(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str,
     return modules, unknown
 
 
+def factor_problems(parts: dict[str, torch.Tensor]) -> list[str]:
+    """Why a module's tensors cannot be used as numbers: NaN or infinite values, or a factor that is not a float
+    (an integer alpha is fine); empty when they can."""
+    problems = []
+    for suffix, value in sorted(parts.items()):
+        integer_alpha = suffix == "alpha" and not value.is_complex() and value.dtype != torch.bool
+        if not (value.is_floating_point() or integer_alpha):
+            problems.append(f"{suffix} is {str(value.dtype).removeprefix('torch.')}, not a float")
+        elif value.is_floating_point():
+            values = value if value.element_size() > 1 else value.float()  # no isnan for some 8-bit floats
+            bad = [word for word, test in (("NaN", torch.isnan), ("infinite", torch.isinf)) if bool(test(values).any())]
+            if bad:
+                problems.append(f"{suffix} has {' and '.join(bad)} values")
+    return problems
+
+
 def path_inside(base: str | os.PathLike, relative: str) -> Path:
     """`base/relative`, refusing absolute paths and anything that escapes `base` (e.g. `..`)."""
     if not relative or relative.strip() != relative:
         raise ValueError(f"name {relative!r}: give a plain relative name such as 'my_lora' or 'folder/my_lora'")
+    if "\x00" in relative:
+        raise ValueError(f"name {relative!r}: contains a NUL byte, which no file name can; give the file's name")
     if os.path.isabs(relative) or "\\" in relative or any(part == ".." for part in Path(relative).parts):
         raise ValueError(f"name {relative!r}: absolute paths, backslashes and '..' are not allowed")
     base = Path(base).resolve()
     path = (base / relative).resolve()
     if base != path and base not in path.parents:
-        raise ValueError(f"name {relative!r} points outside {base}")
+        raise ValueError(f"name {relative!r} points outside {base} (through a link?); only files inside it are used")
     return path
 
 

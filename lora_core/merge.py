@@ -16,6 +16,7 @@ import torch
 from .adapters import Adapter, LoRA
 from .adapters.base import flat_shape
 from .apply import ApplyReport, apply_lora
+from .files import atomic_target
 from .lowrank import change_of, refuse_dora, scaled_matrices, truncate
 from .metadata import result_metadata
 from .network import LoraNetwork
@@ -140,12 +141,6 @@ def save_checkpoint(path: str | os.PathLike, model, clip=None, vae=None, metadat
     import comfy.sd
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.safetensors")
-    try:
+    with atomic_target(path) as tmp:  # a .tmp name: a leftover is never listed as a checkpoint
         comfy.sd.save_checkpoint(str(tmp), model, clip, vae, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

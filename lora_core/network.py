@@ -12,7 +12,7 @@ from . import kohya_keys
 from .adapters import ALGORITHMS, Adapter, adapter_from_factors
 from .apply import lora_key_map
 from .block_weights import block_of, block_values, layout_of
-from .files import read_safetensors, split_modules
+from .files import AdapterFileError, factor_problems, read_safetensors, split_modules
 from .settings import check_choices, setting
 from .targets import PRESETS, find_layers, layer_kind, text_encoders
 
@@ -80,8 +80,22 @@ class NetworkConfig:
 
     @classmethod
     def from_json(cls, text: str) -> NetworkConfig:
+        """Settings saved as a file's lora_foundry_config metadata; a ValueError naming that key and what is wrong."""
+        try:
+            values = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise _config_error(f"not valid JSON ({e})") from e
+        if not isinstance(values, dict):
+            raise _config_error(f"a JSON object of settings was expected, not a {type(values).__name__}")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
+        values = {k: v for k, v in values.items() if k in known}
+        wrong = _wrong_types(values)
+        if wrong:
+            raise _config_error("settings of the wrong type: " + ", ".join(wrong))
+        try:
+            return cls(**values)
+        except (ValueError, TypeError) as e:
+            raise _config_error(str(e)) from e
 
     def rank_alpha(self, kind: str) -> tuple[int, float]:
         if kind == "conv":
@@ -103,6 +117,33 @@ class NetworkConfig:
             raise ValueError(f"block_ranks / block_alphas: ranks are whole numbers from 0, alphas 0 or more; got "
                              f"{', '.join(bad[:5])}")
         return ranks, alphas, layout
+
+
+def _config_error(problem: str) -> ValueError:
+    return ValueError(f"lora_foundry_config metadata: {problem}; these network settings cannot be read: re-save the "
+                      "LoRA with Lora Foundry, or remove that metadata key to use its adapters without them")
+
+
+_JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "list[str]": (list,)}
+
+
+def _wrong_types(values: dict) -> list[str]:
+    """`name=value` for each setting whose JSON value does not have its field's type (a bool is no number here)."""
+    wrong = []
+    for f in fields(NetworkConfig):
+        value, kind = values.get(f.name), f.type.removesuffix(" | None")
+        if f.name not in values or (value is None and kind != f.type):
+            continue
+        if value == {} and f.name in ("block_ranks", "block_alphas"):  # what files of earlier versions hold
+            continue
+        fits = isinstance(value, _JSON_TYPES.get(kind, object)) and (kind == "bool" or not isinstance(value, bool))
+        if fits and kind == "float":
+            fits = abs(value) <= 1e300  # False for NaN and infinities, which JSON from Python may hold
+        if fits and kind == "list[str]":
+            fits = all(isinstance(item, str) for item in value)
+        if not fits:
+            wrong.append(f"{f.name}={repr(value)[:40]}")
+    return wrong
 
 
 ATTACH_MODES = ("bypass", "weights")
@@ -288,6 +329,9 @@ class LoraNetwork(nn.Module):
         for name, parts in sorted(modules.items()):
             key = key_map.get(name)
             try:
+                values = factor_problems(parts)
+                if values:
+                    raise ValueError("; ".join(values) + " (the file is damaged: re-download or re-export it)")
                 if bound and isinstance(key, tuple):
                     raise ValueError(f"changes part of {key[0]}, which ComfyUI holds fused (diffusers q/k/v); "
                                      "Apply LoRA applies such files, to merge or resize one save it in kohya names")
@@ -324,6 +368,9 @@ class LoraNetwork(nn.Module):
 def read_network(path, model=None, clip=None) -> LoraNetwork:
     """An adapter file as a LoraNetwork with its metadata; bound (names made ours) when model / clip are given."""
     tensors, metadata = read_safetensors(path)
-    network = LoraNetwork.from_state_dict(tensors, metadata, model=model, clip=clip)
+    try:
+        network = LoraNetwork.from_state_dict(tensors, metadata, model=model, clip=clip)
+    except ValueError as e:
+        raise AdapterFileError(f"{path}: {e}") from e
     network.metadata = metadata
     return network

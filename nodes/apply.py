@@ -36,8 +36,8 @@ class ApplyLoRA(Node):
 
     @classmethod
     def execute(cls, model, lora_name, strength_model, strength_clip, clip=None) -> io.NodeOutput:
-        tensors, _ = read_safetensors(lora_file(lora_name))
-        model, clip, report = apply_lora(model, clip, tensors, strength_model, strength_clip)
+        tensors, metadata = read_safetensors(lora_file(lora_name))
+        model, clip, report = apply_lora(model, clip, tensors, strength_model, strength_clip, metadata=metadata)
         if not report.ok:
             log.warning("Apply LoRA %s: %s", lora_name, report.summary())
         return io.NodeOutput(model, clip, f"{lora_name}: {report.summary()}")

@@ -3,12 +3,26 @@ that writes: a caption edited on the Caption Images node."""
 
 from __future__ import annotations
 
+import asyncio
+
 from ..lora_core.block_weights import LAYOUTS, presets
-from ..lora_core.files import AdapterFileError
+from ..lora_core.files import AdapterFileError, path_inside
 from ..lora_core.info import lora_info
 from .live import TRAINING_LOG
 from .loras import lora_file
 from .shown_captions import CAPTION_EDITS, CaptionEditError
+
+
+def checked_lora_name(name: str) -> str:
+    """`name` if it can only name a .safetensors file inside the loras folders; ValueError (a 400) for one with a
+    NUL byte, an absolute path, '..', or a link out of those folders, before any file is opened."""
+    import folder_paths
+
+    if not name.lower().endswith(".safetensors"):
+        raise ValueError(f"{name!r}: only .safetensors files have info (pickle formats such as .ckpt are never read)")
+    for base in folder_paths.get_folder_paths("loras"):
+        path_inside(base, name)
+    return name
 
 
 def register(routes) -> None:
@@ -19,13 +33,15 @@ def register(routes) -> None:
     async def get_lora_info(request):
         name = request.query.get("name", "")
         try:
-            if not name.lower().endswith(".safetensors"):
-                raise ValueError("only .safetensors files have info")
-            return web.json_response({"name": name, **lora_info(lora_file(name))})
+            path = lora_file(checked_lora_name(name))
+            info = await asyncio.to_thread(lora_info, path)  # a header may be 100 MB: not on the event loop
+            return web.json_response({"name": name, **info})
         except FileNotFoundError as e:
             return web.json_response({"error": str(e)}, status=404)
         except (ValueError, AdapterFileError) as e:
             return web.json_response({"error": str(e)}, status=400)
+        except OSError as e:
+            return web.json_response({"error": f"{name}: the file cannot be read ({e})"}, status=500)
 
     @routes.get("/lora_foundry/block_presets")
     async def get_block_presets(request):

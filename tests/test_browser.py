@@ -434,10 +434,11 @@ def test_lora_info_route_reads_headers_only_inside_the_loras_folders(ui_server):
     assert info["rank"] == 8 and info["algorithm"] == "lora" and info["base_model"] == "sd_v1", info
     assert info["modules"] > 0 and info["text_encoder"] is True
     (ui_server.base_dir / "secret.safetensors").write_bytes(b"x")
-    for bad in ("../secret.safetensors", "/etc/passwd", "missing.safetensors", names[0].replace(".safetensors", ".ckpt")):
+    for bad, code in (("../secret.safetensors", 400), ("/etc/passwd", 400), ("missing.safetensors", 404),
+                      (names[0].replace(".safetensors", ".ckpt"), 400), ("a\0.safetensors", 400)):
         with pytest.raises(urllib.error.HTTPError) as err:
             ui_server.get("/lora_foundry/lora_info?name=" + urllib.parse.quote(bad))
-        assert err.value.code in (400, 404), bad
+        assert err.value.code == code, bad
     assert ui_server.get("/lora_foundry/train_state?node=12345") is None
 
 
@@ -479,3 +480,32 @@ def test_caption_edited_on_the_node_is_saved_to_its_file(browser, ui_server, mod
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "img_001.txt"} == \
         {k: v for k, v in before.items() if k != "img_001.txt"}
     assert rows.count() == 3 and not page.errors, page.errors
+
+
+def test_lora_metadata_is_shown_as_text_never_html(browser, ui_server, mode):
+    """A LoRA from a stranger whose title, trigger words and tags hold markup: the info panel shows the characters,
+    creates no element from them and runs nothing."""
+    from lora_foundry.lora_core.files import read_safetensors, write_safetensors
+
+    names = ui_server.get("/models/loras")
+    source = ui_server.base_dir / "models" / "loras" / names[0]
+    tensors, meta = read_safetensors(source)
+    hostile = "<img src=x onerror=\"window.__pwned=1\"><script>window.__pwned=2</script>"
+    meta.update({"modelspec.title": hostile, "ss_output_name": hostile,
+                 "ss_tag_frequency": json.dumps({"1_x": {"<b onmouseover=alert(1)>bold</b>": 3, hostile: 2}})})
+    target = ui_server.base_dir / "models" / "loras" / "hostile_meta.safetensors"
+    write_safetensors(tensors, target, meta)
+    try:
+        page = Page(browser, ui_server).open(mode)
+        page.eval("async () => (await import('/extensions/lora_foundry/lora_info.js'))"
+                  ".showLoraInfo('hostile_meta.safetensors')")
+        page.page.locator(".lf-info-panel h3").wait_for()
+        time.sleep(0.5)  # an onerror would have fired by now
+        panel = page.page.locator(".lf-info-panel")
+        assert panel.locator("h3").inner_text() == hostile
+        assert "<b onmouseover=alert(1)>bold</b>" in panel.inner_text()
+        assert panel.locator("img, script, b").count() == 0
+        assert page.eval("() => window.__pwned") is None
+        assert not page.errors, page.errors
+    finally:
+        target.unlink()

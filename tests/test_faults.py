@@ -160,3 +160,102 @@ def test_kill_9_during_training_then_resume(pack, concept_dataset, tmp_path, tin
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{step + 2} steps in" in result.stdout and (run / "killed.safetensors").is_file()
     assert saved_loop(state)["step"] == step + 2
+
+
+# --- one server, many prompts ---------------------------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def training_prompt(info: dict, checkpoint: str, images: Path, seed: int, name: str) -> dict:
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "2": {"class_type": "LoraFoundryLoadDataset", "inputs": {
+            **default_inputs(info["LoraFoundryLoadDataset"]), "folder": str(images), "resolution": 64,
+            "min_side": 64, "max_side": 64}},
+        "3": {"class_type": "LoraFoundryTrainLoRA", "inputs": {
+            **default_inputs(info["LoraFoundryTrainLoRA"]), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+            "dataset": ["2", 0], "output_name": name, "rank": 1, "alpha": 1.0, "targets": "attention", "steps": 2,
+            "seed": seed, "save_every": 1}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 4]}},
+    }
+
+
+def sampling_prompt(checkpoint: str, prefix: str) -> dict:
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 7,
+            "steps": 3, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
+    }
+
+
+def pixels(server, outputs: dict) -> bytes:
+    from PIL import Image
+
+    (path,) = server.output_files(outputs)
+    with Image.open(path) as img:
+        return img.convert("RGB").tobytes()
+
+
+@pytest.mark.server
+def test_training_and_sampling_interleaved_in_the_queue(server, tiny_checkpoint, concept_dataset, tmp_path):
+    """Train, sample, train queued at once: the sample in between is the base model's, pixel for pixel what it is
+    alone (a training run leaves no adapter, patch or hook on the cached model)."""
+    images = small_dataset(concept_dataset, tmp_path / "images", count=2)
+    info = server.object_info()
+    alone = pixels(server, server.run(sampling_prompt(tiny_checkpoint.name, "alone")))
+    ids = [server.queue(training_prompt(info, tiny_checkpoint.name, images, 1, "interleaved")),
+           server.queue(sampling_prompt(tiny_checkpoint.name, "between")),
+           server.queue(training_prompt(info, tiny_checkpoint.name, images, 2, "interleaved"))]
+    outputs = [server.wait(i, timeout=600) for i in ids]
+    assert pixels(server, outputs[1]) == alone
+    assert "2 steps" in outputs[0]["4"]["text"][0] and "2 steps" in outputs[2]["4"]["text"][0]
+
+
+@pytest.mark.server
+def test_fifty_training_prompts_keep_the_server_memory_flat(server, tiny_checkpoint, concept_dataset, tmp_path):
+    """50 short training prompts back to back on one server: its RSS after each stays flat (the slope over the last
+    40 is reported and bounded), each run starts with the last one's memory released, and no temporary file is left
+    anywhere under the server's folders."""
+    import json
+
+    from conftest import ARTIFACTS
+
+    images = small_dataset(concept_dataset, tmp_path / "images", count=2)
+    info = server.object_info()
+    pid = server.process.pid
+    start = rss_mb(pid)
+    rss = []
+    began = time.monotonic()
+    for seed in range(50):
+        outputs = server.run(training_prompt(info, tiny_checkpoint.name, images, 100 + seed, "soak"), timeout=300)
+        assert "2 steps" in outputs["4"]["text"][0]
+        rss.append(rss_mb(pid))
+    seconds = time.monotonic() - began
+    tail = rss[10:]
+    mean_x, mean_y = (len(tail) - 1) / 2, sum(tail) / len(tail)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(tail)) / sum(
+        (x - mean_x) ** 2 for x in range(len(tail)))
+    figures = {"runs": 50, "seconds": round(seconds, 1), "rss_before_mb": round(start, 1),
+               "rss_after_first_mb": round(rss[0], 1), "rss_after_second_mb": round(rss[1], 1),
+               "rss_after_last_mb": round(rss[-1], 1), "slope_last_40_mb_per_run": round(slope, 3)}
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "soak_50_runs.json").write_text(json.dumps(figures, indent=1))
+    print(figures)
+    assert slope < 0.5, figures  # a run that kept its model clone, latents or adapter would add megabytes each
+    assert rss[-1] - rss[9] < 40, figures
+    assert rss[1] - rss[0] < 20, figures  # the second run started with the first's memory released
+    left = [p for p in server.base_dir.rglob("*") if p.name.endswith(".tmp") or ".tmp" in p.suffixes]
+    assert not left, left
+    assert len(list((server.base_dir / "models" / "loras").glob("soak*"))) == 50

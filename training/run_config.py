@@ -172,13 +172,18 @@ def from_metadata(metadata: dict[str, str], source: str = "LoRA metadata") -> Ru
     if "lora_foundry_training" not in metadata or "lora_foundry_config" not in metadata:
         raise ConfigError(f"{source}: no lora_foundry_training / lora_foundry_config metadata; only adapters trained "
                           "by Train LoRA carry their settings")
-    training = json.loads(metadata["lora_foundry_training"])
+    try:
+        training = json.loads(metadata["lora_foundry_training"])
+        dataset_options = json.loads(metadata.get("lora_foundry_dataset_options", "null"))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{source}: its lora_foundry_* metadata is not valid JSON ({error}); the file was changed "
+                          "by another tool, so its settings cannot be read back") from error
     captions = CaptionOptions(**_known(CaptionOptions, training.pop("captions", {})))
     train = TrainConfig(**_known(TrainConfig, training), captions=captions)
     network = NetworkConfig.from_json(metadata["lora_foundry_config"])
     dataset = None
-    if "lora_foundry_dataset_options" in metadata:
-        dataset = DatasetOptions(**_known(DatasetOptions, json.loads(metadata["lora_foundry_dataset_options"])))
+    if isinstance(dataset_options, dict):
+        dataset = DatasetOptions(**_known(DatasetOptions, dataset_options))
     config = settings_values(network, train, dataset, metadata.get("ss_output_name"))
     config.source = source
     return config

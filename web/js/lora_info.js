@@ -81,6 +81,10 @@ export function renderLoraInfo(panel, info) {
     panel.append(tagBars(info.tag_frequency));
   }
   section(panel, "Training", Object.entries(info.training || {}));
+  if (info.notes?.length) {
+    panel.append(el("h4", null, "Notes"));
+    for (const note of info.notes) panel.append(el("div", "lf-info-note", note));
+  }
 }
 
 export async function showLoraInfo(name) {
@@ -108,6 +112,7 @@ const STYLE = `
 .lf-info-panel td { word-break: break-all; }
 .lf-info-name { opacity: .6; word-break: break-all; }
 .lf-info-error { color: #e66; margin-top: 6px; }
+.lf-info-note { color: #db8; margin-top: 4px; }
 .lf-info-close { position: absolute; top: 6px; right: 8px; background: none; border: none; color: inherit; font-size: 16px; cursor: pointer; }
 .lf-chip { margin: 2px; padding: 2px 6px; border-radius: 10px; border: 1px solid var(--border-color, #555);
   background: var(--comfy-input-bg, #333); color: inherit; cursor: pointer; font-size: 11px; }
