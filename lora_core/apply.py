@@ -23,6 +23,7 @@ class ApplyReport:
     unknown_keys: list[str] = field(default_factory=list)  # tensors that are no adapter factor
     zeroed: list[str] = field(default_factory=list)  # weight keys left unpatched: block weight 0
     refused: list[str] = field(default_factory=list)  # "name: why": NaN / infinite / non-float values, not applied
+    oversized: list[str] = field(default_factory=list)  # "name: rank r > n": applied, but larger than any change
     hint: str = ""  # what the whole file's fit suggests, e.g. a LoRA for another base model
 
     @property
@@ -37,6 +38,10 @@ class ApplyReport:
                              ("unknown keys", self.unknown_keys)):
             if items:
                 lines.append(f"{len(items)} {title}: " + ", ".join(items[:50]) + (" ..." if len(items) > 50 else ""))
+        if self.oversized:
+            lines.append(f"{len(self.oversized)} modules with a rank above what their layer can hold (applied; the "
+                         "file is larger than it needs to be): " + ", ".join(self.oversized[:10])
+                         + (" ..." if len(self.oversized) > 10 else ""))
         if self.zeroed:
             lines.append(f"{len(self.zeroed)} layers left unpatched by a block weight of 0")
         if self.hint:
@@ -79,6 +84,19 @@ def _shape_problem(parts: dict[str, torch.Tensor], target: torch.Size) -> str | 
     except ValueError as e:
         return str(e)
     return adapter.shape_error(target) if adapter is not None else None
+
+
+def _rank(parts: dict[str, torch.Tensor]) -> int:
+    """A LoRA module's rank (its down factor's rows); 0 for other algorithms."""
+    down = parts.get("lora_down.weight", parts.get("lora_A.weight"))
+    return int(down.shape[0]) if down is not None and down.dim() >= 2 else 0
+
+
+def _full_rank(shape: torch.Size | None) -> int:
+    """The highest rank a change of a weight of `shape` can have."""
+    if shape is None or len(shape) < 2:
+        return 0
+    return min(int(shape[0]), int(torch.Size(shape[1:]).numel()))
 
 
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder")
@@ -132,6 +150,9 @@ def apply_lora(model, clip, tensors: dict[str, torch.Tensor], strength_model: fl
             continue
         usable[name] = target
         report.applied.append(name)
+        rank, full = _rank(parts), _full_rank(shapes.get(target_key))
+        if rank and full and rank > full:
+            report.oversized.append(f"{name}: rank {rank} > {full}")
     kept = {f"{n}.{s}": t for n in usable for s, t in without_tucker(modules[n]).items()}
     patches = comfy.lora.load_lora(kept, {n: usable[n] for n in usable}, log_missing=False)
 

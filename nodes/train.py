@@ -10,7 +10,7 @@ from ..lora_core.apply import apply_lora
 from ..lora_core.network import LoraNetwork, NetworkConfig
 from ..training.captions import CaptionOptions
 from ..training.plots import loss_graph
-from ..training.run import run_folders, train
+from ..training.run import run_folders, settings, train
 from ..training.run_config import GRAPH_SECTIONS
 from ..training.trainer import TrainConfig, Trainer
 from .inputs import CATEGORY, Lora, LoraDataset, LoraLoss, Node, TrainingConfig, setting_inputs
@@ -96,11 +96,11 @@ class TrainLoRA(Node):
             inputs.update(config.inputs(*GRAPH_SECTIONS))
             output_name = config.values.get("run", {}).get("output_name", output_name)
             resume = config.values.get("run", {}).get("resume", resume)
-        total = inputs.get("steps", 1)
+        network_config, train_config = settings(inputs)
         folders = run_folders(folder_paths.get_folder_paths("loras")[0], folder_paths.get_output_directory(),
                               output_name, resume)
-        network, trainer, result = train(model, clip, vae, dataset, inputs, folders,
-                                         on_step=progress_reporter(cls.hidden.unique_id, total))
+        network, trainer, result = train(model, clip, vae, dataset, network_config, train_config, folders,
+                                         on_step=progress_reporter(cls.hidden.unique_id, train_config.steps))
         trained_model, trained_clip, _ = apply_lora(model, clip, network.state_dict_kohya(), 1.0, 1.0)
         history = {"loss": result.losses, "validation": result.validation}
         summary = run_summary(network, trainer, result)

@@ -357,6 +357,21 @@ def test_a_lora_for_another_model_says_so(lf, loaded_checkpoint, loras_dir):
     assert "none of the file's 1 modules fits this model" in summary and "another base model" in summary, summary
 
 
+def test_a_rank_above_the_layers_size_is_applied_and_reported(lf, loaded_checkpoint, sd15_lora):
+    """A module of rank 400 on a 320-wide layer: the change is what it is (applied), but the report says the file
+    is larger than any change of that layer needs."""
+    model, clip, _ = loaded_checkpoint
+    name = next(k[: -len(".lora_down.weight")] for k in sd15_lora if k.endswith("attn1_to_q.lora_down.weight"))
+    down, up = sd15_lora[f"{name}.lora_down.weight"], sd15_lora[f"{name}.lora_up.weight"]
+    big = {f"{name}.lora_down.weight": torch.randn(400, down.shape[1]) * 0.01,
+           f"{name}.lora_up.weight": torch.randn(up.shape[0], 400) * 0.01, f"{name}.alpha": torch.tensor(400.0)}
+    _, _, report = lf.apply.apply_lora(model, clip, big)
+    assert report.applied == [name] and report.oversized == [f"{name}: rank 400 > {min(up.shape[0], down.shape[1])}"]
+    assert "1 modules with a rank above what their layer can hold" in report.summary()
+    _, _, report = lf.apply.apply_lora(model, clip, sd15_lora)
+    assert report.oversized == []
+
+
 def test_a_file_without_adapter_modules_is_no_silent_no_op(lf, loaded_checkpoint, sd15_lora):
     model, clip, _ = loaded_checkpoint
     _, _, report = lf.apply.apply_lora(model, clip, {"some_tensor": torch.zeros(2)})

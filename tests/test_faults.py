@@ -180,7 +180,7 @@ def training_prompt(info: dict, checkpoint: str, images: Path, seed: int, name: 
             "min_side": 64, "max_side": 64}},
         "3": {"class_type": "LoraFoundryTrainLoRA", "inputs": {
             **default_inputs(info["LoraFoundryTrainLoRA"]), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
-            "dataset": ["2", 0], "output_name": name, "rank": 1, "alpha": 1.0, "targets": "attention", "steps": 2,
+            "dataset": ["2", 0], "output_name": name, "rank": 1, "alpha": 1.0, "targets": "attention", "steps": 1,
             "seed": seed, "save_every": 1}},
         "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 4]}},
     }
@@ -220,7 +220,7 @@ def test_training_and_sampling_interleaved_in_the_queue(server, tiny_checkpoint,
            server.queue(training_prompt(info, tiny_checkpoint.name, images, 2, "interleaved"))]
     outputs = [server.wait(i, timeout=600) for i in ids]
     assert pixels(server, outputs[1]) == alone
-    assert "2 steps" in outputs[0]["4"]["text"][0] and "2 steps" in outputs[2]["4"]["text"][0]
+    assert "1 steps" in outputs[0]["4"]["text"][0] and "1 steps" in outputs[2]["4"]["text"][0]
 
 
 @pytest.mark.server
@@ -240,7 +240,7 @@ def test_fifty_training_prompts_keep_the_server_memory_flat(server, tiny_checkpo
     began = time.monotonic()
     for seed in range(50):
         outputs = server.run(training_prompt(info, tiny_checkpoint.name, images, 100 + seed, "soak"), timeout=300)
-        assert "2 steps" in outputs["4"]["text"][0]
+        assert "1 steps" in outputs["4"]["text"][0]
         rss.append(rss_mb(pid))
     seconds = time.monotonic() - began
     tail = rss[10:]
@@ -259,3 +259,80 @@ def test_fifty_training_prompts_keep_the_server_memory_flat(server, tiny_checkpo
     left = [p for p in server.base_dir.rglob("*") if p.name.endswith(".tmp") or ".tmp" in p.suffixes]
     assert not left, left
     assert len(list((server.base_dir / "models" / "loras").glob("soak*"))) == 50
+
+
+# --- cancel in the toolbox, a full disk while training ------------------------------------------------------------
+
+
+def test_cancel_stops_extraction_and_merging_at_the_next_layer(pack, loaded_checkpoint):
+    """Cancel raised while extracting and merging: the work stops after the layer in hand (the nodes' progress
+    callback honours it), and nothing is returned to save."""
+    import comfy.model_management as mm
+    from lora_foundry.lora_core.extract import extract_lora
+    from lora_foundry.lora_core.merge import merge_exact
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.lora_core.ranks import RankRule
+    from lora_foundry.nodes.host import comfy_progress
+
+    model, _, _ = loaded_checkpoint
+    with torch.inference_mode(False):
+        network = LoraNetwork.create(NetworkConfig(rank=2, preset="attention"), model)
+    calls = []
+    honour = comfy_progress()
+
+    def progress(done: int, total: int) -> None:
+        calls.append((done, total))
+        if len(calls) == 2:
+            mm.interrupt_current_processing(True)  # the user presses Cancel during the second layer's report
+        honour(done, total)
+
+    for work in (lambda: merge_exact([(network, 1.0), (network, 0.5)], RankRule(2), progress=progress),
+                 lambda: extract_lora(model, model, rule=RankRule(2), preset="attention", progress=progress)):
+        calls.clear()
+        try:
+            with pytest.raises(mm.InterruptProcessingException):
+                work()
+        finally:
+            mm.interrupt_current_processing(False)
+        assert len(calls) == 2 and calls[-1][1] > 2, calls  # stopped with layers left
+
+
+def test_a_full_disk_while_training_keeps_the_last_files(pack, loaded_checkpoint, concept_dataset, tmp_path,
+                                                         monkeypatch):
+    """The disk fills up while step 2's state is written: the run stops with a message naming the file, and step 1's
+    checkpoint and state are whole and still step 1's."""
+    import errno
+
+    from lora_foundry.lora_core.files import read_safetensors
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.state import saved_loop
+    from lora_foundry.training.trainer import TrainConfig, Trainer
+
+    model, clip, vae = loaded_checkpoint
+    dataset = load_dataset(small_dataset(concept_dataset, tmp_path / "images"), resolution=64, min_side=64,
+                           max_side=64)
+    with torch.inference_mode(False):
+        trainer = Trainer(model, clip, vae, dataset, LoraNetwork.create(NetworkConfig(rank=2, preset="attention"),
+                                                                        model),
+                          TrainConfig(steps=4, save_every=1), output_dir=tmp_path / "out", name="full")
+        writes = []
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            writes.append(fd)
+            if len(writes) == 4:  # step 1: checkpoint, state; step 2: checkpoint, then the state fails
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        with pytest.raises(OSError, match=r"full-state.safetensors: could not be written .*No space left on device"
+                                          r".*the previous file is unchanged"):
+            trainer.run()
+        monkeypatch.setattr(os, "fsync", real_fsync)
+    out = tmp_path / "out"
+    assert saved_loop(out / "full-state.safetensors")["step"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["full-state.safetensors", "full-step000001.safetensors",
+                                                     "full-step000002.safetensors"]
+    for path in out.iterdir():
+        read_safetensors(path)

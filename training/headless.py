@@ -16,10 +16,9 @@ from ..lora_core.files import write_safetensors
 from ..lora_core.settings import from_inputs
 from . import distributed
 from .dataset_options import DatasetOptions
-from .run import resolve_input_folder, run_folders, train
+from .run import resolve_input_folder, run_folders, settings, train
 from .run_config import GRAPH_SECTIONS, ConfigError, RunConfig, read_config
 
-PRECISIONS = ("fp16", "bf16", "fp32")
 CLIP_LOADERS = {1: ("CLIPLoader", "stable_diffusion"), 2: ("DualCLIPLoader", "flux"), 3: ("TripleCLIPLoader", "")}
 
 
@@ -101,15 +100,15 @@ def run(config: RunConfig, processes: distributed.Processes = distributed.SINGLE
     import torch
 
     precision = config.run_value("run", "save_precision")
+    network_config, train_config = settings(config.inputs(*GRAPH_SECTIONS))  # a bad setting fails before loading
     model, clip, vae = load_models(config)
     options = from_inputs(DatasetOptions, config.inputs("dataset"))
     dataset = options.load(lambda folder, setting: resolve_input_folder(folder, setting, restricted=False))
     folders = run_folders(folder_paths.get_folder_paths("loras")[0], folder_paths.get_output_directory(),
                           config.run_value("run", "output_name"), config.run_value("run", "resume"))
     processes.barrier()  # every process chose the folders before the first writes to them
-    inputs = config.inputs(*GRAPH_SECTIONS)
-    on_step = progress(inputs.get("steps", 300)) if processes.writes else None
-    network, _, result = train(model, clip, vae, dataset, inputs, folders, on_step, processes)
+    on_step = progress(train_config.steps) if processes.writes else None
+    network, _, result = train(model, clip, vae, dataset, network_config, train_config, folders, on_step, processes)
     if not processes.writes:
         return None
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]

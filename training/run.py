@@ -99,12 +99,10 @@ def settings(inputs: dict[str, Any]) -> tuple[NetworkConfig, TrainConfig]:
     return network, from_inputs(TrainConfig, inputs, captions=from_inputs(CaptionOptions, inputs))
 
 
-def train(model, clip, vae, dataset, inputs: dict[str, Any], folders: RunFolders,
+def train(model, clip, vae, dataset, network_config: NetworkConfig, config: TrainConfig, folders: RunFolders,
           on_step: Callable[[dict], None] | None = None,
           processes: Processes = SINGLE) -> tuple[LoraNetwork, Trainer, TrainResult]:
-    """Train an adapter on `model` with the settings in `inputs` (node-input values); the network carries its
-    metadata afterwards."""
-    network_config, config = settings(inputs)
+    """Train an adapter on `model` (the settings from `settings`); the network carries its metadata afterwards."""
     with torch.inference_mode(False):
         network = LoraNetwork.create(network_config, model, clip)
         trainer = Trainer(model, clip, vae, dataset, network, config, output_dir=folders.loras, name=folders.name,

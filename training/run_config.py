@@ -44,6 +44,8 @@ RUN_KEYS = {
                                          "fp8_e4m3fn, fp8_e4m3fn_fast, fp8_e5m2)."),
     },
 }
+RUN_CHOICES = {("run", "save_precision"): ("fp16", "bf16", "fp32"),
+               ("model", "weight_dtype"): ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")}
 SECTIONS = (*RUN_KEYS, *SETTINGS)
 GRAPH_SECTIONS = ("network", "training", "captions")  # what Train LoRA's config input overrides
 
@@ -96,7 +98,7 @@ def _kind(section: str, key: str):
     """(python type, choices, min, max) a key's value must have, or None for a key that is not a setting."""
     if section in RUN_KEYS:
         entry = RUN_KEYS[section].get(key)
-        return (entry[0], (), None, None) if entry else None
+        return (entry[0], RUN_CHOICES.get((section, key), ()), None, None) if entry else None
     entry = declared(SETTINGS[section]).get(key)
     if entry is None:
         return None
