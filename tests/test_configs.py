@@ -207,6 +207,8 @@ def run_config(tmp_path: Path, name: str, dataset: Path, steps: int, batch: int,
     path = tmp_path / f"{name}-{steps}-{batch}.toml"
     text = RUN_TOML.format(name=name, folder=dataset, steps=steps, batch=batch, lr=DDP_LR)
     text = text.replace("[run]\n", f"[run]\nresume = {'true' if resume else 'false'}\n")
+    # Modules dropped at some steps: a parameter no process has a gradient for must stay untouched, as in one.
+    text = text.replace("[network]\n", "[network]\nmodule_dropout = 0.3\n")
     path.write_text(text + '\n[model]\ncheckpoint = "tiny.safetensors"\n')
     return path
 

@@ -38,12 +38,17 @@ class Processes:
             return
         import torch.distributed as dist
 
+        # A parameter no process computed a gradient for (a module dropped this step) keeps none, as in one process:
+        # the optimizer then leaves it alone instead of decaying it.
+        device = params[0].device
+        computed = torch.tensor([float(p.grad is not None) for p in params], device=device)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        flat = torch.cat([computed, *(g.reshape(-1).float() for g in grads)])
         dist.all_reduce(flat)
-        offset = 0
-        for p, g in zip(params, grads, strict=True):
-            p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
+        anywhere = flat[:len(params)].gt(0).tolist()  # one read back, not one per parameter
+        offset = len(params)
+        for p, g, any_grad in zip(params, grads, anywhere, strict=True):
+            p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype) if any_grad else None
             offset += g.numel()
 
     def sum(self, value: float, device: torch.device | str = "cpu") -> float:

@@ -18,7 +18,7 @@ from .config import TrainingError, TrainResult
 from .ema import AdapterEMA
 from .evaluation import held_out_loss, sample_step
 from .optim import build_optimizer, build_scheduler, parse_optimizer_args
-from .state import load_state, saved_loop
+from .state import load_state
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -47,10 +47,9 @@ class TrainLoop:
                             cfg.precision, compute)
         self.scaler = torch.amp.GradScaler(device.type, enabled=compute == torch.float16)
         self.state = {"step": 0, "epoch": 0, "order": [], "losses": [], "validation": [], "best": None,
-                      "since_best": 0}  # with global_batch, set below (a state saved before it has none)
+                      "since_best": 0}
         self.ema = AdapterEMA(trainer.network, cfg.ema_decay, cfg.ema_every, cfg.ema_warmup) if cfg.ema_decay else None
         if trainer.resume is not None:
-            check_same_run(saved_loop(trainer.resume).get("run"), trainer.run_identity(), trainer.resume)
             self.state.update(load_state(trainer.resume, trainer.network, self.optimizer, self.scheduler, self.rng,
                                          self.gen, self.ema))
             if self.state["best"] is None and self.state["validation"]:  # a state written before best was kept
@@ -61,13 +60,9 @@ class TrainLoop:
         self.updating = False  # inside the optimizer's update: an error there may leave the adapter half-changed
         self.backward_done = False
         self.preview = None  # the step-0 samples' grid, shown with the first report
-        self.state["run"] = trainer.run_identity()
         self.global_batch = cfg.batch_size * trainer.processes.world
-        if self.state.setdefault("global_batch", self.global_batch) != self.global_batch:
-            raise TrainingError(
-                f"batch_size: this run trained {self.state['global_batch']} images per micro-batch over all "
-                f"processes, now {cfg.batch_size} x {trainer.processes.world} process(es) = {self.global_batch}; "
-                "to resume exactly keep batch_size x processes the same")
+        # What a resumed run must share with this one (state.check_resumable).
+        self.state.update(run=trainer.run_identity(), global_batch=self.global_batch)
 
     def run(self) -> TrainResult:
         import comfy.model_management as mm
@@ -231,22 +226,3 @@ class TrainLoop:
         return TrainingError(f"out of device memory at step {self.state['step'] + 1} ({plan.describe()}); the adapter "
                              f"of the last finished step is kept at {path}. To fit: {plan.hint()}")
 
-
-def check_same_run(saved: dict | None, now: dict, path) -> None:
-    """Refuse to resume a state made with other adapters, optimizer or images, naming the setting that changed (a
-    state saved before these were kept is not checked)."""
-    if not saved:
-        return
-    for name, value in saved.get("network", {}).items():
-        if now["network"].get(name) != value:
-            raise TrainingError(f"{name}: the run saved at {path} was trained with {value!r}, now "
-                                f"{now['network'].get(name)!r}; set it back to resume, or turn resume off to start "
-                                "a new run")
-    if saved.get("optimizer") != now["optimizer"]:
-        raise TrainingError(f"optimizer: the run saved at {path} used {saved.get('optimizer')}, now "
-                            f"{now['optimizer']}; its state cannot continue in another optimizer")
-    was, new = saved.get("dataset", {}), now["dataset"]
-    if (was.get("images"), was.get("files")) != (new["images"], new["files"]):  # the folder itself may move
-        raise TrainingError(f"dataset: the run saved at {path} trained on {was.get('images')} images "
-                            f"({was.get('folder')}), now {new['images']} ({new['folder']}) and not the same files, "
-                            "repeats or split; resume with the dataset it started with")

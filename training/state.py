@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..lora_core.files import read_safetensors, write_safetensors
+from .config import TrainingError
 from .optim import optimizer_state_from_tensors, optimizer_state_to_tensors
 
 STATE_KEY = "lora_foundry_state"
@@ -89,3 +90,30 @@ def load_state(path: Path, network, optimizer, scheduler, rng: random.Random, ge
     for name, value in doc["adapter_rngs"].items():
         _rng_from_json(network.adapters[name].rng, value)
     return doc["loop"]
+
+
+def check_resumable(path: Path, now: dict, global_batch: int, processes: int) -> None:
+    """Refuse to resume a state made with other adapters, optimizer, images or global batch, naming the setting
+    that changed, from the state's header alone (a state saved before these were kept is not checked)."""
+    loop = saved_loop(path)
+    if loop.get("global_batch", global_batch) != global_batch:
+        raise TrainingError(
+            f"batch_size: this run trained {loop['global_batch']} images per micro-batch over all processes, now "
+            f"{global_batch // processes} x {processes} process(es) = {global_batch}; to resume exactly keep "
+            "batch_size x processes the same")
+    saved = loop.get("run")
+    if not saved:
+        return
+    for name, value in saved.get("network", {}).items():
+        if now["network"].get(name) != value:
+            raise TrainingError(f"{name}: the run saved at {path} was trained with {value!r}, now "
+                                f"{now['network'].get(name)!r}; set it back to resume, or turn resume off to start "
+                                "a new run")
+    if saved.get("optimizer") != now["optimizer"]:
+        raise TrainingError(f"optimizer: the run saved at {path} used {saved.get('optimizer')}, now "
+                            f"{now['optimizer']}; its state cannot continue in another optimizer")
+    was, new = saved.get("dataset", {}), now["dataset"]
+    if (was.get("images"), was.get("files")) != (new["images"], new["files"]):  # the folder itself may move
+        raise TrainingError(f"dataset: the run saved at {path} trained on {was.get('images')} images "
+                            f"({was.get('folder')}), now {new['images']} ({new['folder']}) and not the same files, "
+                            "repeats or split; resume with the dataset it started with")

@@ -37,7 +37,7 @@ from .loop import TrainLoop
 from .masks import LossMasks
 from .optim import lora_plus_groups
 from .planning import plan_memory
-from .state import save_state
+from .state import check_resumable, save_state
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingError"]
 
@@ -90,6 +90,8 @@ class Trainer:
         if (config.keep_best or config.patience) and not dataset.validation:
             raise ValueError("keep_best / patience: judged by the held-out loss, but the dataset holds no image out; "
                              "set validation_split in Load Dataset")
+        if resume is not None:  # before anything is encoded: a run that cannot continue says so at once
+            check_resumable(resume, self.run_identity(), self.config.batch_size * processes.world, processes.world)
         self.check_model()
 
     def epoch_steps(self, epochs: int) -> int:
