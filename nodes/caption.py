@@ -20,7 +20,7 @@ from ..training.captioner import (
     load_captioner,
     model_folder_help,
 )
-from ..training.dataset import load_dataset
+from ..training.dataset import capped, load_dataset
 from ..training.run import resolve_input_folder
 from .inputs import CATEGORY, LoraDataset, Node
 from .shown_captions import CAPTION_EDITS
@@ -160,7 +160,7 @@ class CaptionImages(Node):
         stats = run.summary()
         if dataset.report.skipped:
             stats += f"\nSkipped when the dataset was loaded ({len(dataset.report.skipped)}):\n" + "\n".join(
-                f"  {path}: {reason}" for path, reason in dataset.report.skipped)
+                capped([f"  {path}: {reason}" for path, reason in dataset.report.skipped]))
         shown = [(r.image, r.caption) for r in run.results[:preview_count]]
         tiles = preview_tiles(shown, open_image) or [caption_tile(None, "", placeholder="no preview")]
         listing = run.listing(dataset.root)

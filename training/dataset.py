@@ -104,28 +104,28 @@ class DatasetReport:
         if self.masks:
             lines.append(f"Masks ({self.masks}): {self.masks_found} image(s) masked, {len(self.masks_missing)} "
                          "without a mask (they learn everywhere)")
-            lines.extend(_capped([f"  no mask: {path}" for path in self.masks_missing]))
+            lines.extend(capped([f"  no mask: {path}" for path in self.masks_missing]))
         if self.shared_captions:
             lines.append(f"Images with the same name in one folder ({len(self.shared_captions)}): one caption file "
                          "captions all of them; rename all but one and give each its own caption")
-            lines.extend(_capped([f"  {', '.join(map(str, paths))}: "
+            lines.extend(capped([f"  {', '.join(map(str, paths))}: "
                                   + (f"share {caption}" if caption else "no caption file yet, one would caption all")
                                   for paths, caption in self.shared_captions]))
         if self.animated:
             lines.append(f"Animated images ({len(self.animated)}): the first frame of each is used")
-            lines.extend(_capped([f"  {path}" for path in self.animated]))
+            lines.extend(capped([f"  {path}" for path in self.animated]))
         if self.caption_errors:
             lines.append(f"Caption files that could not be read ({len(self.caption_errors)}):")
-            lines.extend(_capped([f"  {path}: {reason}" for path, reason in self.caption_errors]))
+            lines.extend(capped([f"  {path}: {reason}" for path, reason in self.caption_errors]))
         if self.skipped:
             lines.append(f"Skipped files ({len(self.skipped)}):")
-            lines.extend(_capped([f"  {path}: {reason}" for path, reason in self.skipped]))
+            lines.extend(capped([f"  {path}: {reason}" for path, reason in self.skipped]))
         else:
             lines.append("Skipped files: none")
         return "\n".join(lines)
 
 
-def _capped(lines: list[str], limit: int = SUMMARY_LIST_LIMIT) -> list[str]:
+def capped(lines: list[str], limit: int = SUMMARY_LIST_LIMIT) -> list[str]:
     """The first `limit` lines, then how many more there are."""
     return lines[:limit] + ([f"  ... and {len(lines) - limit} more"] if len(lines) > limit else [])
 
