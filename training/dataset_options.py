@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ..lora_core.settings import setting
+from .dataset import load_dataset
 
 
 @dataclass
@@ -56,10 +57,6 @@ class DatasetOptions:
 
     def load(self, resolve: Callable[[str, str], os.PathLike]):
         """The dataset these options describe (folder names turned into paths by `resolve`)."""
-        from dataclasses import asdict
-
-        from .dataset import load_dataset
-
         dataset = load_dataset(**self.load_arguments(resolve))
         dataset.options = asdict(self)
         return dataset

@@ -78,13 +78,14 @@ class Processes:
 SINGLE = Processes()
 
 
-def from_environment() -> Processes:
-    """This process's place under torchrun (RANK / WORLD_SIZE), starting the process group; one process without."""
+def from_environment(device: torch.device) -> Processes:
+    """This process's place under torchrun (RANK / WORLD_SIZE), starting the process group for the device it trains
+    on (NCCL for CUDA, gloo otherwise, also with --cpu on a GPU machine); one process without."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return SINGLE
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Processes(dist.get_rank(), dist.get_world_size())

@@ -40,7 +40,7 @@ def model_file(folder: str, name: str, key: str) -> str:
     import folder_paths
 
     path = Path(name).expanduser()
-    if path.is_absolute() or len(path.parts) > 1 and path.exists():
+    if path.is_absolute() or (len(path.parts) > 1 and path.exists()):
         if not path.is_file():
             raise ConfigError(f"[model] {key}: {path} is not a file")
         folder_paths.add_model_folder_path(folder, str(path.resolve().parent))
@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         config.unsupported += extra.unsupported
     for line in config.unsupported:
         print(f"not supported (ignored): {line}", file=sys.stderr)
-    processes = distributed.from_environment()
+    import comfy.model_management
+
+    processes = distributed.from_environment(comfy.model_management.get_torch_device())
     try:
         run(config, processes)
     finally:

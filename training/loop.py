@@ -62,7 +62,7 @@ class TrainLoop:
         self.preview = None  # the step-0 samples' grid, shown with the first report
         self.global_batch = cfg.batch_size * trainer.processes.world
         # What a resumed run must share with this one (state.check_resumable).
-        self.state.update(run=trainer.run_identity(), global_batch=self.global_batch)
+        self.state.update(run=trainer.identity, global_batch=self.global_batch)
 
     def run(self) -> TrainResult:
         import comfy.model_management as mm
@@ -71,7 +71,8 @@ class TrainLoop:
         activations = (torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
                        if cfg.offload_activations else contextlib.nullcontext())
         try:
-            if state["step"] == 0 and cfg.sample_every and self.trainer.processes.writes:  # the base model with the zero adapter, to compare with
+            # The base model with the zero adapter, to compare with (sampled by the process that writes files).
+            if state["step"] == 0 and cfg.sample_every and self.trainer.processes.writes:
                 self.preview = sample_step(self.trainer, self.patched, self.patchers, 0)
             with activations:
                 for step in range(state["step"] + 1, cfg.steps + 1):
@@ -178,7 +179,8 @@ class TrainLoop:
             if step < cfg.steps:
                 self.save_state()
         preview, self.preview = self.preview, None
-        if cfg.sample_every and trainer.processes.writes and (step % cfg.sample_every == 0 or step == cfg.steps or self.patience_ran_out()):
+        if cfg.sample_every and trainer.processes.writes and (
+                step % cfg.sample_every == 0 or step == cfg.steps or self.patience_ran_out()):
             preview = sample_step(trainer, self.patched, self.patchers, step)  # files even without a node
         if trainer.on_step is None:
             return
@@ -225,4 +227,3 @@ class TrainLoop:
         path = self.trainer.save_checkpoint(self.state["step"], "last-good")
         return TrainingError(f"out of device memory at step {self.state['step'] + 1} ({plan.describe()}); the adapter "
                              f"of the last finished step is kept at {path}. To fit: {plan.hint()}")
-

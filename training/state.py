@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..lora_core.files import read_safetensors, write_safetensors
+from ..lora_core.info import read_header
 from .config import TrainingError
 from .optim import optimizer_state_from_tensors, optimizer_state_to_tensors
 
@@ -50,10 +51,7 @@ def save_state(path: Path, network, optimizer, scheduler, loop: dict, rng: rando
 
 def saved_loop(path: Path) -> dict:
     """The loop position of a saved state, read from its header alone (to check it before anything is loaded)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    metadata, _ = read_header(path)
     if STATE_KEY not in metadata:
         raise ValueError(f"{path}: not a Lora Foundry training state (no {STATE_KEY} metadata)")
     return json.loads(metadata[STATE_KEY])["loop"]
@@ -92,14 +90,14 @@ def load_state(path: Path, network, optimizer, scheduler, rng: random.Random, ge
     return doc["loop"]
 
 
-def check_resumable(path: Path, now: dict, global_batch: int, processes: int) -> None:
+def check_resumable(path: Path, now: dict, batch_size: int, processes: int) -> None:
     """Refuse to resume a state made with other adapters, optimizer, images or global batch, naming the setting
     that changed, from the state's header alone (a state saved before these were kept is not checked)."""
-    loop = saved_loop(path)
+    loop, global_batch = saved_loop(path), batch_size * processes
     if loop.get("global_batch", global_batch) != global_batch:
         raise TrainingError(
             f"batch_size: this run trained {loop['global_batch']} images per micro-batch over all processes, now "
-            f"{global_batch // processes} x {processes} process(es) = {global_batch}; to resume exactly keep "
+            f"{batch_size} x {processes} process(es) = {global_batch}; to resume exactly keep "
             "batch_size x processes the same")
     saved = loop.get("run")
     if not saved:

@@ -90,8 +90,9 @@ class Trainer:
         if (config.keep_best or config.patience) and not dataset.validation:
             raise ValueError("keep_best / patience: judged by the held-out loss, but the dataset holds no image out; "
                              "set validation_split in Load Dataset")
+        self.identity = self.run_identity()  # kept in the resume state
         if resume is not None:  # before anything is encoded: a run that cannot continue says so at once
-            check_resumable(resume, self.run_identity(), self.config.batch_size * processes.world, processes.world)
+            check_resumable(resume, self.identity, self.config.batch_size, processes.world)
         self.check_model()
 
     def epoch_steps(self, epochs: int) -> int:
@@ -280,7 +281,8 @@ class Trainer:
         cache = not self.captions_change()
         return [to_device(self.encode_text(c, cache), device) for c in captions]
 
-    def draw_batch(self, patched, batch: list[int], rng, gen, device, share: tuple[int, int] | None = None) -> tuple:
+    def draw_batch(self, patched, batch: list[int], rng, gen, device,
+                   share: tuple[int, int] | None = None) -> tuple | None:
         """One micro-batch's x0, noise, sigma, captions, geometries and loss weights, drawn from `rng` and `gen`;
         with `share`, what is drawn for the whole batch is cut to that part (this process's, see distributed.py)."""
         cfg = self.config
