@@ -11,7 +11,8 @@ from .inputs import CATEGORY, LoraDataset, Node, TrainingConfig, setting_inputs
 
 REQUIRED_WIDGETS = ["folder", "resolution", "min_side", "max_side", "bucket_step", "no_upscale", "caption_extension",
                     "validation_split", "seed"]
-OPTIONAL_WIDGETS = ["reg_folder", "prior_loss_weight", "mask_folder", "alpha_mask", "reg_empty_prompt", "repeats"]
+OPTIONAL_WIDGETS = ["reg_folder", "prior_loss_weight", "mask_folder", "alpha_mask", "reg_empty_prompt", "repeats",
+                    "frames", "frame_extraction", "frame_rate", "frame_multiple", "control_folder"]
 
 
 class LoadDataset(Node):
@@ -19,8 +20,9 @@ class LoadDataset(Node):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoraFoundryLoadDataset", display_name="Load Dataset", category=CATEGORY,
-            description="Images (png/jpg/webp) with .txt captions; kohya folders `N_trigger words` set repeats and "
-                        "the caption of images without one. Images are bucketed by aspect ratio, never squashed.",
+            description="Images (png/jpg/webp) and video clips (mp4/webm/mov/mkv/avi, or folders of numbered "
+                        "frames) with .txt captions; kohya folders `N_trigger words` set repeats and the caption of "
+                        "files without one. Images are bucketed by aspect ratio, never squashed.",
             inputs=[*setting_inputs(REQUIRED_WIDGETS, (DatasetOptions,), {}),
                     *setting_inputs(OPTIONAL_WIDGETS, (DatasetOptions,), {}, optional=True),
                     TrainingConfig.Input("config", optional=True, tooltip="Settings from Load Training Config: its "

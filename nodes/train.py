@@ -10,7 +10,7 @@ from ..lora_core.apply import apply_lora
 from ..lora_core.network import LoraNetwork, NetworkConfig
 from ..training.captions import CaptionOptions
 from ..training.plots import loss_graph
-from ..training.run import run_folders, settings, train
+from ..training.run import expert_name, run_folders, settings, train
 from ..training.run_config import GRAPH_SECTIONS
 from ..training.trainer import TrainConfig, Trainer
 from .inputs import CATEGORY, Lora, LoraDataset, LoraLoss, Node, TrainingConfig, setting_inputs
@@ -26,7 +26,7 @@ OPTIONAL_WIDGETS = ["gradient_checkpointing", "grad_accum", "grad_clip", "lora_p
                     "timestep_shift", "shift", "guidance", "attach", "network_dropout", "vram_budget_gb",
                     "offload_activations", "compile_blocks", "mask_floor", "block_ranks", "block_alphas", "block_lrs",
                     "keep_best", "patience", "ema_decay", "ema_every", "ema_warmup", "ema_output", "optimizer_args",
-                    "epochs"]
+                    "epochs", "expert", "expert_boundary"]
 SETTINGS = (NetworkConfig, TrainConfig, CaptionOptions)
 
 
@@ -98,7 +98,7 @@ class TrainLoRA(Node):
             resume = config.values.get("run", {}).get("resume", resume)
         network_config, train_config = settings(inputs)
         folders = run_folders(folder_paths.get_folder_paths("loras")[0], folder_paths.get_output_directory(),
-                              output_name, resume)
+                              expert_name(output_name, train_config.expert), resume)
         network, trainer, result = train(model, clip, vae, dataset, network_config, train_config, folders,
                                          on_step=progress_reporter(cls.hidden.unique_id, train_config.steps))
         trained_model, trained_clip, _ = apply_lora(model, clip, network.state_dict_kohya(), 1.0, 1.0)
@@ -118,6 +118,10 @@ def run_summary(network: LoraNetwork, trainer: Trainer, result) -> str:
     summary = (f"{config.algorithm} rank {config.rank} on {len(network.adapters)} layers "
                f"({network.num_params():,} parameters); "
                f"{result.steps} steps in {result.seconds:.1f}s; loss {first:.4f} -> {last:.4f}")
+    if trainer.image_input is not None:
+        summary += f"; the model is given each sample's {trainer.image_input}"
+    if trainer.config.expert != "all":
+        summary += f"; the {trainer.config.expert} expert (sigma boundary {trainer.config.expert_boundary})"
     if trainer.plan is not None:
         summary += f"; {trainer.plan.describe()}"
     if result.validation:

@@ -78,26 +78,20 @@ def model_inputs(model, conditionings: list[list], noisy: torch.Tensor, geometri
     which pads longer captions by repetition as CONDCrossAttn does) share a group, the way
     `comfy.samplers.calc_cond_batch` batches them.
     """
-    import comfy.sampler_helpers
     import comfy.samplers
 
     per_sample = []
     for index, (conditioning, geometry) in enumerate(zip(conditionings, geometries, strict=True)):
-        entry = comfy.sampler_helpers.convert_cond(conditioning[:1])
         extras = dict(geometry.as_params()) if geometry is not None and size_conditioned(model) else {}
         if guidance is not None:
             extras["guidance"] = guidance
-        for key, value in extras.items():
-            entry[0].setdefault(key, value)
-        noise = noisy[index:index + 1]
-        entry = comfy.samplers.encode_model_conds(model.extra_conds, entry, noise, noisy.device, "positive",
-                                                  latent_image=torch.zeros_like(noise), denoise_mask=None, seed=0)
-        conds = entry[0]["model_conds"]
-        if "c_concat" in conds:
+        entry, conds = host_conds(model, conditioning, noisy[index:index + 1], extras)
+        if "c_concat" in conds and "concat_latent_image" not in entry:
             raise ValueError(
                 f"{type(model.model_config).__name__} is conditioned on an image as well as text (an inpainting, "
-                "image-to-video or edit model: it takes `c_concat`); Train LoRA does not give it those images yet. "
-                "Train on the family's text-to-image / text-to-video model instead")
+                "image-to-video or edit model: it takes `c_concat`); Train LoRA gives that image to Wan's "
+                "image-to-video models only (their start frame, as WanImageToVideo does). Train on the family's "
+                "text-to-image / text-to-video model instead")
         per_sample.append({k: c.process_cond(batch_size=1, device=noisy.device, area=None) for k, c in conds.items()})
     groups: list[list[int]] = []
     for index, conds in enumerate(per_sample):
@@ -111,6 +105,29 @@ def model_inputs(model, conditionings: list[list], noisy: torch.Tensor, geometri
     options = dict(transformer_options or {})
     return [(group, {**comfy.samplers.cond_cat([per_sample[i] for i in group]), "transformer_options": options})
             for group in groups]
+
+
+def host_conds(model, conditioning: list, noise: torch.Tensor, extras: dict | None = None) -> tuple[dict, dict]:
+    """The first entry of `conditioning` as the sampler converts it (with `extras` where unset), and the model
+    inputs (`comfy.conds` objects by name) the model's own `extra_conds` makes of it for a latent like `noise`."""
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    entry = comfy.sampler_helpers.convert_cond(conditioning[:1])
+    for key, value in (extras or {}).items():
+        entry[0].setdefault(key, value)
+    entry = comfy.samplers.encode_model_conds(model.extra_conds, entry, noise, noise.device, "positive",
+                                              latent_image=torch.zeros_like(noise), denoise_mask=None, seed=0)
+    return entry[0], entry[0]["model_conds"]
+
+
+def with_values(conditioning: list, values: dict, device) -> list:
+    """`conditioning` with `values` set on each entry, as the host's nodes set them (conditioning_set_values)."""
+    if not values:
+        return conditioning
+    moved = {k: ([t.to(device) for t in v] if isinstance(v, list) else v.to(device) if torch.is_tensor(v) else v)
+             for k, v in values.items()}
+    return [[c, {**extras, **moved}] for c, extras in conditioning]
 
 
 def apply_model(model, noisy: torch.Tensor, sigma: torch.Tensor, inputs: list[tuple[list[int], dict]]) -> torch.Tensor:

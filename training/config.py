@@ -17,6 +17,9 @@ from .optim import OPTIMIZERS, SCHEDULERS, parse_optimizer_args
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LATENT_CACHES = ("memory", "disk")
 EMA_OUTPUTS = ("beside", "instead")
+# Wan 2.2 A14B's two experts: the high-noise one denoises above the boundary, the low-noise one below it.
+EXPERTS = ("all", "high_noise", "low_noise")
+WAN22_BOUNDARY = 0.875  # text-to-video; image-to-video switches at 0.9
 
 
 class TrainingError(RuntimeError):
@@ -123,6 +126,12 @@ class TrainConfig:
                                         "checkpointing: only the blocks' inputs).")
     compile_blocks: bool = setting(False, "torch.compile each diffusion block (the first steps compile, later ones "
                                    "run faster on a GPU; blocks that add in place, Flux / Chroma, stay eager).")
+    expert: str = setting("all", "Mixture-of-experts models (Wan 2.2 A14B): train the model given as the high_noise "
+                          "expert (noise levels above expert_boundary) or the low_noise one (below it); the file "
+                          "name gets _high_noise / _low_noise. all = every noise level.", choices=EXPERTS)
+    expert_boundary: float = setting(WAN22_BOUNDARY, "The noise level (sigma, 0-1) where the experts switch: 0.875 "
+                                     "for Wan 2.2 text-to-video, 0.9 for image-to-video.", min=0.01, max=0.99,
+                                     step=0.005)
     captions: CaptionOptions = field(default_factory=CaptionOptions)
 
     def __post_init__(self):

@@ -6,8 +6,9 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from ..lora_core.settings import setting
+from ..lora_core.settings import check_choices, setting
 from .dataset import load_dataset
+from .video import EXTRACTIONS
 
 
 @dataclass
@@ -38,11 +39,28 @@ class DatasetOptions:
 
     repeats: int = setting(1, "Repeats of each image whose folder name sets none (kohya's num_repeats; a folder "
                            "named `10_name` repeats its images 10 times).", min=1, max=10_000, kohya="num_repeats")
+    frames: int = setting(17, "Video: frames per clip sample (musubi-tuner's target_frames); must be k * "
+                          "frame_multiple + 1 (17, 33, 49, 81 with 4). Clips shorter than this give fewer.", min=1,
+                          max=1025)
+    frame_extraction: str = setting("head", "Video: which frames of a clip become samples (musubi-tuner's "
+                                    "frame_extraction): head = its first `frames`, uniform = `frames` spread over "
+                                    "the whole clip, chunk = one sample per consecutive `frames`.", choices=EXTRACTIONS)
+    frame_rate: float = setting(0.0, "Video: resample clips to this many frames per second before taking frames "
+                                "(Wan trains at 16); 0 keeps each clip's own rate. Also the rate of frame folders "
+                                "(16 when 0).", min=0.0, max=240.0, step=0.5)
+    frame_multiple: int = setting(4, "Video: the model's temporal compression; clip samples have k * frame_multiple "
+                                  "+ 1 frames (4 for Wan and HunyuanVideo, 8 for LTX-Video).", min=1, max=64)
+    control_folder: str = setting("", "Edit models (Flux Kontext, Qwen-Image-Edit): the source images, with the "
+                                  "training images' file names (any image extension); absolute, or inside "
+                                  "ComfyUI/input. Empty: the dataset's `control` sub-folder when there is one.")
 
     def caption_extensions(self) -> tuple[str, ...]:
         extensions = tuple(e.strip() if e.strip().startswith(".") else "." + e.strip()
                            for e in self.caption_extension.split(",") if e.strip())
         return extensions or (".txt",)
+
+    def __post_init__(self):
+        check_choices(self)
 
     def load_arguments(self, resolve: Callable[[str, str], os.PathLike]) -> dict:
         """load_dataset's arguments, with folder names turned into paths by `resolve(name, setting)`."""
@@ -52,7 +70,9 @@ class DatasetOptions:
             reg_folder=resolve(self.reg_folder, "reg_folder") if self.reg_folder.strip() else None,
             prior_loss_weight=self.prior_loss_weight, validation_split=self.validation_split, seed=self.seed,
             mask_folder=resolve(self.mask_folder, "mask_folder") if self.mask_folder.strip() else None, alpha_mask=self.alpha_mask,
-            reg_empty_prompt=self.reg_empty_prompt, default_repeats=self.repeats,
+            reg_empty_prompt=self.reg_empty_prompt, default_repeats=self.repeats, frames=self.frames,
+            frame_extraction=self.frame_extraction, frame_rate=self.frame_rate, frame_multiple=self.frame_multiple,
+            control_folder=resolve(self.control_folder, "control_folder") if self.control_folder.strip() else None,
         )
 
     def load(self, resolve: Callable[[str, str], os.PathLike]):

@@ -109,11 +109,14 @@ def held_out_loss(trainer: Trainer, patched, device, levels=(0.1, 0.3, 0.5, 0.7,
     with torch.no_grad():
         for index, item in enumerate(items):
             x0 = trainer.latents.get(index, validation=True)[None].to(device)
-            conditioning = trainer.conditioning([trainer.fixed_caption(item)], device)
+            conditioning = trainer.conditioning([trainer.fixed_caption(item)], device,
+                                                trainer.sample_values([index], [False], validation=True))
+            low, high = trainer.expert_levels(patched, x0)  # an expert is judged on the levels it denoises
             for level in levels:
                 noise = torch.randn(x0.shape, generator=gen).to(device)
                 weights = trainer.masks.weights([item], [index], [False], True, trainer.latents, device)
-                loss = trainer.loss(patched, x0, noise, trainer.sigmas(patched, [level], x0), conditioning,
+                sigma = trainer.sigmas(patched, [low + (high - low) * level], x0)
+                loss = trainer.loss(patched, x0, noise, sigma, conditioning,
                                     [image_geometry(item)], weights, None)
                 total += loss.item()
                 count += 1

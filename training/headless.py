@@ -16,7 +16,7 @@ from ..lora_core.files import write_safetensors
 from ..lora_core.settings import from_inputs
 from . import distributed
 from .dataset_options import DatasetOptions
-from .run import resolve_input_folder, run_folders, settings, train
+from .run import expert_name, resolve_input_folder, run_folders, settings, train
 from .run_config import GRAPH_SECTIONS, ConfigError, RunConfig, read_config
 
 CLIP_LOADERS = {1: ("CLIPLoader", "stable_diffusion"), 2: ("DualCLIPLoader", "flux"), 3: ("TripleCLIPLoader", "")}
@@ -105,7 +105,8 @@ def run(config: RunConfig, processes: distributed.Processes = distributed.SINGLE
     options = from_inputs(DatasetOptions, config.inputs("dataset"))
     dataset = options.load(lambda folder, setting: resolve_input_folder(folder, setting, restricted=False))
     folders = run_folders(folder_paths.get_folder_paths("loras")[0], folder_paths.get_output_directory(),
-                          config.run_value("run", "output_name"), config.run_value("run", "resume"))
+                          expert_name(config.run_value("run", "output_name"), train_config.expert),
+                          config.run_value("run", "resume"))
     processes.barrier()  # every process chose the folders before the first writes to them
     on_step = progress(train_config.steps) if processes.writes else None
     network, _, result = train(model, clip, vae, dataset, network_config, train_config, folders, on_step, processes)

@@ -42,6 +42,8 @@ class LatentCache:
     def path(self, item: DatasetItem, flip: bool) -> Path:
         stat = item.path.stat()
         key = f"{self.vae_id}|{item.path.name}|{stat.st_size}|{stat.st_mtime_ns}|{item.bucket}|{flip}|center"
+        if item.frames:  # each sample of a clip has its own latent; still images keep their keys
+            key += f"|{item.frames}"
         return item.path.parent / FOLDER / f"{item.path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
     def load(self, item: DatasetItem, flip: bool) -> torch.Tensor | None:

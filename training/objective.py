@@ -105,6 +105,19 @@ def sigmas_for(model_sampling, levels: list[float], shift: str = "model", shift_
     return u.clamp(1e-4, 1.0).float()
 
 
+def level_at_sigma(model_sampling, sigma: float, shift: str = "model", shift_value: float = 3.0,
+                   tokens: int = 4096) -> float:
+    """The noise level in [0, 1] that `sigmas_for` turns into `sigma` (sigmas rise with the level; bisection)."""
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        if float(sigmas_for(model_sampling, [middle], shift, shift_value, tokens)[0]) < sigma:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
 def prediction_loss(kind: str, denoised: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, loss: str = "mse",
                     huber_delta: float = 1.0, sigma_data: float = 1.0,
                     weights: torch.Tensor | None = None) -> torch.Tensor:

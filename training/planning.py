@@ -51,10 +51,10 @@ def simulate_step(trainer: Trainer, patched, blocks: BlockOptions, device, autoc
     modules = [patched.model.diffusion_model, trainer.network] + [p.model for p in patchers[1:]]
 
     # Drawn and prepared on the CPU: the simulation puts every tensor on `device` itself.
-    x0, noise, sigma, captions, geometries, weights = trainer.draw_batch(
+    x0, noise, sigma, captions, geometries, weights, values = trainer.draw_batch(
         patched, [largest] * trainer.config.batch_size, random.Random(0), torch.Generator().manual_seed(0), "cpu")
     if trainer.train_clip is None:  # host code that reads values (attention masks) runs on real tensors
-        inputs = trainer.model_call(patched, x0, noise, sigma, trainer.conditioning(captions, "cpu"), geometries)
+        inputs = trainer.model_call(patched, x0, noise, sigma, trainer.conditioning(captions, "cpu", values), geometries)
 
         def step(x, inputs, x0, sigma, weights):
             trainer.prediction_loss(patched, x, x0, sigma, inputs, weights, autocast_dtype).backward()
@@ -62,7 +62,7 @@ def simulate_step(trainer: Trainer, patched, blocks: BlockOptions, device, autoc
         args = (*inputs, x0, sigma, weights)
     else:
         def step(x0, noise, sigma, weights):
-            trainer.loss(patched, x0, noise, sigma, trainer.conditioning(captions, device), geometries, weights,
+            trainer.loss(patched, x0, noise, sigma, trainer.conditioning(captions, device, values), geometries, weights,
                       autocast_dtype).backward()
 
         args = (x0, noise, sigma, weights)

@@ -34,6 +34,13 @@ class RunFolders:
         return self.loras.name
 
 
+def expert_name(output_name: str, expert: str) -> str:
+    """The run's name; an expert's says which one it is (`my_lora_high_noise`), as ai-toolkit and musubi users name
+    the two files of a Wan 2.2 LoRA."""
+    suffix = "" if expert == "all" else f"_{expert}"
+    return output_name if output_name.endswith(suffix) else output_name + suffix
+
+
 def run_folders(loras: str, output: str, output_name: str, resume: bool) -> RunFolders:
     """Where a run writes; a new run gets fresh folders, never used ones, and `resume` needs a saved state."""
     n = 1

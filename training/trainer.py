@@ -26,11 +26,20 @@ from ..lora_core.targets import text_encoders
 from . import memory, objective
 from .blocks import BlockOptions, text_encoder_layers, training_blocks
 from .captions import CaptionOptions, process_caption
-from .conditioning import apply_model, encode_caption, image_geometry, model_inputs, to_device, training_guidance
+from .conditioning import (
+    apply_model,
+    encode_caption,
+    image_geometry,
+    model_inputs,
+    to_device,
+    training_guidance,
+    with_values,
+)
 from .config import PRECISIONS, TrainConfig, TrainingError, TrainResult
 from .dataset import Dataset
 from .distributed import SINGLE, Processes
 from .evaluation import sample_prompts
+from .image_inputs import REFERENCE, START_FRAME, image_input, reference_values, start_frame_values
 from .latent_cache import LatentCache, vae_fingerprint
 from .latent_store import LatentStore
 from .loop import TrainLoop
@@ -69,12 +78,17 @@ class Trainer:
         if config.epochs:
             self.config = config = replace(config, steps=self.epoch_steps(config.epochs))
         self.kind = objective.prediction(model.get_model_object("model_sampling"))
+        if config.expert != "all" and self.kind != "flow":
+            raise ValueError(f"expert: the experts split the noise levels of a flow model (Wan 2.2 A14B); this model "
+                             f"predicts {self.kind}; set expert = all")
         self.timestep_sampling = objective.family_sampling(config.timestep_sampling, self.kind)
         for option, unused in (("timestep_shift", config.timestep_shift != "model" and self.kind != "flow"),
                                ("min_snr_gamma", config.min_snr_gamma and self.kind == "flow")):
             if unused:
                 logging.info("Train LoRA: %s does not apply to %s models; ignored", option, self.kind)
         self.latents = LatentStore()
+        self.image_input: str | None = None  # the image the model is conditioned on besides the caption (check_model)
+        self.image_values: dict[tuple[bool, int, bool], dict] = {}  # its conditioning values by (held out, item, flip)
         self.masks = LossMasks(config.mask_floor)
         self.text: dict[str, list] = {}  # host conditioning of captions that never change
         self.checkpoints: list[Path] = []
@@ -131,13 +145,36 @@ class Trainer:
                 mm.throw_exception_if_processing_interrupted()  # Cancel: what was cached so far stays, whole
                 chunk = indices[start:start + batch]
                 pixels = torch.stack([self.dataset.load_image(items[i], crop="center", flip=flip) for i in chunk])
+                if pixels.dim() == 5:  # one clip [1, T, H, W, 3]: the video VAE reads the frames as its batch
+                    pixels = pixels[0]
                 with torch.no_grad():
                     raw = self.vae.encode(pixels[..., :3]).float().cpu()
                     latents = self.model.model.process_latent_in(raw).float()
+                    if self.image_input == START_FRAME:
+                        self.image_values[(validation, chunk[0], flip)] = start_frame_values(self.vae, pixels)
                 for index, latent, raw_latent in zip(chunk, latents, raw, strict=True):
                     self.latents.put(index, flip, validation, latent)
                     if disk:
                         disk.save(items[index], flip, raw_latent.unsqueeze(0))
+
+    def encode_control(self, items, validation: bool = False) -> None:
+        """The edit model's source image of every item (mirrored with it), as ReferenceLatent conditions on it."""
+        if self.image_input != REFERENCE:
+            return
+        import comfy.model_management as mm
+
+        for index, item in enumerate(items):
+            for flip in self.flips(validation):
+                mm.throw_exception_if_processing_interrupted()
+                with torch.no_grad():
+                    values = reference_values(self.vae, self.dataset.load_control(item, flip=flip))
+                self.image_values[(validation, index, flip)] = values
+
+    def sample_values(self, indices: list[int], flips: list[bool], validation: bool = False) -> list[dict]:
+        """The image conditioning values of each sample (empty for a model conditioned on text alone)."""
+        if self.image_input is None:
+            return [{} for _ in indices]
+        return [self.image_values[(validation, i, flip)] for i, flip in zip(indices, flips, strict=True)]
 
     def flips(self, validation: bool) -> tuple[bool, ...]:
         return (False, True) if self.config.flip and not validation else (False,)
@@ -190,6 +227,8 @@ class Trainer:
         start = time.monotonic()
         self.encode_images(self.dataset.items)
         self.encode_images(self.dataset.validation, validation=True)
+        self.encode_control(self.dataset.items)
+        self.encode_control(self.dataset.validation, validation=True)
         self.masks.encode(self.dataset.items, self.latents, self.flips(False))
         self.masks.encode(self.dataset.validation, self.latents, self.flips(True), validation=True)
         self.encode_fixed_captions()
@@ -270,16 +309,41 @@ class Trainer:
         """Build the model's inputs once, before anything is encoded: this fails with a message if the model
         needs inputs training cannot give it, and finds the guidance it trains with."""
         latent_format = self.model.get_model_object("latent_format")
-        frames = [1] if getattr(latent_format, "latent_dimensions", 2) == 3 else []
-        noise = torch.zeros(1, latent_format.latent_channels, *frames, 8, 8)
-        self.guidance = training_guidance(self.model.model, self.encode_text(""), noise, self.config.guidance)
+        video = getattr(latent_format, "latent_dimensions", 2) == 3
+        self.check_clips(video)
+        noise = torch.zeros(1, latent_format.latent_channels, *([1] if video else []), 8, 8)
+        empty = self.encode_text("")
+        self.image_input = image_input(self.model.model, empty, noise, getattr(self.dataset, "has_control", False))
+        if self.image_input == START_FRAME:  # what the model takes when it is given no start frame
+            empty = with_values(empty, {"concat_latent_image": torch.zeros_like(noise)}, "cpu")
+        self.guidance = training_guidance(self.model.model, empty, noise, self.config.guidance)
 
-    def conditioning(self, captions: list[str], device) -> list[list]:
-        """Host conditioning per caption; through the text-encoder adapters (uncached) while they train."""
+    def check_clips(self, video: bool) -> None:
+        """Clips need a video model, and frame counts its VAE can encode (4n + 1 for Wan's)."""
+        clips = [item for item in self.dataset.items + self.dataset.validation if getattr(item, "is_clip", False)]
+        if not clips:
+            return
+        if not video:
+            raise ValueError(f"dataset: {len(clips)} clip(s) (e.g. {clips[0].path}) but this is an image model; train "
+                             "clips on a video model (Wan, HunyuanVideo, ...), or remove them from the folder")
+        down, up = self.vae.downscale_ratio[0], self.vae.upscale_ratio[0]
+        multiple = up(2) - up(1)
+        for item in clips:
+            if up(down(item.frame_count)) != item.frame_count:
+                raise ValueError(f"frame_multiple: {item.path} trains {item.frame_count} frames, which this VAE does "
+                                 f"not encode as they are; its clips take {multiple}n + 1 frames: set frame_multiple "
+                                 f"to {multiple} and frames to one of {multiple + 1}, {2 * multiple + 1}, ...")
+
+    def conditioning(self, captions: list[str], device, values: list[dict] | None = None) -> list[list]:
+        """Host conditioning per caption (with each sample's image values); through the text-encoder adapters
+        (uncached) while they train."""
         if self.train_clip is not None:
-            return [to_device(encode_caption(self.train_clip, c), device) for c in captions]
-        cache = not self.captions_change()
-        return [to_device(self.encode_text(c, cache), device) for c in captions]
+            conditionings = [to_device(encode_caption(self.train_clip, c), device) for c in captions]
+        else:
+            cache = not self.captions_change()
+            conditionings = [to_device(self.encode_text(c, cache), device) for c in captions]
+        values = values or [{} for _ in captions]
+        return [with_values(c, v, device) for c, v in zip(conditionings, values, strict=True)]
 
     def draw_batch(self, patched, batch: list[int], rng, gen, device,
                    share: tuple[int, int] | None = None) -> tuple | None:
@@ -290,8 +354,11 @@ class Trainer:
         flips = [cfg.flip and rng.random() < 0.5 for _ in batch]
         x0 = torch.stack([self.latents.get(i, flip) for i, flip in zip(batch, flips, strict=True)])
         captions = [self.caption(item, cfg.captions, rng) for item in items]
-        levels = objective.sample_noise_levels(len(batch), rng, self.timestep_sampling,
-                                               cfg.min_timestep / 1000, cfg.max_timestep / 1000)
+        low, high = self.expert_levels(patched, x0)
+        low, high = max(low, cfg.min_timestep / 1000), min(high, cfg.max_timestep / 1000)
+        if low >= high:
+            raise ValueError(f"min_timestep / max_timestep leave no noise level to the {cfg.expert} expert")
+        levels = objective.sample_noise_levels(len(batch), rng, self.timestep_sampling, low, high)
         noise = torch.randn(x0.shape, generator=gen)
         if cfg.noise_offset:
             noise = noise + cfg.noise_offset * torch.randn((*x0.shape[:2], *[1] * (x0.dim() - 2)), generator=gen)
@@ -303,13 +370,23 @@ class Trainer:
         weights = self.masks.weights(items[part], batch[part], flips[part], False, self.latents, device)
         geometries = [image_geometry(item, flip) for item, flip in zip(items[part], flips[part], strict=True)]
         return (x0, noise[part].to(device), self.sigmas(patched, levels[part], x0), captions[part], geometries,
-                weights)
+                weights, self.sample_values(batch[part], flips[part]))
 
     def batch_loss(self, patched, batch: list[int], rng, gen, device, autocast_dtype,
                    share: tuple[int, int] | None = None) -> torch.Tensor:
-        x0, noise, sigma, captions, geometries, weights = self.draw_batch(patched, batch, rng, gen, device, share)
-        return self.loss(patched, x0, noise, sigma, self.conditioning(captions, device), geometries, weights,
+        x0, noise, sigma, captions, geometries, weights, values = self.draw_batch(patched, batch, rng, gen, device,
+                                                                                  share)
+        return self.loss(patched, x0, noise, sigma, self.conditioning(captions, device, values), geometries, weights,
                          autocast_dtype, min_snr=self.config.min_snr_gamma)
+
+    def expert_levels(self, patched, x0: torch.Tensor) -> tuple[float, float]:
+        """The noise levels (0-1) the expert trained here denoises: all of them, or one side of the boundary."""
+        cfg = self.config
+        if cfg.expert == "all":
+            return 0.0, 1.0
+        boundary = objective.level_at_sigma(patched.get_model_object("model_sampling"), cfg.expert_boundary,
+                                            cfg.timestep_shift, cfg.shift, tokens=x0[0, 0].numel() // 4)
+        return (boundary, 1.0) if cfg.expert == "high_noise" else (0.0, boundary)
 
     def sigmas(self, patched, levels: list[float], x0: torch.Tensor) -> torch.Tensor:
         """The model's noise levels (sigmas) for `levels` in [0, 1], with the configured timestep shift."""

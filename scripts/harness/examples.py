@@ -142,3 +142,26 @@ def frontend_widget_count(info: dict) -> int:
     adds after every `seed` / `noise_seed` / control_after_generate INT."""
     widgets = widget_inputs(info)
     return len(widgets) + sum(1 for name, spec in widgets if _has_seed_control(name, spec))
+
+
+# Examples whose loaders (UNETLoader + CLIPLoader ...) name a family the fixture checkpoint is not: tests/test_video.py
+# runs them on the tiny family instead (with_tiny_family).
+FAMILY_EXAMPLES = {"train_wan_video_lora": "wan21", "train_wan22_experts": "wan21", "train_edit_lora": "flux"}
+TINY_FAMILY_NODE = "LoraFoundryTestTinyFamily"  # harness/test_models, on a ComfyServer(test_models=True)
+_LOADER_OUTPUTS = {"UNETLoader": 0, "CLIPLoader": 1, "DualCLIPLoader": 1, "TripleCLIPLoader": 1, "VAELoader": 2}
+
+
+def with_tiny_family(prompt: dict, family: str) -> dict:
+    """The API prompt with its model loaders replaced by the tiny-family node: each UNETLoader by a model of its own
+    (seeds 0, 1, ... in node order: Wan 2.2's two experts differ), text-encoder and VAE loaders by the first's."""
+    loaders = {nid: node["class_type"] for nid, node in prompt.items() if node["class_type"] in _LOADER_OUTPUTS}
+    models = sorted((nid for nid, kind in loaders.items() if kind == "UNETLoader"), key=int)
+    tiny = {nid: f"tiny{k}" for k, nid in enumerate(models)}
+    out = {nid: node for nid, node in prompt.items() if nid not in loaders}
+    for k in range(len(models)):
+        out[f"tiny{k}"] = {"class_type": TINY_FAMILY_NODE, "inputs": {"family": family, "seed": k}}
+    for node in out.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and value[0] in loaders:
+                node["inputs"][name] = [tiny.get(value[0], "tiny0"), _LOADER_OUTPUTS[loaders[value[0]]]]
+    return out

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "chroma", "qwen_image", "zimage", "wan21")
+IMAGE_CONDITIONED = ("wan21_i2v",)  # families conditioned on an image as well (issue 16's tests)
 
 # A CLIP text model of width 64; three layers since SDXL and SD3 take the penultimate one.
 SMALL_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
@@ -49,8 +50,8 @@ class Family:
 
 def build_family(name: str, seed: int = 0) -> Family:
     """Build family `name` (one of FAMILIES) from `seed`."""
-    if name not in FAMILIES:
-        raise ValueError(f"unknown family {name!r}; expected one of {FAMILIES}")
+    if name not in FAMILIES + IMAGE_CONDITIONED:
+        raise ValueError(f"unknown family {name!r}; expected one of {FAMILIES + IMAGE_CONDITIONED}")
     setup_inprocess()
     return _BUILDERS[name](seed)
 
@@ -387,18 +388,27 @@ def _build_zimage(seed: int) -> Family:
                   "head_dim stays 128); TAESD-shaped VAE with 16 channels (as taef1; Z-Image uses the Flux VAE)")
 
 
-def _build_wan21(seed: int) -> Family:
-    import comfy.supported_models
-    import comfy.text_encoders.wan
-
+def _wan21_config(**overrides) -> dict:
     config = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "out_dim": 16, "num_heads": 2, "ffn_dim": 128,
               "num_layers": 2, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1), "qk_norm": True,
               "cross_attn_norm": True, "eps": 1e-6, "in_dim": 16, "text_dim": SMALL_T5["d_model"]}
-    model = _patcher(_new_model(comfy.supported_models.WAN21_T2V, config, seed))
-    clip = _clip(comfy.text_encoders.wan.te(), comfy.text_encoders.wan.WanT5Tokenizer, seed + 1,
+    config.update(overrides)
+    return config
+
+
+def _wan_text_encoder(seed: int):
+    import comfy.text_encoders.wan
+
+    return _clip(comfy.text_encoders.wan.te(), comfy.text_encoders.wan.WanT5Tokenizer, seed + 1,
                  {"umt5xxl_model_config": {**SMALL_T5, "vocab_size": 32000}},
                  tokenizer_data={"spiece_model": umt5_spiece_stand_in()})
-    return Family("wan21", model, clip, _wan21_vae(seed), 16, True, "",
+
+
+def _build_wan21(seed: int) -> Family:
+    import comfy.supported_models
+
+    model = _patcher(_new_model(comfy.supported_models.WAN21_T2V, _wan21_config(), seed))
+    return Family("wan21", model, _wan_text_encoder(seed), _wan21_vae(seed), 16, True, "",
                   "built directly: detection gives heads = dim // 128 and leaves text_dim at 4096 (UMT5-XXL's width: "
                   "a 1B token embedding); Wan 2.1 T2V at dim 64, 2 heads, 2 blocks; UMT5 reduced to width "
                   f"{SMALL_T5['d_model']}; tokenizer: the host's pile-T5 sentencepiece model renumbered to UMT5's "
@@ -406,8 +416,20 @@ def _build_wan21(seed: int) -> Family:
                   "Wan 2.1 VAE at width 8")
 
 
+def _build_wan21_i2v(seed: int) -> Family:
+    import comfy.supported_models
+
+    # 36 input channels: the noisy latent, the 4-channel mask and the start frame's latent (WanImageToVideo).
+    config = _wan21_config(model_type="i2v", in_dim=36)
+    model = _patcher(_new_model(comfy.supported_models.WAN21_I2V, config, seed))
+    return Family("wan21_i2v", model, _wan_text_encoder(seed), _wan21_vae(seed), 16, True, "",
+                  "as wan21, image-to-video: 36 input channels (latent + mask + start frame), its CLIP-vision "
+                  "projection unused (no clip_vision_output, as WanImageToVideo without one)")
+
+
 _BUILDERS = {"sd15": _build_sd15, "sd2v": _build_sd2v, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux,
-             "chroma": _build_chroma, "qwen_image": _build_qwen_image, "zimage": _build_zimage, "wan21": _build_wan21}
+             "chroma": _build_chroma, "qwen_image": _build_qwen_image, "zimage": _build_zimage, "wan21": _build_wan21,
+             "wan21_i2v": _build_wan21_i2v}
 
 
 # --- files for a server ---------------------------------------------------------------------

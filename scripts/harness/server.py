@@ -52,7 +52,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 class ComfyServer:
     """A ComfyUI server process on 127.0.0.1 with its own base directory.
 
-    `models` maps a models sub-folder ("checkpoints", "loras", ...) to files to link into it.
+    `models` maps a models sub-folder ("checkpoints", "loras", ...) to files to link into it; `test_models` adds
+    the test-only node that builds the harness's tiny families (harness/test_models).
     Use as a context manager; the process is stopped on exit, also when a test fails.
     """
 
@@ -63,12 +64,14 @@ class ComfyServer:
         port: int | None = None,
         extra_args: list[str] | None = None,
         cpu: bool | None = None,
+        test_models: bool = False,
     ):
         self.base_dir = Path(base_dir).resolve()
         self.models = models or {}
         self.port = port or free_port()
         self.extra_args = extra_args or []
         self.cpu = cpu
+        self.test_models = test_models  # the test-only tiny-family node (harness/test_models)
         self.process: subprocess.Popen | None = None
         self.log_path = self.base_dir / "server.log"
         self.client_id = uuid.uuid4().hex
@@ -81,6 +84,8 @@ class ComfyServer:
         for sub in ("custom_nodes", "input", "output", "temp", "user/default"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         _link_or_copy(REPO_ROOT, self.base_dir / "custom_nodes" / PACK_DIR_NAME)
+        if self.test_models:
+            _link_or_copy(Path(__file__).parent / "test_models", self.base_dir / "custom_nodes" / "lora_foundry_test_models")
         for folder, files in self.models.items():
             for f in files:
                 _link_or_copy(Path(f), self.base_dir / "models" / folder / Path(f).name)
