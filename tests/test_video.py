@@ -140,6 +140,27 @@ def test_an_expert_trains_on_its_side_of_the_boundary_only(wan, pack, clip_datas
     assert timesteps.min() < 0.875 < timesteps.max()  # the control: without an expert both sides are drawn
 
 
+def test_clip_latents_are_cached_on_disk_one_file_per_window(wan, pack, clip_dataset, tmp_path, monkeypatch):
+    folder = shutil.copytree(clip_dataset, tmp_path / "videos")
+    dataset = _clips(folder, frame_extraction="chunk")  # 24 frames: two windows of 9 per clip, and the still
+    assert sorted(item.frame_count for item in dataset.items) == [1, 9, 9, 9, 9]
+    first = _trainer(wan, dataset, latent_cache="disk")
+    first.encode_images(dataset.items)
+    assert len(list((folder / ".lora_foundry_cache").glob("*.safetensors"))) == 5
+    assert first.latents.get(0).shape[1] in (1, 3)  # latent frames: (9 - 1) / 4 + 1 for a window, 1 for the still
+    windows = [first.latents.get(i) for i, item in enumerate(dataset.items) if item.is_clip]
+    assert not torch.equal(windows[0], windows[1])  # the windows of one clip are cached apart
+
+    def no_vae(*args, **kwargs):
+        raise AssertionError("the VAE ran although every latent is cached")
+
+    second = _trainer(wan, dataset, latent_cache="disk")
+    monkeypatch.setattr(wan.vae, "encode", no_vae)
+    second.encode_images(dataset.items)
+    for i in range(len(dataset.items)):
+        torch.testing.assert_close(second.latents.get(i), first.latents.get(i), rtol=0, atol=0)
+
+
 def test_an_expert_of_a_model_that_is_not_flow_is_refused(pack, clip_dataset, tmp_path):
     from PIL import Image
 

@@ -45,7 +45,7 @@ def simulate_step(trainer: Trainer, patched, blocks: BlockOptions, device, autoc
     """Peak device bytes and FLOPs of one micro-batch of the largest bucket (forward and backward), counted
     on storage-less tensors; (0, 0) when the model does something the simulation cannot follow."""
     items = trainer.dataset.items
-    largest = max(range(len(items)), key=lambda i: items[i].bucket[0] * items[i].bucket[1])
+    largest = max(range(len(items)), key=lambda i: items[i].bucket[0] * items[i].bucket[1] * items[i].frame_count)
     patchers = [patched] + ([trainer.train_clip.patcher] if trainer.train_clip is not None else [])
     # The model's sampling schedule stays real: timesteps are drawn from its values.
     modules = [patched.model.diffusion_model, trainer.network] + [p.model for p in patchers[1:]]
