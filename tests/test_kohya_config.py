@@ -582,3 +582,40 @@ def test_gui_dylora_types(kc):
     assert lycoris.values["network"] == {"algorithm": "dylora", "targets": "kohya", "conv_rank": 8, "conv_alpha": 8.0,
                                          "dylora_unit": 4, "train_text_encoder": True, "rank": 16, "alpha": 8.0}
     assert lycoris.unsupported == []
+
+
+MUSUBI_VIDEO = """
+[general]
+resolution = [256, 256]
+caption_extension = ".txt"
+enable_bucket = true
+
+[[datasets]]
+video_directory = "/data/walks"
+target_frames = [1, 25, 45]
+frame_extraction = "chunk"
+frame_stride = 10
+source_fps = 30.0
+num_repeats = 2
+
+[[datasets]]
+image_directory = "/data/edits"
+control_directory = "/data/edits_src"
+"""
+
+
+def test_musubi_video_dataset_toml(kc):
+    """musubi-tuner's dataset keys: videos, sample lengths, extraction, control folders; what we cannot do is listed."""
+    config = kc.import_kohya(tomllib.loads(MUSUBI_VIDEO.replace("image_directory", "image_dir")), "video.toml")
+    dataset = config.values["dataset"]
+    assert (dataset["folder"], dataset["frames"], dataset["frame_extraction"], dataset["repeats"]) == \
+        ("/data/walks", 45, "chunk", 2)
+    assert "control_folder" not in dataset  # the second dataset's control folder belongs to its images
+    lines = "\n".join(config.unsupported)
+    assert "target_frames: not supported ([1, 25, 45]: one sample length per clip; 45 is used" in lines
+    assert "frame_stride: not supported (chunk takes consecutive windows" in lines
+    assert "source_fps: not supported (set frame_rate" in lines
+    assert "datasets[1].subsets[0]" in lines or "datasets[1]" in lines
+
+    edits = kc.import_kohya(tomllib.loads('[[datasets]]\nimage_dir = "/d/t"\ncontrol_directory = "/d/s"\n'), "e.toml")
+    assert edits.values["dataset"]["control_folder"] == "/d/s"

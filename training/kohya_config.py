@@ -91,6 +91,10 @@ NOT_NEEDED = {
     "save_as_bool": "a kohya_ss GUI setting",
 }
 REASONS = {
+    "frame_stride": "chunk takes consecutive windows; uniform spreads one over the whole clip",
+    "frame_sample": "uniform takes one window spread over the whole clip",
+    "max_frames": "frames sets the sample length",
+    "source_fps": "set frame_rate: the rate clips are resampled to (each clip's own rate is read from the file)",
     "block_lr": "sdxl_train.py's full fine-tuning; a LoRA's per-block learning rates are network_args "
                 "down_lr_weight / mid_lr_weight / up_lr_weight",
     "save_every_n_epochs": "set save_every (steps)",
@@ -653,6 +657,8 @@ def _import_dataset(data: dict, config: RunConfig) -> None:
     subsets = []  # (label, values with [general] and [[datasets]] under the subset's own)
     for i, dataset in enumerate(data.get("datasets", [])):
         level = {k: v for k, v in dataset.items() if k != "subsets"}
+        if "subsets" not in dataset:  # musubi-tuner: a dataset is one folder, with no subsets
+            subsets.append((f"datasets[{i}]", {**SUBSET_DEFAULTS, **general, **level}))
         for j, subset in enumerate(dataset.get("subsets", [])):
             subsets.append((f"datasets[{i}].subsets[{j}]", {**SUBSET_DEFAULTS, **general, **level, **subset}))
     images = [s for s in subsets if not _truthy(s[1].get("is_reg", False))]
@@ -679,9 +685,35 @@ def _import_subset(values: dict, config: RunConfig) -> None:
                                          "rename the folder")
     if "batch_size" in r.values:
         r.values["train_batch_size"] = r.take("batch_size")
+    _clips(r, folder)
     _resolution(r)
     _buckets(r)
     r.rest()
+
+
+def _clips(r: _Reader, image_dir: str | None) -> None:
+    """musubi-tuner's video and edit subset keys (its dataset config is sd-scripts' with these added)."""
+    videos = r.take("video_directory")
+    if videos is not None and image_dir is not None:
+        r.unsupported("video_directory", f"{videos}: this subset's image_dir is the folder; put the videos in it "
+                                         "(Load Dataset reads images and videos together)")
+    elif videos is not None:
+        r.set("dataset", "folder", videos, "video_directory")
+    targets = r.take("target_frames")
+    if targets is not None:
+        counts = [int(t) for t in (targets if isinstance(targets, list) else [targets])]
+        r.set("dataset", "frames", max(counts), "target_frames")
+        if len(counts) > 1:
+            r.unsupported("target_frames", f"{counts}: one sample length per clip; {max(counts)} is used (clips "
+                                           "shorter than it train with the longest length they have)")
+    extraction = r.take("frame_extraction")
+    if extraction in ("head", "chunk", "uniform"):
+        r.set("dataset", "frame_extraction", extraction, "frame_extraction")
+    elif extraction is not None:
+        r.unsupported("frame_extraction", f"{extraction}: ours are head, chunk and uniform")
+    control = r.take("control_directory")
+    if control is not None:
+        r.set("dataset", "control_folder", control, "control_directory")
 
 
 def _import_reg(label: str, values: dict, main: dict, config: RunConfig) -> None:
