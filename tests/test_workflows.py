@@ -170,7 +170,8 @@ def _configs_as_the_node_built_them(trigger_word, algorithm, rank, alpha, target
                                     train_text_encoder=False, text_encoder_lr=0.0, cache_latents="memory",
                                     use_tucker=False, timestep_shift="model", shift=3.0, guidance=1.0,
                                     attach="bypass", network_dropout=0.0, vram_budget_gb=0.0,
-                                    offload_activations=False, compile_blocks=False, **node_inputs):
+                                    offload_activations=False, compile_blocks=False, expert="all",
+                                    expert_boundary=0.875, **node_inputs):
     """The hand-written mapping Train LoRA used before its inputs were derived from the settings' declarations:
     the reference for what each widget means."""
     from lora_foundry.lora_core.network import NetworkConfig
@@ -189,7 +190,8 @@ def _configs_as_the_node_built_them(trigger_word, algorithm, rank, alpha, target
         gradient_checkpointing=gradient_checkpointing, loss=loss, min_snr_gamma=min_snr_gamma,
         noise_offset=noise_offset, timestep_sampling=timestep_sampling, timestep_shift=timestep_shift, shift=shift,
         guidance=guidance, attach=attach, vram_budget_gb=vram_budget_gb, offload_activations=offload_activations,
-        compile_blocks=compile_blocks, flip=flip, save_every=save_every, latent_cache=cache_latents,
+        compile_blocks=compile_blocks, flip=flip, save_every=save_every, latent_cache=cache_latents, expert=expert,
+        expert_boundary=expert_boundary,
         validation_every=validation_every, captions=captions, sample_every=sample_every,
         sample_prompts=[p.strip() for p in sample_prompts.splitlines() if p.strip()])
     return network, train
