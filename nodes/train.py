@@ -121,7 +121,7 @@ def run_summary(network: LoraNetwork, trainer: Trainer, result) -> str:
     if trainer.image_input is not None:
         summary += f"; the model is given each sample's {trainer.image_input}"
     if trainer.config.expert != "all":
-        summary += f"; the {trainer.config.expert} expert (sigma boundary {trainer.config.expert_boundary})"
+        summary += f"; the {trainer.config.expert} expert (sigma boundary {trainer.expert_boundary()})"
     if trainer.plan is not None:
         summary += f"; {trainer.plan.describe()}"
     if result.validation:

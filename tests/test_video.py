@@ -206,10 +206,18 @@ def test_image_to_video_trains_with_the_start_frame_wan_image_to_video_gives(pac
     assert (want[:, 16:20, 1:] == 0).all()  # the frames after it are the model's to make
 
 
-def test_image_to_video_result_trains(pack, clip_dataset):
+def test_image_to_video_trains_with_latents_cached_on_disk(pack, clip_dataset, tmp_path):
+    """A second run finds the latents cached and still builds every start frame (they come from the pixels)."""
     fam = build_family("wan21_i2v")
-    result = _trainer(fam, _clips(clip_dataset), steps=8).run()
-    assert result.steps == 8 and all(np.isfinite(result.losses))
+    dataset = _clips(shutil.copytree(clip_dataset, tmp_path / "videos"))
+    first = _trainer(fam, dataset, steps=4, latent_cache="disk").run()
+    second = _trainer(fam, dataset, steps=4, latent_cache="disk").run()
+    assert first.steps == second.steps == 4 and all(np.isfinite(second.losses))
+    assert second.losses == pytest.approx(first.losses, rel=1e-5)
+    # Wan 2.2's image-to-video experts switch at 0.9, its text-to-video ones at 0.875 (expert_boundary 0: the model's)
+    assert _trainer(fam, dataset, expert="high_noise").expert_boundary() == 0.9
+    assert _trainer(build_family("wan21"), dataset, expert="high_noise").expert_boundary() == 0.875
+    assert _trainer(fam, dataset, expert="high_noise", expert_boundary=0.8).expert_boundary() == 0.8
 
 
 # --- edit models: the source image ReferenceLatent gives ---------------------------------------

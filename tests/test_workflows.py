@@ -171,7 +171,7 @@ def _configs_as_the_node_built_them(trigger_word, algorithm, rank, alpha, target
                                     use_tucker=False, timestep_shift="model", shift=3.0, guidance=1.0,
                                     attach="bypass", network_dropout=0.0, vram_budget_gb=0.0,
                                     offload_activations=False, compile_blocks=False, expert="all",
-                                    expert_boundary=0.875, **node_inputs):
+                                    expert_boundary=0.0, **node_inputs):
     """The hand-written mapping Train LoRA used before its inputs were derived from the settings' declarations:
     the reference for what each widget means."""
     from lora_foundry.lora_core.network import NetworkConfig

@@ -19,7 +19,7 @@ LATENT_CACHES = ("memory", "disk")
 EMA_OUTPUTS = ("beside", "instead")
 # Wan 2.2 A14B's two experts: the high-noise one denoises above the boundary, the low-noise one below it.
 EXPERTS = ("all", "high_noise", "low_noise")
-WAN22_BOUNDARY = 0.875  # text-to-video; image-to-video switches at 0.9
+WAN22_BOUNDARIES = {"text-to-video": 0.875, "image-to-video": 0.9}  # the sigma where Wan 2.2's experts switch
 
 
 class TrainingError(RuntimeError):
@@ -129,8 +129,8 @@ class TrainConfig:
     expert: str = setting("all", "Mixture-of-experts models (Wan 2.2 A14B): train the model given as the high_noise "
                           "expert (noise levels above expert_boundary) or the low_noise one (below it); the file "
                           "name gets _high_noise / _low_noise. all = every noise level.", choices=EXPERTS)
-    expert_boundary: float = setting(WAN22_BOUNDARY, "The noise level (sigma, 0-1) where the experts switch: 0.875 "
-                                     "for Wan 2.2 text-to-video, 0.9 for image-to-video.", min=0.01, max=0.99,
+    expert_boundary: float = setting(0.0, "The noise level (sigma, 0-1) where the experts switch; 0 = Wan 2.2's: "
+                                     "0.875 for text-to-video, 0.9 for image-to-video models.", min=0.0, max=0.99,
                                      step=0.005)
     captions: CaptionOptions = field(default_factory=CaptionOptions)
 

@@ -35,7 +35,7 @@ from .conditioning import (
     training_guidance,
     with_values,
 )
-from .config import PRECISIONS, TrainConfig, TrainingError, TrainResult
+from .config import PRECISIONS, WAN22_BOUNDARIES, TrainConfig, TrainingError, TrainResult
 from .dataset import Dataset
 from .distributed import SINGLE, Processes
 from .evaluation import sample_prompts
@@ -133,7 +133,8 @@ class Trainer:
             for flip in flips:
                 if self.latents.has(index, flip, validation):
                     continue
-                cached = disk.load(item, flip) if disk else None
+                # A start-frame model's conditioning comes from the pixels: they are read (and encoded) anyway.
+                cached = disk.load(item, flip) if disk and self.image_input != START_FRAME else None
                 if cached is not None:
                     self.latents.put(index, flip, validation, self.model.model.process_latent_in(cached).float()[0])
                 else:
@@ -313,14 +314,14 @@ class Trainer:
         self.check_clips(video)
         noise = torch.zeros(1, latent_format.latent_channels, *([1] if video else []), 8, 8)
         empty = self.encode_text("")
-        self.image_input = image_input(self.model.model, empty, noise, getattr(self.dataset, "has_control", False))
+        self.image_input = image_input(self.model.model, empty, noise, self.dataset.has_control)
         if self.image_input == START_FRAME:  # what the model takes when it is given no start frame
             empty = with_values(empty, {"concat_latent_image": torch.zeros_like(noise)}, "cpu")
         self.guidance = training_guidance(self.model.model, empty, noise, self.config.guidance)
 
     def check_clips(self, video: bool) -> None:
         """Clips need a video model, and frame counts its VAE can encode (4n + 1 for Wan's)."""
-        clips = [item for item in self.dataset.items + self.dataset.validation if getattr(item, "is_clip", False)]
+        clips = [item for item in self.dataset.items + self.dataset.validation if item.is_clip]
         if not clips:
             return
         if not video:
@@ -379,12 +380,17 @@ class Trainer:
         return self.loss(patched, x0, noise, sigma, self.conditioning(captions, device, values), geometries, weights,
                          autocast_dtype, min_snr=self.config.min_snr_gamma)
 
+    def expert_boundary(self) -> float:
+        """The sigma where the experts switch: the setting, or Wan 2.2's for this kind of model."""
+        task = "image-to-video" if self.image_input == START_FRAME else "text-to-video"
+        return self.config.expert_boundary or WAN22_BOUNDARIES[task]
+
     def expert_levels(self, patched, x0: torch.Tensor) -> tuple[float, float]:
         """The noise levels (0-1) the expert trained here denoises: all of them, or one side of the boundary."""
         cfg = self.config
         if cfg.expert == "all":
             return 0.0, 1.0
-        boundary = objective.level_at_sigma(patched.get_model_object("model_sampling"), cfg.expert_boundary,
+        boundary = objective.level_at_sigma(patched.get_model_object("model_sampling"), self.expert_boundary(),
                                             cfg.timestep_shift, cfg.shift, tokens=x0[0, 0].numel() // 4)
         return (boundary, 1.0) if cfg.expert == "high_noise" else (0.0, boundary)
 
