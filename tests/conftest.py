@@ -15,27 +15,6 @@ from harness.comfy import REPO_ROOT, allowed_roots_env, import_pack, setup_inpro
 from harness.server import ComfyServer
 
 os.environ.update(allowed_roots_env())  # tests give nodes folders in temporary and cache folders
-TOY_WORLD = "tests/test_toyworld.py"
-
-
-@pytest.hookimpl(trylast=True)  # after -k / -m deselection
-def pytest_collection_modifyitems(config, items):
-    """The toy-world tests run last, and their base models pretrain meanwhile at the lowest priority
-    (toyworld.bases): on 2 cores the rest of the suite leaves about three quarters of a core idle."""
-    toy = [item for item in items if item.nodeid.startswith(TOY_WORLD)]
-    if not toy:
-        return
-    items[:] = [item for item in items if not item.nodeid.startswith(TOY_WORLD)] + toy
-    if any(item.get_closest_marker("slow") for item in toy):
-        from toyworld import bases
-
-        bases.start_in_background()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    from toyworld import bases
-
-    bases.stop()
 ARTIFACTS = Path(os.environ.get("LORA_FOUNDRY_ARTIFACTS", REPO_ROOT / "test-artifacts"))
 
 

@@ -124,9 +124,8 @@ def test_flow_base_checkpoint_is_sd3_to_the_host_and_its_captions_are_the_hosts(
 @pytest.fixture(scope="module", params=["sd15", "sd3"])
 def toy_checkpoint(request, comfy_root):
     """The toy base of each family: SD1.5's UNet (eps) and SD3's MMDiT (rectified flow)."""
-    from toyworld import bases, flow
+    from toyworld import flow
 
-    bases.wait()  # pretrained in the background while the other tests ran (conftest)
     return pretrain(0) if request.param == "sd15" else flow.pretrain(0)
 
 
