@@ -389,3 +389,11 @@ def test_the_edit_example_trains_on_pairs_through_the_server(video_server, pack,
     assert "reference image" in " ".join(map(str, outputs[train]["text"]))
     (lora,) = _saved(outputs, prompt)
     _loads_without_warnings(lora, build_family("flux"), caplog)
+
+
+def test_clips_whose_frame_count_the_vae_cannot_encode_are_refused(wan, pack, clip_dataset):
+    """7 frames fit frame_multiple 2, but Wan's VAE compresses 4 frames into one: Train LoRA names the settings."""
+    dataset = _clips(clip_dataset, frames=7, frame_multiple=2)
+    with pytest.raises(ValueError, match=r"frame_multiple: .*trains 7 frames.*set frame_multiple to 4 and frames to "
+                                         r"one of 5, 9"):
+        _trainer(wan, dataset)
