@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from harness.families import FAMILIES, build_family
+from harness.recorder import Recorder
 
 CAPTIONS = ["a red circle on blue", "a green square", "a yellow plus on teal", "a blue triangle", "a black ring",
             "a white star on red"]
@@ -65,25 +66,6 @@ def _trainer(fam, folder, network=None, **settings):
         net = LoraNetwork.create(NetworkConfig(**{"rank": 4, "alpha": 4, "preset": "all", "seed": 0,
                                                   **(network or {})}), fam.model, fam.clip)
         return Trainer(fam.model, fam.clip, fam.vae, _dataset(folder), net, TrainConfig(**config), name=fam.name)
-
-
-class Recorder:
-    """Records the keyword inputs of every call of the diffusion model (what apply_model hands it)."""
-
-    def __init__(self, model):
-        self.calls: list[dict] = []
-        self.handle = model.model.diffusion_model.register_forward_pre_hook(self.record, with_kwargs=True)
-
-    def record(self, module, args, kwargs):
-        self.calls.append({"x": args[0].detach().clone(),
-                           **{k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()
-                              if k not in ("transformer_options", "control")}})
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 def test_family_is_what_the_host_runs(family):

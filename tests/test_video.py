@@ -18,6 +18,7 @@ import torch
 from harness.comfy import REPO_ROOT
 from harness.examples import FAMILY_EXAMPLES, with_tiny_family
 from harness.families import build_family
+from harness.recorder import Recorder
 from harness.server import ComfyServer
 from harness.workflow import to_api_prompt
 
@@ -85,29 +86,6 @@ def _trainer(fam, dataset, **settings):
         return Trainer(fam.model, fam.clip, fam.vae, dataset, net, TrainConfig(**config), name=fam.name)
 
 
-class Recorder:
-    """Records the positional and keyword inputs of every call of the diffusion model."""
-
-    def __init__(self, model):
-        self.calls: list[dict] = []
-        self.handle = model.model.diffusion_model.register_forward_pre_hook(self.record, with_kwargs=True)
-
-    def record(self, module, args, kwargs):
-        from torch._subclasses.fake_tensor import FakeTensor
-
-        if isinstance(args[0], FakeTensor):  # the memory plan's simulated step
-            return
-        self.calls.append({"x": args[0].detach().clone(), "t": args[1].detach().clone(),
-                           **{k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()
-                              if k not in ("transformer_options", "control")}})
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 @pytest.fixture(scope="module")
 def wan(pack):
     return build_family("wan21")
@@ -158,10 +136,9 @@ def test_clip_latents_are_cached_on_disk_one_file_per_window(wan, pack, clip_dat
         torch.testing.assert_close(second.latents.get(i), first.latents.get(i), rtol=0, atol=0)
 
 
-def test_an_expert_of_a_model_that_is_not_flow_is_refused(pack, clip_dataset, tmp_path):
+def test_an_expert_of_a_model_that_is_not_flow_is_refused(pack, tmp_path):
     from PIL import Image
 
-    (tmp_path / "a.png").write_bytes(b"")
     Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
     fam = build_family("sd15")
     with pytest.raises(ValueError, match="expert: the experts split the noise levels of a flow model"):
@@ -204,7 +181,8 @@ def test_image_to_video_trains_with_the_start_frame_wan_image_to_video_gives(pac
 
 
 def test_image_to_video_trains_with_latents_cached_on_disk(pack, clip_dataset, tmp_path):
-    """A second run finds the latents cached and still builds every start frame (they come from the pixels)."""
+    """With the disk cache on, a second run still builds every start frame (they come from the pixels, so a
+    start-frame model reads its clips again rather than the cached latents) and trains the same."""
     fam = build_family("wan21_i2v")
     dataset = _clips(shutil.copytree(clip_dataset, tmp_path / "videos"))
     first = _trainer(fam, dataset, steps=4, latent_cache="disk").run()

@@ -26,6 +26,7 @@ from .captions import tag_frequency
 from .masks import ALPHA, SIXTEEN_BIT_MODES, check_mask_shape, has_alpha, mask_file, to_8bit
 from .video import (
     EXTRACTIONS,
+    IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
     VideoError,
     check_frames,
@@ -38,7 +39,6 @@ from .video import (
     resampled,
 )
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MEDIA_EXTENSIONS = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.*)$")
 # EXIF orientations that turn the stored picture by 90 degrees: width and height swap on display.

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi")
-FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")  # frames of a frame folder, and the dataset's still images
 EXTRACTIONS = ("head", "uniform", "chunk")
 FRAME_FOLDER_FPS = 16.0  # a frame folder's rate when the dataset's frame_rate is 0 (Wan's training rate)
 
@@ -111,7 +111,7 @@ def read_frames(path: str | os.PathLike, indices: list[int] | tuple[int, ...]) -
 def is_frame_name(name: str) -> bool:
     """A file named only by digits with an image extension (0001.png)."""
     stem, ext = os.path.splitext(name)
-    return stem.isdigit() and ext.lower() in FRAME_EXTENSIONS
+    return stem.isdigit() and ext.lower() in IMAGE_EXTENSIONS
 
 
 def frame_files(folder: str | os.PathLike) -> list[Path]:
