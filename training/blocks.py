@@ -37,23 +37,30 @@ def model_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 class OutOfPlace(torch.Tensor):
-    """A tensor whose `x += y` (and -=, *=) makes a new tensor instead of changing x.
+    """A tensor whose `x += y` (and -=, *=) makes a new tensor, itself OutOfPlace, instead of changing x.
 
     Some host blocks (Flux's and Chroma's double-stream blocks) add residuals in place, which
-    autograd refuses once a tensor it saved for the backward pass changes. Everything computed
-    from an OutOfPlace tensor is one too, so every `+=` in such a block becomes a plain sum.
+    autograd refuses once a tensor it saved for the backward pass changes. A block's inputs are
+    made OutOfPlace, so the residual stream they start (`x += f(x)`, again and again) is summed out
+    of place. Other results are plain tensors: the subclass does not spread to every operator of the
+    block, whose Python-level dispatch would cost the host several microseconds each.
     In-place writes into a slice (`x[:, a:b] += y`) stay in place: a block doing that still fails,
     loudly, with autograd's own message.
     """
 
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
     def __iadd__(self, other):
-        return torch.add(self, other)
+        return torch.add(self, other).as_subclass(OutOfPlace)
 
     def __isub__(self, other):
-        return torch.sub(self, other)
+        return torch.sub(self, other).as_subclass(OutOfPlace)
 
     def __imul__(self, other):
-        return torch.mul(self, other)
+        return torch.mul(self, other).as_subclass(OutOfPlace)
 
 
 class InPlaceAsNew(TorchFunctionMode):

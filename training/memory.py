@@ -23,18 +23,21 @@ GB = 1024**3
 
 
 class StepCounter(TorchDispatchMode):
-    """Counts the bytes of storages that tensors made inside it keep alive (and their peak), and the FLOPs
-    of its matrix products and convolutions (torch's own FLOP formulas, from the shapes)."""
+    """Counts the bytes of storages that tensors made inside it keep alive (and their peak), the FLOPs
+    of its matrix products and convolutions (torch's own FLOP formulas, from the shapes), and the operators
+    dispatched (each one a kernel launch or a view on a GPU)."""
 
     def __init__(self):
         super().__init__()
         self.live = 0
         self.peak = 0
         self.flops = 0
+        self.ops = 0
         self._users: dict[int, list[int]] = {}  # storage id: [tensors using it, bytes]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.ops += 1
         flops = flop_registry.get(func._overloadpacket)
         if flops is not None:
             self.flops += flops(*args, **(kwargs or {}), out_val=out)
@@ -64,8 +67,9 @@ class StepCounter(TorchDispatchMode):
             del self._users[key]
 
 
-def simulate(modules: list[torch.nn.Module], device: torch.device, step: Callable, *inputs) -> tuple[int, int]:
-    """Peak bytes that `step(*inputs)` allocates on `device`, and the FLOPs it computes, from a run in which every
+def simulate(modules: list[torch.nn.Module], device: torch.device, step: Callable, *inputs) -> tuple[int, int, int]:
+    """Peak bytes that `step(*inputs)` allocates on `device`, the FLOPs it computes and the operators it dispatches,
+    from a run in which every
     parameter and buffer of `modules`, and every tensor in `inputs`, is a storage-less fake on `device` (the
     modules' own tensors are restored afterwards). Real tensors need not be on `device`, nor have storage (meta)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -95,7 +99,7 @@ def simulate(modules: list[torch.nn.Module], device: torch.device, step: Callabl
     finally:
         for store, name, tensor in originals:
             store[name] = tensor
-    return counter.peak, counter.flops
+    return counter.peak, counter.flops, counter.ops
 
 
 @contextlib.contextmanager
@@ -129,6 +133,7 @@ class MemoryPlan:
     budget: int | None  # what the run may use; None: no limit known (the CPU)
     checkpointing: bool
     flops: int = 0  # of one micro-batch's forward and backward, counted in the same simulation
+    ops: int = 0  # operators that micro-batch dispatches, counted in the same simulation
 
     @property
     def estimated(self) -> bool:

@@ -193,6 +193,8 @@ def build_optimizer(name: str, param_groups: list[dict], lr: float, weight_decay
     kwargs = {**defaults, "lr": lr, "weight_decay": weight_decay}
     if "fused" in accepted and all(p.is_cuda for g in param_groups for p in g["params"]):
         kwargs["fused"] = True  # one kernel for every parameter's update (torch's AdamW, SGD on CUDA)
+    elif "foreach" in accepted:
+        kwargs["foreach"] = True  # one operator per update stage for all parameters, on any device
     kwargs.update(extra)
     if betas is not None:
         if "betas" not in accepted:

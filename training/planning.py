@@ -28,9 +28,9 @@ def plan_memory(trainer: Trainer, patched, blocks: BlockOptions, device, autocas
     encoders = trainer.train_clip.patcher.model_size() if trainer.train_clip is not None else 0
 
     def plan() -> memory.MemoryPlan:
-        activations, flops = simulate_step(trainer, patched, blocks, device, autocast_dtype)
+        activations, flops, ops = simulate_step(trainer, patched, blocks, device, autocast_dtype)
         return memory.MemoryPlan(patched.model_size(), adapter + encoders, activations, budget,
-                                 blocks.checkpointing, flops)
+                                 blocks.checkpointing, flops, ops)
 
     result = plan()
     if budget is not None and result.total > budget and not blocks.checkpointing:
@@ -41,9 +41,10 @@ def plan_memory(trainer: Trainer, patched, blocks: BlockOptions, device, autocas
         raise TrainingError(f"this run does not fit the device: {result.describe()}. To fit: {result.hint()}")
     return result
 
-def simulate_step(trainer: Trainer, patched, blocks: BlockOptions, device, autocast_dtype) -> tuple[int, int]:
-    """Peak device bytes and FLOPs of one micro-batch of the largest bucket (forward and backward), counted
-    on storage-less tensors; (0, 0) when the model does something the simulation cannot follow."""
+def simulate_step(trainer: Trainer, patched, blocks: BlockOptions, device,
+                  autocast_dtype) -> tuple[int, int, int]:
+    """Peak device bytes, FLOPs and operators of one micro-batch of the largest bucket (forward and backward),
+    counted on storage-less tensors; zeros when the model does something the simulation cannot follow."""
     items = trainer.dataset.items
     largest = max(range(len(items)), key=lambda i: items[i].bucket[0] * items[i].bucket[1] * items[i].frame_count)
     patchers = [patched] + ([trainer.train_clip.patcher] if trainer.train_clip is not None else [])
@@ -84,7 +85,7 @@ def simulate_step(trainer: Trainer, patched, blocks: BlockOptions, device, autoc
                     return memory.simulate(modules, device, step, *args)
     except Exception as error:  # the plan is advice: a model the simulation cannot run still trains
         logging.warning("Train LoRA: no memory estimate (a simulated step failed: %s)", error)
-        return 0, 0
+        return 0, 0, 0
     finally:
         trainer.network.train()
 

@@ -149,13 +149,17 @@ class Adapter(nn.Module):
         if self.training and self._skip:
             return out
         if self.dora_scale is None:
-            change = self.delta_output(x, layer)
-        else:
-            weight = host_weight(layer, x)
-            merged = weight + self.delta().to(weight.dtype)
-            c = self.dora_scale.to(weight.dtype) / (column_norm(merged) + torch.finfo(weight.dtype).eps)
-            change = layer_op(layer, x * (c - 1), weight) + self.delta_output(x * c, layer)
+            return self.add_output(out, x, layer, self.multiplier)
+        weight = host_weight(layer, x)
+        merged = weight + self.delta().to(weight.dtype)
+        c = self.dora_scale.to(weight.dtype) / (column_norm(merged) + torch.finfo(weight.dtype).eps)
+        change = layer_op(layer, x * (c - 1), weight) + self.delta_output(x * c, layer)
         return out + (change if self.multiplier == 1 else change * self.multiplier)
+
+    def add_output(self, out: torch.Tensor, x: torch.Tensor, layer: nn.Module, strength: float) -> torch.Tensor:
+        """out + strength * delta_output(x, layer); algorithms with a cheaper fused form override it."""
+        change = self.delta_output(x, layer)
+        return out + (change if strength == 1 else change * strength)
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         """Dropout on the adapter's activations while training (kohya's network_dropout)."""
