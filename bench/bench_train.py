@@ -3,7 +3,8 @@
 Usage: .venv/bin/python bench/bench_train.py [--steps 40] [--rank 8] [--batch 2] [--lr 1e-3] [--repeat 2]
 
 Each variant runs in its own process so peak memory (max RSS) is its own. Reports seconds
-per step, peak RSS and the held-out denoising loss (the model's native eps objective at fixed
+per step (the whole run over its steps, setup and our memory plan included; and the steady step, the median time
+between optimizer steps after the first two), peak RSS and the held-out denoising loss (the model's native eps objective at fixed
 noise levels and seeds) of the base model and of each trained adapter, plus ratios.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "scripts"))
+sys.path.insert(0, str(HERE))
 
 
 def setup(args):
@@ -38,7 +40,7 @@ def setup(args):
     dataset = load_dataset(fixtures.concept_dataset(), resolution=64, min_side=64, max_side=64, bucket_step=64,
                            validation_split=0.2, seed=0)
     config = TrainConfig(steps=args.steps, batch_size=args.batch, learning_rate=args.lr, seed=0, grad_clip=0,
-                         weight_decay=0.01)
+                         weight_decay=0.01, precision=args.precision)
     with torch.inference_mode(False):
         alpha = args.alpha if args.alpha is not None else float(args.rank)
         network = LoraNetwork.create(NetworkConfig(rank=args.rank, alpha=alpha, preset="all", seed=0), model)
@@ -62,33 +64,37 @@ def held_out(trainer, patched) -> float:
 
 
 def run_ours(trainer) -> dict:
+    from fullsize import StepClock
     from lora_foundry.lora_core.apply import apply_lora
 
     start = time.perf_counter()
-    result = trainer.run()
+    with StepClock() as clock:
+        result = trainer.run()
     seconds = time.perf_counter() - start
     patched, _, _ = apply_lora(trainer.model, None, result.network.state_dict_kohya(), 1.0, 0.0)
-    return {"seconds": seconds, "held_out": held_out(trainer, patched), "params": result.network.num_params()}
+    return {"seconds": seconds, "steady": clock.steady(skip=2)["steady_s_per_step"],
+            "held_out": held_out(trainer, patched), "params": result.network.num_params()}
 
 
 def run_native(trainer, args) -> dict:
     import torch
     from comfy_extras.nodes_train import TrainLoraNode
+    from fullsize import StepClock
 
     items = trainer.dataset.items
     latents = [{"samples": trainer.latents.get(i)[None]} for i in range(len(items))]
     positive = [trainer.encode_text(trainer.fixed_caption(item)) for item in items]
     start = time.perf_counter()
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), StepClock() as clock:
         out = TrainLoraNode.execute(
             model=[trainer.model], latents=latents, positive=positive, batch_size=[args.batch], steps=[args.steps],
             grad_accumulation_steps=[1], learning_rate=[args.lr], rank=[args.rank], optimizer=["AdamW"],
-            loss_function=["MSE"], seed=[0], training_dtype=["fp32"], lora_dtype=["fp32"], algorithm=["LoRA"],
+            loss_function=["MSE"], seed=[0], training_dtype=[args.precision], lora_dtype=[args.precision], algorithm=["LoRA"],
             gradient_checkpointing=[False], existing_lora=["[None]"])
     seconds = time.perf_counter() - start
     patched, lora_sd = out.result[0], out.result[1]
-    return {"seconds": seconds, "held_out": held_out(trainer, patched),
-            "params": sum(v.numel() for v in lora_sd.values())}
+    return {"seconds": seconds, "steady": clock.steady(skip=2)["steady_s_per_step"],
+            "held_out": held_out(trainer, patched), "params": sum(v.numel() for v in lora_sd.values())}
 
 
 def child(args) -> None:
@@ -109,6 +115,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: our autocast (fp32 adapter) vs native's bf16 training and bf16 LoRA, its defaults")
     parser.add_argument("--alpha", type=float, help="our alpha (default: rank, our node's default; native uses 1)")
     parser.add_argument("--variant", choices=("base", "ours", "native"))
     parser.add_argument("--repeat", type=int, default=1,
@@ -119,20 +127,21 @@ def main() -> None:
     results: dict[str, dict] = {}
     for variant in ("base", *(("native", "ours") * args.repeat)):
         cmd = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps), "--rank", str(args.rank),
-               "--batch", str(args.batch), "--lr", str(args.lr)] + (["--alpha", str(args.alpha)] if args.alpha else [])
+               "--batch", str(args.batch), "--lr", str(args.lr), "--precision", args.precision] + (["--alpha", str(args.alpha)] if args.alpha else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
         if variant not in results or result["seconds"] < results[variant]["seconds"]:
             results[variant] = result
     ours, native = results["ours"], results["native"]
     print(f"fixture SD1.5-layout UNet (25.8M), 64 px, rank {args.rank}, batch {args.batch}, {args.steps} steps, "
-          f"lr {args.lr}, our alpha {args.alpha or args.rank} (native: 1), fp32, CPU; targets: every Linear/Conv layer (native trains biases and norms too)")
-    print(f"{'':10} {'s/step':>8} {'peak RSS MB':>12} {'held-out loss':>14} {'params':>10}")
-    print(f"{'base':10} {'':>8} {results['base']['max_rss_mb']:12.0f} {results['base']['held_out']:14.4f}")
+          f"lr {args.lr}, our alpha {args.alpha or args.rank} (native: 1), {args.precision}, CPU; targets: every Linear/Conv layer (native trains biases and norms too)")
+    print(f"{'':10} {'s/step':>8} {'steady':>8} {'peak RSS MB':>12} {'held-out loss':>14} {'params':>10}")
+    print(f"{'base':10} {'':>8} {'':>8} {results['base']['max_rss_mb']:12.0f} {results['base']['held_out']:14.4f}")
     for name in ("native", "ours"):
         r = results[name]
-        print(f"{name:10} {r['seconds'] / args.steps:8.3f} {r['max_rss_mb']:12.0f} {r['held_out']:14.4f} {r['params']:10,}")
+        print(f"{name:10} {r['seconds'] / args.steps:8.3f} {r['steady']:8.3f} {r['max_rss_mb']:12.0f} {r['held_out']:14.4f} {r['params']:10,}")
     print(f"ratios ours/native: time {ours['seconds'] / native['seconds']:.2f}, "
+          f"steady step {ours['steady'] / native['steady']:.2f}, "
           f"peak RSS {ours['max_rss_mb'] / native['max_rss_mb']:.2f}, held-out loss {ours['held_out'] / native['held_out']:.3f}")
 
 

@@ -206,9 +206,41 @@ def cudnn_benchmark():
         torch.backends.cudnn.benchmark = before
 
 
-def with_cudnn_benchmark(inner: Callable) -> Callable:
+@contextlib.contextmanager
+def channels_last(check: Check, name: str):
+    """The model's 4-D weights (convolutions) in channels-last memory order for the duration."""
+    import torch
+
+    model = check.model(name).model.diffusion_model
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+@contextlib.contextmanager
+def compile_mode(mode: str):
+    from lora_foundry.training import blocks
+
+    before, blocks.COMPILE_MODE = blocks.COMPILE_MODE, mode
+    try:
+        yield
+    finally:
+        blocks.COMPILE_MODE = before
+
+
+def experiment(inner: Callable, name: str, cudnn: bool = False, memory_format: bool = False,
+               mode: str | None = None) -> Callable:
+    """`inner` with cudnn.benchmark on, model `name`'s weights channels-last and / or blocks compiled in `mode`."""
     def ask(check: Check, question: str) -> None:
-        with cudnn_benchmark():
+        with contextlib.ExitStack() as stack:
+            if cudnn:
+                stack.enter_context(cudnn_benchmark())
+            if memory_format:
+                stack.enter_context(channels_last(check, name))
+            if mode:
+                stack.enter_context(compile_mode(mode))
             inner(check, question)
     return ask
 
@@ -225,10 +257,17 @@ QUESTIONS = [
     Question("sd15_batch4", "sd15", 40, ours_vs_native("sd15", batch=4)),
     Question("wan21", "wan21", 50, ours_only("wan21")),
     Question("sdxl_cudnn_benchmark", "sdxl", 40,
-             with_cudnn_benchmark(ours_only("sdxl", checkpointing=False, compare="sdxl_step"))),
+             experiment(ours_only("sdxl", checkpointing=False, compare="sdxl_step"), "sdxl", cudnn=True)),
+    Question("sdxl_channels_last", "sdxl", 40,
+             experiment(ours_only("sdxl", checkpointing=False, compare="sdxl_step"), "sdxl", cudnn=True,
+                        memory_format=True)),
     Question("sdxl_compile_blocks", "sdxl", 150,
              ours_only("sdxl", checkpointing=False, compare="sdxl_step", compile_blocks=True)),
+    Question("sdxl_compile_cuda_graphs", "sdxl", 150,
+             experiment(ours_only("sdxl", checkpointing=False, compare="sdxl_step", compile_blocks=True),
+                        "sdxl", mode="reduce-overhead")),
 ]
+SLOW_ON_A_CPU = {"sdxl_compile_blocks", "sdxl_compile_cuda_graphs"}  # inductor compiles for minutes there
 
 
 class Overrun(Exception):

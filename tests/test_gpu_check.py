@@ -25,7 +25,7 @@ def test_gpu_check_answers_its_questions_in_order_one_row_at_a_time(tmp_path):
     sys.path.insert(0, str(BENCH))
     import gpu_check
 
-    names = [q.name for q in gpu_check.QUESTIONS if q.name != "sdxl_compile_blocks"]  # inductor: minutes on a CPU
+    names = [q.name for q in gpu_check.QUESTIONS if q.name not in gpu_check.SLOW_ON_A_CPU]
     rows = run_check(tmp_path, "--steps", "4", "--only", ",".join(names))
     assert rows[0]["question"] == "device" and rows[0]["device"] == "CPU" and rows[-1]["question"] == "done"
     asked = list(dict.fromkeys(r["question"] for r in rows[1:-1]))

@@ -86,6 +86,7 @@ def _convert(value, cls):
 
 
 COMPILE_BACKEND = "inductor"
+COMPILE_MODE: str | None = None  # torch.compile's mode; bench/gpu_check.py tries "reduce-overhead" (CUDA graphs)
 
 
 @dataclass
@@ -117,7 +118,7 @@ def wrapped_blocks(blocks: list[torch.nn.Module], options: BlockOptions):
                 # Blocks that add in place stay eager: a compiled graph replays the mutation of its input
                 # after the fact, on a tensor autograd has saved.
                 if _key not in compiled:
-                    compiled[_key] = torch.compile(_forward, backend=COMPILE_BACKEND)
+                    compiled[_key] = torch.compile(_forward, backend=COMPILE_BACKEND, mode=COMPILE_MODE)
                 forward = compiled[_key]
             if options.checkpointing:
                 return cp.checkpoint(forward, *args, use_reentrant=False, **kwargs)
