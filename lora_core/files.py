@@ -200,7 +200,9 @@ def factor_problems(parts: dict[str, torch.Tensor]) -> list[str]:
     problems = []
     for suffix, value in sorted(parts.items()):
         integer_alpha = suffix == "alpha" and not value.is_complex() and value.dtype != torch.bool
-        if not (value.is_floating_point() or integer_alpha):
+        if suffix == "alpha" and value.numel() != 1:  # kohya and LyCORIS write one number per module
+            problems.append(f"alpha has {value.numel()} values (shape {list(value.shape)}), not one number")
+        elif not (value.is_floating_point() or integer_alpha):
             problems.append(f"{suffix} is {str(value.dtype).removeprefix('torch.')}, not a float")
         elif value.is_floating_point():
             values = value if value.element_size() > 1 else value.float()  # no isnan for some 8-bit floats
@@ -210,18 +212,30 @@ def factor_problems(parts: dict[str, torch.Tensor]) -> list[str]:
     return problems
 
 
-def path_inside(base: str | os.PathLike, relative: str) -> Path:
-    """`base/relative`, refusing absolute paths and anything that escapes `base` (e.g. `..`)."""
+MAX_NAME = 200  # characters of one part of a name we write or read: room for "-step000100.safetensors" and "_2"
+
+
+def path_inside(base: str | os.PathLike, relative: str, setting: str = "name") -> Path:
+    """`base/relative`, refusing absolute paths, anything that escapes `base` (e.g. `..`), hidden or empty parts
+    ('.', '.cache', 'a//b') and parts longer than MAX_NAME characters (`setting`: the input the name came from)."""
     if not relative or relative.strip() != relative:
-        raise ValueError(f"name {relative!r}: give a plain relative name such as 'my_lora' or 'folder/my_lora'")
+        raise ValueError(f"{setting} {relative!r}: give a plain relative name such as 'my_lora' or 'folder/my_lora'")
     if "\x00" in relative:
-        raise ValueError(f"name {relative!r}: contains a NUL byte, which no file name can; give the file's name")
-    if os.path.isabs(relative) or "\\" in relative or any(part == ".." for part in Path(relative).parts):
-        raise ValueError(f"name {relative!r}: absolute paths, backslashes and '..' are not allowed")
+        raise ValueError(f"{setting} {relative!r}: contains a NUL byte, which no file name can; give the file's name")
+    if os.path.isabs(relative) or "\\" in relative or any(part == ".." for part in relative.split("/")):
+        raise ValueError(f"{setting} {relative!r}: absolute paths, backslashes and '..' are not allowed")
+    if any(not part or part.startswith(".") for part in relative.split("/")):
+        raise ValueError(f"{setting} {relative!r}: a name (and each folder in it) must not be empty or start with "
+                         "'.' (hidden); give a plain name such as 'my_lora' or 'folder/my_lora'")
+    if max(len(part) for part in relative.split("/")) > MAX_NAME:
+        raise ValueError(f"{setting} {relative[:40]!r}...: a name (and each folder in it) may have at most "
+                         f"{MAX_NAME} characters, this has {max(len(part) for part in relative.split('/'))}; "
+                         "give a shorter one")
     base = Path(base).resolve()
     path = (base / relative).resolve()
     if base != path and base not in path.parents:
-        raise ValueError(f"name {relative!r} points outside {base} (through a link?); only files inside it are used")
+        raise ValueError(f"{setting} {relative!r} points outside {base} (through a link?); only files inside it are "
+                         "used")
     return path
 
 

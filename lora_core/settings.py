@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,8 +53,32 @@ def default_of(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
+def number_problem(name: str, value: Any, low: float | None, high: float | None) -> str | None:
+    """Why a number cannot be the value of input `name` declared from `low` to `high` (None: it can): NaN and
+    infinity never, anything past either end never. Not a number at all: None (its type is checked elsewhere)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    span = f"from {low} to {high}" if low is not None and high is not None else (
+        f"{low} or more" if low is not None else f"{high} or less" if high is not None else "a finite number")
+    if isinstance(value, float) and not math.isfinite(value):  # a Python int is always finite (and may be huge)
+        return f"{name}: {value} is not a finite number; give a value {span}"
+    if (low is not None and value < low) or (high is not None and value > high):
+        return f"{name}: {value} is outside its range; give a value {span}"
+    return None
+
+
+def check_numbers(cls, inputs: dict[str, Any]) -> None:
+    """ValueError naming the first declared number of `cls` in `inputs` that is not finite or is past its range."""
+    for name, (_, spec) in declared(cls).items():
+        problem = number_problem(name, inputs.get(name), spec.min, spec.max)
+        if problem:
+            raise ValueError(problem)
+
+
 def from_inputs(cls, inputs: dict[str, Any], **values):
-    """An instance of `cls` from node input values (by input name; absent ones keep the default), plus `values`."""
+    """An instance of `cls` from node input values (by input name; absent ones keep the default), plus `values`.
+    Numbers are held to their declared range first (widgets, a config file's values and a headless run's alike)."""
+    check_numbers(cls, inputs)
     kwargs = {}
     for name, (f, spec) in declared(cls).items():
         if name not in inputs:

@@ -41,9 +41,15 @@ class StackRow:
         return f"{self.lora} (model {self.strength_model:g}, clip {self.strength_clip:g}{blocks})"
 
 
+STRENGTH_LIMIT = 100.0  # a row's strengths, as Apply LoRA's strength inputs: -100 to 100
+
+
 def _number(value, row: int, name: str, source: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise StackError(row, name, f"expected a finite number, got {value!r}", source)
+    if abs(value) > STRENGTH_LIMIT:
+        raise StackError(row, name, f"{value} is outside its range; give a value from {-STRENGTH_LIMIT} to "
+                                    f"{STRENGTH_LIMIT}", source)
     return float(value)
 
 

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..lora_core.apply import apply_lora
 from ..lora_core.files import read_safetensors
-from ..lora_core.stack import apply_stack, parse_rows
+from ..lora_core.stack import STRENGTH_LIMIT, apply_stack, parse_rows
 from .inputs import CATEGORY, Node
 from .inputs import LoraStack as LoraStackType
 from .loras import lora_file, lora_names
@@ -17,7 +17,7 @@ log = logging.getLogger("lora_foundry")
 
 
 def strength_input(name: str) -> io.Float.Input:
-    return io.Float.Input(name, default=1.0, min=-100.0, max=100.0, step=0.01)
+    return io.Float.Input(name, default=1.0, min=-STRENGTH_LIMIT, max=STRENGTH_LIMIT, step=0.01)
 
 
 class ApplyLoRA(Node):

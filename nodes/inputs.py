@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 from comfy_api.latest import io
 
+from ..lora_core import settings
 from ..lora_core.ranks import DYNAMIC_METHODS, RankRule
 from ..lora_core.settings import declared, default_of
 
@@ -53,13 +57,23 @@ def setting_input(name: str, f, spec) -> io.Input:
 
 
 class Node(io.ComfyNode):
-    """Our nodes' base: a combo value that is not one of its options is refused before the run, naming the input
-    (this host does not check V3 combos itself)."""
+    """Our nodes' base. Every number input is held to its declared min / max and must be finite, and a combo value
+    must be one of its options, before anything runs (this host checks neither for V3 nodes): `validate_inputs` when
+    the prompt arrives (widget values), and again as `execute` starts (values that came through a link)."""
 
     CHECKED_AT_RUN: tuple[str, ...] = ()  # combos the node checks when it runs, with a better message
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        execute = cls.__dict__.get("execute")
+        if execute is not None and not getattr(execute.__func__, "checks_numbers", False):
+            cls.execute = classmethod(_numbers_checked(execute.__func__))
+
     @classmethod
     def validate_inputs(cls, **inputs) -> bool | str:
+        problem = number_problem(cls, inputs)
+        if problem:
+            return problem
         for i in cls.define_schema().inputs:
             value = inputs.get(i.id)
             if isinstance(i, io.Combo.Input) and i.id not in cls.CHECKED_AT_RUN and isinstance(value, str) \
@@ -67,6 +81,32 @@ class Node(io.ComfyNode):
                 shown = ", ".join(map(str, i.options[:20])) + (" ..." if len(i.options) > 20 else "")
                 return f"{i.id}: {value!r} is not one of {shown}"
         return True
+
+
+def number_problem(node: type[io.ComfyNode], values: dict) -> str | None:
+    """What is wrong with each Int / Float input of `node`'s schema whose value in `values` is past its declared
+    min / max or not finite, one per line (None: nothing)."""
+    problems = [settings.number_problem(i.id, values.get(i.id), i.min, i.max) for i in node.define_schema().inputs
+                if isinstance(i, (io.Int.Input, io.Float.Input))]
+    return "\n".join(p for p in problems if p) or None
+
+
+def _numbers_checked(execute):
+    """`execute` that first refuses a number past its input's range (ValueError naming the input, range, value)."""
+    signature = inspect.signature(execute)
+
+    @functools.wraps(execute)
+    def checked(cls, *args, **kwargs):
+        bound = signature.bind_partial(cls, *args, **kwargs).arguments
+        more = [name for name, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD]
+        values = {**(bound.pop(more[0], {}) if more else {}), **bound}
+        problem = number_problem(cls, values)
+        if problem:
+            raise ValueError(problem)
+        return execute(cls, *args, **kwargs)
+
+    checked.checks_numbers = True
+    return checked
 
 
 def rank_inputs(rank: int, tooltip: str) -> list[io.Input]:

@@ -4,6 +4,7 @@ that writes: a caption edited on the Caption Images node."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from ..lora_core.block_weights import LAYOUTS, presets
 from ..lora_core.files import AdapterFileError, path_inside
@@ -25,11 +26,34 @@ def checked_lora_name(name: str) -> str:
     return name
 
 
-def register(routes) -> None:
-    """Add our routes to the server's route table (called once, when the host loads the pack)."""
+def refusing_bad_requests(handler):
+    """`handler`, answering 400 with the reason when the request itself is at fault in a way the handler did not
+    foresee (a value of the wrong type, text no file name can hold, JSON nested past Python's recursion limit):
+    what a request sends never makes a 500."""
     from aiohttp import web
 
-    @routes.get("/lora_foundry/lora_info")
+    @functools.wraps(handler)
+    async def answer(request):
+        try:
+            return await handler(request)
+        except (ValueError, TypeError, RecursionError) as e:  # UnicodeError is a ValueError
+            return web.json_response({"error": f"the request cannot be used ({type(e).__name__}: {e})"}, status=400)
+
+    return answer
+
+
+def register(routes) -> None:
+    """Add our routes to the server's route table (called once, when the host loads the pack). Every handler is
+    wrapped by `refusing_bad_requests`."""
+    from aiohttp import web
+
+    def get(path):
+        return lambda handler: routes.get(path)(refusing_bad_requests(handler))
+
+    def post(path):
+        return lambda handler: routes.post(path)(refusing_bad_requests(handler))
+
+    @get("/lora_foundry/lora_info")
     async def get_lora_info(request):
         name = request.query.get("name", "")
         try:
@@ -43,29 +67,29 @@ def register(routes) -> None:
         except OSError as e:
             return web.json_response({"error": f"{name}: the file cannot be read ({e})"}, status=500)
 
-    @routes.get("/lora_foundry/block_presets")
+    @get("/lora_foundry/block_presets")
     async def get_block_presets(request):
         family = request.query.get("family", "sd1")
         if family not in LAYOUTS:
             return web.json_response({"error": f"family {family!r}: choose {', '.join(LAYOUTS)}"}, status=400)
         return web.json_response(presets(LAYOUTS[family]))
 
-    @routes.get("/lora_foundry/train_state")
+    @get("/lora_foundry/train_state")
     async def get_train_state(request):
         return web.json_response(TRAINING_LOG.state(request.query.get("node", "")))  # null: no run on that node
 
-    @routes.get("/lora_foundry/train_preview")
+    @get("/lora_foundry/train_preview")
     async def get_train_preview(request):
         png = TRAINING_LOG.preview(request.query.get("node", ""))
         if png is None:
             return web.json_response({"error": "no preview"}, status=404)
         return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "no-store"})
 
-    @routes.post("/lora_foundry/caption")
+    @post("/lora_foundry/caption")
     async def post_caption(request):
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested deeper than the parser goes
             body = None
         if not isinstance(body, dict):
             return web.json_response({"error": "body: send a JSON object {token, image, caption}", "field": "body"},

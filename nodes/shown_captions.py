@@ -86,6 +86,11 @@ def _check_caption(caption: object) -> None:
         raise CaptionEditError("caption", f"{len(caption)} characters; at most {MAX_CAPTION}")
     if "\0" in caption:
         raise CaptionEditError("caption", "contains a NUL byte")
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (JSON can send one) has no UTF-8 form
+        raise CaptionEditError("caption", f"character {e.start} ({caption[e.start]!a}) is half of a UTF-16 pair, "
+                               "which no text file can hold; type the character again") from None
 
 
 def _sidecar(run: CaptionedRun, name: str) -> Path:

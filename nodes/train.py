@@ -33,8 +33,9 @@ SETTINGS = (NetworkConfig, TrainConfig, CaptionOptions)
 def node_inputs() -> dict[str, io.Input]:
     """Widgets that are the node's, not the engine's."""
     return {
-        "output_name": io.String.Input("output_name", default="my_lora", tooltip="The file name in "
-                                       "loras/lora_foundry/."),
+        "output_name": io.String.Input("output_name", default="my_lora", tooltip="The run's name: its resume "
+                                       "state goes to output/lora_foundry_runs/<name>/, checkpoints to "
+                                       "loras/<name>/; Save LoRA writes the LoRA itself."),
         "resume": io.Boolean.Input("resume", default=False, tooltip="Continue the saved state of output_name (same "
                                    "settings, more steps); otherwise a new run never overwrites one."),
     }

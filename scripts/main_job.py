@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -160,6 +161,9 @@ def main() -> None:
         checkpoint, dataset, reg = args.checkpoint, args.dataset, args.reg
         if dataset is None:
             parser.error("--checkpoint needs --dataset")
+    # The dataset is linked into the server's input/; a link is held to the server's roots by where it leads.
+    roots = [os.environ.get("LORA_FOUNDRY_ALLOWED_ROOTS", ""), *(str(Path(d).resolve()) for d in (dataset, reg) if d)]
+    os.environ["LORA_FOUNDRY_ALLOWED_ROOTS"] = os.pathsep.join(r for r in roots if r)
     with ComfyServer(args.base_dir, models={"checkpoints": [checkpoint]}, port=args.port or None) as server:
         print(f"ComfyUI with Lora Foundry at {server.url} (log: {server.log_path})")
         print(f"training {checkpoint.name} on {dataset}" + (f" with prior images {reg}" if reg else "") + " ...",

@@ -51,6 +51,11 @@ _USABLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbC
 SUMMARY_LIST_LIMIT = 20  # lines per list in the summary: a report of 10,000 files stays readable
 _LINKED_FOLDER = "symlink to a folder, not followed; copy the folder here, or link its image files one by one"
 CONTROL_FOLDER = "control"  # the edit models' source images, when the dataset folder has this sub-folder
+# A caption file above this size is not read (a 10 MB one made Train LoRA tokenize for minutes, past Cancel).
+MAX_CAPTION_BYTES = 64 * 1024
+# Captions are cut to this many characters: about 1,000 tokens, twice what the longest-reading text encoders are
+# trained on (T5-XXL / UMT5: 512 tokens); CLIP reads 75 per chunk and the host would encode every chunk.
+MAX_CAPTION_CHARS = 4000
 
 
 class DatasetError(ValueError):
@@ -122,6 +127,7 @@ class DatasetReport:
     captions_missing: int = 0
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     caption_errors: list[tuple[Path, str]] = field(default_factory=list)
+    captions_cut: list[tuple[Path, int]] = field(default_factory=list)  # (caption file, its length before the cut)
     animated: list[Path] = field(default_factory=list)  # images with several frames: the first one is used
     # Images differing only by extension, and the caption file they share (None: none yet).
     shared_captions: list[tuple[tuple[Path, ...], Path | None]] = field(default_factory=list)
@@ -171,6 +177,10 @@ class DatasetReport:
         if self.caption_errors:
             lines.append(f"Caption files that could not be read ({len(self.caption_errors)}):")
             lines.extend(capped([f"  {path}: {reason}" for path, reason in self.caption_errors]))
+        if self.captions_cut:
+            lines.append(f"Captions cut to their first {MAX_CAPTION_CHARS:,} characters, far more than a text encoder "
+                         f"reads ({len(self.captions_cut)}):")
+            lines.extend(capped([f"  {path}: {length:,} characters" for path, length in self.captions_cut]))
         if self.skipped:
             lines.append(f"Skipped files ({len(self.skipped)}):")
             lines.extend(capped([f"  {path}: {reason}" for path, reason in self.skipped]))
@@ -663,13 +673,25 @@ class _Scanner:
         """The sidecar caption, else the folder's tokens; counts where it came from in the report."""
         for ext in self.caption_extensions:
             sidecar = _sidecar(path, ext)
+            if sidecar.is_dir():
+                self.report.caption_errors.append((sidecar, "a folder, not a caption file; rename the folder and put "
+                                                   "the caption in a text file of that name"))
+                break
             if not sidecar.is_file():
                 continue
             try:
+                size = sidecar.stat().st_size
+                if size > MAX_CAPTION_BYTES:
+                    self.report.caption_errors.append((sidecar, f"{size:,} bytes, over the {MAX_CAPTION_BYTES:,} a "
+                                                       "caption file may hold; not read: shorten it"))
+                    break
                 text = sidecar.read_text(encoding="utf-8-sig").strip()
             except (OSError, UnicodeDecodeError) as exc:
                 self.report.caption_errors.append((sidecar, f"cannot be read as UTF-8 text ({exc})"))
                 break
+            if len(text) > MAX_CAPTION_CHARS:
+                self.report.captions_cut.append((sidecar, len(text)))
+                text = text[:MAX_CAPTION_CHARS].strip()
             if text:
                 self.report.captions_found += 1
                 return text

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..lora_core.files import write_safetensors
 from ..lora_core.settings import from_inputs
 from . import distributed
+from .config import TrainingError
 from .dataset_options import DatasetOptions
 from .run import expert_name, resolve_input_folder, run_folders, settings, train
 from .run_config import GRAPH_SECTIONS, ConfigError, RunConfig, read_config
@@ -120,10 +121,21 @@ def run(config: RunConfig, processes: distributed.Processes = distributed.SINGLE
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train as the config says; 0 when done. A setting, file or dataset the user must fix (and a run that stopped
+    for a reason the user must act on) is printed as one line saying what to do, exit status 2, no traceback."""
     parser = argparse.ArgumentParser(description="Train a LoRA from a config file (ours or kohya's) without a graph.")
     parser.add_argument("config", type=Path, help="our TOML, a kohya sd-scripts TOML or a kohya_ss GUI JSON")
     parser.add_argument("--dataset-config", type=Path, help="a kohya dataset TOML (with a training TOML)")
     args = parser.parse_args(argv)
+    try:
+        return train_from(args)
+    except (ValueError, TrainingError, OSError) as e:  # ConfigError, DatasetError, AdapterFileError: ValueErrors
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        print(f"train_lora: {'; '.join(lines)}", file=sys.stderr, flush=True)
+        return 2
+
+
+def train_from(args: argparse.Namespace) -> int:
     config = read_config(args.config.read_text(encoding="utf-8"), str(args.config))
     if args.dataset_config is not None:
         extra = read_config(args.dataset_config.read_text(encoding="utf-8"), str(args.dataset_config))

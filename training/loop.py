@@ -136,17 +136,6 @@ class TrainLoop:
             trainer.draw_batch(self.patched, batch, self.rng, self.gen, "cpu", share)
             return processes.sum(0.0, self.device)
         loss = trainer.batch_loss(self.patched, batch, self.rng, self.gen, self.device, self.autocast_dtype, share)
-        total = processes.sum(loss.item() * weight, self.device)
-        if not math.isfinite(total):
-            with torch.no_grad():
-                torch._foreach_copy_(self.params, self.good)
-            path = trainer.save_checkpoint(self.good_step, "last-good")
-            raise TrainingError(f"loss became {total} at step {step}; training stopped. The last adapter that "
-                                f"gave a finite loss (step {self.good_step}) is kept at {path}. Lower the learning "
-                                "rate or use fp32/bf16.")
-        with torch.no_grad():
-            torch._foreach_copy_(self.good, self.params)
-        self.good_step = self.state["step"]
         try:
             self.scaler.scale(loss * weight / cfg.grad_accum).backward()
         except RuntimeError as error:
@@ -165,6 +154,22 @@ class TrainLoop:
                                       share)
             self.scaler.scale(loss * weight / cfg.grad_accum).backward()
         self.backward_done = True
+        # Read once the backward pass is queued, so the host never waits for the forward pass before queuing it;
+        # the adapter is not changed before the optimizer's step, so what a non-finite loss stops is the same.
+        total = processes.sum(loss.item() * weight, self.device)
+        if not math.isfinite(total):
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.good)
+            path = trainer.save_checkpoint(self.good_step, "last-good", finite_only=True)
+            kept = (f"The last adapter that gave a finite loss (step {self.good_step}) is kept at {path}"
+                    if path is not None or trainer.output_dir is None or not processes.writes else
+                    f"No adapter is kept: the one of step {self.good_step} has NaN or infinite values (check alpha "
+                    "and the learning rate)")
+            raise TrainingError(f"loss became {total} at step {step}; training stopped. {kept}. Lower the learning "
+                                "rate or use fp32/bf16.")
+        with torch.no_grad():
+            torch._foreach_copy_(self.good, self.params)
+        self.good_step = self.state["step"]
         return total
 
     def after_step(self, step: int, step_loss: float) -> None:
@@ -224,6 +229,6 @@ class TrainLoop:
             with torch.no_grad():
                 torch._foreach_copy_(self.params, self.good)
         plan = self.trainer.plan
-        path = self.trainer.save_checkpoint(self.state["step"], "last-good")
+        path = self.trainer.save_checkpoint(self.state["step"], "last-good", finite_only=True)
         return TrainingError(f"out of device memory at step {self.state['step'] + 1} ({plan.describe()}); the adapter "
                              f"of the last finished step is kept at {path}. To fit: {plan.hint()}")

@@ -46,7 +46,8 @@ def run_folders(loras: str, output: str, output_name: str, resume: bool) -> RunF
     n = 1
     while True:
         name = output_name if n == 1 else f"{output_name}_{n}"
-        folders = RunFolders(path_inside(loras, name), path_inside(output, f"{STATES_FOLDER}/{name}"), None)
+        folders = RunFolders(path_inside(loras, name, "output_name"),
+                             path_inside(output, f"{STATES_FOLDER}/{name}", "output_name"), None)
         state = folders.states / f"{folders.name}-state.safetensors"
         if resume:
             earlier = folders.loras / state.name  # where earlier versions of the pack kept it
@@ -72,12 +73,14 @@ def resolve_input_folder(folder: str, setting: str = "folder", restricted: bool 
     if not path.is_absolute():
         if ".." in path.parts:
             raise ValueError(f"{setting}: {folder!r} leaves ComfyUI's input folder ('..'); give a folder inside it")
-        return Path(folder_paths.get_input_directory()) / path
+        path = Path(folder_paths.get_input_directory()) / path
+    # A symlink (input/link -> /elsewhere) is held to the roots by where it leads, as any other path.
     if restricted and not any(_inside(path, root) for root in allowed_roots()):
+        shown = path if path.resolve() == path else f"{path} (a link to {path.resolve()})"
         raise ValueError(
-            f"{setting}: {path} is outside ComfyUI's input, output and models folders, which is all a shared server "
+            f"{setting}: {shown} is outside ComfyUI's input, output and models folders, which is all a shared server "
             f"reads by default. Move the folder into {folder_paths.get_input_directory()} (and give its name), or, "
-            f"as the server's owner, allow it: start ComfyUI with {ALLOWED_ROOTS}={path} (several folders "
+            f"as the server's owner, allow it: start ComfyUI with {ALLOWED_ROOTS}={path.resolve()} (several folders "
             f"separated by '{os.pathsep}')")
     return path
 
@@ -92,11 +95,10 @@ def allowed_roots() -> list[Path]:
 
 
 def _inside(path: Path, root: Path) -> bool:
-    """Whether `path` is `root` or below it, both as written (a link the owner put in a root stays usable) and
-    with links resolved."""
-    lexical = Path(os.path.normpath(path)), Path(os.path.normpath(root.absolute()))
-    real = path.resolve(), root.resolve()
-    return any(p == r or r in p.parents for p, r in (lexical, real))
+    """Whether `path` is `root` or below it once links are resolved (a link inside a root that leads out of every
+    root is outside: its owner lists where it leads in LORA_FOUNDRY_ALLOWED_ROOTS)."""
+    real, real_root = path.resolve(), root.resolve()
+    return real == real_root or real_root in real.parents
 
 
 def settings(inputs: dict[str, Any]) -> tuple[NetworkConfig, TrainConfig]:

@@ -188,9 +188,13 @@ class Trainer:
         return self._disk_cache
 
     def encode_text(self, caption: str, cache: bool = True) -> list:
-        """The frozen text encoder's host conditioning for `caption` (on the CPU), kept when `cache`."""
+        """The frozen text encoder's host conditioning for `caption` (on the CPU), kept when `cache`. Cancel is
+        honoured before each caption: encoding a dataset's captions up front is a long loop."""
         if caption in self.text:
             return self.text[caption]
+        import comfy.model_management as mm
+
+        mm.throw_exception_if_processing_interrupted()
         with torch.no_grad():
             conditioning = to_device(encode_caption(self.clip, caption), "cpu")
         if cache:
@@ -451,13 +455,19 @@ class Trainer:
         if self.state_path is not None and self.processes.writes:
             save_state(self.state_path, self.network, optimizer, scheduler, loop, rng, gen, ema)
 
-    def save_checkpoint(self, step: int, tag: str | None = None) -> Path | None:
-        """Write the adapter as it is now into the output folder (atomic); None without a folder."""
+    def save_checkpoint(self, step: int, tag: str | None = None, finite_only: bool = False) -> Path | None:
+        """Write the adapter as it is now into the output folder (atomic); None without a folder, and with
+        `finite_only` when a value of it is NaN or infinite (no loader should list such an adapter as good)."""
         if self.output_dir is None or not self.processes.writes:
             return None
         suffix = tag or f"step{step:06d}"
         path = Path(self.output_dir) / f"{self.name}-{suffix}.safetensors"
-        write_safetensors(self.network.state_dict_kohya(), path, self.metadata(step))
+        tensors = self.network.state_dict_kohya()
+        if finite_only and not all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point()):
+            logging.warning("Train LoRA: the adapter of step %d has NaN or infinite values; %s not written", step,
+                            path.name)
+            return None
+        write_safetensors(tensors, path, self.metadata(step))
         self.checkpoints.append(path)
         return path
 
