@@ -135,3 +135,19 @@ def comfy_weights(patcher, keys) -> dict:
             (weight, convert), *patches = entries[key]
             out[key] = comfy.lora.calculate_weight(patches, convert(weight.float().clone(), inplace=True), key)
     return out
+
+
+@pytest.fixture
+def checkpoint_calls(monkeypatch):
+    """Every torch.utils.checkpoint.checkpoint call while the test runs: proof that checkpointing engaged."""
+    import torch.utils.checkpoint as cp
+
+    calls = []
+    real = cp.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cp, "checkpoint", counting)
+    return calls

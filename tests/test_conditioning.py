@@ -115,7 +115,8 @@ def test_gradient_checkpointing_engages_and_stores_less(pack, loaded_checkpoint,
         torch.testing.assert_close(ckpt_weights[key], plain_weights[key], rtol=1e-4, atol=1e-6)
 
 
-def test_dylora_and_dropouts_draw_once_per_step_under_checkpointing(pack, loaded_checkpoint, dataset_dir):
+def test_dylora_and_dropouts_draw_once_per_step_under_checkpointing(pack, loaded_checkpoint, dataset_dir,
+                                                                   checkpoint_calls):
     """The recomputed forward sees the adapter the first one saw: the same weights as without checkpointing."""
     network = {"algorithm": "dylora", "rank_dropout": 0.3, "module_dropout": 0.2}
     results = []
@@ -125,6 +126,7 @@ def test_dylora_and_dropouts_draw_once_per_step_under_checkpointing(pack, loaded
                            network=network)
         with torch.inference_mode(False):
             results.append(trainer.run())
+        assert bool(checkpoint_calls) == checkpointing  # the second run's blocks were recomputed
     plain, ckpt = (r.network.state_dict() for r in results)
     assert all(np.isfinite(results[1].losses))
     for key in plain:

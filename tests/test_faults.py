@@ -162,6 +162,47 @@ def test_kill_9_during_training_then_resume(pack, concept_dataset, tmp_path, tin
     assert saved_loop(state)["step"] == step + 2
 
 
+KILLED_MID_WRITE = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from harness.comfy import import_pack
+import_pack()
+from lora_foundry.lora_core import files
+
+
+class HalfThenKilled:  # the file object of a write that SIGKILL stops half-way
+    def __init__(self, *args, **kwargs):
+        self.file = open(*args, **kwargs)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return False
+    def write(self, data):
+        self.file.write(data[: len(data) // 2])
+        self.file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+files.open = HalfThenKilled
+files.write_safetensors({"x": __import__("torch").ones(1000)}, sys.argv[2])
+"""
+
+
+def test_a_write_killed_half_way_leaves_the_old_file_whole(tmp_path):
+    """The kill lands inside the write, every time: the file keeps its old bytes and only a hidden .tmp is left."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "adapter.safetensors"
+    save_file({"x": torch.zeros(10)}, str(path))
+    old = path.read_bytes()
+    result = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(REPO_ROOT / "scripts"), str(path)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert path.read_bytes() == old and torch.equal(load_file(str(path))["x"], torch.zeros(10))
+    left = [p.name for p in tmp_path.iterdir() if p != path]
+    assert len(left) == 1 and left[0].startswith(".adapter.safetensors.") and left[0].endswith(".tmp"), left
+
+
 # --- one server, many prompts ---------------------------------------------------------------------------------------
 
 

@@ -286,16 +286,23 @@ def test_text_encoder_adapters_train_with_their_own_learning_rate(pack, loaded_c
     assert all(torch.equal(clip_before[k], after[k]) for k in clip_before), "training changed a CLIP weight"
 
 
-def test_mixed_precision_and_gradient_checkpointing_train(pack, loaded_checkpoint, concept_dataset, tmp_path):
+def test_mixed_precision_and_gradient_checkpointing_train(pack, loaded_checkpoint, concept_dataset, tmp_path,
+                                                          checkpoint_calls):
     for settings in ({"precision": "bf16"}, {"gradient_checkpointing": True}):
-        _, result = _train(pack, loaded_checkpoint, concept_dataset, tmp_path, steps=3, validation_every=0, **settings)
+        trainer, result = _train(pack, loaded_checkpoint, concept_dataset, tmp_path, steps=3, validation_every=0,
+                                 **settings)
         assert result.steps == 3 and all(math.isfinite(x) for x in result.losses), settings
+        assert trainer.compute_dtype == (torch.bfloat16 if "precision" in settings else torch.float32)
+        assert bool(checkpoint_calls) == ("gradient_checkpointing" in settings), settings  # it engaged, only here
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(pack, loaded_checkpoint, concept_dataset, tmp_path):
+def test_gradient_checkpointing_gives_the_same_gradients(pack, loaded_checkpoint, concept_dataset, tmp_path,
+                                                         checkpoint_calls):
     _, plain = _train(pack, loaded_checkpoint, concept_dataset, tmp_path / "a", steps=2, validation_every=0)
+    assert not checkpoint_calls
     _, ckpt = _train(pack, loaded_checkpoint, concept_dataset, tmp_path / "b", steps=2, validation_every=0,
                      gradient_checkpointing=True)
+    assert checkpoint_calls  # the second run did checkpoint its blocks
     a, b = plain.network.state_dict(), ckpt.network.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)

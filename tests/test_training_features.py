@@ -152,44 +152,60 @@ def _concept(concept_dataset, validation_split: float = 0.0, count: int = 4):
                         validation_split=validation_split, seed=0)
 
 
+def _moving_average(seen: list[dict], decay: float, every: int, warmup: bool) -> dict:
+    """The EMA of the adapters recorded after each step, by its formula: every `every` steps, the first update a
+    copy, then decay min(decay, (1 + n) / (10 + n)) with warm-up (n updates so far), else decay."""
+    expected, updates = None, 0
+    for step, params in enumerate(seen, start=1):
+        if step % every:
+            continue
+        d = 0.0 if updates == 0 else min(decay, (1 + updates) / (10 + updates)) if warmup else decay
+        expected = params if expected is None else {k: d * expected[k] + (1 - d) * params[k] for k in params}
+        updates += 1
+    return expected
+
+
 def test_the_moving_average_is_the_average_of_the_steps(pack, loaded_checkpoint, concept_dataset, tmp_path):
-    """The -ema file holds exactly decay-weighted step parameters (recorded at every step), with warm-up; a run
-    resumed in the middle gives the same average; `instead` makes it the run's adapter."""
+    """The -ema file holds exactly decay-weighted step parameters (recorded at every step), with warm-up and
+    without; another decay gives another average, its own; a run resumed in the middle gives the same average;
+    `instead` makes it the run's adapter."""
     from safetensors.torch import load_file
 
     dataset = _concept(concept_dataset)
-    decay, steps = 0.8, 6
-    trainer = _trainer(pack, loaded_checkpoint, dataset, tmp_path / "a", steps=steps, ema_decay=decay, ema_every=2)
-    seen = []
-    trainer.on_step = lambda info: seen.append({k: v.detach().clone()
-                                                for k, v in trainer.network.state_dict_kohya().items()})
-    result = trainer.run()
-    expected, updates = None, 0
-    for step, params in enumerate(seen, start=1):
-        if step % 2:
-            continue
-        d = 0.0 if updates == 0 else min(decay, (1 + updates) / (10 + updates))
-        expected = params if expected is None else {k: d * expected[k] + (1 - d) * params[k] for k in params}
-        updates += 1
-    saved = load_file(str(tmp_path / "a" / "lora-ema.safetensors"))
-    for key, value in expected.items():
-        if "alpha" not in key:
-            torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=1e-7)
-    assert not torch.equal(saved[next(k for k in saved if "lora_up" in k)],
-                           result.network.state_dict_kohya()[next(k for k in saved if "lora_up" in k)])
+    steps, every = 10, 2
+    # 5 updates: with warm-up the decays are 0, 0.18, 0.25 and then 0.3 (the setting, under 4/13 and 5/14).
+    runs = {"warm": (0.3, True), "plain": (0.6, False)}
+    saved = {}
+    for name, (decay, warmup) in runs.items():
+        trainer = _trainer(pack, loaded_checkpoint, dataset, tmp_path / name, steps=steps, ema_decay=decay,
+                           ema_every=every, ema_warmup=warmup)
+        seen = []
+        trainer.on_step = lambda info, t=trainer, seen=seen: seen.append(
+            {k: v.detach().clone() for k, v in t.network.state_dict_kohya().items()})
+        result = trainer.run()
+        saved[name] = load_file(str(tmp_path / name / "lora-ema.safetensors"))
+        for key, value in _moving_average(seen, decay, every, warmup).items():
+            if "alpha" not in key:
+                torch.testing.assert_close(saved[name][key], value, rtol=1e-5, atol=1e-7)
+        up = next(k for k in saved[name] if "lora_up" in k)
+        assert not torch.equal(saved[name][up], result.network.state_dict_kohya()[up])
+    up = next(k for k in saved["warm"] if "lora_up" in k)
+    assert (saved["warm"][up] - saved["plain"][up]).abs().max() > 1e-3 * saved["warm"][up].abs().max()
+    saved = saved["warm"]
+    decay, warmup = runs["warm"]
 
-    # Resumed at step 3 (state saved with the average), the run ends with the same average.
-    first = _trainer(pack, loaded_checkpoint, dataset, tmp_path / "b", steps=3, ema_decay=decay, ema_every=2)
+    # Resumed at step 5 (state saved with the average), the run ends with the same average.
+    first = _trainer(pack, loaded_checkpoint, dataset, tmp_path / "b", steps=5, ema_decay=decay, ema_every=every)
     first.run()
-    again = _trainer(pack, loaded_checkpoint, dataset, tmp_path / "b", steps=steps, ema_decay=decay, ema_every=2)
+    again = _trainer(pack, loaded_checkpoint, dataset, tmp_path / "b", steps=steps, ema_decay=decay, ema_every=every)
     again.resume = first.state_path
     again.run()
     resumed = load_file(str(tmp_path / "b" / "lora-ema.safetensors"))
     for key in saved:
         torch.testing.assert_close(resumed[key], saved[key])
 
-    instead = _trainer(pack, loaded_checkpoint, dataset, tmp_path / "c", steps=steps, ema_decay=decay, ema_every=2,
-                       ema_output="instead")
+    instead = _trainer(pack, loaded_checkpoint, dataset, tmp_path / "c", steps=steps, ema_decay=decay,
+                       ema_every=every, ema_output="instead")
     out = instead.run().network.state_dict_kohya()
     assert not (tmp_path / "c" / "lora-ema.safetensors").exists()
     for key in saved:
@@ -286,11 +302,12 @@ def test_best_checkpoint_and_early_stopping(pack, loaded_checkpoint, concept_dat
 # --- per-block ranks and learning rates -----------------------------------------------------------------------------
 
 
-def test_block_ranks_and_learning_rates(pack, loaded_checkpoint, concept_dataset):
+def test_block_ranks_and_learning_rates(pack, loaded_checkpoint, concept_dataset, monkeypatch):
     """kohya's block_dims (every block) and block-weight vectors set each block's rank (0 = no adapter) and learning
-    rate; the optimizer groups carry the rates."""
+    rate; the optimizer a run builds carries the rates."""
     from lora_foundry.lora_core.block_weights import SD1, block_of
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.training import loop
 
     model, clip, vae = loaded_checkpoint
     with torch.inference_mode(False):
@@ -316,7 +333,15 @@ def test_block_ranks_and_learning_rates(pack, loaded_checkpoint, concept_dataset
                        block_lrs=",".join(str(v) for v in lrs.values()))
     with pytest.raises(ValueError, match="block_lrs: 3 values"):  # refused before anything is encoded
         _trainer(pack, loaded_checkpoint, _concept(concept_dataset), None, block_lrs="1,2,3")
-    group_of = {id(p): group["lr"] for group in trainer.param_groups() for p in group["params"]}
+    built = []
+    build = loop.build_optimizer
+    monkeypatch.setattr(loop, "build_optimizer", lambda *args, **kwargs: built.append(build(*args, **kwargs)) or
+                        built[-1])
+    with torch.inference_mode(False):
+        trainer.run()
+    (optimizer,) = built
+    group_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert len(group_of) == sum(1 for _ in trainer.network.parameters())
     for name, adapter in trainer.network.adapters.items():
         for p in adapter.parameters():
             assert group_of[id(p)] == pytest.approx(1e-3 * lrs[blocks[name]]), name
@@ -365,6 +390,7 @@ def test_prior_images_train_with_the_empty_prompt_when_asked(pack, loaded_checkp
 def test_features_through_the_server(pack, server, tiny_checkpoint, concept_dataset, tmp_path):
     """Load Dataset with masks and an empty-prompt prior, Train LoRA with per-block ranks / learning rates, EMA and
     the best checkpoint; then Merge LoRA's post-hoc EMA over the run's checkpoints, all by HTTP."""
+    from lora_foundry.lora_core.ema import gamma_of
     from lora_foundry.lora_core.files import read_safetensors
 
     images, masks = _masked_dataset(concept_dataset, tmp_path / "data", count=6)
@@ -376,7 +402,11 @@ def test_features_through_the_server(pack, server, tiny_checkpoint, concept_data
     dataset = {**default_inputs(info["LoraFoundryLoadDataset"]), "folder": str(images), "resolution": 64, "min_side": 64,
                "max_side": 64, "bucket_step": 64, "validation_split": 0.2, "mask_folder": str(masks),
                "reg_folder": str(reg), "reg_empty_prompt": True}
-    lrs = ",".join(["1"] * 26)
+    from lora_foundry.lora_core.block_weights import SD1, block_of
+
+    rates = ["1"] * 26  # BASE and every block; the middle block's adapters do not learn
+    rates[SD1.all_ids.index("MID")] = "0"
+    lrs = ",".join(rates)
     train = {**default_inputs(info["LoraFoundryTrainLoRA"]), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
              "dataset": ["2", 0], "output_name": "features", "rank": 4, "alpha": 4.0, "targets": "attention",
              "steps": 6, "learning_rate": 1e-3, "save_every": 2, "validation_every": 2, "keep_best": True,
@@ -391,6 +421,12 @@ def test_features_through_the_server(pack, server, tiny_checkpoint, concept_data
             "overwrite": False}},
     }
     outputs = server.run(prompt, timeout=600)
+    final, _ = read_safetensors(outputs["5"]["text"][0])
+    learnt = {block_of(k.split(".")[0], SD1) == "MID": [] for k in final}
+    for key, value in final.items():
+        if key.endswith("lora_up.weight"):
+            learnt[block_of(key.split(".")[0], SD1) == "MID"].append(bool(value.abs().sum() > 0))
+    assert learnt[True] and not any(learnt[True]) and all(learnt[False]), learnt  # MID at rate 0, the rest at 1
     report = outputs["3"]["text"][0]
     assert "Masks (" in report and "6 image(s) masked, 0 without" in report, report  # prior images have none
     run = server.base_dir / "models" / "loras" / "features"
@@ -414,8 +450,15 @@ def test_features_through_the_server(pack, server, tiny_checkpoint, concept_data
     assert "post-hoc EMA (sigma_rel 0.2) of 2 checkpoints: step 2" in outputs["1"]["text"][0]
     tensors, meta = read_safetensors(outputs["2"]["text"][0])
     steps = [read_safetensors(run / f"features-step00000{s}.safetensors")[0] for s in (2, 4)]
-    weights = list(json.loads(meta["lora_foundry_post_hoc_ema"])["checkpoints"].values())
-    key = next(k for k in tensors if "lora_up" in k)
+    # EDM2's power EMA, independent of the file's own record: checkpoint i stands for the steps since the one before,
+    # weighted by the integral of t^gamma over them (gamma from sigma_rel, checked in the test above).
+    power = gamma_of(0.2) + 1
+    raw = [(2 / 4) ** power, 1 - (2 / 4) ** power]
+    weights = [w / sum(raw) for w in raw]
+    recorded = list(json.loads(meta["lora_foundry_post_hoc_ema"])["checkpoints"].values())
+    assert recorded == pytest.approx(weights)
+    key = next(k for k in tensors if "lora_up" in k and block_of(k.split(".")[0], SD1) != "MID")
+    assert not torch.equal(steps[0][key], steps[1][key])
     torch.testing.assert_close(tensors[key], weights[0] * steps[0][key] + weights[1] * steps[1][key], rtol=1e-4,
                                atol=1e-6)
 

@@ -199,13 +199,17 @@ def device_budget(device: torch.device, budget_gb: float) -> int | None:
 
 
 def release(patchers: list) -> None:
-    """Take these models (a VAE, text encoders whose outputs are cached) off the device."""
+    """Take these models (a VAE, text encoders whose outputs are cached, a run's clones) off the device, and their
+    weight wrappers off the layers they share."""
     import comfy.model_management as mm
 
     for loaded in list(mm.current_loaded_models):
         if any(loaded.model is p for p in patchers):
             loaded.model_unload()
             mm.current_loaded_models.remove(loaded)
+    for patcher in filter(None, patchers):  # the host leaves a fully loaded clone's weight wrappers on shared layers
+        for key in patcher.weight_wrapper_patches:
+            patcher.model.get_submodule(key.rsplit(".", 1)[0]).weight_function = []
 
 
 def load(model, others: list, plan: MemoryPlan) -> bool:

@@ -1,0 +1,259 @@
+"""Mutants: one-line breaks of the mechanisms the README claims, each with the test that must catch it.
+
+A test that still passes with its mechanism broken guards nothing. Each mutant names a line of the pack (its text,
+found exactly once in its file, indentation aside), what the line becomes, and the node id of the test that must
+then fail. `run` applies it to a copy of the repository and runs only that test there, in a fresh process, so the
+copy's code is what the test imports; tests/test_mutants.py fails when the test passes (the mutant survived), and
+when a mutant's line is no longer in its file (a stale mutant is an error, not a pass).
+
+    .venv/bin/python tests/mutants.py [NAME ...]    # run some (or all) and print each one's time
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Not copied: environments, caches, build and test outputs (the fixtures cache is shared through the environment).
+NOT_COPIED = (".venv", ".git", ".cache", ".ci", ".device", ".site", "out", "test-artifacts", "__pycache__",
+              ".pytest_cache", ".ruff_cache", "*.pyc")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to the repository
+    line: str  # the line's text, without its indentation
+    replacement: str  # what the line becomes (the indentation is kept)
+    test: str  # the node id that must fail
+
+
+MUTANTS = [
+    # --- the four guards that once survived their break (issue 36) ---
+    Mutant("trainer_ignores_attach", "training/trainer.py",
+           "patched, self.train_clip = self.network.attach(self.model, self.clip if train_te else None, mode=cfg.attach)",
+           'patched, self.train_clip = self.network.attach(self.model, self.clip if train_te else None, mode="bypass")',
+           "tests/test_memory.py::test_bypass_training_equals_weight_training[lora]"),
+    Mutant("ema_decay_ignored", "training/ema.py",
+           "self.network, self.decay, self.every, self.warmup = network, decay, max(1, every), warmup",
+           "self.network, self.decay, self.every, self.warmup = network, 0.9, max(1, every), warmup",
+           "tests/test_training_features.py::test_the_moving_average_is_the_average_of_the_steps"),
+    Mutant("optimizer_from_one_group", "training/loop.py",
+           "self.optimizer = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay,",
+           'self.optimizer = build_optimizer(cfg.optimizer, [{"params": [p for g in groups for p in g["params"]]}], '
+           "cfg.learning_rate, cfg.weight_decay,",
+           "tests/test_training_features.py::test_block_ranks_and_learning_rates"),
+    Mutant("resident_share_ignored", "training/memory.py",
+           "loaded.model_load(max(plan.resident_weights, 1))",
+           "loaded.model_load(1)",
+           "tests/test_memory.py::test_weights_stream_under_a_budget_and_train_the_same_adapter"),
+    # --- the guards that held: checkpointing engaged, the mask's zero gradient, the plan against the allocator ---
+    Mutant("checkpointing_never_engages", "training/blocks.py",
+           "if options.checkpointing:",
+           "if False:",
+           "tests/test_conditioning.py::test_gradient_checkpointing_engages_and_stores_less"),
+    Mutant("mask_ignored", "training/masks.py",
+           "masks = torch.stack([self.floor + (1 - self.floor) * self._masks[key] if key in self._masks else ones",
+           "masks = torch.stack([self.floor + (1 - self.floor) * ones if key in self._masks else ones",
+           "tests/test_training_features.py::test_masked_loss_teaches_nothing_where_the_mask_is_black"),
+    Mutant("plan_simulates_no_backward", "training/planning.py",
+           "trainer.prediction_loss(patched, x, x0, sigma, inputs, weights, autocast_dtype).backward()",
+           "trainer.prediction_loss(patched, x, x0, sigma, inputs, weights, autocast_dtype)",
+           "tests/test_memory.py::test_memory_plan_matches_what_a_step_allocates"),
+    # --- one per mechanism the README claims ---
+    Mutant("bypass_adds_nothing", "lora_core/network.py",
+           "return self.adapter.bypass(self.layer, x, out)",
+           "return out",
+           "tests/test_memory.py::test_bypass_patches_leave_with_the_clone"),
+    Mutant("adapter_in_the_bases_dtype", "training/trainer.py",
+           "self.network.to(device)",
+           "self.network.to(device, patched.model.get_dtype())",
+           "tests/test_memory.py::test_training_on_an_fp8_base_leaves_it_bit_identical[e4m3fn]"),
+    Mutant("weights_never_stream", "training/memory.py",
+           "if plan.budget is None or plan.resident_weights >= model.model_size():",
+           "if True:",
+           "tests/test_memory.py::test_weights_stream_under_a_budget_and_train_the_same_adapter"),
+    Mutant("preview_keeps_the_hosts_residency", "training/trainer.py",
+           "memory.load(patched, patchers[1:], self.plan)",
+           "pass",
+           "tests/test_memory.py::test_previews_keep_the_planned_residency"),
+    Mutant("ema_without_warmup", "training/ema.py",
+           "return min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay",
+           "return self.decay",
+           "tests/test_training_features.py::test_the_moving_average_is_the_average_of_the_steps"),
+    Mutant("post_hoc_ema_weights_not_integrated", "lora_core/ema.py",
+           "raw = [edges[i + 1] ** power - edges[i] ** power for i in range(len(steps))]",
+           "raw = [edges[i + 1] ** power for i in range(len(steps))]",
+           "tests/test_training_features.py::test_post_hoc_ema_weights_and_average"),
+    Mutant("patience_never_runs_out", "training/loop.py",
+           'return bool(self.config.patience) and self.state["since_best"] >= self.config.patience',
+           "return False",
+           "tests/test_training_features.py::test_best_checkpoint_and_early_stopping"),
+    Mutant("block_lrs_ignored", "training/trainer.py",
+           "lr *= multipliers.get(block_of(name, layout), 1.0)",
+           "lr *= 1.0",
+           "tests/test_training_features.py::test_block_ranks_and_learning_rates"),
+    Mutant("sdxl_size_conditioning_dropped", "training/conditioning.py",
+           "extras = dict(geometry.as_params()) if geometry is not None and size_conditioned(model) else {}",
+           "extras = {}",
+           "tests/test_families.py::test_family_gets_the_inputs_comfyui_gives_it[sdxl]"),
+    Mutant("preview_not_the_prompts_seed", "training/evaluation.py",
+           "noise = comfy.sample.prepare_noise(latent, p.seed)",
+           "noise = comfy.sample.prepare_noise(latent, p.seed + 1)",
+           "tests/test_conditioning.py::test_preview_equals_ksampler_and_vae_decode"),
+    Mutant("resume_loses_the_noise_generator", "training/state.py",
+           'generator.set_state(tensors["rng.generator"])',
+           "pass",
+           "tests/test_train.py::test_resume_continues_exactly"),
+    Mutant("pickle_suffix_read", "lora_core/files.py",
+           'if path.suffix.lower() != ".safetensors":',
+           "if False:",
+           "tests/test_adapter_files.py::test_pickle_files_are_never_unpickled[.ckpt-pickle]"),
+    Mutant("write_not_atomic", "lora_core/files.py",
+           'with open(tmp, "wb") as f:',
+           'with open(path, "wb") as f:',
+           "tests/test_faults.py::test_a_write_killed_half_way_leaves_the_old_file_whole"),
+    # --- the step's host work and the GPU check (issue 28) ---
+    Mutant("lora_factors_sliced", "lora_core/adapters/lora.py",
+           "return self.lora_up, self.lora_down  # a Linear's whole factors: nothing to slice, reshape or mask",
+           "pass",
+           "tests/test_gpu_check.py::test_our_step_dispatches_fewer_operators_than_natives"),
+    Mutant("residuals_summed_in_place", "training/blocks.py",
+           "return torch.add(self, other).as_subclass(OutOfPlace)",
+           "return torch.Tensor.add_(self, other)",
+           "tests/test_families.py::test_blocks_that_add_in_place_get_true_gradients[flux]"),
+    Mutant("weight_wrappers_left_on_shared_layers", "training/memory.py",
+           'patcher.model.get_submodule(key.rsplit(".", 1)[0]).weight_function = []',
+           "pass",
+           "tests/test_memory.py::test_weight_wrappers_leave_the_shared_model_with_the_run"),
+    Mutant("gpu_check_runs_past_its_budget", "bench/gpu_check.py",
+           "if left <= 1:",
+           "if False:",
+           "tests/test_gpu_check.py::test_gpu_check_stops_a_question_at_the_budget_and_skips_the_rest"),
+    # --- the hostile-input refusals (issue 29) ---
+    Mutant("upper_ends_unchecked", "lora_core/settings.py",
+           "if (low is not None and value < low) or (high is not None and value > high):",
+           "if low is not None and value < low:",
+           "tests/test_hostile_inputs.py::test_every_number_past_its_range_or_not_finite_is_refused_before_the_node_runs"),
+    Mutant("non_finite_adapter_kept", "training/trainer.py",
+           "if finite_only and not all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point()):",
+           "if False:",
+           "tests/test_hostile_inputs.py::test_a_non_finite_adapter_is_never_saved_as_last_good"),
+    Mutant("links_followed_out_of_the_roots", "training/run.py",
+           "real, real_root = path.resolve(), root.resolve()",
+           "real, real_root = Path(os.path.normpath(path.absolute())), Path(os.path.normpath(root.absolute()))",
+           "tests/test_hostile_inputs.py::test_a_symlink_inside_input_is_held_to_the_allowed_roots"),
+]
+
+
+class StaleMutant(Exception):
+    """The mutant's line is not in its file exactly once (the code moved on): update or remove the mutant."""
+
+
+def mutated(mutant: Mutant, root: Path = REPO_ROOT) -> tuple[str, str]:
+    """(the file's text, the text with the mutant applied), checking that its line is there exactly once."""
+    path = root / mutant.file
+    if not path.is_file():
+        raise StaleMutant(f"{mutant.name}: {mutant.file} does not exist")
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    found = [i for i, line in enumerate(lines) if line.strip() == mutant.line.strip()]
+    if len(found) != 1:
+        raise StaleMutant(f"{mutant.name}: {mutant.line!r} is in {mutant.file} {len(found)} times, not once")
+    line = lines[found[0]]
+    indent = line[: len(line) - len(line.lstrip())]
+    lines[found[0]] = indent + mutant.replacement.strip() + ("\n" if line.endswith("\n") else "")
+    return text, "".join(lines)
+
+
+def copy_repository(dest: Path) -> Path:
+    """A copy of the repository at `dest`, without what NOT_COPIED names."""
+    shutil.copytree(REPO_ROOT, dest, ignore=shutil.ignore_patterns(*NOT_COPIED), symlinks=True)
+    return dest
+
+
+def environment(copy: Path) -> dict[str, str]:
+    """The test's environment in the copy: this checkout's host and fixtures cache, no bytecode written (a
+    restored file must never run from a mutant's .pyc), test artifacts kept inside the copy."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        from harness.comfy import comfy_root
+        from harness.fixtures import cache_dir
+    finally:
+        sys.path.remove(str(REPO_ROOT / "scripts"))
+    return {**os.environ, "COMFYUI_ROOT": str(comfy_root()), "LORA_FOUNDRY_CACHE": str(cache_dir()),
+            "LORA_FOUNDRY_ARTIFACTS": str(copy / "test-artifacts"), "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def imported_from(copy: Path) -> Path:
+    """Where the copy's tests import the pack from (its own folder, or the harness is not using the copy)."""
+    code = "from harness.comfy import import_pack; print(import_pack().__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=copy, env={**environment(copy), "PYTHONPATH": "scripts"},
+                         capture_output=True, text=True, timeout=120, check=True)
+    return Path(out.stdout.strip().splitlines()[-1]).parent
+
+
+@dataclass
+class Outcome:
+    mutant: Mutant
+    killed: bool
+    seconds: float
+    output: str
+
+    @property
+    def reason(self) -> str:
+        """The first line pytest marks as the failure (E ...): what caught the mutant."""
+        return next((line[1:].strip() for line in self.output.splitlines() if line.startswith("E ")), "")
+
+
+def run(mutant: Mutant, copy: Path, timeout: float = 600) -> Outcome:
+    """Apply `mutant` to the copy, run its test there, restore the file. Killed: the test ran and failed."""
+    original, broken = mutated(mutant, copy)
+    compile(broken, mutant.file, "exec")  # a mutant that does not even compile proves nothing
+    path = copy / mutant.file
+    start = time.monotonic()
+    try:
+        path.write_text(broken, encoding="utf-8")
+        result = subprocess.run([sys.executable, "-m", "pytest", mutant.test, "-x", "-q", "-p", "no:cacheprovider"],
+                                cwd=copy, env=environment(copy), capture_output=True, text=True, timeout=timeout)
+    finally:
+        path.write_text(original, encoding="utf-8")
+    output = result.stdout + result.stderr
+    summary = output.strip().splitlines()[-1] if output.strip() else ""
+    if result.returncode == 0 and re.search(r"\b1 passed\b", summary):
+        return Outcome(mutant, False, time.monotonic() - start, output)
+    if result.returncode == 1 and re.search(r"\b1 failed\b", summary) and " error" not in summary:
+        return Outcome(mutant, True, time.monotonic() - start, output)
+    raise RuntimeError(f"{mutant.name}: {mutant.test} neither passed nor failed once (exit {result.returncode}): "
+                       f"{output[-3000:]}")
+
+
+def main(names: list[str]) -> int:
+    unknown = set(names) - {m.name for m in MUTANTS}
+    if unknown:
+        print(f"no such mutant: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    chosen = [m for m in MUTANTS if not names or m.name in names]
+    total, survivors = time.monotonic(), []
+    with tempfile.TemporaryDirectory(prefix="lora-foundry-mutants-") as tmp:
+        copy = copy_repository(Path(tmp) / "lora_foundry")
+        for mutant in chosen:
+            outcome = run(mutant, copy)
+            print(f"{'killed' if outcome.killed else 'SURVIVED':9} {outcome.seconds:6.1f} s  {mutant.name}: "
+                  f"{outcome.reason[:150]}", flush=True)
+            if not outcome.killed:
+                survivors.append(mutant.name)
+    print(f"{len(chosen) - len(survivors)} of {len(chosen)} killed in {time.monotonic() - total:.0f} s")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
