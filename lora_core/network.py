@@ -10,6 +10,7 @@ from torch import nn
 
 from . import kohya_keys
 from .adapters import ALGORITHMS, Adapter, adapter_from_factors
+from .adapters.base import stored_weight
 from .apply import lora_key_map
 from .block_weights import block_of, block_values, layout_of
 from .files import AdapterFileError, factor_problems, read_safetensors, split_modules
@@ -249,8 +250,8 @@ class LoraNetwork(nn.Module):
                     rank, alpha = int(block_ranks.get(block, rank)), block_alphas.get(block, alpha)
             weight = module.weight.detach()
             adapter = adapter_cls.create(weight, rank, alpha, **adapter_cls.options_from(config, i))
-            if config.dora:
-                adapter.enable_dora(weight)
+            if config.dora:  # magnitudes of the weight the layer computes with (a scaled-fp8 one times its scale)
+                adapter.enable_dora(stored_weight(module))
             adapters[name], keys[name] = adapter, key
         return cls(adapters, keys, config)
 

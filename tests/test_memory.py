@@ -261,6 +261,53 @@ def test_training_on_an_fp8_base_leaves_it_bit_identical(family_sd15, dtype):
     assert result.validation[-1][1] < 0.9 * base, (base, result.validation)
 
 
+def test_training_dora_on_a_scaled_fp8_base_leaves_it_bit_identical(family_sd15):
+    """A scaled-fp8 diffusion model (fp8 weights, a scale per Linear, the `scaled_fp8` marker the host detects): DoRA
+    in bypass mode reads each weight as the host computes with it (scale applied), learns, and writes no base weight."""
+    import comfy.sd
+
+    fam, dataset = family_sd15
+    fp8 = torch.float8_e4m3fn
+    state = {}
+    for key, value in _state(fam.model).items():
+        if key.endswith(".weight") and value.ndim == 2:  # Linear: stored as weight / scale, the scale beside it
+            scale = value.abs().max().float() / torch.finfo(fp8).max
+            state[key], state[key.removesuffix("weight") + "scale_weight"] = (value / scale).to(fp8), scale
+        else:
+            state[key] = value.to(fp8) if key.endswith(".weight") and value.ndim > 2 else value
+    state["scaled_fp8"] = torch.empty(0, dtype=fp8)
+    scaled = comfy.sd.load_diffusion_model_state_dict(state)
+    layer = scaled.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1.to_q
+    assert layer.weight.dtype == fp8 and float(layer.scale_weight) != 1.0  # the host reads our file as scaled fp8
+    # A new DoRA adapter changes nothing: its magnitudes are the norms of the weights the host computes with.
+    import comfy.model_management as mm
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+    from lora_foundry.training.conditioning import apply_model, encode_caption, image_geometry, model_inputs
+
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    inputs = model_inputs(scaled.model, [encode_caption(fam.clip, "a red circle")], x,
+                          [image_geometry(dataset.items[0])], None)
+    with torch.inference_mode(False), torch.no_grad():
+        mm.load_models_gpu([scaled], force_full_load=True)
+        plain = apply_model(scaled.model, x, torch.tensor([3.0]), inputs)
+        fresh, _ = LoraNetwork.create(NetworkConfig(dora=True), scaled).attach(scaled, mode="bypass")
+        mm.load_models_gpu([fresh], force_full_load=True)
+        torch.testing.assert_close(apply_model(fresh.model, x, torch.tensor([3.0]), inputs), plain)
+    mm.unload_all_models()
+    before = _state(scaled)
+    trainer, result = _train(fam, dataset, model=scaled, network={"dora": True}, steps=12, validation_every=12)
+    after = _state(scaled)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(after[k].view(torch.uint8), before[k].view(torch.uint8)) if before[k].dtype == fp8
+               else torch.equal(after[k], before[k]) for k in before)
+    assert any(a.dora_scale is not None for a in result.network.adapters.values())
+    from lora_foundry.training.evaluation import held_out_loss
+
+    with torch.inference_mode(False):
+        base = held_out_loss(trainer, scaled, scaled.load_device)
+    assert result.validation[-1][1] < 0.9 * base, (base, result.validation)
+
+
 def test_weights_stream_under_a_budget_and_train_the_same_adapter(family_sd15, monkeypatch):
     """A budget below the model's size: the plan's share of the weights stays on the device, the host keeps the rest
     in RAM and casts it in at every use, in the forward pass and again in the backward pass (checkpointed blocks);

@@ -45,6 +45,13 @@ def host_weight(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer.weight.to(x.dtype)
 
 
+def stored_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as it computes with it, in fp32, read from storage: scaled-fp8 layers times their scale."""
+    weight = layer.weight.detach().float()
+    scale = getattr(layer, "scale_weight", None)
+    return weight * scale.float() if scale is not None else weight
+
+
 def flat_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     """[out, in, *kernel] as a matrix: (out, in * prod(kernel))."""
     return shape[0], math.prod(shape[1:])
