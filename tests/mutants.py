@@ -188,7 +188,7 @@ def copy_repository(dest: Path) -> Path:
     return dest
 
 
-def environment(copy: Path) -> dict[str, str]:
+def environment(copy: Path, threads: int | None = None) -> dict[str, str]:
     """The test's environment in the copy: this checkout's host and fixtures cache, no bytecode written (a
     restored file must never run from a mutant's .pyc), test artifacts kept inside the copy."""
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
@@ -198,7 +198,8 @@ def environment(copy: Path) -> dict[str, str]:
     finally:
         sys.path.remove(str(REPO_ROOT / "scripts"))
     return {**os.environ, "COMFYUI_ROOT": str(comfy_root()), "LORA_FOUNDRY_CACHE": str(cache_dir()),
-            "LORA_FOUNDRY_ARTIFACTS": str(copy / "test-artifacts"), "PYTHONDONTWRITEBYTECODE": "1"}
+            "LORA_FOUNDRY_ARTIFACTS": str(copy / "test-artifacts"), "PYTHONDONTWRITEBYTECODE": "1",
+            **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
 
 
 def imported_from(copy: Path) -> Path:
@@ -222,8 +223,9 @@ class Outcome:
         return next((line[1:].strip() for line in self.output.splitlines() if line.startswith("E ")), "")
 
 
-def run(mutant: Mutant, copy: Path, timeout: float = 600) -> Outcome:
-    """Apply `mutant` to the copy, run its test there, restore the file. Killed: the test ran and failed."""
+def run(mutant: Mutant, copy: Path, timeout: float = 600, threads: int | None = None) -> Outcome:
+    """Apply `mutant` to the copy, run its test there (with `threads` CPU threads), restore the file. Killed: the
+    test ran and failed."""
     original, broken = mutated(mutant, copy)
     compile(broken, mutant.file, "exec")  # a mutant that does not even compile proves nothing
     path = copy / mutant.file
@@ -231,7 +233,8 @@ def run(mutant: Mutant, copy: Path, timeout: float = 600) -> Outcome:
     try:
         path.write_text(broken, encoding="utf-8")
         result = subprocess.run([sys.executable, "-m", "pytest", mutant.test, "-x", "-q", "-p", "no:cacheprovider"],
-                                cwd=copy, env=environment(copy), capture_output=True, text=True, timeout=timeout)
+                                cwd=copy, env=environment(copy, threads), capture_output=True, text=True,
+                                timeout=timeout)
     finally:
         path.write_text(original, encoding="utf-8")
     output = result.stdout + result.stderr

@@ -4,7 +4,8 @@ makes the test it names fail (README: Development, "A new mechanism lands with i
 from __future__ import annotations
 
 import ast
-from pathlib import Path
+import queue
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from mutants import MUTANTS, REPO_ROOT, copy_repository, imported_from, mutated, run
@@ -23,16 +24,28 @@ def test_each_mutant_breaks_one_line_that_is_there():
         assert (REPO_ROOT / mutant.test.split("::")[0]).is_file(), mutant.name
 
 
-@pytest.fixture(scope="module")
-def copy(tmp_path_factory) -> Path:
-    """One copy of the repository for all mutants (each is undone after its run); its tests import it, not us."""
-    copy = copy_repository(tmp_path_factory.mktemp("mutants") / "lora_foundry")
-    assert imported_from(copy) == copy
-    return copy
+WORKERS = 2  # one copy of the repository each; the machines this runs on have two cores
 
 
-@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
-def test_the_guarding_test_kills_the_mutant(mutant, copy):
-    outcome = run(mutant, copy)
-    assert outcome.killed, (f"{mutant.name} survived: {mutant.test} passes with {mutant.file} changed from "
-                            f"{mutant.line!r} to {mutant.replacement!r}\n{outcome.output[-2000:]}")
+def test_every_guarding_test_kills_its_mutant(tmp_path_factory):
+    """Each mutant applied to a copy of the repository (its tests import the copy, not us) makes its test fail. Two
+    copies take turns, so two mutants run at once, each test in one thread."""
+    copies: queue.Queue = queue.Queue()
+    for index in range(WORKERS):
+        copy = copy_repository(tmp_path_factory.mktemp(f"mutants{index}") / "lora_foundry")
+        assert imported_from(copy) == copy
+        copies.put(copy)
+
+    def run_on_a_free_copy(mutant):
+        copy = copies.get()
+        try:
+            return run(mutant, copy, threads=1)
+        finally:
+            copies.put(copy)
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        outcomes = list(pool.map(run_on_a_free_copy, MUTANTS))
+    survivors = [o for o in outcomes if not o.killed]
+    assert not survivors, "\n".join(
+        f"{o.mutant.name} survived: {o.mutant.test} passes with {o.mutant.file} changed from {o.mutant.line!r} to "
+        f"{o.mutant.replacement!r}\n{o.output[-1500:]}" for o in survivors)
