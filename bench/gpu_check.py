@@ -41,7 +41,7 @@ import fullsize  # noqa: E402
 class Question:
     name: str
     model: str
-    seconds: float  # about what it takes on an H200, model build included; the budget skips what would not fit
+    seconds: float  # a guess from the first H200 run (not yet measured per question); the budget skips by it
     ask: Callable  # ask(check, model) -> None, writing its rows with check.write
 
 
@@ -101,7 +101,7 @@ def train_row(check: Check, question: str, name: str, variant: str, batch: int =
     wall = time.perf_counter() - start
     row = {"question": question, "model": name, "variant": variant, "batch": batch, "checkpointing": checkpointing,
            "size": list(size), "frames": frames, "steps": check.steps, "s_per_step": wall / check.steps,
-           **clock.steady(skip=2), **fullsize.peak_memory(), **{k: v for k, v in settings.items()}}
+           **clock.steady(skip=2), **fullsize.peak_memory(), **settings}
     row.pop("ops_per_step", None)
     if plan is not None:
         row.update(planned_peak_gb=plan.peak / 1024**3, weights_gb=plan.weights / 1024**3,

@@ -222,15 +222,16 @@ def path_inside(base: str | os.PathLike, relative: str, setting: str = "name") -
         raise ValueError(f"{setting} {relative!r}: give a plain relative name such as 'my_lora' or 'folder/my_lora'")
     if "\x00" in relative:
         raise ValueError(f"{setting} {relative!r}: contains a NUL byte, which no file name can; give the file's name")
-    if os.path.isabs(relative) or "\\" in relative or any(part == ".." for part in relative.split("/")):
+    parts = relative.split("/")
+    if os.path.isabs(relative) or "\\" in relative or ".." in parts:
         raise ValueError(f"{setting} {relative!r}: absolute paths, backslashes and '..' are not allowed")
-    if any(not part or part.startswith(".") for part in relative.split("/")):
+    if any(not part or part.startswith(".") for part in parts):
         raise ValueError(f"{setting} {relative!r}: a name (and each folder in it) must not be empty or start with "
                          "'.' (hidden); give a plain name such as 'my_lora' or 'folder/my_lora'")
-    if max(len(part) for part in relative.split("/")) > MAX_NAME:
+    longest = max(len(part) for part in parts)
+    if longest > MAX_NAME:
         raise ValueError(f"{setting} {relative[:40]!r}...: a name (and each folder in it) may have at most "
-                         f"{MAX_NAME} characters, this has {max(len(part) for part in relative.split('/'))}; "
-                         "give a shorter one")
+                         f"{MAX_NAME} characters, this has {longest}; give a shorter one")
     base = Path(base).resolve()
     path = (base / relative).resolve()
     if base != path and base not in path.parents:

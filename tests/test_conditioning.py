@@ -80,17 +80,8 @@ def test_captions_the_host_would_not_batch_run_apart(pack, loaded_checkpoint):
     torch.testing.assert_close(together, torch.cat(apart))
 
 
-def test_gradient_checkpointing_engages_and_stores_less(pack, loaded_checkpoint, dataset_dir, monkeypatch):
-    import torch.utils.checkpoint as cp
-
-    calls = []
-    real = cp.checkpoint
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cp, "checkpoint", counting)
+def test_gradient_checkpointing_engages_and_stores_less(pack, loaded_checkpoint, dataset_dir, checkpoint_calls):
+    calls = checkpoint_calls
 
     def stored_bytes(checkpointing: bool) -> tuple[int, dict]:
         saved = []

@@ -15,7 +15,7 @@ import pytest
 import torch
 from harness.comfy import REPO_ROOT
 from harness.server import WorkflowError
-from harness.workflow import default_inputs
+from harness.workflow import default_inputs, train_prompt
 
 HEADLESS = REPO_ROOT / "scripts" / "train_lora.py"
 
@@ -213,20 +213,6 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def training_prompt(info: dict, checkpoint: str, images: Path, seed: int, name: str) -> dict:
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
-        "2": {"class_type": "LoraFoundryLoadDataset", "inputs": {
-            **default_inputs(info["LoraFoundryLoadDataset"]), "folder": str(images), "resolution": 64,
-            "min_side": 64, "max_side": 64}},
-        "3": {"class_type": "LoraFoundryTrainLoRA", "inputs": {
-            **default_inputs(info["LoraFoundryTrainLoRA"]), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
-            "dataset": ["2", 0], "output_name": name, "rank": 1, "alpha": 1.0, "targets": "attention", "steps": 1,
-            "seed": seed, "save_every": 1}},
-        "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 4]}},
-    }
-
-
 def sampling_prompt(checkpoint: str, prefix: str) -> dict:
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
@@ -256,9 +242,9 @@ def test_training_and_sampling_interleaved_in_the_queue(server, tiny_checkpoint,
     images = small_dataset(concept_dataset, tmp_path / "images", count=2)
     info = server.object_info()
     alone = pixels(server, server.run(sampling_prompt(tiny_checkpoint.name, "alone")))
-    ids = [server.queue(training_prompt(info, tiny_checkpoint.name, images, 1, "interleaved")),
+    ids = [server.queue(train_prompt(info, tiny_checkpoint.name, images, "interleaved", seed=1, save_every=1)),
            server.queue(sampling_prompt(tiny_checkpoint.name, "between")),
-           server.queue(training_prompt(info, tiny_checkpoint.name, images, 2, "interleaved"))]
+           server.queue(train_prompt(info, tiny_checkpoint.name, images, "interleaved", seed=2, save_every=1))]
     outputs = [server.wait(i, timeout=600) for i in ids]
     assert pixels(server, outputs[1]) == alone
     assert "1 steps" in outputs[0]["4"]["text"][0] and "1 steps" in outputs[2]["4"]["text"][0]
@@ -280,7 +266,7 @@ def test_fifty_training_prompts_keep_the_server_memory_flat(server, tiny_checkpo
     rss = []
     began = time.monotonic()
     for seed in range(50):
-        outputs = server.run(training_prompt(info, tiny_checkpoint.name, images, 100 + seed, "soak"), timeout=300)
+        outputs = server.run(train_prompt(info, tiny_checkpoint.name, images, "soak", seed=100 + seed, save_every=1), timeout=300)
         assert "1 steps" in outputs["4"]["text"][0]
         rss.append(rss_mb(pid))
     seconds = time.monotonic() - began

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness.workflow import default_inputs
+from harness.workflow import train_prompt
 
 # Values past what a number input declares: (label, value for an input with these min / max).
 HOSTILE_NUMBERS = {
@@ -110,21 +110,6 @@ def test_each_node_refuses_hostile_numbers_sent_to_prompt(server, our_nodes):
             details = "\n".join(e["details"] for e in answer["node_errors"]["1"]["errors"])
             missed = [i.id for i in numbers if not refusal_names(details, i, pick(i))]
             assert missed == [], (node_id, label, details)
-
-
-def train_prompt(info: dict, checkpoint: str, images: Path, name: str, **widgets) -> dict:
-    """Checkpoint -> Load Dataset -> Train LoRA (1 step at 64 px) -> Preview of the summary: a valid prompt."""
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
-        "2": {"class_type": "LoraFoundryLoadDataset", "inputs": {
-            **default_inputs(info["LoraFoundryLoadDataset"]), "folder": str(images), "resolution": 64,
-            "min_side": 64, "max_side": 64}},
-        "3": {"class_type": "LoraFoundryTrainLoRA", "inputs": {
-            **default_inputs(info["LoraFoundryTrainLoRA"]), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
-            "dataset": ["2", 0], "output_name": name, "rank": 1, "alpha": 1.0, "targets": "attention", "steps": 1,
-            **widgets}},
-        "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 4]}},
-    }
 
 
 def small_dataset(folder: Path, count: int = 2, caption: str | None = None) -> Path:

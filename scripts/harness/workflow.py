@@ -113,3 +113,19 @@ def default_inputs(info: dict) -> dict:
         elif "default" in options:
             out[name] = options["default"]
     return out
+
+
+def train_prompt(info: dict, checkpoint: str, images, name: str, **widgets) -> dict:
+    """Checkpoint -> Load Dataset -> Train LoRA (rank 1, attention, 1 step at 64 px, `widgets` on top) -> Preview of
+    its summary: a valid API prompt for a server whose /object_info is `info`."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "2": {"class_type": "LoraFoundryLoadDataset", "inputs": {
+            **default_inputs(info["LoraFoundryLoadDataset"]), "folder": str(images), "resolution": 64,
+            "min_side": 64, "max_side": 64}},
+        "3": {"class_type": "LoraFoundryTrainLoRA", "inputs": {
+            **default_inputs(info["LoraFoundryTrainLoRA"]), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+            "dataset": ["2", 0], "output_name": name, "rank": 1, "alpha": 1.0, "targets": "attention", "steps": 1,
+            **widgets}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 4]}},
+    }
