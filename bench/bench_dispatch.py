@@ -79,8 +79,8 @@ def planned_ops(name: str, narrow: bool) -> int:
     """Operators in our planner's simulated micro-batch (forward and backward) of `name`, weights on meta."""
     import fullsize
     import torch
-    from lora_foundry.training.blocks import BlockOptions, training_blocks
-    from lora_foundry.training.planning import plan_memory
+    from lora_foundry.training.engine.blocks import BlockOptions, training_blocks
+    from lora_foundry.training.engine.planning import plan_memory
 
     if narrow:
         model = fullsize.build_model(name, "narrow", torch.device("cpu"))
@@ -89,12 +89,13 @@ def planned_ops(name: str, narrow: bool) -> int:
     size, frames = fullsize.geometry(name, smoke=narrow)
     trainer = fullsize.bench_trainer(model, name, size, frames, {"steps": 1, "precision": "bf16"},
                                      {"rank": 16, "alpha": 16, "preset": "kohya"})
-    trainer.encode_images(trainer.dataset.items)
+    trainer.data.encode_images(trainer.dataset.items)
     with torch.inference_mode(False):
         patched, _ = trainer.network.attach(model, None, mode="bypass")
         blocks = BlockOptions(checkpointing=False)
         with training_blocks(patched.model.diffusion_model, blocks):
-            return plan_memory(trainer, patched, blocks, torch.device("cpu"), torch.bfloat16).ops
+            return plan_memory(trainer.run_context(patched, None, blocks, torch.bfloat16,
+                                                       device=torch.device("cpu"))).ops
 
 
 def main() -> None:

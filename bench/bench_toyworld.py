@@ -37,7 +37,7 @@ def dataset_items(concept: Path, prior: Path) -> list[tuple[Path, str]]:
     from harness.comfy import import_pack
 
     import_pack()
-    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.data.dataset import load_dataset
 
     dataset = load_dataset(concept, resolution=64, min_side=32, max_side=128, bucket_step=32, reg_folder=prior)
     return [(item.path, item.caption) for item in dataset.items for _ in range(item.repeats)]

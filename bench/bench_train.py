@@ -33,8 +33,8 @@ def setup(args):
     import comfy.samplers  # noqa: F401 - loaded in any ComfyUI process; its first import (~2 s) is no training cost
     import comfy.sd
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.dataset import load_dataset
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.data.dataset import load_dataset
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(fixtures.tiny_sd15_checkpoint()))
     dataset = load_dataset(fixtures.concept_dataset(), resolution=64, min_side=64, max_side=64, bucket_step=64,
@@ -45,22 +45,20 @@ def setup(args):
         alpha = args.alpha if args.alpha is not None else float(args.rank)
         network = LoraNetwork.create(NetworkConfig(rank=args.rank, alpha=alpha, preset="all", seed=0), model)
         trainer = Trainer(model, clip, vae, dataset, network, config)
-        trainer.encode_images(dataset.items)
-        trainer.encode_images(dataset.validation, validation=True)
-        trainer.encode_fixed_captions()
-        for item in dataset.validation:
-            trainer.encode_text(trainer.fixed_caption(item))
+        trainer.data.encode_images(dataset.items)
+        trainer.data.encode_images(dataset.validation, validation=True)
+        trainer.text.encode_fixed(dataset.items, dataset.validation)
     return trainer
 
 
 def held_out(trainer, patched) -> float:
     import comfy.model_management as mm
     import torch
-    from lora_foundry.training.evaluation import held_out_loss
+    from lora_foundry.training.engine.evaluation import held_out_loss
 
     mm.load_models_gpu([patched], force_full_load=True)
     with torch.inference_mode(False):
-        return held_out_loss(trainer, patched, patched.load_device)
+        return held_out_loss(trainer.step, trainer.network, patched, patched.load_device)
 
 
 def run_ours(trainer) -> dict:
@@ -82,8 +80,8 @@ def run_native(trainer, args) -> dict:
     from fullsize import StepClock
 
     items = trainer.dataset.items
-    latents = [{"samples": trainer.latents.get(i)[None]} for i in range(len(items))]
-    positive = [trainer.encode_text(trainer.fixed_caption(item)) for item in items]
+    latents = [{"samples": trainer.data.latents.get(i)[None]} for i in range(len(items))]
+    positive = [trainer.text.encode(trainer.text.fixed_caption(item)) for item in items]
     start = time.perf_counter()
     with torch.inference_mode(False), StepClock() as clock:
         out = TrainLoraNode.execute(

@@ -170,22 +170,28 @@ def bench_trainer(model, name: str, size: tuple[int, int], frames: int, settings
     """Our Trainer with random latents and conditioning of the model's shapes in place of the VAE and encoders."""
     import torch
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.dataset import load_dataset
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.data.dataset import load_dataset
+    from lora_foundry.training.engine.preparation import EncodedData
+    from lora_foundry.training.engine.text import TextConditioning
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     conditioning = random_conditioning(model, name)
     latent_format = model.get_model_object("latent_format")
 
-    class RandomData(Trainer):
-        def encode_text(self, caption, cache=True):
+    class RandomText(TextConditioning):
+        def encode(self, caption, cache=True):
             return conditioning
 
+    class RandomLatents(EncodedData):
         def encode_images(self, items, validation=False, batch=16):
             for index, item in enumerate(items):
                 width, height = item.bucket
                 depth = [(frames - 1) // 4 + 1] if getattr(latent_format, "latent_dimensions", 2) == 3 else []
                 shape = (latent_format.latent_channels, *depth, height // 8, width // 8)
                 self.latents.put(index, False, validation, torch.randn(shape))
+
+    class RandomData(Trainer):
+        text_conditioning, encoded_data = RandomText, RandomLatents
 
     dataset = load_dataset(dataset_folder(size), resolution=max(size), min_side=min(size), max_side=max(size),
                            bucket_step=64)
@@ -257,8 +263,8 @@ def train_native(model, name: str, size, frames: int, steps: int, batch: int = 1
     from comfy_extras.nodes_train import TrainLoraNode
 
     trainer = bench_trainer(model, name, size, frames, {"steps": 1}, {"rank": 16})
-    trainer.encode_images(trainer.dataset.items)
-    latents = [{"samples": trainer.latents.get(i)[None]} for i in range(len(trainer.dataset.items))]
+    trainer.data.encode_images(trainer.dataset.items)
+    latents = [{"samples": trainer.data.latents.get(i)[None]} for i in range(len(trainer.dataset.items))]
     positive = [random_conditioning(model, name, i) for i in range(len(latents))]
     with torch.inference_mode(False), clock or StepClock():
         TrainLoraNode.execute(

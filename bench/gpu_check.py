@@ -97,7 +97,7 @@ def train_row(check: Check, question: str, name: str, variant: str, batch: int =
     else:
         trainer = fullsize.train_ours(model, name, size, frames, check.steps, batch, checkpointing, check.precision(),
                                       clock, **settings)
-        plan = trainer.plan
+        plan = trainer.context.plan
     wall = time.perf_counter() - start
     row = {"question": question, "model": name, "variant": variant, "batch": batch, "checkpointing": checkpointing,
            "size": list(size), "frames": frames, "steps": check.steps, "s_per_step": wall / check.steps,
@@ -221,8 +221,7 @@ def channels_last(check: Check, name: str):
 
 @contextlib.contextmanager
 def compile_mode(mode: str):
-    from lora_foundry.training import blocks
-
+    from lora_foundry.training.engine import blocks
     before, blocks.COMPILE_MODE = blocks.COMPILE_MODE, mode
     try:
         yield
@@ -303,9 +302,9 @@ def plan_full_size(models: list[str]) -> list[dict]:
     """Our planner's peak for each full-size model (bf16 compute, rank 16 on the kohya targets, AdamW), computed
     with this machine's CPU kernels on meta weights: estimates from the simulated step, not measurements."""
     import torch
-    from lora_foundry.training.blocks import BlockOptions, training_blocks
-    from lora_foundry.training.planning import plan_memory
-    from lora_foundry.training.trainer import TrainingError
+    from lora_foundry.training.engine.blocks import BlockOptions, training_blocks
+    from lora_foundry.training.engine.planning import plan_memory
+    from lora_foundry.training.engine.trainer import TrainingError
 
     cases = [("sd15", 4, False, 0), ("sd15", 1, True, 0), ("sdxl", 1, False, 0), ("sdxl", 1, True, 0),
              ("sdxl", 1, True, 4), ("sdxl", 4, True, 0), ("flux", 1, True, 0), ("flux", 1, True, 10),
@@ -321,14 +320,15 @@ def plan_full_size(models: list[str]) -> list[dict]:
                         "vram_budget_gb": budget or 1024.0}
             trainer = fullsize.bench_trainer(model, name, size, frames, settings,
                                              {"rank": 16, "alpha": 16, "preset": "kohya"})
-            trainer.encode_images(trainer.dataset.items)
+            trainer.data.encode_images(trainer.dataset.items)
             with torch.inference_mode(False):
                 patched, _ = trainer.network.attach(model, None, mode="bypass")
                 blocks = BlockOptions(checkpointing=checkpointing)
                 row = {"model": name, "batch": batch, "checkpointing": checkpointing, "budget_gb": budget or None}
                 try:
                     with training_blocks(patched.model.diffusion_model, blocks):
-                        plan = plan_memory(trainer, patched, blocks, torch.device("cpu"), torch.bfloat16)
+                        plan = plan_memory(trainer.run_context(patched, None, blocks, torch.bfloat16,
+                                                                           device=torch.device("cpu")))
                     row.update(weights_gb=plan.weights / 1024**3, resident_gb=plan.resident_weights / 1024**3,
                                activations_gb=plan.activations / 1024**3, adapter_gb=plan.adapter / 1024**3,
                                peak_gb=plan.peak / 1024**3, checkpointing=plan.checkpointing,

@@ -10,17 +10,18 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..training.autocaption import MODES, WRITES, caption_items, needs_model, open_image, with_captions
-from ..training.caption_edit import EditOptions, parse_replacements, parse_tag_list
-from ..training.caption_preview import caption_tile, preview_tiles
-from ..training.captioner import (
+from ..training.captioning.autocaption import MODES, WRITES, caption_items, needs_model, open_image, with_captions
+from ..training.captioning.captioner import (
     CaptionerSettings,
     CaptionModelError,
     find_captioners,
     load_captioner,
     model_folder_help,
 )
-from ..training.dataset import capped, load_dataset
+from ..training.captioning.edit import EditOptions, parse_replacements, parse_tag_list
+from ..training.captioning.preview import caption_tile, preview_tiles
+from ..training.data.dataset import load_dataset
+from ..training.data.report import capped
 from ..training.run import resolve_input_folder
 from .inputs import CATEGORY, LoraDataset, Node
 from .shown_captions import CAPTION_EDITS

@@ -8,8 +8,9 @@ from pathlib import Path
 from comfy_api.latest import io
 
 from ..lora_core.files import numbered_path, path_inside, write_bytes_atomic
-from ..training.kohya_config import export_kohya
-from ..training.run_config import ConfigError, RunConfig, from_metadata, read_config, to_toml
+from ..training.configs.kohya_export import export_kohya
+from ..training.configs.reading import read_config
+from ..training.configs.run_config import ConfigError, RunConfig, from_metadata, to_toml
 from .inputs import CATEGORY, Lora, Node, TrainingConfig
 
 CONFIGS_FOLDER = "lora_foundry_configs"  # models/lora_foundry_configs: not a folder other tools read

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..lora_core.settings import from_inputs
-from ..training.dataset_options import DatasetOptions
+from ..training.data.dataset_options import DatasetOptions
 from ..training.run import resolve_input_folder
 from .inputs import CATEGORY, LoraDataset, Node, TrainingConfig, setting_inputs
 

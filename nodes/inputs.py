@@ -17,7 +17,7 @@ Lora = io.Custom("LORA")  # a LoraNetwork: the adapter in memory
 LoraDataset = io.Custom("LORA_DATASET")
 LoraLoss = io.Custom("LORA_LOSS")
 LoraStack = io.Custom("LORA_STACK")
-TrainingConfig = io.Custom("LORA_TRAINING_CONFIG")  # a training.run_config.RunConfig
+TrainingConfig = io.Custom("LORA_TRAINING_CONFIG")  # a training.configs.run_config.RunConfig
 
 
 def setting_inputs(names: list[str], classes: tuple, others: dict[str, io.Input],

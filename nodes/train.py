@@ -8,11 +8,11 @@ from comfy_api.latest import io
 
 from ..lora_core.apply import apply_lora
 from ..lora_core.network import LoraNetwork, NetworkConfig
-from ..training.captions import CaptionOptions
-from ..training.plots import loss_graph
+from ..training.configs.run_config import GRAPH_SECTIONS
+from ..training.data.captions import CaptionOptions
+from ..training.engine.plots import loss_graph
+from ..training.engine.trainer import TrainConfig, Trainer
 from ..training.run import expert_name, run_folders, settings, train
-from ..training.run_config import GRAPH_SECTIONS
-from ..training.trainer import TrainConfig, Trainer
 from .inputs import CATEGORY, Lora, LoraDataset, LoraLoss, Node, TrainingConfig, setting_inputs
 from .live import TRAINING_LOG
 
@@ -119,12 +119,12 @@ def run_summary(network: LoraNetwork, trainer: Trainer, result) -> str:
     summary = (f"{config.algorithm} rank {config.rank} on {len(network.adapters)} layers "
                f"({network.num_params():,} parameters); "
                f"{result.steps} steps in {result.seconds:.1f}s; loss {first:.4f} -> {last:.4f}")
-    if trainer.image_input is not None:
-        summary += f"; the model is given each sample's {trainer.image_input}"
+    if trainer.data.image_input is not None:
+        summary += f"; the model is given each sample's {trainer.data.image_input}"
     if trainer.config.expert != "all":
-        summary += f"; the {trainer.config.expert} expert (sigma boundary {trainer.expert_boundary()})"
-    if trainer.plan is not None:
-        summary += f"; {trainer.plan.describe()}"
+        summary += f"; the {trainer.config.expert} expert (sigma boundary {trainer.step.expert_boundary()})"
+    if trainer.context.plan is not None:
+        summary += f"; {trainer.context.plan.describe()}"
     if result.validation:
         summary += f"; validation {result.validation[0][1]:.4f} -> {result.validation[-1][1]:.4f}"
     return summary

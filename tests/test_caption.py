@@ -133,8 +133,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def engine(pack):
-    from lora_foundry.training import autocaption, caption_edit, captioner, tagger
-
+    from lora_foundry.training.captioning import autocaption, captioner, tagger
+    from lora_foundry.training.captioning import edit as caption_edit
     return autocaption, caption_edit, captioner, tagger
 
 
@@ -226,7 +226,7 @@ def test_broken_models_are_named(engine, tmp_path, captioners):
 
 def test_cancel_keeps_the_captions_written_so_far(engine, pack, tmp_path, concept_dataset, captioners):
     import comfy.model_management as mm
-    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.data.dataset import load_dataset
 
     autocaption, edit, captioner, _ = engine
     folder = copy_dataset(concept_dataset, tmp_path, count=6)

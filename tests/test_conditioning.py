@@ -26,8 +26,8 @@ def dataset_dir(tmp_path):
 
 def _trainer(pack, loaded_checkpoint, folder, network=None, **settings):
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.dataset import load_dataset
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.data.dataset import load_dataset
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     model, clip, vae = loaded_checkpoint
     dataset = load_dataset(folder, resolution=64, min_side=64, max_side=64, bucket_step=64)
@@ -49,7 +49,7 @@ def _record_contexts(model):
 def test_long_and_short_captions_share_a_batch(pack, loaded_checkpoint, dataset_dir):
     model = loaded_checkpoint[0]
     trainer = _trainer(pack, loaded_checkpoint, dataset_dir, steps=4)
-    tokens = trainer.encode_text(LONG_CAPTION)[0][0].shape[1]
+    tokens = trainer.text.encode(LONG_CAPTION)[0][0].shape[1]
     assert 77 < tokens <= 4 * 77 and tokens % 77 == 0
     seen, handle = _record_contexts(model)
     try:
@@ -64,7 +64,7 @@ def test_long_and_short_captions_share_a_batch(pack, loaded_checkpoint, dataset_
 
 def test_captions_the_host_would_not_batch_run_apart(pack, loaded_checkpoint):
     """Over 4x the length the host's CONDCrossAttn refuses to pad: such samples run as separate groups."""
-    from lora_foundry.training.conditioning import apply_model, encode_caption, model_inputs
+    from lora_foundry.training.engine.conditioning import apply_model, encode_caption, model_inputs
 
     model, clip, _ = loaded_checkpoint
     very_long = ", ".join(f"tag{i} word{i}" for i in range(60))
@@ -125,17 +125,17 @@ def test_dylora_and_dropouts_draw_once_per_step_under_checkpointing(pack, loaded
 
 
 def test_shuffled_captions_are_not_cached(pack, loaded_checkpoint, dataset_dir):
-    from lora_foundry.training.captions import CaptionOptions
+    from lora_foundry.training.data.captions import CaptionOptions
 
     trainer = _trainer(pack, loaded_checkpoint, dataset_dir, steps=3,
                        captions=CaptionOptions(shuffle_tags=True, keep_tokens=0))
     with torch.inference_mode(False):
         trainer.run()
-    assert set(trainer.text) == {""}  # the empty prompt the model check encodes, and no training caption
+    assert set(trainer.text.cache) == {""}  # the empty prompt the model check encodes, and no training caption
     fixed = _trainer(pack, loaded_checkpoint, dataset_dir, steps=1)
     with torch.inference_mode(False):
         fixed.run()
-    assert set(fixed.text) == {LONG_CAPTION, "a red circle", ""}
+    assert set(fixed.text.cache) == {LONG_CAPTION, "a red circle", ""}
 
 
 def test_preview_equals_ksampler_and_vae_decode(pack, loaded_checkpoint, dataset_dir, comfy_nodes, one_thread):

@@ -17,8 +17,7 @@ HEADLESS = REPO_ROOT / "scripts" / "train_lora.py"
 
 @pytest.fixture(scope="module")
 def rc(pack):
-    from lora_foundry.training import run_config
-
+    from lora_foundry.training.configs import run_config
     return run_config
 
 
@@ -26,9 +25,9 @@ def test_our_toml_round_trips_every_setting(rc):
     """Every declared setting written (with its help as a comment) reads back to the same values and objects."""
     from lora_foundry.lora_core.network import NetworkConfig
     from lora_foundry.lora_core.settings import from_inputs
-    from lora_foundry.training.captions import CaptionOptions
-    from lora_foundry.training.config import TrainConfig
-    from lora_foundry.training.dataset_options import DatasetOptions
+    from lora_foundry.training.data.captions import CaptionOptions
+    from lora_foundry.training.data.dataset_options import DatasetOptions
+    from lora_foundry.training.engine.config import TrainConfig
 
     network = NetworkConfig(algorithm="loha", rank=8, alpha=4.0, conv_rank=2, include=["*.proj_out"],
                             block_ranks="1,0.5,1", dora=True)
@@ -72,8 +71,8 @@ def test_unknown_keys_and_sections_are_listed_not_dropped(rc):
 
 
 def test_optimizer_args_reach_the_optimizer(pack):
-    from lora_foundry.training.config import TrainConfig
-    from lora_foundry.training.optim import parse_optimizer_args
+    from lora_foundry.training.engine.config import TrainConfig
+    from lora_foundry.training.engine.optim import parse_optimizer_args
 
     assert parse_optimizer_args(["betas=0.9,0.99 eps=1e-6", "amsgrad=True foreach=False", "mode=x"]) == {
         "betas": (0.9, 0.99), "eps": 1e-6, "amsgrad": True, "foreach": False, "mode": "x"}
@@ -144,7 +143,7 @@ def adapter(path: Path) -> dict[str, torch.Tensor]:
 def test_graph_and_headless_write_the_same_lora(pack, server, tiny_checkpoint, concept_dataset, tmp_path):
     """Load Training Config (pasted TOML) drives Load Dataset and Train LoRA through the server; Save Training Config
     writes what the LoRA was trained with; the headless command on that saved file writes the same tensors."""
-    from lora_foundry.training.run_config import parse_toml
+    from lora_foundry.training.configs.run_config import parse_toml
 
     text = RUN_TOML.format(name="cfg_graph", folder=concept_dataset, steps=4, batch=2, lr=1e-3)
     info = server.object_info()
@@ -254,9 +253,9 @@ def test_epochs_set_the_steps_from_the_dataset(pack, loaded_checkpoint, concept_
     """kohya's max_train_epochs: 24 images x 10 repeats in one bucket make 60 batches of 4 per epoch; 3 epochs with
     2 micro-batches per step are 90 steps."""
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.config import TrainConfig
-    from lora_foundry.training.dataset import load_dataset
-    from lora_foundry.training.trainer import Trainer
+    from lora_foundry.training.data.dataset import load_dataset
+    from lora_foundry.training.engine.config import TrainConfig
+    from lora_foundry.training.engine.trainer import Trainer
 
     model, clip, vae = loaded_checkpoint
     dataset = load_dataset(concept_dataset, resolution=64, min_side=64, max_side=64)

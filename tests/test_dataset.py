@@ -22,9 +22,9 @@ def lf() -> SimpleNamespace:
     pack = import_pack()
     name = pack.__name__
     return SimpleNamespace(
-        buckets=importlib.import_module(f"{name}.training.buckets"),
-        captions=importlib.import_module(f"{name}.training.captions"),
-        dataset=importlib.import_module(f"{name}.training.dataset"),
+        buckets=importlib.import_module(f"{name}.training.data.buckets"),
+        captions=importlib.import_module(f"{name}.training.data.captions"),
+        dataset=importlib.import_module(f"{name}.training.data.dataset"),
     )
 
 

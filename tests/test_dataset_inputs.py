@@ -23,9 +23,14 @@ SMALL = {"resolution": 64, "min_side": 32, "max_side": 128, "bucket_step": 16}
 
 @pytest.fixture(scope="module")
 def ds(pack):
-    from lora_foundry.training import dataset
-
+    from lora_foundry.training.data import dataset
     return dataset
+
+
+@pytest.fixture(scope="module")
+def images(pack):
+    from lora_foundry.training.data import images
+    return images
 
 
 def save(img: Image.Image, path: Path, **save_args) -> Path:
@@ -68,11 +73,11 @@ def test_16bit_greyscale_png_keeps_its_gradient(ds, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [">u2", np.int32], ids=["I;16B", "I"])
-def test_16bit_modes_scale_like_i16(ds, dtype):
+def test_16bit_modes_scale_like_i16(images, dtype):
     values = sixteen_bit_gradient()
     img = Image.fromarray(values.astype(dtype))
     assert img.mode in ("I;16B", "I")
-    rgb = np.asarray(ds._to_rgb(img)).astype(np.float64)
+    rgb = np.asarray(images.to_rgb(img)).astype(np.float64)
     np.testing.assert_allclose(rgb[..., 1], values / 257, atol=0.5 + 1e-4)
 
 
@@ -177,8 +182,8 @@ def spy_decoding(monkeypatch) -> list[Path]:
     return decoded
 
 
-def test_image_over_the_pixel_limit_is_skipped_before_decoding(ds, tmp_path, monkeypatch, spy_decoding):
-    monkeypatch.setattr(ds, "MAX_IMAGE_PIXELS", 64 * 64)
+def test_image_over_the_pixel_limit_is_skipped_before_decoding(ds, images, tmp_path, monkeypatch, spy_decoding):
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 64 * 64)
     big = save(Image.new("RGB", (100, 80)), tmp_path / "d" / "big.png")
     save(Image.new("RGB", (64, 64)), tmp_path / "d" / "ok.png")
     dataset = ds.load_dataset(tmp_path / "d", **SMALL)
@@ -233,6 +238,8 @@ def test_images_sharing_a_name_are_reported_with_their_caption(ds, tmp_path):
 
 
 def test_symlinked_folders_are_reported_not_followed_and_loops_end(ds, tmp_path):
+    from lora_foundry.training.data import scan
+
     root, outside = tmp_path / "d", tmp_path / "outside"
     save(Image.new("RGB", (64, 64)), root / "sub" / "x.png")
     save(Image.new("RGB", (64, 64)), outside / "o.png")
@@ -241,9 +248,9 @@ def test_symlinked_folders_are_reported_not_followed_and_loops_end(ds, tmp_path)
     (root / "y.png").symlink_to(outside / "o.png")  # a symlinked image file is used as it is
     dataset = ds.load_dataset(root, **SMALL)
     assert sorted(i.path for i in dataset.items) == [root / "sub" / "x.png", root / "y.png"]
-    assert sorted(dataset.report.skipped) == [(root / "linked", ds._LINKED_FOLDER),
-                                              (root / "sub" / "loop", ds._LINKED_FOLDER)]
-    assert ds._LINKED_FOLDER.startswith("symlink to a folder, not followed; ")
+    assert sorted(dataset.report.skipped) == [(root / "linked", scan.LINKED_FOLDER),
+                                              (root / "sub" / "loop", scan.LINKED_FOLDER)]
+    assert scan.LINKED_FOLDER.startswith("symlink to a folder, not followed; ")
     assert f"{root / 'linked'}: symlink to a folder, not followed" in dataset.report.summary()
 
 
@@ -342,7 +349,7 @@ def test_ten_thousand_images_load_in_bounded_time_and_memory(ds, tmp_path):
 
 def test_16bit_mask_keeps_its_black_and_white(pack, tmp_path):
     """A 16-bit greyscale mask (as image editors export them): black stays 0 and white 1, not all white."""
-    from lora_foundry.training.masks import load_mask
+    from lora_foundry.training.data.masks import load_mask
 
     values = np.zeros((64, 64), dtype=np.uint16)
     values[:, 32:] = 65535

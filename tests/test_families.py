@@ -52,14 +52,14 @@ def family(request, pack):
 
 
 def _dataset(folder):
-    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.data.dataset import load_dataset
 
     return load_dataset(folder, resolution=64, min_side=64, max_side=64, bucket_step=64, validation_split=0.34, seed=1)
 
 
 def _trainer(fam, folder, network=None, **settings):
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     config = {"steps": 12, "batch_size": 2, "learning_rate": 5e-3, "seed": 0, "validation_every": 12, **settings}
     with torch.inference_mode(False):
@@ -69,7 +69,7 @@ def _trainer(fam, folder, network=None, **settings):
 
 
 def test_family_is_what_the_host_runs(family):
-    from lora_foundry.training.objective import prediction
+    from lora_foundry.training.engine.objective import prediction
 
     kinds = {"sd15": "eps", "sd2v": "v", "sdxl": "eps"}
     assert prediction(family.model.get_model_object("model_sampling")) == kinds.get(family.name, "flow")
@@ -80,23 +80,23 @@ def test_family_trains_and_its_file_loads_in_comfyui(family, dataset_dir, tmp_pa
     """Held-out loss falls; the saved file loads in LoraLoader with no unloaded key and gives the trained model."""
     import comfy.sd
     from lora_foundry.lora_core.files import read_safetensors, write_safetensors
-    from lora_foundry.training.conditioning import apply_model, image_geometry, model_inputs
-    from lora_foundry.training.evaluation import held_out_loss
+    from lora_foundry.training.engine.conditioning import apply_model, image_geometry, model_inputs
+    from lora_foundry.training.engine.evaluation import held_out_loss
 
     trainer = _trainer(family, dataset_dir)
     assert trainer.dataset.validation
     with torch.inference_mode(False):
-        trainer.encode_images(trainer.dataset.validation, validation=True)
-        base = held_out_loss(trainer, family.model, family.model.load_device)
+        trainer.data.encode_images(trainer.dataset.validation, validation=True)
+        base = held_out_loss(trainer.step, trainer.network, family.model, family.model.load_device)
         result = trainer.run()
-    latent = trainer.latents.get(0)
+    latent = trainer.data.latents.get(0)
     assert latent.shape[0] == family.latent_channels and latent.dim() == (4 if family.video else 3)
     assert all(np.isfinite(result.losses))
     assert result.validation[-1][1] < base, (base, result.validation)
-    assert trainer.plan.activations > 0 and trainer.plan.flops > 0  # the planner simulated this family
+    assert trainer.context.plan.activations > 0 and trainer.context.plan.flops > 0  # the planner simulated this family
 
     path = write_safetensors(result.network.state_dict_kohya(), tmp_path / f"{family.name}.safetensors",
-                             trainer.metadata(result.steps))
+                             trainer.files.metadata(result.steps))
     tensors, meta = read_safetensors(path)
     arch, version = ARCHITECTURES[family.name]
     assert meta["modelspec.architecture"] == f"{arch}/lora" and meta["ss_base_model_version"] == version
@@ -107,11 +107,11 @@ def test_family_trains_and_its_file_loads_in_comfyui(family, dataset_dir, tmp_pa
     assert len(loaded.patches) == len(result.network.adapters)
 
     # The model ComfyUI patches from the file is the model the trainer ended with.
-    x0 = trainer.latents.get(0)[None]
+    x0 = trainer.data.latents.get(0)[None]
     noisy = x0 + torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
-    sigma = torch.tensor([0.7 if trainer.kind == "flow" else 3.0])
-    inputs = model_inputs(family.model.model, trainer.conditioning([CAPTIONS[0]], "cpu"), noisy,
-                          [image_geometry(trainer.dataset.items[0])], trainer.guidance)
+    sigma = torch.tensor([0.7 if trainer.step.kind == "flow" else 3.0])
+    inputs = model_inputs(family.model.model, trainer.text.conditioning([CAPTIONS[0]], "cpu"), noisy,
+                          [image_geometry(trainer.dataset.items[0])], trainer.step.guidance)
     with torch.inference_mode(False), torch.no_grad():
         attached, _ = result.network.attach(family.model)
         result.network.eval()
@@ -146,20 +146,20 @@ def _inference_conditioning(fam, nodes, prompt, geometry):
 def test_family_gets_the_inputs_comfyui_gives_it(family, dataset_dir, comfy_nodes):
     """The diffusion model receives from training exactly the conditioning inputs KSampler gives it."""
     import comfy.sample
-    from lora_foundry.training.conditioning import image_geometry
+    from lora_foundry.training.engine.conditioning import image_geometry
 
     trainer = _trainer(family, dataset_dir, steps=1)
     index = next(i for i, item in enumerate(trainer.dataset.items) if tuple(item.size) != tuple(item.bucket)) \
         if family.name == "sdxl" else 0
     item = trainer.dataset.items[index]
-    trainer.encode_images(trainer.dataset.items)
+    trainer.data.encode_images(trainer.dataset.items)
     geometry = image_geometry(item)
     if family.name == "sdxl":  # a 64x96 image, resized to cover the 64x64 bucket and cropped at its centre
         assert (geometry.width, geometry.height, geometry.crop_top, geometry.crop_left) == (64, 96, 16, 0)
-    caption = trainer.fixed_caption(item)
-    x0 = trainer.latents.get(index)[None]
+    caption = trainer.text.fixed_caption(item)
+    x0 = trainer.data.latents.get(index)[None]
     with torch.inference_mode(False), torch.no_grad(), Recorder(family.model) as training:  # the training step's path
-        trainer.batch_loss(family.model, [index], random.Random(0), torch.Generator().manual_seed(0), "cpu", None)
+        trainer.step.batch_loss(family.model, [index], random.Random(0), torch.Generator().manual_seed(0), "cpu", None)
     positive = _inference_conditioning(family, comfy_nodes, caption, geometry)
     latent = torch.zeros((1, *x0.shape[1:]))
     with torch.inference_mode(), Recorder(family.model) as sampling:
@@ -188,19 +188,19 @@ def test_auto_timestep_sampling_is_the_familys(family, dataset_dir):
     """The default (auto) draws logit-normal levels for the flow families and uniform ones for eps / v."""
     trainer = _trainer(family, dataset_dir, steps=1)
     assert trainer.config.timestep_sampling == "auto"
-    assert trainer.timestep_sampling == ("logit_normal" if family.name in FLOW_FAMILIES else "uniform")
+    assert trainer.step.timestep_sampling == ("logit_normal" if family.name in FLOW_FAMILIES else "uniform")
 
 
 def test_family_preview_has_its_latent_shape(family, dataset_dir):
-    from lora_foundry.training.evaluation import sample
+    from lora_foundry.training.engine.blocks import BlockOptions
 
     trainer = _trainer(family, dataset_dir, steps=1, sample_steps=2, sample_prompts=["a red circle"])
     with torch.inference_mode(False):
-        trainer.encode_images(trainer.dataset.items)
+        trainer.data.encode_images(trainer.dataset.items)
         patched, _ = trainer.network.attach(family.model)
         with Recorder(family.model) as calls:
-            preview, = sample(trainer, patched)
-    shape = trainer.latents.get(0).shape
+            preview, = trainer.run_context(patched, None, BlockOptions(), None).previews.sample(patched)
+    shape = trainer.data.latents.get(0).shape
     assert calls.calls and all(tuple(c["x"].shape[1:]) == tuple(shape) for c in calls.calls)
     assert preview.size == tuple(trainer.dataset.items[0].bucket)
     pixels = np.asarray(preview)
@@ -236,7 +236,7 @@ def test_family_text_encoder_lora(family, dataset_dir, tmp_path, caplog):
     assert loads and not any(loads)  # the simulated step never asked the host to load storage-less weights
     te = {n: a for n, a in result.network.adapters.items() if n.startswith("lora_te")}
     assert te and any(float(a.lora_up.abs().sum()) > 0 for a in te.values())
-    assert trainer.plan.activations > 0  # the plan's simulated step ran the text encoders' adapters too
+    assert trainer.context.plan.activations > 0  # the plan's simulated step ran the text encoders' adapters too
     caplog.set_level(logging.WARNING)
     _, clip = comfy.sd.load_lora_for_models(family.model, family.clip, result.network.state_dict_kohya(), 1.0, 1.0)
     assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
@@ -248,8 +248,8 @@ def test_blocks_that_add_in_place_get_true_gradients(pack, name):
     """Flux's blocks add residuals in place, which autograd refuses; summed out of place, the gradient equals
     the directional derivative forward-mode AD computes independently (it allows in-place sums)."""
     import torch.autograd.forward_ad as fwAD
-    from lora_foundry.training.blocks import BlockOptions, training_blocks
-    from lora_foundry.training.conditioning import apply_model, encode_caption, model_inputs
+    from lora_foundry.training.engine.blocks import BlockOptions, training_blocks
+    from lora_foundry.training.engine.conditioning import apply_model, encode_caption, model_inputs
 
     fam = build_family(name)
     model = fam.model.model
@@ -453,7 +453,7 @@ def test_flux_resumes_exactly_across_the_switch_to_out_of_place_sums(pack, datas
     DyLoRA, dropouts and accumulation, 6 steps straight still equal 3 steps, a cancel, and 3 resumed steps."""
     import comfy.model_management as mm
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     fam = build_family("flux")
 
@@ -479,7 +479,7 @@ def test_flux_resumes_exactly_across_the_switch_to_out_of_place_sums(pack, datas
 
     _, straight = run(tmp_path / "straight")
     first, _ = run(tmp_path / "split", stop=3)
-    _, resumed = run(tmp_path / "resumed", resume=first.state_path)
+    _, resumed = run(tmp_path / "resumed", resume=first.files.state_path)
     assert resumed.losses[:3] == straight.losses[:3] and len(resumed.losses) == 6
     a, b = straight.network.state_dict(), resumed.network.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -79,8 +79,8 @@ def test_cancel_during_latent_caching_leaves_only_whole_cache_files(pack, loaded
     import comfy.model_management as mm
     from lora_foundry.lora_core.files import read_safetensors
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.dataset import load_dataset
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.data.dataset import load_dataset
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     model, clip, vae = loaded_checkpoint
     images = small_dataset(concept_dataset, tmp_path / "images", count=20)
@@ -118,7 +118,7 @@ def test_kill_9_during_training_then_resume(pack, concept_dataset, tmp_path, tin
     atomic; a write the kill cut short can only leave a hidden .tmp file, which no loader lists), and the run resumes
     from its state to the end."""
     from lora_foundry.lora_core.files import read_safetensors
-    from lora_foundry.training.state import saved_loop
+    from lora_foundry.training.engine.state import saved_loop
 
     base = tmp_path / "base"
     (base / "models" / "checkpoints").mkdir(parents=True)
@@ -332,9 +332,9 @@ def test_a_full_disk_while_training_keeps_the_last_files(pack, loaded_checkpoint
 
     from lora_foundry.lora_core.files import read_safetensors
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.dataset import load_dataset
-    from lora_foundry.training.state import saved_loop
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.data.dataset import load_dataset
+    from lora_foundry.training.engine.state import saved_loop
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     model, clip, vae = loaded_checkpoint
     dataset = load_dataset(small_dataset(concept_dataset, tmp_path / "images"), resolution=64, min_side=64,

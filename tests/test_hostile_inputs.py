@@ -248,7 +248,8 @@ def test_a_caption_with_a_lone_surrogate_is_refused_not_a_500(server, tmp_path):
 def test_caption_files_too_large_too_long_or_folders_are_reported_by_name(pack, tmp_path):
     """A 10 MB caption file is not read, a 5,000-character caption is cut, a caption path that is a folder is
     listed: each named in the report, and the images still load."""
-    from lora_foundry.training.dataset import MAX_CAPTION_CHARS, load_dataset
+    from lora_foundry.training.data.captions import MAX_CAPTION_CHARS
+    from lora_foundry.training.data.dataset import load_dataset
 
     folder = small_dataset(tmp_path / "data", count=4)
     (folder / "img_0.txt").write_bytes(b"tag, " * 2_000_000)  # 10 MB
@@ -271,8 +272,8 @@ def test_cancel_while_captions_are_encoded_stops_at_the_next_caption(pack, loade
     all of them (a dataset of long captions kept /interrupt waiting for minutes)."""
     import comfy.model_management as mm
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.dataset import load_dataset
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.data.dataset import load_dataset
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     model, clip, vae = loaded_checkpoint
     dataset = load_dataset(small_dataset(tmp_path / "data", count=4), resolution=64, min_side=64, max_side=64)
@@ -310,9 +311,9 @@ def test_a_non_finite_adapter_is_never_saved_as_last_good(pack, loaded_checkpoin
     """An adapter whose alphas are NaN (set past the node's checks) stops at its first loss, and no
     <name>-last-good file is written: none of its adapters was finite, so none is kept, and the error says so."""
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.config import TrainingError
-    from lora_foundry.training.dataset import load_dataset
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.data.dataset import load_dataset
+    from lora_foundry.training.engine.config import TrainingError
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     model, clip, vae = loaded_checkpoint
     dataset = load_dataset(small_dataset(tmp_path / "data", caption="sks"), resolution=64, min_side=64, max_side=64)

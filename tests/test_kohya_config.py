@@ -11,9 +11,11 @@ import tomllib
 
 @pytest.fixture(scope="module")
 def kc(pack):
-    from lora_foundry.training import kohya_config
+    from types import SimpleNamespace
 
-    return kohya_config
+    from lora_foundry.training.configs.kohya_export import export_kohya
+    from lora_foundry.training.configs.reading import import_kohya
+    return SimpleNamespace(import_kohya=import_kohya, export_kohya=export_kohya)
 
 
 NOT_NEEDED = {
@@ -390,7 +392,7 @@ def test_unknown_and_no_effect_keys_are_listed(kc):
      "bad.toml: num_repeats: [dataset] repeats = 0 is outside 1 to 10000"),
 ])
 def test_out_of_range_values_name_the_file_and_key(kc, data, message):
-    from lora_foundry.training.run_config import ConfigError
+    from lora_foundry.training.configs.run_config import ConfigError
 
     with pytest.raises(ConfigError) as error:
         kc.import_kohya(data, "bad.toml")
@@ -399,16 +401,16 @@ def test_out_of_range_values_name_the_file_and_key(kc, data, message):
 
 def _objects():
     from lora_foundry.lora_core.network import NetworkConfig
-    from lora_foundry.training.captions import CaptionOptions
-    from lora_foundry.training.config import TrainConfig
-    from lora_foundry.training.dataset_options import DatasetOptions
+    from lora_foundry.training.data.captions import CaptionOptions
+    from lora_foundry.training.data.dataset_options import DatasetOptions
+    from lora_foundry.training.engine.config import TrainConfig
 
     return NetworkConfig, TrainConfig, CaptionOptions, DatasetOptions
 
 
 def _round_trip(kc, network, training, dataset, name="rt"):
     from lora_foundry.lora_core.settings import from_inputs
-    from lora_foundry.training.run_config import settings_values
+    from lora_foundry.training.configs.run_config import settings_values
 
     NetworkConfig, TrainConfig, CaptionOptions, DatasetOptions = _objects()
     text = kc.export_kohya(settings_values(network, training, dataset, name))
@@ -498,7 +500,7 @@ def test_kohya_optimizer_defaults_are_made_ours(kc):
 
 
 def test_export_lists_what_kohya_has_no_key_for(kc):
-    from lora_foundry.training.run_config import settings_values
+    from lora_foundry.training.configs.run_config import settings_values
 
     NetworkConfig, TrainConfig, CaptionOptions, DatasetOptions = _objects()
     network = NetworkConfig(rank=8, alpha=8.0, include=["*.proj_out"], block_ranks="1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1")

@@ -109,7 +109,7 @@ def test_network_dropout_drops_adapter_activations_only_while_training(core):
 
 def test_network_dropout_needs_bypass(pack, family_sd15, tmp_path):
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     fam, dataset = family_sd15
     with torch.inference_mode(False):
@@ -124,7 +124,7 @@ def test_network_dropout_needs_bypass(pack, family_sd15, tmp_path):
 def family_sd15(pack, tmp_path_factory):
     """The SD1.5-layout family model and a four-image 64 px dataset (one held out)."""
     from harness.families import build_family
-    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.data.dataset import load_dataset
     from PIL import Image
 
     folder = tmp_path_factory.mktemp("memory") / "2_toy"
@@ -142,7 +142,7 @@ def family_sd15(pack, tmp_path_factory):
 
 def _train(fam, dataset, model=None, network=None, on_step=None, **settings):
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     model = model if model is not None else fam.model
     config = {"steps": 6, "batch_size": 2, "learning_rate": 5e-3, "seed": 0, **settings}
@@ -202,12 +202,12 @@ def test_weight_wrappers_leave_the_shared_model_with_the_run(family_sd15):
 def test_bypass_patches_leave_with_the_clone(family_sd15):
     """After a bypass run the shared model computes exactly as before it: the clone's layer patches are undone."""
     import comfy.model_management as mm
-    from lora_foundry.training.conditioning import apply_model, image_geometry, model_inputs
+    from lora_foundry.training.engine.conditioning import apply_model, image_geometry, model_inputs
 
     fam, dataset = family_sd15
     trainer, result = _train(fam, dataset, steps=2)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    inputs = model_inputs(fam.model.model, trainer.conditioning(["a red circle"], "cpu"), x,
+    inputs = model_inputs(fam.model.model, trainer.text.conditioning(["a red circle"], "cpu"), x,
                           [image_geometry(dataset.items[0])], None)
 
     def output():
@@ -252,12 +252,12 @@ def test_training_on_an_fp8_base_leaves_it_bit_identical(family_sd15, dtype):
     assert all(after[k].dtype == before[k].dtype and torch.equal(after[k].view(torch.uint8), before[k].view(torch.uint8))
                if before[k].dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else torch.equal(after[k], before[k])
                for k in before)
-    assert trainer.compute_dtype == torch.float32
+    assert trainer.context.compute_dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in result.network.parameters())
-    from lora_foundry.training.evaluation import held_out_loss
+    from lora_foundry.training.engine.evaluation import held_out_loss
 
     with torch.inference_mode(False):
-        base = held_out_loss(trainer, fp8, fp8.load_device)
+        base = held_out_loss(trainer.step, trainer.network, fp8, fp8.load_device)
     assert result.validation[-1][1] < 0.9 * base, (base, result.validation)
 
 
@@ -282,7 +282,7 @@ def test_training_dora_on_a_scaled_fp8_base_leaves_it_bit_identical(family_sd15)
     # A new DoRA adapter changes nothing: its magnitudes are the norms of the weights the host computes with.
     import comfy.model_management as mm
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.conditioning import apply_model, encode_caption, image_geometry, model_inputs
+    from lora_foundry.training.engine.conditioning import apply_model, encode_caption, image_geometry, model_inputs
 
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     inputs = model_inputs(scaled.model, [encode_caption(fam.clip, "a red circle")], x,
@@ -301,10 +301,10 @@ def test_training_dora_on_a_scaled_fp8_base_leaves_it_bit_identical(family_sd15)
     assert all(torch.equal(after[k].view(torch.uint8), before[k].view(torch.uint8)) if before[k].dtype == fp8
                else torch.equal(after[k], before[k]) for k in before)
     assert any(a.dora_scale is not None for a in result.network.adapters.values())
-    from lora_foundry.training.evaluation import held_out_loss
+    from lora_foundry.training.engine.evaluation import held_out_loss
 
     with torch.inference_mode(False):
-        base = held_out_loss(trainer, scaled, scaled.load_device)
+        base = held_out_loss(trainer.step, trainer.network, scaled, scaled.load_device)
     assert result.validation[-1][1] < 0.9 * base, (base, result.validation)
 
 
@@ -329,7 +329,7 @@ def test_weights_stream_under_a_budget_and_train_the_same_adapter(family_sd15, m
     size = fam.model.model_size()
     settings = {"steps": 3, "optimizer": "SGD", "learning_rate": 0.05}
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     with torch.inference_mode(False):
         net = LoraNetwork.create(NetworkConfig(rank=4, alpha=4, preset="all"), fam.model)
@@ -337,7 +337,7 @@ def test_weights_stream_under_a_budget_and_train_the_same_adapter(family_sd15, m
                           TrainConfig(batch_size=2, seed=0, vram_budget_gb=0.5 * size / 1024**3, **settings),
                           on_step=on_step)
         streamed = trainer.run()
-    resident = trainer.plan.resident_weights
+    resident = trainer.context.plan.resident_weights
     assert 0.1 * size < resident < size
     # The host loads whole layers, largest first, while they fit the plan's bytes (less one layer it keeps free to
     # stream the others through): what it reports loaded is the plan's share, within a layer.
@@ -373,7 +373,7 @@ def test_previews_keep_the_planned_residency(family_sd15):
         seen.append((streamed, vae_loaded, info["preview"] is not None))
 
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     budget = 0.5 * fam.model.model_size() / 1024**3
     with torch.inference_mode(False):
@@ -406,9 +406,9 @@ def test_memory_plan_matches_what_a_step_allocates(family_sd15):
             live += event.nbytes()
             peak = max(peak, live)
         params = trainer.network.num_params() * 4
-        planned = trainer.plan.activations + trainer.plan.adapter - params  # parameters exist before the run
-        assert trainer.plan.checkpointing == checkpointing
-        assert 0.75 * peak <= planned <= 1.25 * peak, (checkpointing, planned, peak, trainer.plan)
+        planned = trainer.context.plan.activations + trainer.context.plan.adapter - params  # parameters exist before the run
+        assert trainer.context.plan.checkpointing == checkpointing
+        assert 0.75 * peak <= planned <= 1.25 * peak, (checkpointing, planned, peak, trainer.context.plan)
 
 
 def test_vae_and_cached_text_encoder_leave_the_device_before_training(family_sd15):
@@ -421,13 +421,13 @@ def test_vae_and_cached_text_encoder_leave_the_device_before_training(family_sd1
         loaded_during.append([m.model for m in mm.current_loaded_models])
 
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     with torch.inference_mode(False):
         net = LoraNetwork.create(NetworkConfig(rank=4), fam.model)
         trainer = Trainer(fam.model, fam.clip, fam.vae, dataset, net, TrainConfig(steps=1, seed=0), on_step=on_step)
-        trainer.encode_images(dataset.items)
-        trainer.encode_fixed_captions()
+        trainer.data.encode_images(dataset.items)
+        trainer.text.encode_fixed(dataset.items, dataset.validation)
         loaded = [m.model for m in mm.current_loaded_models]
         assert any(m is fam.vae.patcher for m in loaded) and any(m is fam.clip.patcher for m in loaded)
         trainer.run()
@@ -436,7 +436,7 @@ def test_vae_and_cached_text_encoder_leave_the_device_before_training(family_sd1
 
 
 def test_a_run_that_cannot_fit_stops_before_step_one_with_what_to_change(family_sd15):
-    from lora_foundry.training.trainer import TrainingError
+    from lora_foundry.training.engine.trainer import TrainingError
 
     fam, dataset = family_sd15
     # The activations were simulated (not an unknown taken for 0).
@@ -451,7 +451,7 @@ def test_out_of_memory_stops_cleanly_with_the_last_adapter_kept(family_sd15, tmp
     a clear error, and the adapter of step 2 kept (an update cut short is undone)."""
     from lora_foundry.lora_core.files import read_safetensors
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.trainer import TrainConfig, Trainer, TrainingError
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer, TrainingError
 
     fam, dataset = family_sd15
     calls = []
@@ -523,8 +523,7 @@ def test_compiled_blocks_train_the_same_adapter(family_sd15, monkeypatch):
     """compile_blocks: the blocks run as torch.compile graphs (counted) and train the eager run's adapter.
     aot_eager traces and compiles as inductor does, without generating kernels (quick on a CPU)."""
     import torch._dynamo
-    from lora_foundry.training import blocks
-
+    from lora_foundry.training.engine import blocks
     fam, dataset = family_sd15
     monkeypatch.setattr(blocks, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()

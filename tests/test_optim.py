@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 setup_inprocess()
 import_pack()
-from lora_foundry.training import optim  # noqa: E402
+from lora_foundry.training.engine import optim  # noqa: E402
 
 HAS_PRODIGY = importlib.util.find_spec("prodigyopt") is not None
 # A learning rate that makes each optimizer converge on the toy problem.

@@ -29,8 +29,7 @@ def two_images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts(pack):
-    from lora_foundry.training import sample_prompts
-
+    from lora_foundry.training.engine import sample_prompts
     return sample_prompts
 
 
@@ -67,8 +66,8 @@ def test_a_bad_option_names_its_line(prompts, lines, line, option):
 def test_a_bad_line_fails_before_anything_is_encoded(pack, loaded_checkpoint, two_images):
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
     from lora_foundry.nodes.train import TrainLoRA
-    from lora_foundry.training.dataset import load_dataset
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.data.dataset import load_dataset
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     # The node checks the text as typed: blank and comment lines count.
     with pytest.raises(ValueError, match="line 4: unknown option --q"):
@@ -94,8 +93,8 @@ def test_samples_are_saved_at_step_0_every_n_and_the_end(pack, loaded_checkpoint
     """Headless (no node to show them), each prompt at its own size; the baseline is the host's KSampler on the
     base model, with the prompt's seed, steps, CFG and negative."""
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.dataset import load_dataset
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.data.dataset import load_dataset
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
     from PIL import Image
 
     model, clip, vae = loaded_checkpoint
@@ -112,13 +111,13 @@ def test_samples_are_saved_at_step_0_every_n_and_the_end(pack, loaded_checkpoint
     for step in (0, 2, 3):
         assert Image.open(folder / f"run-step{step:06d}-00.png").size == (64, 64)  # the first bucket's
         assert Image.open(folder / f"run-step{step:06d}-01.png").size == (32, 48)
-    assert json.loads(trainer.metadata(3)["lora_foundry_training"])["sample_prompts"] == lines
+    assert json.loads(trainer.files.metadata(3)["lora_foundry_training"])["sample_prompts"] == lines
 
     # Resumed past step 0: no second baseline, the new last step sampled.
     baseline_written = (folder / "run-step000000-00.png").stat().st_mtime_ns
     with torch.inference_mode(False):
         Trainer(model, clip, vae, dataset, network, replace(config, steps=4), name="run", state_dir=tmp_path,
-                resume=trainer.state_path).run()
+                resume=trainer.files.state_path).run()
     assert len(list(folder.iterdir())) == 8 and (folder / "run-step000004-01.png").is_file()
     assert (folder / "run-step000000-00.png").stat().st_mtime_ns == baseline_written
 

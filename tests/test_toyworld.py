@@ -45,7 +45,7 @@ def test_concept_dataset_layout(tmp_path, pack):
     assert prior[0].read_text().endswith("background")
     # Load Dataset reads them as the example workflow will: the trigger on the concept, the prior
     # images' own captions, and the empty prompt for the uncaptioned ones.
-    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.data.dataset import load_dataset
 
     dataset = load_dataset(data["concept"], resolution=64, min_side=32, max_side=128, bucket_step=32,
                            reg_folder=data["prior"])

@@ -15,8 +15,7 @@ from harness.comfy import REPO_ROOT
 
 @pytest.fixture(scope="module")
 def training(pack):
-    from lora_foundry.training import objective, trainer
-
+    from lora_foundry.training.engine import objective, trainer
     return objective, trainer
 
 
@@ -83,8 +82,8 @@ def test_noise_levels_respect_range_and_sampling(training):
 
 def _train(pack, loaded_checkpoint, concept_dataset, tmp_path, **overrides):
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.dataset import load_dataset
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.data.dataset import load_dataset
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     model, clip, vae = loaded_checkpoint
     dataset = load_dataset(concept_dataset, resolution=64, min_side=32, max_side=128, bucket_step=32,
@@ -108,11 +107,11 @@ def test_training_lowers_the_loss_and_freezes_the_base(pack, loaded_checkpoint, 
     assert last < first, (first, last)
     assert result.validation[-1][1] < result.validation[0][1] * 1.05
     import comfy.model_management as mm
-    from lora_foundry.training.evaluation import held_out_loss
+    from lora_foundry.training.engine.evaluation import held_out_loss
 
     mm.load_models_gpu([model], force_full_load=True)  # the base again, without the training patches
     with torch.inference_mode(False):
-        base = held_out_loss(trainer, model, model.load_device)
+        base = held_out_loss(trainer.step, trainer.network, model, model.load_device)
     assert result.validation[-1][1] < 0.85 * base, (base, result.validation)
     after = model.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "training changed a base weight"
@@ -120,7 +119,7 @@ def test_training_lowers_the_loss_and_freezes_the_base(pack, loaded_checkpoint, 
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_adapter(pack, loaded_checkpoint, concept_dataset, tmp_path):
-    from lora_foundry.training.trainer import TrainingError
+    from lora_foundry.training.engine.trainer import TrainingError
 
     with pytest.raises(TrainingError, match="loss became (nan|inf)") as err:
         _train(pack, loaded_checkpoint, concept_dataset, tmp_path, steps=5, learning_rate=1e30, grad_clip=0)
@@ -204,9 +203,9 @@ def test_example_workflow_file_uses_only_core_nodes_and_ours():
 def test_resume_continues_exactly(pack, loaded_checkpoint, concept_dataset, tmp_path):
     """2N steps straight equal N steps, a saved state, and N resumed steps (CPU, fp32)."""
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.captions import CaptionOptions
-    from lora_foundry.training.dataset import load_dataset
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.data.captions import CaptionOptions
+    from lora_foundry.training.data.dataset import load_dataset
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     model, clip, vae = loaded_checkpoint
     dataset = load_dataset(concept_dataset, resolution=64, min_side=32, max_side=128, bucket_step=32)
@@ -236,7 +235,7 @@ def test_resume_continues_exactly(pack, loaded_checkpoint, concept_dataset, tmp_
     _, straight = run(8, tmp_path / "straight")
     first, _ = run(4, tmp_path / "split")
     assert (tmp_path / "split" / "lora-interrupted.safetensors").is_file(), "cancel must leave the adapter on disk"
-    _, resumed = run(8, tmp_path / "resumed", resume=first.state_path)
+    _, resumed = run(8, tmp_path / "resumed", resume=first.files.state_path)
     assert resumed.steps == 8 and len(resumed.losses) == 8
     assert resumed.losses[:4] == straight.losses[:4]
     a, b = straight.network.state_dict(), resumed.network.state_dict()
@@ -270,8 +269,8 @@ def test_a_new_run_never_reuses_a_folder_and_resume_needs_a_state(pack, tmp_path
 @pytest.mark.slow
 def test_text_encoder_adapters_train_with_their_own_learning_rate(pack, loaded_checkpoint, concept_dataset, tmp_path):
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.dataset import load_dataset
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.data.dataset import load_dataset
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     model, clip, vae = loaded_checkpoint
     dataset = load_dataset(concept_dataset, resolution=64, min_side=32, max_side=128, bucket_step=32)
@@ -292,7 +291,7 @@ def test_mixed_precision_and_gradient_checkpointing_train(pack, loaded_checkpoin
         trainer, result = _train(pack, loaded_checkpoint, concept_dataset, tmp_path, steps=3, validation_every=0,
                                  **settings)
         assert result.steps == 3 and all(math.isfinite(x) for x in result.losses), settings
-        assert trainer.compute_dtype == (torch.bfloat16 if "precision" in settings else torch.float32)
+        assert trainer.context.compute_dtype == (torch.bfloat16 if "precision" in settings else torch.float32)
         assert bool(checkpoint_calls) == ("gradient_checkpointing" in settings), settings  # it engaged, only here
 
 
@@ -310,8 +309,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(pack, loaded_checkpoint
 
 def test_preview_samples_come_with_progress(pack, loaded_checkpoint, concept_dataset, tmp_path, one_thread):
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.dataset import load_dataset
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.data.dataset import load_dataset
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     model, clip, vae = loaded_checkpoint
     dataset = load_dataset(concept_dataset, resolution=64, min_side=64, max_side=64, bucket_step=64)
@@ -334,7 +333,7 @@ def test_disk_latent_cache_is_reused_and_follows_image_changes(pack, loaded_chec
     import os
     import shutil
 
-    from lora_foundry.training.latent_cache import FOLDER
+    from lora_foundry.training.data.latent_cache import FOLDER
 
     data = tmp_path / "data"
     shutil.copytree(concept_dataset, data, ignore=shutil.ignore_patterns(FOLDER))
@@ -356,7 +355,7 @@ def test_disk_latent_cache_is_reused_and_follows_image_changes(pack, loaded_chec
         calls.clear()
         second, _ = _train(pack, loaded_checkpoint, data, tmp_path / "b", steps=1, latent_cache="disk")
         assert calls == []  # every latent came from disk
-        a, b = dict(first.latents.items()), dict(second.latents.items())
+        a, b = dict(first.data.latents.items()), dict(second.data.latents.items())
         assert a.keys() == b.keys() and a
         assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -387,9 +386,9 @@ def test_the_trigger_word_is_not_put_on_regularisation_captions(pack, loaded_che
     import shutil
 
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.captions import CaptionOptions
-    from lora_foundry.training.dataset import load_dataset
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.data.captions import CaptionOptions
+    from lora_foundry.training.data.dataset import load_dataset
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     reg = tmp_path / "reg" / "1_circle"
     reg.mkdir(parents=True)
@@ -405,9 +404,9 @@ def test_the_trigger_word_is_not_put_on_regularisation_captions(pack, loaded_che
     regs = [i for i in dataset.items if i.is_reg]
     assert len(regs) == 3
     for item in dataset.items:
-        caption = trainer.caption(item, config.captions, random.Random(0))
+        caption = trainer.text.caption(item, config.captions, random.Random(0))
         assert caption.startswith("sks") != item.is_reg, (item.path, caption)
-        assert trainer.fixed_caption(item) == caption
+        assert trainer.text.fixed_caption(item) == caption
 
 
 def test_flow_timestep_shifts_match_the_hosts_schedules(training):
@@ -438,13 +437,13 @@ def test_flow_timestep_shifts_match_the_hosts_schedules(training):
 
 def test_saved_files_carry_kohyas_training_metadata(pack, loaded_checkpoint, concept_dataset, tmp_path):
     """The ss_* keys kohya's tools read, each from its declared setting, with the run's values."""
-    from lora_foundry.training.captions import CaptionOptions
+    from lora_foundry.training.data.captions import CaptionOptions
 
     captions = CaptionOptions(trigger_word="sks", shuffle_tags=True, keep_tokens=2, caption_dropout=0.1)
     trainer, result = _train(pack, loaded_checkpoint, concept_dataset, tmp_path, steps=2, learning_rate=3e-4,
                              optimizer="Lion", scheduler="cosine", warmup_steps=1, grad_accum=2, grad_clip=0.5,
                              noise_offset=0.05, gradient_checkpointing=True, seed=7, flip=True, captions=captions)
-    meta = trainer.metadata(result.steps)
+    meta = trainer.files.metadata(result.steps)
     want = {"ss_learning_rate": "0.0003", "ss_unet_lr": "0.0003", "ss_optimizer": "Lion", "ss_lr_scheduler": "cosine",
             "ss_lr_warmup_steps": "1", "ss_max_train_steps": "2", "ss_steps": "2", "ss_mixed_precision": "fp32",
             "ss_batch_size_per_device": "2", "ss_gradient_accumulation_steps": "2", "ss_max_grad_norm": "0.5",
@@ -461,9 +460,9 @@ def test_resume_with_other_settings_is_refused_naming_them(pack, loaded_checkpoi
     import shutil
 
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.config import TrainingError
-    from lora_foundry.training.dataset import load_dataset
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.data.dataset import load_dataset
+    from lora_foundry.training.engine.config import TrainingError
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     model, clip, vae = loaded_checkpoint
     images = tmp_path / "images"
@@ -483,12 +482,12 @@ def test_resume_with_other_settings_is_refused_naming_them(pack, loaded_checkpoi
             trainer.run()
         return trainer
 
-    state = train(tmp_path / "first").state_path
+    state = train(tmp_path / "first").files.state_path
     for changed, message in [({"rank": 4}, "rank: the run saved at"), ({"algorithm": "loha"}, "algorithm: "),
                              ({"optimizer": "Lion"}, "optimizer: the run saved at")]:
         with pytest.raises(TrainingError, match=message):
             train(tmp_path / "again", state, 2, **changed)
-    assert train(tmp_path / "ok", state, 2, learning_rate=5e-4, module_dropout=0.1).state_path.is_file()
+    assert train(tmp_path / "ok", state, 2, learning_rate=5e-4, module_dropout=0.1).files.state_path.is_file()
     next(images.glob("*.png")).unlink()
     with pytest.raises(TrainingError, match="dataset: the run saved at .* trained on 8 images .*, now 7"):
         train(tmp_path / "again", state, 2)

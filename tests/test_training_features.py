@@ -33,7 +33,7 @@ def _masked_dataset(concept_dataset: Path, root: Path, count: int = 4) -> tuple[
 
 def _trainer(pack, loaded_checkpoint, dataset, tmp_path, net: dict | None = None, **settings):
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     model, clip, vae = loaded_checkpoint
     config = TrainConfig(**{"steps": 1, "batch_size": 1, "learning_rate": 1e-3, "seed": 0, **settings})
@@ -47,8 +47,8 @@ def _trainer(pack, loaded_checkpoint, dataset, tmp_path, net: dict | None = None
 
 
 def test_masks_are_found_reported_and_cut_as_their_images(pack, concept_dataset, tmp_path):
-    from lora_foundry.training.dataset import load_dataset, load_item_image
-    from lora_foundry.training.masks import ALPHA, load_mask
+    from lora_foundry.training.data.dataset import load_dataset, load_item_image
+    from lora_foundry.training.data.masks import ALPHA, load_mask
 
     images, masks = _masked_dataset(concept_dataset, tmp_path / "data")
     missing = sorted(masks.iterdir())[0]
@@ -62,7 +62,7 @@ def test_masks_are_found_reported_and_cut_as_their_images(pack, concept_dataset,
     wrong = sorted(masks.iterdir())[0]
     with Image.open(wrong) as img:
         img.transpose(Image.Transpose.ROTATE_90).resize((img.width, img.height // 2)).save(wrong)
-    from lora_foundry.training.dataset import DatasetError
+    from lora_foundry.training.data.dataset import DatasetError
 
     with pytest.raises(DatasetError, match=f"mask {wrong}.*its image"):
         load_dataset(images, resolution=64, min_side=32, max_side=128, bucket_step=32, mask_folder=masks)
@@ -96,7 +96,7 @@ def test_masks_are_found_reported_and_cut_as_their_images(pack, concept_dataset,
 def test_masked_loss_teaches_nothing_where_the_mask_is_black(pack, loaded_checkpoint, concept_dataset, tmp_path):
     """The gradient reaching the model's output is exactly zero under the black half and not elsewhere; with a
     floor the black half teaches again, floor times as much."""
-    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.data.dataset import load_dataset
 
     images, masks = _masked_dataset(concept_dataset, tmp_path / "data", count=1)
     dataset = load_dataset(images, resolution=64, min_side=64, max_side=64, bucket_step=64, mask_folder=masks)
@@ -115,7 +115,7 @@ def test_masked_loss_teaches_nothing_where_the_mask_is_black(pack, loaded_checkp
             trainer.run()
         finally:
             hook.remove()
-        mask = trainer.masks.get(0)
+        mask = trainer.data.masks.get(0)
         assert mask.shape[-2:] == outputs[-1].shape[-2:]
         grads[floor] = outputs[-1].grad[0].abs().sum(0)
         black, white = mask[0] == 0, mask[0] == 1
@@ -136,7 +136,7 @@ def test_masked_loss_teaches_nothing_where_the_mask_is_black(pack, loaded_checkp
 
 def _concept(concept_dataset, validation_split: float = 0.0, count: int = 4):
     """`count` concept images at 64 px (few and small: these tests check mechanisms, not learning)."""
-    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.data.dataset import load_dataset
 
     folder = concept_dataset.parent / f"{concept_dataset.name}-first{count}"
     if not folder.is_dir():
@@ -198,7 +198,7 @@ def test_the_moving_average_is_the_average_of_the_steps(pack, loaded_checkpoint,
     first = _trainer(pack, loaded_checkpoint, dataset, tmp_path / "b", steps=5, ema_decay=decay, ema_every=every)
     first.run()
     again = _trainer(pack, loaded_checkpoint, dataset, tmp_path / "b", steps=steps, ema_decay=decay, ema_every=every)
-    again.resume = first.state_path
+    again.resume = first.files.state_path
     again.run()
     resumed = load_file(str(tmp_path / "b" / "lora-ema.safetensors"))
     for key in saved:
@@ -260,7 +260,7 @@ def test_post_hoc_ema_weights_and_average(pack, tmp_path):
 def test_best_checkpoint_and_early_stopping(pack, loaded_checkpoint, concept_dataset, tmp_path, monkeypatch):
     """<name>-best holds the adapter of the lowest held-out loss; patience stops the run that many validations after
     it; both need held-out images and say so."""
-    from lora_foundry.training import loop
+    from lora_foundry.training.engine import loop
     from safetensors.torch import load_file
 
     scripted = iter([5.0, 4.0, 3.0, 3.5, 3.2, 3.1, 1.0])  # best at the third validation (step 6)
@@ -287,13 +287,13 @@ def test_best_checkpoint_and_early_stopping(pack, loaded_checkpoint, concept_dat
     # Resumed with the same patience, the stopped run stays stopped: no step is trained.
     again = _trainer(pack, loaded_checkpoint, dataset, tmp_path / "a", steps=40, validation_every=2,
                      keep_best=True, patience=3)
-    again.resume = trainer.state_path
+    again.resume = trainer.files.state_path
     assert again.run().steps == 12
 
     with pytest.raises(ValueError, match="validation_split"):
         _trainer(pack, loaded_checkpoint, _concept(concept_dataset), tmp_path / "b", steps=2, validation_every=1,
                  keep_best=True)
-    from lora_foundry.training.trainer import TrainConfig
+    from lora_foundry.training.engine.trainer import TrainConfig
 
     with pytest.raises(ValueError, match="patience.*validation_every"):
         TrainConfig(patience=2)
@@ -307,8 +307,7 @@ def test_block_ranks_and_learning_rates(pack, loaded_checkpoint, concept_dataset
     rate; the optimizer a run builds carries the rates."""
     from lora_foundry.lora_core.block_weights import SD1, block_of
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training import loop
-
+    from lora_foundry.training.engine import loop
     model, clip, vae = loaded_checkpoint
     with torch.inference_mode(False):
         plain = LoraNetwork.create(NetworkConfig(rank=4, preset="attention"), model)
@@ -355,9 +354,9 @@ def test_prior_images_train_with_the_empty_prompt_when_asked(pack, loaded_checkp
     (CLIPTextEncode of ""), their own captions unused; the training images keep theirs."""
     import random
 
-    from lora_foundry.training.captions import CaptionOptions
-    from lora_foundry.training.conditioning import encode_caption
-    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.data.captions import CaptionOptions
+    from lora_foundry.training.data.dataset import load_dataset
+    from lora_foundry.training.engine.conditioning import encode_caption
 
     reg = tmp_path / "reg"
     reg.mkdir()
@@ -371,14 +370,14 @@ def test_prior_images_train_with_the_empty_prompt_when_asked(pack, loaded_checkp
         trainer = _trainer(pack, loaded_checkpoint, dataset, tmp_path / str(empty),
                            captions=CaptionOptions(trigger_word="sks", prefix="photo"))
         for item in dataset.items:
-            caption = trainer.caption(item, trainer.config.captions, random.Random(0))
+            caption = trainer.text.caption(item, trainer.config.captions, random.Random(0))
             if item.is_reg:
                 assert (caption == "") == empty and (empty or "circle" in caption), caption
             else:
                 assert caption.startswith("sks") or "sks" in caption
     negative = encode_caption(clip, "")
     reg_index = next(i for i, item in enumerate(dataset.items) if item.is_reg)
-    conditioning = trainer.conditioning([trainer.caption(dataset.items[reg_index], trainer.config.captions,
+    conditioning = trainer.text.conditioning([trainer.text.caption(dataset.items[reg_index], trainer.config.captions,
                                                          random.Random(0))], "cpu")[0]
     torch.testing.assert_close(conditioning[0][0], negative[0][0])
 

@@ -69,7 +69,7 @@ def clip_dataset(tmp_path_factory):
 
 
 def _clips(folder, **options):
-    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.data.dataset import load_dataset
 
     settings = {"resolution": 64, "min_side": 64, "max_side": 64, "bucket_step": 64, "frames": 9,
                 "frame_multiple": 4, **options}
@@ -78,7 +78,7 @@ def _clips(folder, **options):
 
 def _trainer(fam, dataset, **settings):
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
-    from lora_foundry.training.trainer import TrainConfig, Trainer
+    from lora_foundry.training.engine.trainer import TrainConfig, Trainer
 
     config = {"steps": 4, "batch_size": 1, "learning_rate": 5e-3, "seed": 0, **settings}
     with torch.inference_mode(False):
@@ -120,10 +120,10 @@ def test_clip_latents_are_cached_on_disk_one_file_per_window(wan, pack, clip_dat
     dataset = _clips(folder, frame_extraction="chunk")  # 24 frames: two windows of 9 per clip, and the still
     assert sorted(item.frame_count for item in dataset.items) == [1, 9, 9, 9, 9]
     first = _trainer(wan, dataset, latent_cache="disk")
-    first.encode_images(dataset.items)
+    first.data.encode_images(dataset.items)
     assert len(list((folder / ".lora_foundry_cache").glob("*.safetensors"))) == 5
-    assert first.latents.get(0).shape[1] in (1, 3)  # latent frames: (9 - 1) / 4 + 1 for a window, 1 for the still
-    windows = [first.latents.get(i) for i, item in enumerate(dataset.items) if item.is_clip]
+    assert first.data.latents.get(0).shape[1] in (1, 3)  # latent frames: (9 - 1) / 4 + 1 for a window, 1 for the still
+    windows = [first.data.latents.get(i) for i, item in enumerate(dataset.items) if item.is_clip]
     assert not torch.equal(windows[0], windows[1])  # the windows of one clip are cached apart
 
     def no_vae(*args, **kwargs):
@@ -131,9 +131,9 @@ def test_clip_latents_are_cached_on_disk_one_file_per_window(wan, pack, clip_dat
 
     second = _trainer(wan, dataset, latent_cache="disk")
     monkeypatch.setattr(wan.vae, "encode", no_vae)
-    second.encode_images(dataset.items)
+    second.data.encode_images(dataset.items)
     for i in range(len(dataset.items)):
-        torch.testing.assert_close(second.latents.get(i), first.latents.get(i), rtol=0, atol=0)
+        torch.testing.assert_close(second.data.latents.get(i), first.data.latents.get(i), rtol=0, atol=0)
 
 
 def test_an_expert_of_a_model_that_is_not_flow_is_refused(pack, tmp_path):
@@ -152,17 +152,17 @@ def test_image_to_video_trains_with_the_start_frame_wan_image_to_video_gives(pac
     WanImageToVideo + KSampler give it for the clip's first frame."""
     import comfy.sample
     from comfy_extras.nodes_wan import WanImageToVideo
-    from lora_foundry.training.image_inputs import START_FRAME
+    from lora_foundry.training.engine.image_inputs import START_FRAME
 
     fam = build_family("wan21_i2v")
     dataset = _clips(clip_dataset)
     trainer = _trainer(fam, dataset, steps=1)
-    assert trainer.image_input == START_FRAME
-    trainer.encode_images(dataset.items)
+    assert trainer.data.image_input == START_FRAME
+    trainer.data.encode_images(dataset.items)
     index = next(i for i, item in enumerate(dataset.items) if item.is_clip)
     item = dataset.items[index]
     with torch.inference_mode(False), torch.no_grad(), Recorder(fam.model) as training:
-        trainer.batch_loss(fam.model, [index], random.Random(0), torch.Generator().manual_seed(0), "cpu", None)
+        trainer.step.batch_loss(fam.model, [index], random.Random(0), torch.Generator().manual_seed(0), "cpu", None)
 
     pixels = dataset.load_image(item)
     positive = comfy_nodes.CLIPTextEncode().encode(fam.clip, item.caption)[0]
@@ -190,9 +190,9 @@ def test_image_to_video_trains_with_latents_cached_on_disk(pack, clip_dataset, t
     assert first.steps == second.steps == 4 and all(np.isfinite(second.losses))
     assert second.losses == pytest.approx(first.losses, rel=1e-5)
     # Wan 2.2's image-to-video experts switch at 0.9, its text-to-video ones at 0.875 (expert_boundary 0: the model's)
-    assert _trainer(fam, dataset, expert="high_noise").expert_boundary() == 0.9
-    assert _trainer(build_family("wan21"), dataset, expert="high_noise").expert_boundary() == 0.875
-    assert _trainer(fam, dataset, expert="high_noise", expert_boundary=0.8).expert_boundary() == 0.8
+    assert _trainer(fam, dataset, expert="high_noise").step.expert_boundary() == 0.9
+    assert _trainer(build_family("wan21"), dataset, expert="high_noise").step.expert_boundary() == 0.875
+    assert _trainer(fam, dataset, expert="high_noise", expert_boundary=0.8).step.expert_boundary() == 0.8
 
 
 # --- edit models: the source image ReferenceLatent gives ---------------------------------------
@@ -214,7 +214,7 @@ def pairs_dataset(tmp_path_factory):
 
 
 def _pairs(folder, **options):
-    from lora_foundry.training.dataset import load_dataset
+    from lora_foundry.training.data.dataset import load_dataset
 
     return load_dataset(folder, resolution=64, min_side=64, max_side=64, bucket_step=64, **options)
 
@@ -225,17 +225,17 @@ def test_an_edit_model_receives_the_reference_latent_that_reference_latent_gives
     import comfy.sample
     import comfy_extras.nodes_flux as nodes_flux
     from comfy_extras.nodes_edit_model import ReferenceLatent
-    from lora_foundry.training.image_inputs import REFERENCE
+    from lora_foundry.training.engine.image_inputs import REFERENCE
 
     fam = build_family("flux")
     dataset = _pairs(pairs_dataset)
     assert dataset.has_control and len(dataset.items) == 4
     trainer = _trainer(fam, dataset, steps=1)
-    assert trainer.image_input == REFERENCE
-    trainer.encode_images(dataset.items)
-    trainer.encode_control(dataset.items)
+    assert trainer.data.image_input == REFERENCE
+    trainer.data.encode_images(dataset.items)
+    trainer.data.encode_control(dataset.items)
     with torch.inference_mode(False), torch.no_grad(), Recorder(fam.model) as training:
-        trainer.batch_loss(fam.model, [1], random.Random(0), torch.Generator().manual_seed(0), "cpu", None)
+        trainer.step.batch_loss(fam.model, [1], random.Random(0), torch.Generator().manual_seed(0), "cpu", None)
 
     item = dataset.items[1]
     source = dataset.load_control(item)[None]
@@ -261,7 +261,7 @@ def test_edit_pairs_train_and_the_loss_falls(pack, pairs_dataset):
 
 
 def test_control_images_for_a_model_without_reference_input_are_refused(pack, pairs_dataset, clip_dataset, tmp_path):
-    from lora_foundry.training.image_inputs import ImageInputError
+    from lora_foundry.training.engine.image_inputs import ImageInputError
 
     with pytest.raises(ImageInputError, match="takes no reference image"):
         _trainer(build_family("sd15"), _pairs(pairs_dataset))

@@ -25,9 +25,8 @@ WEBM = "libvpx" in av.codecs_available
 
 @pytest.fixture(scope="module")
 def lf(pack) -> SimpleNamespace:
-    from lora_foundry.training import dataset, dataset_options, latent_cache, video
-
-    return SimpleNamespace(dataset=dataset, video=video, options=dataset_options, cache=latent_cache)
+    from lora_foundry.training.data import dataset, dataset_options, images, latent_cache, video
+    return SimpleNamespace(dataset=dataset, video=video, options=dataset_options, cache=latent_cache, images=images)
 
 
 def frame_array(index: int, size: tuple[int, int]) -> np.ndarray:
@@ -244,7 +243,7 @@ def test_a_video_over_the_pixel_limit_or_too_small_is_skipped(lf, tmp_path, monk
     write_video(tmp_path / "d" / "clip.mp4", 5, size=(64, 48))
     save_image(tmp_path / "d" / "small.png", (32, 32))
     save_image(tmp_path / "d" / "large.png", (100, 100))
-    monkeypatch.setattr(lf.dataset, "MAX_IMAGE_PIXELS", 2000)
+    monkeypatch.setattr(lf.images, "MAX_IMAGE_PIXELS", 2000)
     dataset = lf.dataset.load_dataset(tmp_path / "d", **SMALL)
     assert [i.path.name for i in dataset.items] == ["small.png"]
     assert reasons(dataset)["clip.mp4"] == "too large: 64x48 (0.00307 megapixels, the limit is 0.002); downscale it"

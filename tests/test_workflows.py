@@ -175,8 +175,8 @@ def _configs_as_the_node_built_them(trigger_word, algorithm, rank, alpha, target
     """The hand-written mapping Train LoRA used before its inputs were derived from the settings' declarations:
     the reference for what each widget means."""
     from lora_foundry.lora_core.network import NetworkConfig
-    from lora_foundry.training.captions import CaptionOptions
-    from lora_foundry.training.trainer import TrainConfig
+    from lora_foundry.training.data.captions import CaptionOptions
+    from lora_foundry.training.engine.trainer import TrainConfig
 
     network = NetworkConfig(algorithm=algorithm, rank=rank, alpha=alpha, preset=targets, dora=dora,
                             conv_rank=conv_rank or None, text_encoder=train_text_encoder, seed=seed,
@@ -206,8 +206,8 @@ def test_saved_train_lora_values_land_in_the_same_settings(object_info, pack):
     from lora_foundry.lora_core.network import NetworkConfig
     from lora_foundry.lora_core.settings import from_inputs
     from lora_foundry.nodes.train import node_inputs
-    from lora_foundry.training.captions import CaptionOptions
-    from lora_foundry.training.trainer import TrainConfig
+    from lora_foundry.training.data.captions import CaptionOptions
+    from lora_foundry.training.engine.trainer import TrainConfig
 
     info = object_info["LoraFoundryTrainLoRA"]
     saved = [OLDER_TRAIN_LORA_WIDGETS] + [node["widgets_values"] for path in WORKFLOWS

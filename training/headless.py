@@ -14,11 +14,12 @@ from pathlib import Path
 
 from ..lora_core.files import write_safetensors
 from ..lora_core.settings import from_inputs
-from . import distributed
-from .config import TrainingError
-from .dataset_options import DatasetOptions
+from .configs.reading import read_config
+from .configs.run_config import GRAPH_SECTIONS, ConfigError, RunConfig
+from .data.dataset_options import DatasetOptions
+from .engine import distributed
+from .engine.config import TrainingError
 from .run import expert_name, resolve_input_folder, run_folders, settings, train
-from .run_config import GRAPH_SECTIONS, ConfigError, RunConfig, read_config
 
 CLIP_LOADERS = {1: ("CLIPLoader", "stable_diffusion"), 2: ("DualCLIPLoader", "flux"), 3: ("TripleCLIPLoader", "")}
 

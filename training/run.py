@@ -14,11 +14,11 @@ import torch
 from ..lora_core.files import path_inside
 from ..lora_core.network import LoraNetwork, NetworkConfig
 from ..lora_core.settings import from_inputs
-from .captions import CaptionOptions
-from .config import TrainConfig, TrainResult
-from .distributed import SINGLE, Processes
-from .sample_prompts import check_sample_prompts
-from .trainer import Trainer
+from .data.captions import CaptionOptions
+from .engine.config import TrainConfig, TrainResult
+from .engine.distributed import SINGLE, Processes
+from .engine.sample_prompts import check_sample_prompts
+from .engine.trainer import Trainer
 
 STATES_FOLDER = "lora_foundry_runs"
 
@@ -117,5 +117,5 @@ def train(model, clip, vae, dataset, network_config: NetworkConfig, config: Trai
         trainer = Trainer(model, clip, vae, dataset, network, config, output_dir=folders.loras, name=folders.name,
                           on_step=on_step, resume=folders.resume, state_dir=folders.states, processes=processes)
         result = trainer.run()
-    network.metadata = trainer.metadata(result.steps)
+    network.metadata = trainer.files.metadata(result.steps)
     return network, trainer, result

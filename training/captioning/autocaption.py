@@ -13,11 +13,13 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from ..lora_core.files import write_text_atomic
-from .caption_edit import EditOptions, edit_caption
+from ...lora_core.files import write_text_atomic
+from ..data.captions import split_tags, tag_frequency
+from ..data.dataset import Dataset
+from ..data.images import to_rgb
+from ..data.items import DatasetItem
 from .captioner import Captioner, CaptionModelError
-from .captions import split_tags, tag_frequency
-from .dataset import Dataset, DatasetItem, _to_rgb
+from .edit import EditOptions, edit_caption
 
 MODES = ("caption missing", "keep existing", "re-caption all")
 WRITES = ("new files only", "none", "overwrite existing")
@@ -45,7 +47,7 @@ def read_sidecar(image: Path, extension: str = ".txt") -> Sidecar:
 def open_image(path: Path) -> Image.Image:
     """The image as displayed (EXIF-rotated) in RGB, transparency on white."""
     with Image.open(path) as opened:
-        return _to_rgb(ImageOps.exif_transpose(opened))
+        return to_rgb(ImageOps.exif_transpose(opened))
 
 
 def wants_model(sidecar: Sidecar, mode: str) -> bool:

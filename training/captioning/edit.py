@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from .captions import split_tags
+from ..data.captions import split_tags
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from ..lora_core.settings import check_choices, setting
+from ...lora_core.settings import check_choices, setting
 from .dataset import load_dataset
 from .video import EXTRACTIONS
 

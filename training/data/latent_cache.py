@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..lora_core.files import AdapterFileError, read_safetensors, write_safetensors
+from ...lora_core.files import AdapterFileError, read_safetensors, write_safetensors
 from .dataset import DatasetItem
 
 log = logging.getLogger("lora_foundry")

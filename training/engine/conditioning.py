@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .buckets import cover_size
+from ..data.buckets import cover_size
 
 # The guidance distilled models (Flux.1-dev, HunyuanVideo) are trained with, whatever users sample
 # with: kohya sd-scripts' Flux recipes pass --guidance_scale 1.0 (its default is 3.5), ai-toolkit 1.0.

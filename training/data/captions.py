@@ -6,7 +6,13 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from ..lora_core.settings import setting
+from ...lora_core.settings import setting
+
+# A caption file above this size is not read (a 10 MB one made Train LoRA tokenize for minutes, past Cancel).
+MAX_CAPTION_BYTES = 64 * 1024
+# Captions are cut to this many characters: about 1,000 tokens, twice what the longest-reading text encoders are
+# trained on (T5-XXL / UMT5: 512 tokens); CLIP reads 75 per chunk and the host would encode every chunk.
+MAX_CAPTION_CHARS = 4000
 
 
 @dataclass

@@ -16,11 +16,11 @@ from typing import Any
 
 import tomllib
 
-from ..lora_core.network import NetworkConfig
-from ..lora_core.settings import declared, default_of
-from .captions import CaptionOptions
-from .config import TrainConfig
-from .dataset_options import DatasetOptions
+from ...lora_core.network import NetworkConfig
+from ...lora_core.settings import declared, default_of
+from ..data.captions import CaptionOptions
+from ..data.dataset_options import DatasetOptions
+from ..engine.config import TrainConfig
 
 SETTINGS = {"network": NetworkConfig, "training": TrainConfig, "captions": CaptionOptions, "dataset": DatasetOptions}
 # The run's own keys: {section: {key: (type, default, help)}}.
@@ -233,34 +233,3 @@ def toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"no TOML form for {type(value).__name__}")
-
-
-def read_config(text: str, source: str = "config") -> RunConfig:
-    """Our TOML, a kohya sd-scripts TOML (training arguments or dataset) or a kohya_ss GUI JSON, told apart by
-    their contents."""
-    if is_ours(text):
-        return parse_toml(text, source)
-    from .kohya_config import import_kohya  # it builds on this module
-
-    if text.lstrip().startswith("{"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{source}: not valid JSON ({error})") from error
-        return import_kohya(data, source)
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{source}: not valid TOML ({error})") from error
-    return import_kohya(data, source)
-
-
-def is_ours(text: str) -> bool:
-    """Whether a text is our TOML: only tables, at least one of them ours (JSON is kohya_ss's)."""
-    if text.lstrip().startswith("{"):
-        return False
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
-        return True  # parse_toml says what is wrong
-    return bool(data) and all(isinstance(v, dict) for v in data.values()) and any(k in SECTIONS for k in data)

@@ -8,32 +8,28 @@ import logging
 import math
 import random
 import time
-from typing import TYPE_CHECKING
 
 import torch
 
 from . import memory
 from .blocks import INPLACE_ERROR
 from .config import TrainingError, TrainResult
+from .context import RunContext
 from .ema import AdapterEMA
-from .evaluation import held_out_loss, sample_step
+from .evaluation import held_out_loss
 from .optim import build_optimizer, build_scheduler, parse_optimizer_args
 from .state import load_state
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 
 class TrainLoop:
     """Steps from the resumed state (or 0) to the last, on the loaded model."""
 
-    def __init__(self, trainer: Trainer, patched, patchers, blocks, device, autocast_dtype, start: float):
-        cfg = self.config = trainer.config
-        self.trainer, self.patched, self.patchers, self.blocks = trainer, patched, patchers, blocks
-        self.device, self.autocast_dtype, self.start = device, autocast_dtype, start
+    def __init__(self, run: RunContext, groups: list[dict]):
+        cfg = self.config = run.config
+        self.context, self.patched, self.device, self.autocast_dtype = run, run.patched, run.device, run.autocast_dtype
+        self.training_step, self.files, self.processes = run.step, run.files, run.processes
         self.rng = random.Random(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        groups = trainer.param_groups()
         extra = parse_optimizer_args(cfg.optimizer_args)
         self.optimizer = build_optimizer(cfg.optimizer, groups, cfg.learning_rate, cfg.weight_decay,
                                          extra.pop("betas", None), extra)
@@ -41,16 +37,17 @@ class TrainLoop:
         self.params = [p for g in groups for p in g["params"]]
         self.good = [p.detach().clone() for p in self.params]  # the adapter that last gave a finite loss
         # "fp32" means no autocast, but the host computes in the base's own dtype: scale whenever that is fp16.
-        compute = trainer.compute_dtype = autocast_dtype or patched.model.manual_cast_dtype or patched.model.get_dtype()
+        patched, autocast_dtype = run.patched, run.autocast_dtype
+        compute = run.compute_dtype = autocast_dtype or patched.model.manual_cast_dtype or patched.model.get_dtype()
         if compute != (autocast_dtype or torch.float32):
             logging.warning("Train LoRA: precision %s asked, but the base model computes in %s (its weights' dtype)",
                             cfg.precision, compute)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=compute == torch.float16)
+        self.scaler = torch.amp.GradScaler(run.device.type, enabled=compute == torch.float16)
         self.state = {"step": 0, "epoch": 0, "order": [], "losses": [], "validation": [], "best": None,
                       "since_best": 0}
-        self.ema = AdapterEMA(trainer.network, cfg.ema_decay, cfg.ema_every, cfg.ema_warmup) if cfg.ema_decay else None
-        if trainer.resume is not None:
-            self.state.update(load_state(trainer.resume, trainer.network, self.optimizer, self.scheduler, self.rng,
+        self.ema = AdapterEMA(run.network, cfg.ema_decay, cfg.ema_every, cfg.ema_warmup) if cfg.ema_decay else None
+        if run.resume is not None:
+            self.state.update(load_state(run.resume, run.network, self.optimizer, self.scheduler, self.rng,
                                          self.gen, self.ema))
             if self.state["best"] is None and self.state["validation"]:  # a state written before best was kept
                 best = min(self.state["validation"], key=lambda v: v[1])
@@ -60,9 +57,9 @@ class TrainLoop:
         self.updating = False  # inside the optimizer's update: an error there may leave the adapter half-changed
         self.backward_done = False
         self.preview = None  # the step-0 samples' grid, shown with the first report
-        self.global_batch = cfg.batch_size * trainer.processes.world
+        self.global_batch = cfg.batch_size * run.processes.world
         # What a resumed run must share with this one (state.check_resumable).
-        self.state.update(run=trainer.identity, global_batch=self.global_batch)
+        self.state.update(run=run.identity, global_batch=self.global_batch)
 
     def run(self) -> TrainResult:
         import comfy.model_management as mm
@@ -72,8 +69,8 @@ class TrainLoop:
                        if cfg.offload_activations else contextlib.nullcontext())
         try:
             # The base model with the zero adapter, to compare with (sampled by the process that writes files).
-            if state["step"] == 0 and cfg.sample_every and self.trainer.processes.writes:
-                self.preview = sample_step(self.trainer, self.patched, self.patchers, 0)
+            if state["step"] == 0 and cfg.sample_every and self.processes.writes:
+                self.preview = self.sample(0)
             with activations:
                 for step in range(state["step"] + 1, cfg.steps + 1):
                     if self.patience_ran_out():  # also a resumed run that had stopped early
@@ -85,13 +82,13 @@ class TrainLoop:
             self.save_state()
             self.finish()
         except mm.InterruptProcessingException:
-            self.trainer.save_checkpoint(state["step"], "interrupted")
+            self.files.save_checkpoint(state["step"], "interrupted")
             self.save_state()
             raise
         except torch.OutOfMemoryError as error:
             raise self.out_of_memory() from error
-        return TrainResult(self.trainer.network, state["losses"], [tuple(v) for v in state["validation"]],
-                           state["step"], time.monotonic() - self.start, self.trainer.checkpoints)
+        return TrainResult(self.context.network, state["losses"], [tuple(v) for v in state["validation"]],
+                           state["step"], time.monotonic() - self.context.start, self.files.checkpoints)
 
     def step(self, step: int) -> float:
         """One optimizer step over grad_accum micro-batches; the step's mean loss."""
@@ -100,7 +97,7 @@ class TrainLoop:
         for _ in range(cfg.grad_accum):
             loss = self.micro_batch(step, self.next_batch())
             step_loss += loss / cfg.grad_accum
-        self.trainer.processes.average_gradients(self.params)
+        self.processes.average_gradients(self.params)
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
@@ -120,22 +117,22 @@ class TrainLoop:
         """The next global batch: batch_size items for each process."""
         state, cfg = self.state, self.config
         if not state["order"]:
-            state["order"].extend(self.trainer.dataset.epoch_order(state["epoch"], cfg.seed, self.global_batch))
+            state["order"].extend(self.context.dataset.epoch_order(state["epoch"], cfg.seed, self.global_batch))
             state["epoch"] += 1
         return state["order"].pop(0)
 
     def micro_batch(self, step: int, batch: list[int]) -> float:
         """Forward and backward of this process's share of one micro-batch; stops the run on a non-finite loss,
         keeping the last good adapter. The batch's mean loss over every process."""
-        trainer, cfg, processes = self.trainer, self.config, self.trainer.processes
-        trainer.network.new_step()
+        cfg, processes, training_step = self.config, self.processes, self.training_step
+        self.context.network.new_step()
         draws = (self.rng.getstate(), self.gen.get_state())  # what batch_loss draws from
         share = processes.share(batch)
         weight = (share[1] - share[0]) / len(batch)  # this process's part of the batch's mean
         if not weight:  # fewer items than processes: drawn like the others, nothing to compute
-            trainer.draw_batch(self.patched, batch, self.rng, self.gen, "cpu", share)
+            training_step.draw_batch(self.patched, batch, self.rng, self.gen, "cpu", share)
             return processes.sum(0.0, self.device)
-        loss = trainer.batch_loss(self.patched, batch, self.rng, self.gen, self.device, self.autocast_dtype, share)
+        loss = training_step.batch_loss(self.patched, batch, self.rng, self.gen, self.device, self.autocast_dtype, share)
         try:
             self.scaler.scale(loss * weight / cfg.grad_accum).backward()
         except RuntimeError as error:
@@ -146,12 +143,12 @@ class TrainLoop:
             # this step's), so a resumed run draws exactly what an uninterrupted one does.
             logging.info("Train LoRA: %s adds residuals in place; training sums them out of place",
                          type(self.patched.model.diffusion_model).__name__)
-            self.blocks.out_of_place = True
+            self.context.blocks.out_of_place = True
             self.optimizer.zero_grad(set_to_none=True)
             self.rng.setstate(draws[0])
             self.gen.set_state(draws[1])
-            loss = trainer.batch_loss(self.patched, batch, self.rng, self.gen, self.device, self.autocast_dtype,
-                                      share)
+            loss = training_step.batch_loss(self.patched, batch, self.rng, self.gen, self.device, self.autocast_dtype,
+                                        share)
             self.scaler.scale(loss * weight / cfg.grad_accum).backward()
         self.backward_done = True
         # Read once the backward pass is queued, so the host never waits for the forward pass before queuing it;
@@ -160,9 +157,9 @@ class TrainLoop:
         if not math.isfinite(total):
             with torch.no_grad():
                 torch._foreach_copy_(self.params, self.good)
-            path = trainer.save_checkpoint(self.good_step, "last-good", finite_only=True)
+            path = self.files.save_checkpoint(self.good_step, "last-good", finite_only=True)
             kept = (f"The last adapter that gave a finite loss (step {self.good_step}) is kept at {path}"
-                    if path is not None or trainer.output_dir is None or not processes.writes else
+                    if path is not None or self.files.output_dir is None or not processes.writes else
                     f"No adapter is kept: the one of step {self.good_step} has NaN or infinite values (check alpha "
                     "and the learning rate)")
             raise TrainingError(f"loss became {total} at step {step}; training stopped. {kept}. Lower the learning "
@@ -174,26 +171,26 @@ class TrainLoop:
 
     def after_step(self, step: int, step_loss: float) -> None:
         """Validation, intermediate files, and the step's report (with a preview) to the node."""
-        trainer, cfg, validation = self.trainer, self.config, self.state["validation"]
-        if cfg.validation_every and trainer.dataset.validation and (
+        run, cfg, validation = self.context, self.config, self.state["validation"]
+        if cfg.validation_every and run.dataset.validation and (
                 step % cfg.validation_every == 0 or step == cfg.steps):
-            validation.append((step, held_out_loss(trainer, self.patched, self.device)))
+            validation.append((step, held_out_loss(run.step, run.network, self.patched, self.device)))
             self.track_best(step, validation[-1][1])
         if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or self.patience_ran_out()):
-            trainer.save_checkpoint(step)  # the last step's too: post-hoc EMA averages up to the end
+            self.files.save_checkpoint(step)  # the last step's too: post-hoc EMA averages up to the end
             if step < cfg.steps:
                 self.save_state()
         preview, self.preview = self.preview, None
-        if cfg.sample_every and trainer.processes.writes and (
+        if cfg.sample_every and self.processes.writes and (
                 step % cfg.sample_every == 0 or step == cfg.steps or self.patience_ran_out()):
-            preview = sample_step(trainer, self.patched, self.patchers, step)  # files even without a node
-        if trainer.on_step is None:
+            preview = self.sample(step)  # files even without a node
+        if run.on_step is None:
             return
-        elapsed = time.monotonic() - self.start
-        trainer.on_step({"step": step, "total": cfg.steps, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0],
+        elapsed = time.monotonic() - run.start
+        run.on_step({"step": step, "total": cfg.steps, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0],
                          "validation": validation[-1][1] if validation else None, "elapsed": elapsed,
                          "eta": elapsed / step * (cfg.steps - step),
-                         "memory_gb": round(trainer.plan.peak / memory.GB, 2) if trainer.plan else None,
+                         "memory_gb": round(run.plan.peak / memory.GB, 2) if run.plan else None,
                          "best": self.state["best"], "stopped_early": self.patience_ran_out(),
                          "preview": preview})
 
@@ -203,7 +200,7 @@ class TrainLoop:
         if best is None or loss < best[1]:
             self.state["best"], self.state["since_best"] = [step, loss], 0
             if self.config.keep_best:
-                self.trainer.save_checkpoint(step, "best")
+                self.files.save_checkpoint(step, "best")
         else:
             self.state["since_best"] += 1
 
@@ -218,17 +215,22 @@ class TrainLoop:
             self.ema.copy_to_network()
         else:
             with self.ema.swapped_in():
-                self.trainer.save_checkpoint(self.state["step"], "ema")
+                self.files.save_checkpoint(self.state["step"], "ema")
 
     def save_state(self) -> None:
-        self.trainer.save_state(self.optimizer, self.scheduler, self.state, self.rng, self.gen, self.ema)
+        self.files.save_state(self.optimizer, self.scheduler, self.state, self.rng, self.gen, self.ema)
+
+    def sample(self, step: int):
+        """The previews at `step` (None without sample prompts)."""
+        previews = self.context.previews
+        return previews.at_step(self.patched, step) if previews is not None else None
 
     def out_of_memory(self) -> TrainingError:
         """The error for a device OOM, after keeping the adapter of the last finished step."""
         if self.updating:  # the update stopped half-way: back to the adapter it started from
             with torch.no_grad():
                 torch._foreach_copy_(self.params, self.good)
-        plan = self.trainer.plan
-        path = self.trainer.save_checkpoint(self.state["step"], "last-good", finite_only=True)
+        plan = self.context.plan
+        path = self.files.save_checkpoint(self.state["step"], "last-good", finite_only=True)
         return TrainingError(f"out of device memory at step {self.state['step'] + 1} ({plan.describe()}); the adapter "
                              f"of the last finished step is kept at {path}. To fit: {plan.hint()}")

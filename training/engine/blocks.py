@@ -9,7 +9,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.overrides import TorchFunctionMode
 
-from ..lora_core.targets import ADAPTABLE, block_lists
+from ...lora_core.targets import ADAPTABLE, block_lists
 
 INPLACE_ERROR = "modified by an inplace operation"
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ..lora_core.network import ATTACH_MODES, LoraNetwork
-from ..lora_core.settings import check_choices, setting
-from .captions import CaptionOptions
+from ...lora_core.network import ATTACH_MODES, LoraNetwork
+from ...lora_core.settings import check_choices, setting
+from ..data.captions import CaptionOptions
 from .conditioning import TRAINING_GUIDANCE
 from .objective import LOSSES, TIMESTEP_SAMPLING, TIMESTEP_SHIFTS
 from .optim import OPTIMIZERS, SCHEDULERS, parse_optimizer_args

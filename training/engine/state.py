@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..lora_core.files import read_safetensors, write_safetensors
-from ..lora_core.info import read_header
+from ...lora_core.files import read_safetensors, write_safetensors
+from ...lora_core.info import read_header
 from .config import TrainingError
 from .optim import optimizer_state_from_tensors, optimizer_state_to_tensors
 

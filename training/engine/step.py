@@ -1,0 +1,102 @@
+"""One micro-batch's loss, as the model's own objective computes it: the batch drawn, noised to levels of the
+model's schedule, conditioned as the host conditions it for sampling, predicted, and weighted."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.dataset import Dataset
+from . import objective
+from .conditioning import apply_model, image_geometry, model_inputs
+from .config import WAN22_BOUNDARIES, TrainConfig
+from .image_inputs import START_FRAME
+from .preparation import EncodedData
+from .text import TextConditioning
+
+
+class TrainingStep:
+    """Draws micro-batches and computes their loss on the patched model it is given."""
+
+    def __init__(self, config: TrainConfig, dataset: Dataset, data: EncodedData, text: TextConditioning, kind: str,
+                 timestep_sampling: str, guidance: float | None):
+        self.config, self.dataset, self.data, self.text = config, dataset, data, text
+        self.kind = kind  # what the model predicts: eps, v or flow (objective.prediction)
+        self.timestep_sampling, self.guidance = timestep_sampling, guidance
+
+    def draw_batch(self, patched, batch: list[int], rng, gen, device,
+                   share: tuple[int, int] | None = None) -> tuple | None:
+        """One micro-batch's x0, noise, sigma, captions, geometries and loss weights, drawn from `rng` and `gen`;
+        with `share`, what is drawn for the whole batch is cut to that part (this process's, see distributed.py)."""
+        cfg, data = self.config, self.data
+        items = [self.dataset.items[i] for i in batch]
+        flips = [cfg.flip and rng.random() < 0.5 for _ in batch]
+        x0 = torch.stack([data.latents.get(i, flip) for i, flip in zip(batch, flips, strict=True)])
+        captions = [self.text.caption(item, cfg.captions, rng) for item in items]
+        low, high = self.expert_levels(patched, x0)
+        low, high = max(low, cfg.min_timestep / 1000), min(high, cfg.max_timestep / 1000)
+        if low >= high:
+            raise ValueError(f"min_timestep / max_timestep leave no noise level to the {cfg.expert} expert")
+        levels = objective.sample_noise_levels(len(batch), rng, self.timestep_sampling, low, high)
+        noise = torch.randn(x0.shape, generator=gen)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn((*x0.shape[:2], *[1] * (x0.dim() - 2)), generator=gen)
+        start, end = share or (0, len(batch))
+        if start == end:
+            return None  # this process has no part of the batch: it only kept its draws in step
+        part = slice(start, end)
+        x0 = x0[part].to(device)
+        weights = data.masks.weights(items[part], batch[part], flips[part], False, data.latents, device)
+        geometries = [image_geometry(item, flip) for item, flip in zip(items[part], flips[part], strict=True)]
+        return (x0, noise[part].to(device), self.sigmas(patched, levels[part], x0), captions[part], geometries,
+                weights, data.sample_values(batch[part], flips[part]))
+
+    def batch_loss(self, patched, batch: list[int], rng, gen, device, autocast_dtype,
+                   share: tuple[int, int] | None = None) -> torch.Tensor:
+        x0, noise, sigma, captions, geometries, weights, values = self.draw_batch(patched, batch, rng, gen, device,
+                                                                                  share)
+        return self.loss(patched, x0, noise, sigma, self.text.conditioning(captions, device, values), geometries,
+                         weights, autocast_dtype, min_snr=self.config.min_snr_gamma)
+
+    def expert_boundary(self) -> float:
+        """The sigma where the experts switch: the setting, or Wan 2.2's for this kind of model."""
+        task = "image-to-video" if self.data.image_input == START_FRAME else "text-to-video"
+        return self.config.expert_boundary or WAN22_BOUNDARIES[task]
+
+    def expert_levels(self, patched, x0: torch.Tensor) -> tuple[float, float]:
+        """The noise levels (0-1) the expert trained here denoises: all of them, or one side of the boundary."""
+        cfg = self.config
+        if cfg.expert == "all":
+            return 0.0, 1.0
+        boundary = objective.level_at_sigma(patched.get_model_object("model_sampling"), self.expert_boundary(),
+                                            cfg.timestep_shift, cfg.shift, tokens=x0[0, 0].numel() // 4)
+        return (boundary, 1.0) if cfg.expert == "high_noise" else (0.0, boundary)
+
+    def sigmas(self, patched, levels: list[float], x0: torch.Tensor) -> torch.Tensor:
+        """The model's noise levels (sigmas) for `levels` in [0, 1], with the configured timestep shift."""
+        cfg = self.config
+        return objective.sigmas_for(patched.get_model_object("model_sampling"), levels, cfg.timestep_shift, cfg.shift,
+                                    tokens=x0[0, 0].numel() // 4).to(x0.device)
+
+    def loss(self, patched, x0, noise, sigma, conditionings, geometries, weights, autocast_dtype,
+             min_snr: float = 0.0) -> torch.Tensor:
+        """The weighted native-space loss of the model's prediction for x0 noised to `sigma`."""
+        x, inputs = self.model_call(patched, x0, noise, sigma, conditionings, geometries)
+        return self.prediction_loss(patched, x, x0, sigma, inputs, weights, autocast_dtype, min_snr)
+
+    def model_call(self, patched, x0, noise, sigma, conditionings, geometries) -> tuple:
+        """The noisy latent and the model's keyword inputs, as the host builds them for sampling."""
+        x = patched.get_model_object("model_sampling").noise_scaling(sigma.view(-1, *[1] * (x0.dim() - 1)), noise, x0)
+        return x, model_inputs(patched.model, conditionings, x, geometries, self.guidance,
+                               patched.model_options.get("transformer_options"))
+
+    def prediction_loss(self, patched, x, x0, sigma, inputs, weights, autocast_dtype, min_snr: float = 0.0):
+        """The weighted loss of the model's prediction from the noisy latent `x` of `x0`."""
+        model_sampling = patched.get_model_object("model_sampling")
+        sigma_data = float(getattr(model_sampling, "sigma_data", 1.0))
+        with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            denoised = apply_model(patched.model, x, sigma, inputs)
+        per_sample = objective.prediction_loss(self.kind, denoised, x0, sigma, self.config.loss,
+                                               self.config.huber_delta, sigma_data, weights)
+        if min_snr and self.kind != "flow":
+            per_sample = per_sample * objective.min_snr_weight(self.kind, sigma, min_snr, sigma_data)
+        return per_sample.mean()

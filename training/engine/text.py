@@ -1,0 +1,74 @@
+"""The captions a run trains with and their host conditioning: the frozen text encoder's outputs encoded once and
+kept, or computed through the text-encoder adapters while those train."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import torch
+
+from ..data.captions import CaptionOptions, process_caption
+from .conditioning import encode_caption, to_device, with_values
+
+
+class TextConditioning:
+    """Captions as trained (trigger word, shuffles and dropouts applied) and the host conditioning of each."""
+
+    def __init__(self, clip, options: CaptionOptions, reg_empty_prompt: bool = False):
+        self.clip, self.options, self.reg_empty_prompt = clip, options, reg_empty_prompt
+        self.cache: dict[str, list] = {}  # host conditioning of captions that never change
+        self.train_clip = None  # the CLIP clone carrying text-encoder adapters, while training them
+
+    @property
+    def changes(self) -> bool:
+        """Whether a caption can differ from one epoch to the next (then its conditioning is not kept)."""
+        c = self.options
+        return bool(c.shuffle_tags or c.caption_dropout or c.tag_dropout)
+
+    def encode(self, caption: str, cache: bool = True) -> list:
+        """The frozen text encoder's host conditioning for `caption` (on the CPU), kept when `cache`. Cancel is
+        honoured before each caption: encoding a dataset's captions up front is a long loop."""
+        if caption in self.cache:
+            return self.cache[caption]
+        import comfy.model_management as mm
+
+        mm.throw_exception_if_processing_interrupted()
+        with torch.no_grad():
+            conditioning = to_device(encode_caption(self.clip, caption), "cpu")
+        if cache:
+            self.cache[caption] = conditioning
+        return conditioning
+
+    def encode_fixed(self, items, validation) -> None:
+        """Encode the captions up front when they never change, so the text encoder and the model don't alternate;
+        the held-out images' always (they are judged with their fixed caption)."""
+        if not self.changes:
+            rng = random.Random(0)
+            for item in items:
+                self.encode(self.caption(item, self.options, rng))
+        for item in validation:
+            self.encode(self.fixed_caption(item))
+
+    def caption(self, item, options: CaptionOptions, rng: random.Random) -> str:
+        """The caption an item trains with: regularisation images keep their own (no trigger word: it is what they
+        must not learn), or the empty prompt with reg_empty_prompt (what the sampler's empty negative encodes)."""
+        if item.is_reg and self.reg_empty_prompt:
+            return ""
+        return process_caption(item.caption, replace(options, trigger_word="") if item.is_reg else options, rng)
+
+    def fixed_caption(self, item) -> str:
+        """The caption with trigger word, prefix and suffix, and nothing random (for validation)."""
+        c = replace(self.options, shuffle_tags=False, caption_dropout=0.0, tag_dropout=0.0)
+        return self.caption(item, c, random.Random(0))
+
+    def conditioning(self, captions: list[str], device, values: list[dict] | None = None) -> list[list]:
+        """Host conditioning per caption (with each sample's image values); through the text-encoder adapters
+        (uncached) while they train."""
+        if self.train_clip is not None:
+            conditionings = [to_device(encode_caption(self.train_clip, c), device) for c in captions]
+        else:
+            cache = not self.changes
+            conditionings = [to_device(self.encode(c, cache), device) for c in captions]
+        values = values or [{} for _ in captions]
+        return [with_values(c, v, device) for c, v in zip(conditionings, values, strict=True)]
