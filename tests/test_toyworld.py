@@ -121,18 +121,15 @@ def test_flow_base_checkpoint_is_sd3_to_the_host_and_its_captions_are_the_hosts(
 
 # --- the pretrained base, through a real server -------------------------------------------
 
-# Each family is a test class: pytest-xdist (--dist loadscope) runs a class in one worker, so the two bases pretrain
-# side by side, one per worker (conftest schedules the `pretrains` classes first).
-
-@pytest.fixture(scope="class")
+@pytest.fixture(scope="module", params=["sd15", "sd3"])
 def toy_checkpoint(request, comfy_root):
-    """The toy base of the class's family: SD1.5's UNet (eps) or SD3's MMDiT (rectified flow)."""
+    """The toy base of each family: SD1.5's UNet (eps) and SD3's MMDiT (rectified flow)."""
     from toyworld import flow
 
-    return pretrain(0) if request.cls.family == "sd15" else flow.pretrain(0)
+    return pretrain(0) if request.param == "sd15" else flow.pretrain(0)
 
 
-@pytest.fixture(scope="class")
+@pytest.fixture(scope="module")
 def judge(toy_checkpoint):
     from toyworld.judge import train_judge
 
@@ -141,13 +138,13 @@ def judge(toy_checkpoint):
     return judge
 
 
-@pytest.fixture(scope="class")
+@pytest.fixture(scope="module")
 def toy_server(tmp_path_factory, toy_checkpoint):
     with ComfyServer(tmp_path_factory.mktemp("toy-comfy"), models={"checkpoints": [toy_checkpoint]}) as server:
         yield server
 
 
-@pytest.fixture(scope="class")
+@pytest.fixture(scope="module")
 def base_scores(toy_server, toy_checkpoint, judge):
     return evaluate.evaluate_base(toy_server, toy_checkpoint.name, judge)
 
@@ -159,43 +156,27 @@ def _record(name: str, data: dict) -> None:
 
 @pytest.mark.server
 @pytest.mark.slow
-@pytest.mark.pretrains
-class ToyWorld:
-    """The pretrained base of one family, through a real server (a subclass names the family)."""
-
-    family = ""
-
-    def test_the_base_follows_colour_shape_and_background_prompts(self, base_scores, toy_checkpoint):
-        scores = {k: v for k, v in base_scores.items() if k != "files"}
-        _record(f"base-{toy_checkpoint.stem}", scores)
-        assert scores["colour"] >= 0.95, scores
-        assert scores["shape"] >= 0.8, scores
-        assert scores["background"] >= 0.95, scores
-
-    def test_the_example_workflow_teaches_the_concept_without_leaking(self, toy_server, toy_checkpoint, judge,
-                                                                       base_scores):
-        from main_job import lora_name, run_example
-
-        data = world.concept_dataset(cache_dir() / "dataset-s0", seed=0)
-        result = run_example(toy_server, toy_checkpoint, data["concept"], reg=data["prior"], timeout=1800)
-        assert result["lora"] is not None and result["lora"].is_file(), result["outputs"]
-        scores = evaluate.evaluate_lora(toy_server, toy_checkpoint.name, lora_name(toy_server, result["lora"]),
-                                        judge, base=base_scores)
-        scores.pop("files")
-        _record(f"lora-{toy_checkpoint.stem}", {**scores, "summary": result["summary"]})
-        checks = evaluate.passes(scores)
-        assert checks["concept"], scores
-        assert checks["base_never"], scores
-        assert checks["no_leakage"], scores
+def test_the_base_follows_colour_shape_and_background_prompts(base_scores, toy_checkpoint):
+    scores = {k: v for k, v in base_scores.items() if k != "files"}
+    _record(f"base-{toy_checkpoint.stem}", scores)
+    assert scores["colour"] >= 0.95, scores
+    assert scores["shape"] >= 0.8, scores
+    assert scores["background"] >= 0.95, scores
 
 
-class TestSD15(ToyWorld):
-    """SD1.5's layout: a UNet on the eps objective."""
+@pytest.mark.server
+@pytest.mark.slow
+def test_the_example_workflow_teaches_the_concept_without_leaking(toy_server, toy_checkpoint, judge, base_scores):
+    from main_job import lora_name, run_example
 
-    family = "sd15"
-
-
-class TestSD3(ToyWorld):
-    """SD3's layout: the host's MMDiT on rectified flow."""
-
-    family = "sd3"
+    data = world.concept_dataset(cache_dir() / "dataset-s0", seed=0)
+    result = run_example(toy_server, toy_checkpoint, data["concept"], reg=data["prior"], timeout=1800)
+    assert result["lora"] is not None and result["lora"].is_file(), result["outputs"]
+    scores = evaluate.evaluate_lora(toy_server, toy_checkpoint.name, lora_name(toy_server, result["lora"]), judge,
+                                    base=base_scores)
+    scores.pop("files")
+    _record(f"lora-{toy_checkpoint.stem}", {**scores, "summary": result["summary"]})
+    checks = evaluate.passes(scores)
+    assert checks["concept"], scores
+    assert checks["base_never"], scores
+    assert checks["no_leakage"], scores
