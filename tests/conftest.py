@@ -15,24 +15,6 @@ from harness.comfy import REPO_ROOT, allowed_roots_env, import_pack, setup_inpro
 from harness.server import ComfyServer
 
 os.environ.update(allowed_roots_env())  # tests give nodes folders in temporary and cache folders
-
-# Under pytest-xdist (the README's test command: two workers) each worker computes on one core: two workers with two
-# OpenMP threads each on a 2-core machine spin-wait for each other and run 5-10x slower. Set before torch is
-# imported; the servers and subprocesses a test starts inherit it.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["OMP_NUM_THREADS"] = "1"
-
-
-def pytest_collection_modifyitems(config, items):
-    """xdist groups (used by --dist loadgroup): a module's tests run in one worker, so its module-scoped servers
-    start once; each toy-world family is a group of its own, scheduled first, so both bases pretrain at the start,
-    one per worker, while the rest of the suite fills in after the shorter one."""
-    for item in items:
-        family = getattr(getattr(item, "callspec", None), "params", {}).get("toy_checkpoint")
-        group = f"toyworld-{family}" if family is not None else item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: 0 if getattr(getattr(item, "callspec", None), "params", {}).get("toy_checkpoint")
-               else 1)
 ARTIFACTS = Path(os.environ.get("LORA_FOUNDRY_ARTIFACTS", REPO_ROOT / "test-artifacts"))
 
 

@@ -197,8 +197,7 @@ def environment(copy: Path, threads: int | None = None) -> dict[str, str]:
         from harness.fixtures import cache_dir
     finally:
         sys.path.remove(str(REPO_ROOT / "scripts"))
-    outer = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # not a worker of ours
-    return {**outer, "COMFYUI_ROOT": str(comfy_root()), "LORA_FOUNDRY_CACHE": str(cache_dir()),
+    return {**os.environ, "COMFYUI_ROOT": str(comfy_root()), "LORA_FOUNDRY_CACHE": str(cache_dir()),
             "LORA_FOUNDRY_ARTIFACTS": str(copy / "test-artifacts"), "PYTHONDONTWRITEBYTECODE": "1",
             **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
 

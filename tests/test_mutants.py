@@ -4,7 +4,6 @@ makes the test it names fail (README: Development, "A new mechanism lands with i
 from __future__ import annotations
 
 import ast
-import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,8 +24,7 @@ def test_each_mutant_breaks_one_line_that_is_there():
         assert (REPO_ROOT / mutant.test.split("::")[0]).is_file(), mutant.name
 
 
-# One copy of the repository each: the machines this runs on have two cores, one of them another xdist worker's.
-WORKERS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+WORKERS = 2  # one copy of the repository each; the machines this runs on have two cores
 
 
 def test_every_guarding_test_kills_its_mutant(tmp_path_factory):
