@@ -14,7 +14,7 @@ from ..training.configs.run_config import ConfigError, RunConfig, from_metadata,
 from .inputs import CATEGORY, Lora, Node, TrainingConfig
 
 CONFIGS_FOLDER = "lora_foundry_configs"  # models/lora_foundry_configs: not a folder other tools read
-CONFIG_EXTENSIONS = (".toml", ".json")
+CONFIG_EXTENSIONS = (".toml", ".json", ".yaml", ".yml")
 PASTED = "(the text below)"
 FORMATS = {"lora foundry toml": (".toml", to_toml), "kohya sd-scripts toml": (".toml", export_kohya)}
 
@@ -43,8 +43,9 @@ class LoadTrainingConfig(Node):
         return io.Schema(
             node_id="LoraFoundryLoadTrainingConfig", display_name="Load Training Config", category=CATEGORY,
             description="Settings for Train LoRA and Load Dataset from a file in models/lora_foundry_configs or "
-                        "pasted text: our TOML, a kohya sd-scripts TOML (training arguments or dataset config) or "
-                        "a kohya_ss GUI JSON. Keys that do not map are listed on the node.",
+                        "pasted text: our TOML, a kohya sd-scripts TOML (training arguments or dataset config), "
+                        "a kohya_ss GUI JSON, an ai-toolkit job (YAML / JSON) or a OneTrainer config (JSON). Keys "
+                        "that do not map are listed on the node.",
             inputs=[io.Combo.Input("config_file", options=[PASTED, *config_files()], default=PASTED),
                     io.String.Input("text", default="", multiline=True,
                                     tooltip="Config text, used when config_file is the text below.")],

@@ -201,13 +201,12 @@ STANDARD_GUI = {
 
 def test_gui_standard_with_block_dims_and_block_learning_rates(kc):
     config = kc.import_kohya(STANDARD_GUI, "standard.json")
-    assert config.values["network"] == {
-        "algorithm": "lora", "targets": "kohya", "train_text_encoder": True, "rank": 16, "alpha": 8.0,
+    assert config.values["network"] == {  # text_encoder_lr 0 with a unet_lr: kohya_ss trains the UNet only
+        "algorithm": "lora", "targets": "kohya", "train_text_encoder": False, "rank": 16, "alpha": 8.0,
         "rank_dropout": 0.1, "block_ranks": SD15_BLOCKS, "block_alphas": SD15_BLOCK_ALPHAS,
     }
     assert config.values["training"] == {
-        # unet_lr is the UNet's; kohya's text encoders learn at learning_rate
-        "learning_rate": 0.0002, "text_encoder_lr": 0.0001, "optimizer": "AdamW", "weight_decay": 0.01,
+        "learning_rate": 0.0002, "optimizer": "AdamW", "weight_decay": 0.01,
         "optimizer_args": [], "scheduler": "constant_with_warmup", "precision": "fp16",
         # down (12) / mid / up (12); 0.05 is under the zero threshold
         "block_lrs": "1,1,1,1,1,1,0.5,0.5,0.5,0,0,0,0.5,0,0,0,0.5,0.5,0.5,1,1,1,1,1,1",
@@ -332,9 +331,6 @@ def test_dataset_regularisation_folder_and_folder_named_repeats(kc):
 
 def test_unknown_and_no_effect_keys_are_listed(kc):
     text = """
-    network_module = "networks.oft"
-    optimizer_type = "DAdaptAdam"
-    optimizer_args = ["decouple=True"]
     lr_scheduler = "rex"
     mixed_precision = "no"
     loss_type = "smooth_l1"
@@ -351,11 +347,6 @@ def test_unknown_and_no_effect_keys_are_listed(kc):
     """
     config = kc.import_kohya(tomllib.loads(text), "odd.toml")
     assert config.unsupported == [
-        "network_module: not supported (networks.oft: ours are networks.lora (and its Flux / SD3 forms), "
-        "networks.dylora, networks.loha, networks.lokr and lycoris.kohya)",
-        "optimizer_type: not supported (DAdaptAdam: ours are AdamW, AdamW8bit, Lion, SGD / SGDNesterov, Adafactor, "
-        "Prodigy)",
-        "optimizer_args: not supported (the options of DAdaptAdam)",
         "lr_scheduler: not supported (rex: ours are constant, constant_with_warmup, linear, cosine, "
         "cosine_with_restarts, polynomial; constant is used)",
         "loss_type: not supported (smooth_l1: ours are l2 (mse), l1, huber)",
@@ -370,7 +361,8 @@ def test_unknown_and_no_effect_keys_are_listed(kc):
     ]
     # kohya's defaults where they differ from ours, and what did map
     assert config.values["network"] == {"train_text_encoder": True, "rank": 4, "alpha": 1.0}
-    assert config.values["training"] == {"precision": "fp32", "timestep_sampling": "logit_normal",
+    assert config.values["training"] == {"optimizer": "AdamW", "weight_decay": 0.01, "optimizer_args": [],
+                                         "precision": "fp32", "timestep_sampling": "logit_normal",
                                          "timestep_shift": "none", "epochs": 10, "min_snr_gamma": 0.0}
     assert config.values["captions"] == {"keep_tokens": 0}
     assert config.values["dataset"] == {"caption_extension": ".caption"}
@@ -384,8 +376,8 @@ def test_unknown_and_no_effect_keys_are_listed(kc):
      "bad.toml: conv_dim: [network] conv_rank = 'four' must be a whole number"),
     ({"optimizer_type": "AdamW", "optimizer_args": ["weight_decay=2"]},
      "bad.toml: optimizer_args weight_decay: [training] weight_decay = 2.0 is outside 0 to 1"),
-    ({"LoRA_type": "Standard", "bucket_reso_steps": 1},
-     "bad.toml: bucket_reso_steps: [dataset] bucket_step = 1 is outside 8 to 256"),
+    ({"LoRA_type": "Standard", "bucket_reso_steps": -8},
+     "bad.toml: bucket_reso_steps: [dataset] bucket_step = -8 is outside 8 to 256"),
     ({"LoRA_type": "Standard", "optimizer": "SGD", "max_resolution": "16,16"},
      "bad.toml: max_resolution: [dataset] resolution = 16 is outside 32 to 4096"),
     ({"datasets": [{"subsets": [{"image_dir": "/x", "num_repeats": 0}]}]},
@@ -493,10 +485,10 @@ def test_kohya_optimizer_defaults_are_made_ours(kc):
                                                  "optimizer_args": []}
     assert imported({"optimizer_type": "AdaFactor", "optimizer_args": ["relative_step=False"]}) == {
         "optimizer": "Adafactor", "weight_decay": 0.0, "optimizer_args": ["scale_parameter=True"]}
-    config = kc.import_kohya({"optimizer_type": "Adafactor"}, "o.toml")
+    config = kc.import_kohya({"optimizer_type": "Adafactor"}, "o.toml")  # kohya's default: relative steps, kept
+    assert config.values["training"]["optimizer_args"] == ["relative_step=True", "scale_parameter=True"]
     assert config.unsupported == [
-        "optimizer_args relative_step: not supported (kohya's Adafactor then picks its own step size; ours trains "
-        "at learning_rate (relative_step=False))"]
+        "learning_rate: not needed (Adafactor's relative steps set the step size; kohya logs learning_rate only)"]
 
 
 def test_export_lists_what_kohya_has_no_key_for(kc):

@@ -143,6 +143,9 @@ def train_from(args: argparse.Namespace) -> int:
         for section, values in extra.values.items():  # a dataset config's subset options are captions, flip, ...
             config.section(section).update(values)
         config.unsupported += extra.unsupported
+        config.changed += extra.changed
+    for line in config.changed:
+        print(f"changed: {line}", file=sys.stderr)
     for line in config.unsupported:
         print(f"not supported (ignored): {line}", file=sys.stderr)
     import comfy.model_management

@@ -2,7 +2,8 @@
 
 The weight [out, in, *k] is split as out = a * b, in = c * d (`factorization`, as LyCORIS
 chooses it); w1 is [a, c] and w2 is [b, d * prod(k)]. Scale is alpha / rank when w2 is
-low rank and 1 when both factors are full, which is how ComfyUI and LyCORIS read the file.
+low rank and 1 when both factors are full, which is how ComfyUI and LyCORIS read the file. Rank
+FULL_MATRIX_RANK (NetworkConfig's largest) makes every layer's factors full, as a huge dim does in LyCORIS.
 With a Tucker core (LyCORIS' use_tucker, kxk convolutions) the low-rank w2 is
 tucker(t2 [r, r, k, k], w2_a [r, b], w2_b [r, d]) instead of w2_a [b, r] @ w2_b [r, d * k * k].
 """
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 
 from .base import Adapter, flat_shape, tucker
+
+FULL_MATRIX_RANK = 1024
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
@@ -57,7 +60,7 @@ class LoKr(Adapter):
         a, b = factorization(out_dim, factor)
         c, d = factorization(in_dim, factor)
         w1 = torch.zeros(a, c)  # dW = 0 at step 0; w2 carries the gradient signal into w1
-        if full_matrix or rank >= max(b, d * kernel) / 2:
+        if full_matrix or rank >= FULL_MATRIX_RANK or rank >= max(b, d * kernel) / 2:
             w2 = torch.empty(b, d * kernel)
             nn.init.kaiming_uniform_(w2, a=math.sqrt(5))
             return cls(w1, w2=w2, shape=weight.shape, alpha=alpha, **options)

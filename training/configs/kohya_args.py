@@ -5,16 +5,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ...lora_core.adapters.lokr import FULL_MATRIX_RANK
 from ..engine.optim import SCHEDULERS
 from .kohya_names import (
-    KOHYA_DECAY,
+    FAMILY_CHECKBOXES,
     KOHYA_DEFAULTS,
     KOHYA_MODULES,
     LOSSES_IN,
     LYCORIS_ALGOS,
     LYCORIS_PRESETS,
+    NO_ALGORITHM,
+    NO_NOISE_OFFSET,
     NOT_NEEDED,
-    OPTIMIZERS_IN,
     PRECISIONS_IN,
     SAMPLING_IN,
     SAVE_PRECISIONS_IN,
@@ -22,17 +24,19 @@ from .kohya_names import (
     is_true,
     key_values,
 )
-from .kohya_reader import Reader
+from .kohya_optimizer import read_optimizer
+from .kohya_reader import Reader, check_plain
 from .run_config import RunConfig
 
 
 def import_args(values: dict, config: RunConfig, gui: bool = False) -> None:
+    check_plain(values, config.source)
     values = dict(values)
     values.update(key_values(values.pop("network_args", None)))  # sd-scripts hands them to the network module
     for key, default in KOHYA_DEFAULTS.items():
         values.setdefault(key, default)
     reader = Reader(values, config, gui)
-    for convert in (_network, _learning_rates, _optimizer, _schedule, _precision, _loss, _timesteps,
+    for convert in (_network, _learning_rates, read_optimizer, _noise, _schedule, _precision, _loss, _timesteps,
                     read_resolution, read_buckets, _block_ranks, _block_lrs, _latent_cache, _model, _samples):
         convert(reader)
     reader.rest()
@@ -51,9 +55,10 @@ def _network(r: Reader) -> None:
         return
     name = KOHYA_MODULES.get(module)
     if name is None:
-        r.unsupported("network_module", f"{module}: ours are networks.lora (and its Flux / SD3 forms), "
-                                        "networks.dylora, networks.loha, networks.lokr and lycoris.kohya")
-        return
+        r.refuse("network_module", module, "ours are networks.lora (and its Flux / SD3 forms), networks.dylora, "
+                                           f"networks.loha, networks.lokr and lycoris.kohya; {NO_ALGORITHM}")
+    if name == "lokr":
+        _lokr(r, "use_tucker")
     conv = "conv_dim" in r.values
     if conv:
         r.values.setdefault("conv_alpha", 1.0)  # sd-scripts' default
@@ -62,13 +67,15 @@ def _network(r: Reader) -> None:
 
 
 def _lycoris(r: Reader, algo: str, preset: str) -> None:
+    tucker_key = "use_cp" if "use_cp" in r.values else "use_tucker"
     for alias, key in (("use_cp", "use_tucker"), ("block_size", "unit"), ("dropout", "network_dropout")):
         if alias in r.values:
             r.values[key] = r.take(alias)
     name = LYCORIS_ALGOS.get(algo)
     if name is None:
-        r.unsupported("algo", f"LyCORIS {algo}: ours are lora / locon, loha, lokr, dylora")
-        return
+        r.refuse("algo", algo, f"LyCORIS' {algo} is not an algorithm of ours: {NO_ALGORITHM}")
+    if name == "lokr":
+        _lokr(r, tucker_key)
     r.set("network", "algorithm", name, "algo")
     if preset in LYCORIS_PRESETS:
         r.set("network", "targets", LYCORIS_PRESETS[preset], "preset")
@@ -81,13 +88,41 @@ def _lycoris(r: Reader, algo: str, preset: str) -> None:
         r.values.setdefault("unit", 4)
 
 
+def _lokr(r: Reader, tucker_key: str) -> None:
+    """LyCORIS' full-matrix LoKr (a dim past our largest rank) as our rank 1024, which is full matrices too; a Tucker
+    core, which ComfyUI cannot apply to LoKr, is refused where the matrices are low rank (full ones have none)."""
+    dims = {key: as_number(r.values.get(key)) for key in ("conv_dim", "network_dim")}
+    full = (dims["network_dim"] or 0) > FULL_MATRIX_RANK and (dims["conv_dim"] is None or
+                                                              dims["conv_dim"] > FULL_MATRIX_RANK)
+    why = f"LyCORIS makes LoKr's matrices full at a dim this large; ours does at rank {FULL_MATRIX_RANK}"
+    for key, number in dims.items():
+        if number is not None and number > FULL_MATRIX_RANK:
+            r.changed(key, r.values[key], FULL_MATRIX_RANK, why)
+            r.values[key] = FULL_MATRIX_RANK
+    for key in ("conv_alpha", "network_alpha"):
+        number = as_number(r.values.get(key))
+        if full and number is not None and number > FULL_MATRIX_RANK:
+            r.changed(key, r.values[key], FULL_MATRIX_RANK, "full matrices take no alpha")
+            r.values[key] = FULL_MATRIX_RANK
+    tucker = r.values.get("use_tucker")
+    if tucker is not None and is_true(tucker):
+        r.take("use_tucker")
+        if full:
+            r.not_needed(tucker_key, "full-matrix LoKr has no Tucker core")
+        else:
+            r.refuse(tucker_key, tucker, "ComfyUI cannot apply LoKr's Tucker core (lokr_t2), so training refuses "
+                                         "it: leave it off, or choose LoHa / LoCon for a Tucker core")
+
+
 def _learning_rates(r: Reader) -> None:
     lr, unet, te = r.take("learning_rate"), r.take("unet_lr"), r.take("text_encoder_lr")
     unet_only = is_true(r.take("network_train_unet_only", False))
-    if is_true(r.take("network_train_text_encoder_only", False)):
-        r.unsupported("network_train_text_encoder_only", "the UNet / DiT always trains")
+    te_only = r.take("network_train_text_encoder_only", False)
+    if is_true(te_only):
+        r.refuse("network_train_text_encoder_only", te_only, "the UNet / DiT always trains here; train the text "
+                                                             "encoders alone with kohya")
     if isinstance(te, list):  # one per text encoder
-        if len({float(x) for x in te}) > 1:
+        if len({as_number(x) for x in te}) > 1:
             r.unsupported("text_encoder_lr", f"{te}: one learning rate for every text encoder; the first is used")
         te = te[0] if te else None
     if unet is not None or lr is not None:
@@ -101,48 +136,14 @@ def _learning_rates(r: Reader) -> None:
         r.set("training", "text_encoder_lr", lr, "learning_rate")  # kohya's text encoders learn at learning_rate
 
 
-def _optimizer(r: Reader) -> None:
-    name = str(r.take("optimizer_type") or "")
-    if is_true(r.take("use_8bit_adam", False)):
-        name = name or "AdamW8bit"
-    if is_true(r.take("use_lion_optimizer", False)):
-        name = name or "Lion"
-    name = name or "AdamW"  # sd-scripts' default
-    pairs = key_values(r.take("optimizer_args"))
-    ours = OPTIMIZERS_IN.get(name.lower())
-    if ours is None:
-        r.unsupported("optimizer_type", f"{name}: ours are AdamW, AdamW8bit, Lion, SGD / SGDNesterov, Adafactor, "
-                                        "Prodigy")
-        if pairs:
-            r.unsupported("optimizer_args", f"the options of {name}")
+def _noise(r: Reader) -> None:
+    """noise_offset where kohya's trainer for the family applies it: Flux, SD3 and the newer ones draw plain noise."""
+    checked = [family for key, family in FAMILY_CHECKBOXES.items() if is_true(r.values.get(key, False))]
+    family = NO_NOISE_OFFSET.get(r.module) or next(iter(checked), None)
+    if family is None or "noise_offset" not in r.values:
         return
-    pairs = _as_our_optimizer(name.lower(), pairs, r)
-    decay = pairs.pop("weight_decay", KOHYA_DECAY.get(ours, 0.0))
-    for key in ("lr", "params"):
-        if pairs.pop(key, None) is not None:
-            r.unsupported(f"optimizer_args {key}", "set learning_rate")
-    r.set("training", "optimizer", ours, "optimizer_type")
-    r.set("training", "weight_decay", decay, "optimizer_args weight_decay")
-    r.set("training", "optimizer_args", [f"{k}={v}" for k, v in pairs.items()], "optimizer_args")
-
-
-def _as_our_optimizer(kind: str, pairs: dict, r: Reader) -> dict:
-    """optimizer_args that make our optimizer train as kohya's `kind` does (where their defaults differ)."""
-    if kind == "sgdnesterov":
-        return {"nesterov": "True", **pairs}
-    if kind == "sgd":  # torch's SGD has no momentum unless given; ours has 0.9
-        if "momentum" not in pairs:
-            return {**pairs, "momentum": "0"}
-        return {k: v for k, v in pairs.items() if k != "momentum" or as_number(v) != 0.9}
-    if kind == "adafactor":
-        if is_true(pairs.pop("relative_step", "True")):  # kohya's default
-            r.unsupported("optimizer_args relative_step", "kohya's Adafactor then picks its own step size; ours "
-                                                         "trains at learning_rate (relative_step=False)")
-        if is_true(pairs.pop("warmup_init", "False")):
-            r.unsupported("optimizer_args warmup_init", "ours trains at learning_rate (set warmup_steps)")
-        if is_true(pairs.pop("scale_parameter", "True")):  # transformers' default; ours is False
-            pairs["scale_parameter"] = "True"
-    return pairs
+    if as_number(r.take("noise_offset")) != 0:
+        r.not_needed("noise_offset", f"kohya's {family} trainer applies no noise offset")
 
 
 def _schedule(r: Reader) -> None:

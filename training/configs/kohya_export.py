@@ -1,10 +1,20 @@
-"""A RunConfig written as sd-scripts training arguments (train_network.py --config_file)."""
+"""A RunConfig written as the sd-scripts training arguments of its family's script (train_network.py,
+sdxl_train_network.py, sd3_train_network.py, flux_train_network.py, lumina_train_network.py --config_file)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ...lora_core.settings import declared, default_of
+from .kohya_families import (
+    FAMILY_ONLY,
+    FLUX_MODEL_TYPES,
+    UNKNOWN,
+    encoder_files,
+    family_of,
+    script_of,
+    sd3_timesteps_out,
+)
 from .kohya_names import (
     DATASET_CONFIG_ONLY,
     LOSSES_OUT,
@@ -22,10 +32,10 @@ from .run_config import RUN_KEYS, SETTINGS, RunConfig, toml_value
 
 
 def export_kohya(config: RunConfig) -> str:
-    """sd-scripts training arguments (train_network.py --config_file) of `config`; what kohya lacks in comments."""
+    """sd-scripts training arguments of `config` for its family's script; what that script lacks in comments."""
     w = _Writer(config)
     for write in (_model_out, _network_out, _rates_out, _optimizer_out, _schedule_out, _precision_out, _loss_out,
-                  _timesteps_out, _dataset_out, _declared_out):
+                  _timesteps_out, _dataset_out, _declared_out, _family_only):
         write(w)
     if w.network_args:
         w.args["network_args"] = [f"{k}={_arg_text(v)}" for k, v in w.network_args.items()]
@@ -37,6 +47,8 @@ class _Writer:
 
     def __init__(self, config: RunConfig):
         self.config = config
+        self.family = family_of(config)
+        self.script = script_of(config)
         self.values = {s: _with_defaults(config, s) for s in SETTINGS}
         self.args: dict[str, Any] = {}
         self.network_args: dict[str, Any] = {}
@@ -48,7 +60,7 @@ class _Writer:
         return self.values[section][name]
 
     def text(self) -> str:
-        lines = ["# kohya sd-scripts training arguments (train_network.py --config_file), written by Lora Foundry.",
+        lines = [f"# kohya sd-scripts training arguments ({self.script.name} --config_file), written by Lora Foundry.",
                  "# output_dir: set where kohya saves the LoRA."]
         defaults = {s: _defaults(s) for s in SETTINGS}
         left = [f"#   {name} = {toml_value(value)}" for s in SETTINGS for name, value in self.values[s].items()
@@ -77,18 +89,43 @@ def _arg_text(value: Any) -> str:
 
 
 def _model_out(w: _Writer) -> None:
-    model = w.config.values.get("model", {})
+    model, script = w.config.values.get("model", {}), w.script
     base = model.get("checkpoint") or model.get("diffusion_model")
     if base:
         w.args["pretrained_model_name_or_path"] = base
+    files = encoder_files(list(model.get("text_encoders") or []), script.encoders)
+    w.args.update(files)
     if model.get("vae"):
-        w.args["ae" if model.get("clip_type") == "flux" else "vae"] = model["vae"]
-    if model.get("text_encoders"):
-        w.notes.append(f"text_encoders {toml_value(model['text_encoders'])}: set clip_l / clip_g / t5xxl to them")
-    if str(model.get("weight_dtype", "")).startswith("fp8"):
-        w.args["fp8_base"] = True  # kohya's fp8 is e4m3fn
+        w.args[script.vae_key] = model["vae"]
+    missing = [k for k in ("pretrained_model_name_or_path", *script.encoders, script.vae_key) if k not in w.args
+               and k != "vae"]  # a checkpoint holds its VAE
+    if missing and script is not UNKNOWN:
+        w.notes.append(f"{', '.join(missing)}: set to the model's files")
+    left = [f for f in model.get("text_encoders") or [] if f not in files.values()]
+    if left:
+        w.notes.append(f"text_encoders {toml_value(left)}: {script.name} takes no more text encoder files")
+    _fp8_out(w, model)
+    if w.family in FLUX_MODEL_TYPES:
+        w.args["model_type"] = FLUX_MODEL_TYPES[w.family]
+    if w.family == "sd_v2":
+        w.args["v2"] = True
+        w.notes.append("v_parameterization: add v_parameterization = true for a 768-v model (SD 2.x 768)")
+    if w.family == "sdxl_base_v1-0":
+        w.args["cache_text_encoder_outputs"] = False  # as ours: the text encoders' outputs for each caption
     w.args["output_name"] = w.config.run_value("run", "output_name")
     w.args["save_precision"] = SAVE_PRECISIONS_OUT[w.config.run_value("run", "save_precision")]
+
+
+def _fp8_out(w: _Writer, model: dict) -> None:
+    dtype = str(model.get("weight_dtype", ""))
+    if not dtype.startswith("fp8"):
+        return
+    if not model.get("diffusion_model"):
+        w.notes.append(f"weight_dtype {dtype}: a checkpoint loads as it is stored; left out")
+        return
+    w.args["fp8_base"] = True
+    if dtype == "fp8_e5m2":
+        w.notes.append("weight_dtype fp8_e5m2: kohya's fp8_base is fp8_e4m3fn")
 
 
 def _network_out(w: _Writer) -> None:
@@ -99,8 +136,10 @@ def _network_out(w: _Writer) -> None:
     conv_rank, conv_alpha = w.get("network", "conv_rank") or None, w.get("network", "conv_alpha")
     native = (algorithm in ("lora", "dylora") and targets in ("kohya", "locon") and not w.values["network"]["dora"]
               and not w.values["network"]["use_tucker"])
+    if algorithm == "dylora" and w.script.module != "networks.lora":
+        native = False  # networks.dylora adapts SD's UNets only; LyCORIS' DyLoRA any model
     if native:
-        w.args["network_module"] = "networks.lora" if algorithm == "lora" else "networks.dylora"
+        w.args["network_module"] = w.script.module if algorithm == "lora" else "networks.dylora"
         if targets == "locon":
             w.network_args["conv_dim"] = conv_rank or rank
             w.network_args["conv_alpha"] = conv_alpha if conv_alpha is not None else conv_rank or alpha  # as ours
@@ -245,3 +284,19 @@ def _declared_out(w: _Writer) -> None:
             continue
         if key not in NETWORK_ARG_KEYS:  # those are written with their network module, where it takes them
             w.args[key] = value
+
+
+def _family_only(w: _Writer) -> None:
+    """The keys of other families' scripts left out (their settings are listed as kohya has no key for them, where
+    not at their defaults); then SD3's own timestep keys."""
+    names = kohya_names()
+    for key in [k for k in w.args if k in FAMILY_ONLY and k not in w.script.keys]:
+        del w.args[key]
+        if key == "timestep_sampling":
+            w.used -= {("training", "timestep_sampling"), ("training", "timestep_shift")}
+        elif key in names:
+            w.used.discard(names[key])
+    pairs = sd3_timesteps_out(w.values["training"]) if w.family == "sd3" else None
+    if pairs is not None:
+        w.args.update(pairs)
+        w.used.update({("training", "timestep_sampling"), ("training", "timestep_shift"), ("training", "shift")})

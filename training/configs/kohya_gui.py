@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from .kohya_names import GUI_LORAPLUS, GUI_NETWORK_KEYS, GUI_NETWORKS, as_number
-from .run_config import RunConfig
+from .kohya_names import GUI_LORAPLUS, GUI_NETWORK_KEYS, GUI_NETWORKS, NO_ALGORITHM, as_number
+from .kohya_reader import check_plain
+from .run_config import ConfigError, RunConfig
 
 
 def gui_args(data: dict, config: RunConfig) -> dict:
     """A kohya_ss GUI config as the sd-scripts arguments its lora_gui.py passes."""
+    check_plain(data, config.source)
+    trains = _trained_parts(data, config)
     # The GUI leaves every "", false, 0 and null value out of those (its filter compares with ==, so 0 goes too):
     # sd-scripts then trains with its defaults, so such keys change nothing and are left out here as well.
     gui = {key: value for key, value in data.items() if value not in ("", False, None)}
@@ -26,14 +29,27 @@ def gui_args(data: dict, config: RunConfig) -> dict:
     attention = "xformers" if attention is True else attention  # older GUI versions: a checkbox
     if attention in ("xformers", "sdpa"):
         args[attention] = True
-    return {**args, **gui}
+    return {**args, **trains, **gui}
+
+
+def _trained_parts(data: dict, config: RunConfig) -> dict:
+    """What kohya_ss trains, told by its learning rates: a text encoder rate of 0 with a UNet rate trains the UNet
+    only (its lora_gui.py); a UNet rate of 0 with a text encoder rate, the text encoders only, which we cannot."""
+    te, unet = (as_number(data.get(key)) or 0 for key in ("text_encoder_lr", "unet_lr"))
+    if te == 0 and unet != 0:
+        return {"network_train_unet_only": True}
+    if te != 0 and unet == 0:
+        raise ConfigError(f"{config.source}: text_encoder_lr = {te:g} with unet_lr = 0: kohya_ss trains the text "
+                          "encoders only; here the UNet / DiT always trains (train the text encoders alone with "
+                          "kohya)")
+    return {}
 
 
 def _gui_network(lora_type: str, fields: dict, config: RunConfig) -> dict:
     # A field the GUI passes only for other LoRA types changes nothing for this one.
     if lora_type not in GUI_NETWORKS:
-        config.unsupported.append(f"LoRA_type: not supported ({lora_type}: ours are {', '.join(GUI_NETWORKS)})")
-        return {}
+        raise ConfigError(f"{config.source}: LoRA_type = {lora_type!r}: ours are {', '.join(GUI_NETWORKS)}; "
+                          f"{NO_ALGORITHM}")
     module, algo, keys = GUI_NETWORKS[lora_type]
     network_args = {key: fields[key] for key in (*keys, *GUI_LORAPLUS) if key in fields}
     if algo is not None:

@@ -9,6 +9,7 @@ either (see kohya_gui, NO_EFFECT).
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import PurePath, PureWindowsPath
 from typing import Any
@@ -34,6 +35,51 @@ SUBSET_DEFAULTS = {"keep_tokens": 0, "caption_extension": ".caption", "num_repea
 NO_EFFECT = {"clip_skip": 1, "max_token_length": 75, "network_multiplier": 1.0, "num_processes": 1,
               "num_machines": 1, "model_prediction_type": "raw"}
 
+# Keys sd-scripts reads as lists; a key we read otherwise holds one value (a list there is refused by name).
+LIST_KEYS = frozenset({"network_args", "optimizer_args", "text_encoder_lr", "resolution", "target_frames"})
+# What the converters (kohya_args, kohya_gui, kohya_dataset) make of the keys they read: the README's table.
+CONVERTED_KEYS = {
+    "network_module": "algorithm and targets; modules we do not have are refused",
+    "algo": "algorithm (LyCORIS lora / locon, loha, lokr, dylora; iA3, GLoRA, OFT, BOFT, full ... refused)",
+    "preset": "targets (full: all, attn-mlp: kohya, attn-only: attention)",
+    "LoRA_type": "network_module and algo as kohya_ss passes them; types we do not have are refused",
+    "use_cp": "use_tucker (refused for low-rank LoKr: ComfyUI cannot apply its Tucker core)",
+    "network_dim": "rank; LoKr above 1024: rank 1024, full matrices, as LyCORIS' huge dims",
+    "mixed_precision": "precision (no: fp32)",
+    "save_precision": "[run] save_precision (float: fp32)",
+    "optimizer_type": "optimizer; D-Adaptation: Prodigy, CAME: Adafactor, paged / 8-bit Lion: ours; "
+                      "schedule-free and unknown ones refused",
+    "optimizer_args": "optimizer_args and weight_decay, with kohya's defaults made ours; Adafactor relative_step kept",
+    "learning_rate": "learning_rate (the text encoders' too unless text_encoder_lr)",
+    "unet_lr": "learning_rate",
+    "text_encoder_lr": "text_encoder_lr; 0 with a UNet rate: train_text_encoder off",
+    "network_train_unet_only": "train_text_encoder off",
+    "network_train_text_encoder_only": "refused: the UNet / DiT always trains",
+    "lr_scheduler": "scheduler",
+    "lr_warmup_steps": "warmup_steps (a fraction: of max_train_steps)",
+    "lr_warmup": "warmup_steps (kohya_ss: a percent of the steps)",
+    "epoch": "epochs (kohya_ss, without max_train_steps)",
+    "resolution": "resolution (width x height: the side of the same pixel count)",
+    "bucket_reso_steps": "bucket_step, the nearest multiple of 8 from 8 to 256",
+    "loss_type": "loss (l2: mse)",
+    "timestep_sampling": "timestep_sampling and timestep_shift",
+    "noise_offset": "noise_offset; none for Flux, SD3, Lumina, Anima and HunyuanImage (kohya's trainers apply none)",
+    "keep_tokens_separator": "keep_tokens_separator: tags before it stay in front, after a second one at the end",
+    "block_dims": "block_ranks (every block)",
+    "block_alphas": "block_alphas (every block)",
+    "down_lr_weight": "block_lrs", "mid_lr_weight": "block_lrs", "up_lr_weight": "block_lrs",
+    "cache_latents_to_disk": "cache_latents (disk / memory)",
+    "pretrained_model_name_or_path": "[model] checkpoint, or diffusion_model with clip_l / clip_g / t5xxl",
+    "clip_l": "[model] text_encoders", "clip_g": "[model] text_encoders", "t5xxl": "[model] text_encoders",
+    "ae": "[model] vae", "vae": "[model] vae (with a diffusion_model)", "fp8_base": "[model] weight_dtype fp8_e4m3fn",
+    "image_dir": "folder (the first image subset) or reg_folder (the first is_reg subset)",
+    "batch_size": "batch_size", "video_directory": "folder", "target_frames": "frames (the longest)",
+    "frame_extraction": "frame_extraction", "control_directory": "control_folder",
+    "validation_split": "validation_split; 1.0 (a validation-only dataset): listed, its images not trained on",
+}
+# LyCORIS algorithms and kohya_ss LoRA types we do not have: refused, never trained as a default LoRA.
+NO_ALGORITHM = "ours are LoRA / LoCon, LoHa, LoKr and DyLoRA (lora_core/adapters); train it with kohya"
+
 KOHYA_MODULES = {"networks.lora": "lora", "networks.lora_sd3": "lora", "networks.lora_flux": "lora",
                  "networks.lora_lumina": "lora", "networks.lora_anima": "lora", "networks.lora_hunyuan_image": "lora",
                  "networks.dylora": "dylora", "networks.loha": "loha", "networks.lokr": "lokr"}
@@ -47,8 +93,38 @@ NETWORK_ARG_KEYS = frozenset({"conv_dim", "conv_alpha", "dora_wd", "rank_dropout
 # Keys kohya has only in a dataset config ([[datasets.subsets]]), not as training arguments.
 DATASET_CONFIG_ONLY = frozenset({"num_repeats", "conditioning_data_dir"})
 
+# sd-scripts' families whose trainers draw plain noise (flux_train_network.py and the others: no noise_offset).
+NO_NOISE_OFFSET = {"networks.lora_flux": "Flux", "networks.lora_sd3": "SD3", "networks.lora_lumina": "Lumina",
+                   "networks.lora_anima": "Anima", "networks.lora_hunyuan_image": "HunyuanImage"}
+FAMILY_CHECKBOXES = {"flux1_checkbox": "Flux", "sd3_checkbox": "SD3", "lumina_checkbox": "Lumina",
+                     "anima_checkbox": "Anima", "hunyuan_image_checkbox": "HunyuanImage"}
 OPTIMIZERS_IN = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "lion": "Lion", "sgd": "SGD", "sgdnesterov": "SGD",
                  "adafactor": "Adafactor", "prodigy": "Prodigy"}
+_D_ADAPTATION = ("Prodigy", "Prodigy is D-Adaptation's successor: it estimates the step size as D-Adaptation "
+                             "does, learning_rate its multiplier (about 1.0)")
+_SAME_UPDATES = "the same updates; paged or 8-bit state only saves memory"
+# kohya optimizers we have under another name: (ours, why); sd-scripts also takes full class names (module.Class).
+OPTIMIZER_ALIASES = {
+    **dict.fromkeys(("dadaptation", "dadaptadam", "dadaptadampreprint", "dadaptadagrad", "dadaptadan",
+                     "dadaptadanip", "dadaptlion", "dadaptsgd"), _D_ADAPTATION),
+    "prodigyplusschedulefree": ("Prodigy", "its schedule-free averaging is not kept; the step size is estimated "
+                                           "as Prodigy does"),
+    "came": ("Adafactor", "CAME is Adafactor with momentum and a confidence-weighted step: factored second moments "
+                          "and beta1 at the same learning rate"),
+    **dict.fromkeys(("pagedadamw", "pagedadamw32bit"), ("AdamW", _SAME_UPDATES)),
+    "pagedadamw8bit": ("AdamW8bit", _SAME_UPDATES),
+    **dict.fromkeys(("lion8bit", "pagedlion8bit"), ("Lion", _SAME_UPDATES)),
+    "sgdnesterov8bit": ("SGD", _SAME_UPDATES),
+}
+# Optimizers whose learning rate means something else under ours: refused with why.
+OPTIMIZERS_REFUSED = {
+    **dict.fromkeys(("adamwschedulefree", "radamschedulefree", "sgdschedulefree"),
+                    "schedule-free optimizers average their iterates and take a learning rate of their own; ours "
+                    "follow a schedule: choose AdamW with a scheduler"),
+}
+# Prodigy's options (prodigyopt): D-Adaptation's of the same names mean the same there.
+PRODIGY_ARGS = frozenset({"betas", "beta3", "eps", "weight_decay", "decouple", "use_bias_correction",
+                          "safeguard_warmup", "d0", "d_coef", "growth_rate", "fsdp_in_use", "slice_p"})
 # The weight decay of the optimizer kohya builds when optimizer_args set none (torch / bitsandbytes AdamW); Lion,
 # SGD, Adafactor and Prodigy default to none.
 KOHYA_DECAY = {"AdamW": 0.01, "AdamW8bit": 0.01}
@@ -122,7 +198,6 @@ REASONS = {
     "ip_noise_gamma": "noise_offset is the only noise augmentation",
     "scale_weight_norms": "no max-norm regularisation",
     "caption_dropout_every_n_epochs": "caption_dropout is drawn at every step",
-    "keep_tokens_separator": "captions are comma-separated tags; keep_tokens counts them",
     "secondary_separator": "captions are comma-separated tags; keep_tokens counts them",
     "caption_separator": "captions are comma-separated tags; keep_tokens counts them",
     "enable_wildcard": "captions are comma-separated tags",
@@ -191,16 +266,18 @@ def as_setting_type(section: str, name: str, value: Any) -> Any:
 
 
 def as_number(value: Any) -> int | float | None:
+    """A finite number written as a number or as text, else None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return value
+        return value if math.isfinite(value) else None
     if isinstance(value, str):
         for kind in (int, float):
             try:
-                return kind(value.strip())
+                number = kind(value.strip())
             except ValueError:
-                pass
+                continue
+            return number if math.isfinite(number) else None
     return None
 
 
@@ -216,7 +293,8 @@ def key_values(value: Any) -> dict[str, str]:
         return {}
     if isinstance(value, dict):
         return dict(value)
-    items = value.split() if isinstance(value, str) else [str(v) for v in value]
+    items = value.split() if isinstance(value, str) else [str(v) for v in (value if isinstance(value, list) else
+                                                                           [value])]
     out = {}
     for item in items:
         key, _, text = item.strip().strip('"').partition("=")
@@ -226,3 +304,19 @@ def key_values(value: Any) -> dict[str, str]:
 
 def file_name(path: str) -> str:
     return (PureWindowsPath(path) if "\\" in path else PurePath(path)).name
+
+
+def key_table() -> str:
+    """Every kohya key the import reads and what it becomes, as the README's Markdown table."""
+    rows = {key: ("mapped", f"`[{section}] {name}`") for key, (section, name) in kohya_names().items()}
+    rows.update({key: ("converted", what) for key, what in CONVERTED_KEYS.items()})
+    for key, value in NO_EFFECT.items():
+        other = NOT_NEEDED.get(key) or REASONS.get(key, "no setting of ours does this")
+        rows.setdefault(key, ("no effect", f"`{value}` is what ours does; another value is listed: {other}"))
+    rows.update({key: ("not needed", why) for key, why in NOT_NEEDED.items() if key not in rows})
+    rows.update({key: ("not supported", why) for key, why in REASONS.items() if key not in rows})
+    order = ("mapped", "converted", "no effect", "not needed", "not supported")
+    lines = ["| kohya key | read as | what it becomes, or why not |", "|---|---|---|"]
+    for key, (kind, what) in sorted(rows.items(), key=lambda row: (order.index(row[1][0]), row[0].lower())):
+        lines.append(f"| `{key}` | {kind} | {what.replace('|', '/')} |")
+    return "\n".join(lines)

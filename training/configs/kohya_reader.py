@@ -3,10 +3,12 @@ through the settings' declared kohya names or are listed with why they were not.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
-from .kohya_names import GUI_NAMES, NO_EFFECT, NOT_NEEDED, REASONS, as_number, as_setting_type, kohya_names
-from .run_config import RunConfig, checked_value
+from .kohya_names import GUI_NAMES, LIST_KEYS, NO_EFFECT, NOT_NEEDED, REASONS, as_number, as_setting_type, kohya_names
+from .run_config import ConfigError, RunConfig, checked_value
+
+_SCALARS = (str, int, float, bool)
 
 
 def flatten(data: dict) -> dict:
@@ -20,10 +22,24 @@ def flatten(data: dict) -> dict:
     return out
 
 
+def check_plain(values: dict, source: str) -> None:
+    """A ConfigError naming the first key whose value is a table, or a list where kohya takes one value."""
+    for key, value in values.items():
+        if isinstance(value, _SCALARS):
+            continue
+        if key == "network_args" and isinstance(value, dict) and all(isinstance(v, _SCALARS) for v in value.values()):
+            continue  # the kohya_ss GUI's fields, gathered by kohya_gui
+        if key in LIST_KEYS and isinstance(value, list) and all(isinstance(v, _SCALARS) for v in value):
+            continue
+        wanted = "a value or a list of values" if key in LIST_KEYS else "one value"
+        raise ConfigError(f"{source}: {key} = {value!r} must be {wanted}")
+
+
 class Reader:
     """The keys of one kohya config being mapped: converters take what they read; `rest` maps or lists the others."""
 
     def __init__(self, values: dict, config: RunConfig, gui: bool = False):
+        check_plain(values, config.source)
         self.values, self.config, self.gui = dict(values), config, gui
         self.names = GUI_NAMES if gui else {}  # messages name a key as the file does
         self.module: str | None = None  # the network module, once read
@@ -33,8 +49,26 @@ class Reader:
 
     def set(self, section: str, name: str, value: Any, key: str) -> None:
         value = as_setting_type(section, name, value)
+        if (section, name) == ("dataset", "bucket_step"):
+            value = self._bucket_step(value, key)
         where = f"{self.config.source}: {self.names.get(key, key)}"
         self.config.section(section)[name] = checked_value(section, name, value, where)
+
+    def _bucket_step(self, value: Any, key: str) -> Any:
+        """kohya takes any step; ours the nearest multiple of 8 from 8 to 256 (a latent cell is 8 pixels)."""
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return value  # checked_value says what it takes
+        ours = min(256, max(8, round(value / 8) * 8))
+        if ours != value:
+            self.changed(key, value, ours, f"bucket sides here are multiples of 8 to 256 pixels; {ours} is the nearest")
+        return ours
+
+    def changed(self, key: str, value: Any, ours: Any, why: str) -> None:
+        self.config.changed.append(f"{self.names.get(key, key)}: {value} -> {ours} ({why})")
+
+    def refuse(self, key: str, value: Any, why: str) -> NoReturn:
+        """Stops the import: the config means something we cannot do."""
+        raise ConfigError(f"{self.config.source}: {self.names.get(key, key)} = {value!r}: {why}")
 
     def unsupported(self, key: str, why: str) -> None:
         self.config.unsupported.append(f"{self.names.get(key, key)}: not supported ({why})")

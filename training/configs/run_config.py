@@ -16,6 +16,7 @@ from typing import Any
 
 import tomllib
 
+from ...lora_core.metadata import FAMILIES
 from ...lora_core.network import NetworkConfig
 from ...lora_core.settings import declared, default_of
 from ..data.captions import CaptionOptions
@@ -42,10 +43,14 @@ RUN_KEYS = {
         "vae": (str, "", "The VAE file (models/vae or a path)."),
         "weight_dtype": (str, "default", "The diffusion model's weight dtype, as UNETLoader's (default, "
                                          "fp8_e4m3fn, fp8_e4m3fn_fast, fp8_e5m2)."),
+        "family": (str, "", "The base model's family, as a LoRA's ss_base_model_version names it (sd_v1, sd_v2, "
+                            "sdxl_base_v1-0, sd3, flux1, chroma, lumina2, ...): which kohya script an export is "
+                            "for; empty = told from the files above. Training reads the family from the model."),
     },
 }
 RUN_CHOICES = {("run", "save_precision"): ("fp16", "bf16", "fp32"),
-               ("model", "weight_dtype"): ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")}
+               ("model", "weight_dtype"): ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"),
+               ("model", "family"): ("", *dict.fromkeys(version for _, version in FAMILIES.values()))}
 SECTIONS = (*RUN_KEYS, *SETTINGS)
 GRAPH_SECTIONS = ("network", "training", "captions")  # what Train LoRA's config input overrides
 
@@ -60,6 +65,10 @@ class RunConfig:
 
     values: dict[str, dict[str, Any]] = field(default_factory=lambda: {s: {} for s in SECTIONS})
     unsupported: list[str] = field(default_factory=list)  # keys read but not used, each with why
+    changed: list[str] = field(default_factory=list)  # values taken as the nearest we have, each with why
+    # The family a LoRA's metadata names (ss_base_model_version): which kohya script an export is for. Not a [model]
+    # key: such a config has no model files, and a user adds [model] to it with theirs.
+    base_family: str = ""
     source: str = "config"
 
     def section(self, name: str) -> dict[str, Any]:
@@ -83,6 +92,9 @@ class RunConfig:
             items = self.values.get(s)
             if items:
                 lines.append(f"  [{s}] " + ", ".join(f"{k} = {_short(v)}" for k, v in items.items()))
+        if self.changed:
+            lines.append("  changed to the nearest we have:")
+            lines += [f"    {c}" for c in self.changed]
         if self.unsupported:
             lines.append("  not supported (ignored):")
             lines += [f"    {u}" for u in self.unsupported]
@@ -188,6 +200,9 @@ def from_metadata(metadata: dict[str, str], source: str = "LoRA metadata") -> Ru
         dataset = DatasetOptions(**_known(DatasetOptions, dataset_options))
     config = settings_values(network, train, dataset, metadata.get("ss_output_name"))
     config.source = source
+    family = metadata.get("ss_base_model_version", "")
+    if family in RUN_CHOICES[("model", "family")][1:]:
+        config.base_family = family
     return config
 
 

@@ -35,6 +35,10 @@ class CaptionOptions:
     tag_dropout: float = setting(0.0, "Chance that each tag is left out at a step.", min=0.0, max=1.0, step=0.01,
                                  kohya="caption_tag_dropout_rate")
     separator: str = setting(", ", "What tags are joined with.")
+    keep_tokens_separator: str = setting("", "kohya's keep_tokens_separator: in a caption holding it, the tags before "
+                                         "it stay in front (in place of keep_tokens), those after a second one stay "
+                                         "at the end; it never reaches the text encoder. Empty: none.",
+                                         kohya="keep_tokens_separator")
 
     def __post_init__(self) -> None:
         self.trigger_word = self.trigger_word.strip()
@@ -56,20 +60,31 @@ def process_caption(text: str, options: CaptionOptions, rng: random.Random) -> s
     """The caption for one step; the same rng state gives the same result."""
     if options.caption_dropout > 0 and rng.random() < options.caption_dropout:
         return ""
-    tags = split_tags(text)
-    trigger = split_tags(options.trigger_word)
-    if trigger:
-        wanted = {t.casefold() for t in trigger}
-        tags = trigger + [t for t in tags if t.casefold() not in wanted]
-    fixed_count = max(options.keep_tokens, len(trigger))
-    fixed, rest = tags[:fixed_count], tags[fixed_count:]
+    fixed, rest, end = kept_and_free_tags(text, options)
     if options.tag_dropout > 0:
         rest = [t for t in rest if rng.random() >= options.tag_dropout]
     if options.shuffle_tags:
         rng.shuffle(rest)
     # Prefix and suffix are whole leading/trailing tags: never shuffled or dropped.
-    parts = [options.prefix.strip(" ,"), *fixed, *rest, options.suffix.strip(" ,")]
+    parts = [options.prefix.strip(" ,"), *fixed, *rest, *end, options.suffix.strip(" ,")]
     return options.separator.join(p for p in parts if p)
+
+
+def kept_and_free_tags(text: str, options: CaptionOptions) -> tuple[list[str], list[str], list[str]]:
+    """A caption's tags kept in front (the trigger word first), those shuffled and dropped, and those kept at the
+    end: split at keep_tokens_separator where the caption holds it (as kohya does), else by keep_tokens."""
+    trigger = split_tags(options.trigger_word)
+    wanted = {t.casefold() for t in trigger}
+    sep = options.keep_tokens_separator
+    if sep and sep in text:
+        front, _, after = text.partition(sep)
+        middle, _, end = after.partition(sep)
+        front_tags, rest, end_tags = ([t for t in split_tags(part) if t.casefold() not in wanted]
+                                      for part in (front, middle, end))
+        return trigger + front_tags, rest, end_tags
+    tags = trigger + [t for t in split_tags(text) if t.casefold() not in wanted]
+    fixed_count = max(options.keep_tokens, len(trigger))
+    return tags[:fixed_count], tags[fixed_count:], []
 
 
 def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict[str, dict[str, int]]:

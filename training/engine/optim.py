@@ -56,7 +56,8 @@ class Lion(torch.optim.Optimizer):
 
 
 class Adafactor(torch.optim.Optimizer):
-    """Adafactor at the given learning rate (transformers' Adafactor with relative_step=False).
+    """Adafactor as transformers' (kohya's): at the given learning rate, or with relative_step at
+    min(1e-2, 1 / sqrt(step)) (warmup_init: min(1e-6 * step, 1 / sqrt(step))), the learning rate then unused.
 
     torch.optim.Adafactor always multiplies the step by max(eps2, RMS(param)), which barely moves parameters
     that start at zero such as lora_up, and has no switch for it; here that scaling is `scale_parameter`, off.
@@ -64,12 +65,13 @@ class Adafactor(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
                  decay_rate: float = -0.8, beta1: float | None = None, weight_decay: float = 0.0,
-                 scale_parameter: bool = False):
+                 scale_parameter: bool = False, relative_step: bool = False, warmup_init: bool = False):
         if lr < 0 or weight_decay < 0 or clip_threshold <= 0 or decay_rate > 0:
             raise ValueError(f"Adafactor: invalid lr={lr}, weight_decay={weight_decay}, "
                              f"clip_threshold={clip_threshold} or decay_rate={decay_rate}")
         defaults = {"lr": lr, "eps": tuple(eps), "clip_threshold": clip_threshold, "decay_rate": decay_rate,
-                    "beta1": beta1, "weight_decay": weight_decay, "scale_parameter": scale_parameter}
+                    "beta1": beta1, "weight_decay": weight_decay, "scale_parameter": scale_parameter,
+                    "relative_step": relative_step, "warmup_init": warmup_init}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -102,6 +104,9 @@ class Adafactor(torch.optim.Optimizer):
         state["step"] += 1
         param = p.float()  # p itself when it is float32; a float32 copy of bf16/fp16 weights
         lr = group["lr"]
+        if group.get("relative_step"):  # state saved before relative steps existed has no such key
+            step = state["step"]
+            lr = min(1e-6 * step if group.get("warmup_init") else 1e-2, 1.0 / math.sqrt(step))
         if group["scale_parameter"]:
             lr *= max(eps2, _rms(param).item())
         mix = state["step"] ** group["decay_rate"]  # 1 - beta2 at this step: 1 on the first step
