@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .foreign import Table, model_file
+from .foreign import Table, first_only, model_file
 from .run_config import ConfigError, RunConfig
 
 NETWORK_TYPES = {"lora": "lora", "locon": "locon", "lokr": "lokr"}
@@ -245,12 +245,7 @@ def _datasets(process: Table) -> None:
     tables = [Table(d, process.name(f"datasets[{i}]"), process.config) for i, d in enumerate(datasets)]
     train = [t for t in tables if not t.values.get("is_reg")]
     reg = [t for t in tables if t.values.get("is_reg")]
-    for index, table in enumerate(train):
-        if index == 0:
-            _dataset(table)
-        else:
-            table.unsupported("folder_path", "one training dataset: the first is used")
-            table.values.clear()
+    first_only(train, _dataset, "folder_path", "one training dataset: the first is used")
     for index, table in enumerate(reg):
         table.take("is_reg")
         if index == 0:

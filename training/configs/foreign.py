@@ -73,13 +73,12 @@ def model_file(table: Table, key: str, family_note: str = "") -> None:
                                f"+ text_encoders + vae, to ComfyUI's files{family_note}")
 
 
-def number(value: Any) -> float | None:
-    """A number from a YAML / JSON value (YAML 1.1 reads 1e-4 as text)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return value
-    try:
-        return float(str(value))
-    except ValueError:
-        return None
+def first_only(tables: list[Table], read, key: str, why: str) -> None:
+    """Read the first table with `read`; each other one is listed under `key` as not supported (why), its keys dropped:
+    a run trains one dataset folder."""
+    for index, table in enumerate(tables):
+        if index == 0:
+            read(table)
+        else:
+            table.unsupported(key, why)
+            table.values.clear()

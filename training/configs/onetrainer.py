@@ -7,7 +7,8 @@ import math
 from pathlib import PurePath
 from typing import Any
 
-from .foreign import Table, model_file, number
+from .foreign import Table, first_only, model_file
+from .kohya_names import as_number
 from .run_config import ConfigError, RunConfig
 
 # OneTrainer's defaults where they differ from ours: a preset without the key trains with these.
@@ -171,18 +172,18 @@ def _steps(t: Table) -> None:
     t.set_from("unmasked_weight", "training", "mask_floor")
     t.set_from("gradient_checkpointing", "training", "gradient_checkpointing",
                lambda v: v if isinstance(v, bool) else str(v).upper() != "OFF")
-    t.set_from("min_noising_strength", "training", "min_timestep", lambda v: _whole(number(v), 1000))
-    t.set_from("max_noising_strength", "training", "max_timestep", lambda v: _whole(number(v), 1000))
+    t.set_from("min_noising_strength", "training", "min_timestep", lambda v: _whole(as_number(v), 1000))
+    t.set_from("max_noising_strength", "training", "max_timestep", lambda v: _whole(as_number(v), 1000))
 
 
 def _whole(value: Any, scale: float = 1) -> int | None:
     """A whole number from a number (None for anything else: listed as not supported)."""
-    value = number(value)
+    value = as_number(value)
     return round(value * scale) if value is not None and math.isfinite(value) else None
 
 
 def _side(value: Any) -> int | None:
-    parts = [number(p) for p in str(value).replace("x", ",").split(",")]
+    parts = [as_number(p) for p in str(value).replace("x", ",").split(",")]
     if len(parts) != 1 or parts[0] is None:
         return None  # several sizes or width x height: listed
     return _whole(parts[0])
@@ -193,7 +194,7 @@ def _timesteps(t: Table) -> None:
     dynamic, shift = t.take("dynamic_timestep_shifting", False), t.take("timestep_shift", 1.0)
     if dynamic:
         t.set("training", "timestep_shift", "resolution", "dynamic_timestep_shifting")
-    elif number(shift) not in (1, None):
+    elif as_number(shift) not in (1, None):
         t.set("training", "timestep_shift", "fixed", "timestep_shift")
         t.set("training", "shift", shift, "timestep_shift")
     else:
@@ -208,7 +209,7 @@ def _loss(t: Table) -> None:
         t.set("training", "min_snr_gamma", 0.0, "loss_weight_fn")
     else:
         t.unsupported("loss_weight_fn", f"{weight}: ours are CONSTANT and MIN_SNR_GAMMA")
-    strengths = {k: number(t.values.get(k, d)) for k, d in (("mse_strength", 1.0), ("mae_strength", 0.0),
+    strengths = {k: as_number(t.values.get(k, d)) for k, d in (("mse_strength", 1.0), ("mae_strength", 0.0),
                                                             ("huber_strength", 0.0))}
     used = [k for k, v in strengths.items() if v]
     if len(used) == 1 and strengths[used[0]] == 1:
@@ -269,19 +270,14 @@ def _concepts(t: Table) -> None:
         raise ConfigError(f"{t.config.source}: concepts must be a list of concepts")
     tables = [Table(c, f"concepts[{i}]", t.config) for i, c in enumerate(concepts)]
     tables = [c for c in tables if c.take("enabled", True)]
-    for index, concept in enumerate(tables):
-        if index == 0:
-            _concept(concept)
-        else:
-            concept.unsupported("path", "one dataset folder: the first enabled concept is used")
-            concept.values.clear()
+    first_only(tables, _concept, "path", "one dataset folder: the first enabled concept is used")
 
 
 def _concept(c: Table) -> None:
     c.set_from("path", "dataset", "folder")
     strategy, balancing = c.take("balancing_strategy", "REPEATS"), c.take("balancing", 1.0)
     repeats = _whole(balancing)
-    if strategy == "REPEATS" and repeats is not None and repeats == number(balancing):
+    if strategy == "REPEATS" and repeats is not None and repeats == as_number(balancing):
         c.set("dataset", "repeats", repeats, "balancing")
     else:
         c.unsupported("balancing", f"{balancing} ({strategy}): repeats are whole numbers of repeats")
