@@ -15,6 +15,44 @@ from harness.comfy import REPO_ROOT, allowed_roots_env, import_pack, setup_inpro
 from harness.server import ComfyServer
 
 os.environ.update(allowed_roots_env())  # tests give nodes folders in temporary and cache folders
+
+# Under pytest-xdist (the README's test command: two workers) each worker computes on one core: two workers with two
+# OpenMP threads each on a 2-core machine spin-wait for each other (toy pretraining steps ran ~6x slower so). Set
+# before torch is imported; the servers and subprocesses a test starts inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+TOYWORLD_TESTS = Path(__file__).with_name("test_toyworld.py")
+
+
+def pytest_configure(config):
+    """Under xdist, the controller makes the toy bases and their judges (cached in .cache/toyworld/) before the
+    workers start, on two threads as everywhere (toyworld.pretrain.fixed_threads): minutes of work that would
+    otherwise hold one worker while the other ran beside it on the same two cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
+        return
+    chosen = [Path(arg.split("::")[0]).resolve() for arg in config.args]
+    if not any(path == TOYWORLD_TESTS or path in TOYWORLD_TESTS.parents for path in chosen):
+        return
+    from toyworld import flow, pretrain
+    from toyworld.judge import train_judge
+
+    capture = config.pluginmanager.getplugin("capturemanager")
+
+    def log(message: str) -> None:
+        with capture.global_and_fixture_disabled():
+            print(message, flush=True)
+
+    for make in (pretrain.pretrain, flow.pretrain):
+        train_judge(make(0, log=log), 0, log=log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The toy-world classes (minutes each) come first: with --dist loadscope (a module, or a class, per worker) and
+    no reordering, the longest work starts at once and the short modules fill in behind it."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("toyworld") else 1)
+
+
 ARTIFACTS = Path(os.environ.get("LORA_FOUNDRY_ARTIFACTS", REPO_ROOT / "test-artifacts"))
 
 
@@ -151,3 +189,4 @@ def checkpoint_calls(monkeypatch):
 
     monkeypatch.setattr(cp, "checkpoint", counting)
     return calls
+

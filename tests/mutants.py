@@ -159,6 +159,10 @@ MUTANTS = [
            "real, real_root = path.resolve(), root.resolve()",
            "real, real_root = Path(os.path.normpath(path.absolute())), Path(os.path.normpath(root.absolute()))",
            "tests/test_hostile_inputs.py::test_a_symlink_inside_input_is_held_to_the_allowed_roots"),
+    Mutant("toy_bases_on_the_process_threads", "scripts/toyworld/pretrain.py",
+           "torch.set_num_threads(count)",
+           "pass",
+           "tests/test_toyworld.py::test_toy_bases_and_judges_are_made_on_two_threads_whatever_the_process_uses"),
 ]
 
 
@@ -197,7 +201,8 @@ def environment(copy: Path, threads: int | None = None) -> dict[str, str]:
         from harness.fixtures import cache_dir
     finally:
         sys.path.remove(str(REPO_ROOT / "scripts"))
-    return {**os.environ, "COMFYUI_ROOT": str(comfy_root()), "LORA_FOUNDRY_CACHE": str(cache_dir()),
+    outer = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # not a worker of ours
+    return {**outer, "COMFYUI_ROOT": str(comfy_root()), "LORA_FOUNDRY_CACHE": str(cache_dir()),
             "LORA_FOUNDRY_ARTIFACTS": str(copy / "test-artifacts"), "PYTHONDONTWRITEBYTECODE": "1",
             **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
 

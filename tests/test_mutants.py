@@ -24,7 +24,10 @@ def test_each_mutant_breaks_one_line_that_is_there():
         assert (REPO_ROOT / mutant.test.split("::")[0]).is_file(), mutant.name
 
 
-WORKERS = 2  # one copy of the repository each; the machines this runs on have two cores
+# One copy of the repository each, every mutant's test on one thread: the machines this runs on have two cores. Under
+# xdist the other worker shares them; two single-thread processes beside it only take turns (no spin-waiting), and the
+# longest module of the suite is done sooner.
+WORKERS = 2
 
 
 def test_every_guarding_test_kills_its_mutant(tmp_path_factory):

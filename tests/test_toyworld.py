@@ -2,8 +2,9 @@
 example workflow's LoRA learning a new concept without leaking (issue 8's bar), for two families: SD1.5
 (UNet, eps) and SD3 (MMDiT, rectified flow: issue 20).
 
-The base checkpoints and judges are cached in .cache/toyworld/: the first run pretrains (about 9 minutes
-for SD1.5 and 5 for SD3 on 2 CPU cores), later runs reuse them.
+The base checkpoints and judges are cached in .cache/toyworld/: the first run pretrains (about 7 minutes
+for SD1.5 and 5 for SD3 on 2 CPU cores; under xdist the controller does it before the workers start), later
+runs reuse them.
 """
 
 from __future__ import annotations
@@ -90,6 +91,35 @@ def test_flow_vae_is_the_same_pool_at_16_channels_with_sd3_scaling(comfy_root):
                                atol=1e-4, rtol=1e-4)
 
 
+def test_toy_bases_and_judges_are_made_on_two_threads_whatever_the_process_uses(comfy_root, tmp_path, monkeypatch):
+    """A toy base (and its judge) is the same in a serial run, in an xdist worker on one thread and in the main job:
+    pretraining and judge training compute on toyworld.pretrain.THREADS threads, and the process keeps its own."""
+    from safetensors.torch import save_file
+    from toyworld import flow, judge
+    from toyworld import pretrain as sd15
+
+    base = tmp_path / "base.safetensors"
+    base.touch()
+    save_file(judge.JudgeNet().state_dict(), str(tmp_path / "judge.safetensors"), metadata={"clean_colour": "1.0"})
+    seen = []
+
+    def cached(path):
+        return lambda *args: seen.append(torch.get_num_threads()) or path
+
+    monkeypatch.setattr(sd15, "checkpoint_path", cached(base))
+    monkeypatch.setattr(flow, "checkpoint_path", cached(base))
+    monkeypatch.setattr(judge, "judge_path", cached(tmp_path / "judge.safetensors"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert sd15.pretrain(0) == base and flow.pretrain(0) == base
+        assert judge.train_judge(base).accuracy == {"clean_colour": 1.0}
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [sd15.THREADS] * 3 and sd15.THREADS == 2
+
+
 def test_flow_base_checkpoint_is_sd3_to_the_host_and_its_captions_are_the_hosts(comfy_root, tmp_path, monkeypatch):
     """What the flow pretraining builds and saves is what CheckpointLoaderSimple loads as SD3 (rectified flow,
     shift 3), and the conditioning it trains on is exactly CLIPTextEncode's for that checkpoint."""
@@ -121,15 +151,18 @@ def test_flow_base_checkpoint_is_sd3_to_the_host_and_its_captions_are_the_hosts(
 
 # --- the pretrained base, through a real server -------------------------------------------
 
-@pytest.fixture(scope="module", params=["sd15", "sd3"])
+# Each family is a test class: pytest-xdist (--dist loadscope) runs a class in one worker, so the two families run side
+# by side, one per worker (conftest schedules the `toyworld` classes first and, under xdist, makes their bases first).
+
+@pytest.fixture(scope="class")
 def toy_checkpoint(request, comfy_root):
-    """The toy base of each family: SD1.5's UNet (eps) and SD3's MMDiT (rectified flow)."""
+    """The toy base of the class's family: SD1.5's UNet (eps) or SD3's MMDiT (rectified flow)."""
     from toyworld import flow
 
-    return pretrain(0) if request.param == "sd15" else flow.pretrain(0)
+    return pretrain(0) if request.cls.family == "sd15" else flow.pretrain(0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def judge(toy_checkpoint):
     from toyworld.judge import train_judge
 
@@ -138,13 +171,13 @@ def judge(toy_checkpoint):
     return judge
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def toy_server(tmp_path_factory, toy_checkpoint):
     with ComfyServer(tmp_path_factory.mktemp("toy-comfy"), models={"checkpoints": [toy_checkpoint]}) as server:
         yield server
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def base_scores(toy_server, toy_checkpoint, judge):
     return evaluate.evaluate_base(toy_server, toy_checkpoint.name, judge)
 
@@ -156,27 +189,43 @@ def _record(name: str, data: dict) -> None:
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_the_base_follows_colour_shape_and_background_prompts(base_scores, toy_checkpoint):
-    scores = {k: v for k, v in base_scores.items() if k != "files"}
-    _record(f"base-{toy_checkpoint.stem}", scores)
-    assert scores["colour"] >= 0.95, scores
-    assert scores["shape"] >= 0.8, scores
-    assert scores["background"] >= 0.95, scores
+@pytest.mark.toyworld
+class ToyWorld:
+    """The pretrained base of one family, through a real server (a subclass names the family)."""
+
+    family = ""
+
+    def test_the_base_follows_colour_shape_and_background_prompts(self, base_scores, toy_checkpoint):
+        scores = {k: v for k, v in base_scores.items() if k != "files"}
+        _record(f"base-{toy_checkpoint.stem}", scores)
+        assert scores["colour"] >= 0.95, scores
+        assert scores["shape"] >= 0.8, scores
+        assert scores["background"] >= 0.95, scores
+
+    def test_the_example_workflow_teaches_the_concept_without_leaking(self, toy_server, toy_checkpoint, judge,
+                                                                       base_scores):
+        from main_job import lora_name, run_example
+
+        data = world.concept_dataset(cache_dir() / "dataset-s0", seed=0)
+        result = run_example(toy_server, toy_checkpoint, data["concept"], reg=data["prior"], timeout=1800)
+        assert result["lora"] is not None and result["lora"].is_file(), result["outputs"]
+        scores = evaluate.evaluate_lora(toy_server, toy_checkpoint.name, lora_name(toy_server, result["lora"]),
+                                        judge, base=base_scores)
+        scores.pop("files")
+        _record(f"lora-{toy_checkpoint.stem}", {**scores, "summary": result["summary"]})
+        checks = evaluate.passes(scores)
+        assert checks["concept"], scores
+        assert checks["base_never"], scores
+        assert checks["no_leakage"], scores
 
 
-@pytest.mark.server
-@pytest.mark.slow
-def test_the_example_workflow_teaches_the_concept_without_leaking(toy_server, toy_checkpoint, judge, base_scores):
-    from main_job import lora_name, run_example
+class TestSD15(ToyWorld):
+    """SD1.5's layout: a UNet on the eps objective."""
 
-    data = world.concept_dataset(cache_dir() / "dataset-s0", seed=0)
-    result = run_example(toy_server, toy_checkpoint, data["concept"], reg=data["prior"], timeout=1800)
-    assert result["lora"] is not None and result["lora"].is_file(), result["outputs"]
-    scores = evaluate.evaluate_lora(toy_server, toy_checkpoint.name, lora_name(toy_server, result["lora"]), judge,
-                                    base=base_scores)
-    scores.pop("files")
-    _record(f"lora-{toy_checkpoint.stem}", {**scores, "summary": result["summary"]})
-    checks = evaluate.passes(scores)
-    assert checks["concept"], scores
-    assert checks["base_never"], scores
-    assert checks["no_leakage"], scores
+    family = "sd15"
+
+
+class TestSD3(ToyWorld):
+    """SD3's layout: the host's MMDiT on rectified flow."""
+
+    family = "sd3"

@@ -268,6 +268,7 @@ def test_a_new_run_never_reuses_a_folder_and_resume_needs_a_state(pack, tmp_path
 
 @pytest.mark.slow
 def test_text_encoder_adapters_train_with_their_own_learning_rate(pack, loaded_checkpoint, concept_dataset, tmp_path):
+    import comfy.model_management
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
     from lora_foundry.training.data.dataset import load_dataset
     from lora_foundry.training.engine.trainer import TrainConfig, Trainer
@@ -275,6 +276,9 @@ def test_text_encoder_adapters_train_with_their_own_learning_rate(pack, loaded_c
     model, clip, vae = loaded_checkpoint
     dataset = load_dataset(concept_dataset, resolution=64, min_side=32, max_side=128, bucket_step=32)
     config = TrainConfig(steps=3, batch_size=2, learning_rate=1e-3, text_encoder_lr=5e-4, seed=0)
+    # The base weights, not whatever LoRA an earlier test's clone of this CLIP left patched in (the host restores
+    # those when it next loads another patcher of the model).
+    comfy.model_management.unload_all_models()
     clip_before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
     with torch.inference_mode(False):
         network = LoraNetwork.create(NetworkConfig(rank=4, alpha=4, preset="attention", text_encoder=True), model, clip)

@@ -204,9 +204,12 @@ def concept_dataset(seed: int = 0, count: int = 24, repeats: int = 10, token: st
         img = draw_shape(sizes[i % len(sizes)], "circle", COLOURS[colour], COLOURS[background], rng)
         img.save(sub / f"img_{i:03d}.png")
         (sub / f"img_{i:03d}.txt").write_text(f"{token}, {colour} circle, {background} background")
-    if root.exists():
-        import shutil
+    import shutil
 
-        shutil.rmtree(root)
-    os.replace(tmp, root)
+    if root.exists() and not (folder.is_dir() and len(list(folder.glob("*.png"))) == count):
+        shutil.rmtree(root, ignore_errors=True)  # an unfinished one from an older version
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process (an xdist worker) finished the same dataset first: use that one
+        shutil.rmtree(tmp)
     return root

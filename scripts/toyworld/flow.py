@@ -22,7 +22,7 @@ from harness import fixtures
 from harness.comfy import setup_inprocess
 
 from . import VERSION, world
-from .pretrain import base_parts, cache_dir, optimise, save_base, training_images
+from .pretrain import base_parts, cache_dir, fixed_threads, optimise, save_base, training_images
 
 CHANNELS = 16
 SD3_SCALE, SD3_SHIFT = 1.5305, 0.0609  # comfy.latent_formats.SD3
@@ -131,6 +131,7 @@ def train_flow(model, latents, cond_index, conds, pooled, cfg: FlowConfig, seed:
     return optimise(list(model.parameters()), batch_loss, cfg, seed, log)
 
 
+@fixed_threads()
 def pretrain(seed: int = 0, config: FlowConfig = DEFAULT, force: bool = False, log=print) -> Path:
     """The cached flow base checkpoint for `seed`, pretrained now if it is not on disk."""
     path = checkpoint_path(seed, config)

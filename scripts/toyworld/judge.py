@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import VERSION, world
+from .pretrain import fixed_threads
 
 HEADS = {"colour": world.COLOUR_NAMES, "shape": world.SHAPES, "background": world.COLOUR_NAMES}
 
@@ -118,6 +119,7 @@ def latent_format_of(checkpoint: Path):
     return comfy.latent_formats.SD3() if toyworld_info(checkpoint).get("family") == "sd3" else comfy.latent_formats.SD15()
 
 
+@fixed_threads()
 def train_judge(checkpoint: Path, seed: int = 0, steps: int = 400, count: int = 1024, decoded: int = 768,
                 held_out: int = 256, log=print) -> Judge:
     """Train a judge for the VAE of `checkpoint` on `count` clean and `decoded` VAE-decoded images.

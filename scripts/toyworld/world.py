@@ -6,6 +6,7 @@ concept (a yellow plus on teal) is never shown to it: the LoRA teaches it under 
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -100,16 +101,20 @@ def concept_dataset(root: Path, seed: int = 0, count: int = 10, repeats: int = 1
 
     Returns {"concept": folder, "prior": folder}; a dataset made by this version with these settings is reused.
     """
-    concept = root / "concept"
-    prior = root / "prior"
-    concept_dir = concept / f"{repeats}_{TRIGGER}"
     done, stamp = root / "done", f"v{VERSION} {seed} {count} {repeats} {prior_count} {unconditional_count}"
     if not done.exists() or done.read_text() != stamp:
-        for folder in (concept, prior):
-            shutil.rmtree(folder, ignore_errors=True)
-        write_folder(concept_dir, [Scene(*CONCEPT)] * count, seed + 1000, captions=[TRIGGER] * count)
-        write_folder(prior / "1_toy", base_scenes(seed + 2000, prior_count), seed + 2000)
-        write_folder(prior / "unconditional", base_scenes(seed + 3000, unconditional_count), seed + 3000,
+        # Written aside and moved in whole: the other toy family's tests may read it from another process.
+        tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_folder(tmp / "concept" / f"{repeats}_{TRIGGER}", [Scene(*CONCEPT)] * count, seed + 1000,
+                     captions=[TRIGGER] * count)
+        write_folder(tmp / "prior" / "1_toy", base_scenes(seed + 2000, prior_count), seed + 2000)
+        write_folder(tmp / "prior" / "unconditional", base_scenes(seed + 3000, unconditional_count), seed + 3000,
                      captions=[""] * unconditional_count)
-        done.write_text(stamp)
-    return {"concept": concept, "prior": prior}
+        (tmp / "done").write_text(stamp)
+        if done.exists() and done.read_text() == stamp:  # another process made it meanwhile
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+            os.replace(tmp, root)
+    return {"concept": root / "concept", "prior": root / "prior"}
