@@ -181,6 +181,33 @@ def train_layout(page: Page, node_id: int) -> dict:
                  property: n.properties.show_advanced_settings ?? null }; }""", node_id)
 
 
+
+def node_boxes(page: Page) -> list[dict]:
+    """Every node's box in graph units, title bar included, as the user sees it: classic, the size LiteGraph draws;
+    nodes2, the node element's box on the screen taken back through the canvas transform."""
+    return page.eval("""() => { const ds = app.canvas.ds, title = LiteGraph.NODE_TITLE_HEIGHT;
+        const c = app.canvas.canvas.getBoundingClientRect();
+        return app.graph.nodes.map(n => {
+          let box;
+          if (LiteGraph.vueNodesMode) {
+            const r = document.querySelector(`.lg-node[data-node-id="${n.id}"]`).getBoundingClientRect();
+            const left = (r.left - c.left) / ds.scale - ds.offset[0], top = (r.top - c.top) / ds.scale - ds.offset[1];
+            box = [left, top, left + r.width / ds.scale, top + r.height / ds.scale];
+          } else box = [n.pos[0], n.pos[1] - title, n.pos[0] + n.size[0], n.pos[1] + n.size[1]];
+          return { id: n.id, type: n.type, box }; }); }""")
+
+
+def overlapping(boxes: list[dict], slack: float = 2) -> list[str]:
+    """Pairs of nodes whose boxes share more than `slack` graph units each way."""
+    out = []
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            wide = min(a["box"][2], b["box"][2]) - max(a["box"][0], b["box"][0])
+            high = min(a["box"][3], b["box"][3]) - max(a["box"][1], b["box"][1])
+            if wide > slack and high > slack:
+                out.append(f"{a['type']} #{a['id']} and {b['type']} #{b['id']} share {wide:.0f} x {high:.0f}")
+    return out
+
 def click_fold(page: Page, node_id: int) -> None:
     """Click the fold toggle like a user: the canvas panned first when the toggle is out of the window."""
     page.eval("""id => { const v = app.graph.getNodeById(id).widgets.find(w => w.name === 'live_training').view;
@@ -509,3 +536,18 @@ def test_lora_metadata_is_shown_as_text_never_html(browser, ui_server, mode):
         assert not page.errors, page.errors
     finally:
         target.unlink()
+
+
+def test_no_node_of_an_example_workflow_covers_another(browser, ui_server):
+    """Each example as a user opens it in the classic renderer: no node covers part of another (a Save Image over
+    Save LoRA's last row, one Train LoRA over the other's chart). Nodes 2.0 is not checked yet: it scales a classic
+    layout by 1.2 on load and lays nodes out at its own minimum sizes, and a page that loads the examples one after
+    another does not see what a user opening one sees."""
+    page = Page(browser, ui_server).open("classic")
+    found = {}
+    for path in sorted((REPO_ROOT / "example_workflows").glob("*.json")):
+        page.load(json.loads(path.read_text()))
+        time.sleep(0.3)  # both renderers settle node sizes after the first frame
+        if pairs := overlapping(node_boxes(page)):
+            found[path.name] = pairs
+    assert not found, json.dumps(found, indent=1)

@@ -369,6 +369,45 @@ def test_the_edit_example_trains_on_pairs_through_the_server(video_server, pack,
     _loads_without_warnings(lora, build_family("flux"), caplog)
 
 
+
+ADAPTER = "zimage_turbo_training_adapter_v2.safetensors"  # what the Z-Image example's Load LoRA (model only) names
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_the_zimage_example_trains_turbo_on_its_training_adapter_which_stays_out_of_the_file(
+        video_server, pack, concept_dataset, caplog):
+    """The Z-Image example on the tiny Z-Image model, with a generated de-distillation adapter loaded before Train
+    LoRA: the adapter is part of the base while training (the same run without it trains another LoRA), the saved
+    file holds only the trained rank-16 layers and loads in ComfyUI with no unloaded key."""
+    from lora_foundry.lora_core.files import read_safetensors, write_safetensors
+    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
+
+    zimage = build_family("zimage")  # seed 0: the model the tiny node gives the example's UNETLoader
+    with torch.inference_mode(False):
+        adapter = LoraNetwork.create(NetworkConfig(rank=4, alpha=4.0, preset="kohya", seed=7), zimage.model, None)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(7)
+            for p in adapter.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    write_safetensors(adapter.state_dict_kohya(), video_server.base_dir / "models" / "loras" / ADAPTER, {})
+    shutil.copytree(concept_dataset, video_server.base_dir / "input" / "lora_dataset", dirs_exist_ok=True)
+    images = {"resolution": 64, "min_side": 64, "max_side": 64, "bucket_step": 64}
+    files = {}
+    for strength in (1.0, 0.0):
+        prompt = _example(video_server, "train_zimage_lora", {
+            "LoraFoundryLoadDataset": images, "LoraLoaderModelOnly": {"strength_model": strength},
+            "LoraFoundryTrainLoRA": {**FAST_TRAIN, "output_name": f"zimage_{strength:g}"}})
+        (files[strength],) = _saved(video_server.run(prompt, timeout=900), prompt)
+    assert "lora key not loaded" not in video_server.log()  # the adapter applied whole
+    with_adapter, without = (read_safetensors(files[s])[0] for s in (1.0, 0.0))
+    assert with_adapter.keys() == without.keys()
+    assert {t.shape[0] for k, t in with_adapter.items() if k.endswith("lora_down.weight")} == {16}
+    ups = [k for k in with_adapter if k.endswith("lora_up.weight")]
+    change = max(float((with_adapter[k].float() - without[k].float()).norm() / without[k].float().norm()) for k in ups)
+    assert change > 0.01, change  # trained on another base
+    _loads_without_warnings(files[1.0], zimage, caplog)
+
 def test_clips_whose_frame_count_the_vae_cannot_encode_are_refused(wan, pack, clip_dataset):
     """7 frames fit frame_multiple 2, but Wan's VAE compresses 4 frames into one: Train LoRA names the settings."""
     dataset = _clips(clip_dataset, frames=7, frame_multiple=2)

@@ -146,7 +146,8 @@ def frontend_widget_count(info: dict) -> int:
 
 # Examples whose loaders (UNETLoader + CLIPLoader ...) name a family the fixture checkpoint is not: tests/test_video.py
 # runs them on the tiny family instead (with_tiny_family).
-FAMILY_EXAMPLES = {"train_wan_video_lora": "wan21", "train_wan22_experts": "wan21", "train_edit_lora": "flux"}
+FAMILY_EXAMPLES = {"train_wan_video_lora": "wan21", "train_wan22_experts": "wan21", "train_edit_lora": "flux",
+                   "train_zimage_lora": "zimage"}
 TINY_FAMILY_NODE = "LoraFoundryTestTinyFamily"  # harness/test_models, on a ComfyServer(test_models=True)
 _LOADER_OUTPUTS = {"UNETLoader": 0, "CLIPLoader": 1, "DualCLIPLoader": 1, "TripleCLIPLoader": 1, "VAELoader": 2}
 
