@@ -147,7 +147,7 @@ def interleaved(extract, svd, base, tuned, layers, ranks) -> dict:
     total, kept_full, kept_ours = 0.0, {r: 0.0 for r in ranks}, {r: 0.0 for r in ranks}
     gap, fallbacks = {r: 0.0 for r in ranks}, {r: 0 for r in ranks}
     with torch.no_grad():
-        for i, (_, key, _, _) in enumerate(layers):
+        for i, (_, key, _) in enumerate(layers):
             diff = tuned_weights(key)
             base_weights.subtract_from(diff, key)
             diff = diff.reshape(diff.shape[0], -1)

@@ -163,7 +163,7 @@ class BypassForward:
 
 
 def _unet_layers(model, config: NetworkConfig):
-    """(kohya name, weight key, layer, block) for the UNet/DiT of a ComfyUI MODEL patcher."""
+    """(kohya name, weight key, layer) for the UNet/DiT of a ComfyUI MODEL patcher."""
     base = model.model
     layers = find_layers(base.diffusion_model, config.preset, config.include, config.exclude)
     names = kohya_keys.unet_names(base.model_config, [p for p, _ in layers])
@@ -171,7 +171,7 @@ def _unet_layers(model, config: NetworkConfig):
 
 
 def _text_encoder_layers(clip, config: NetworkConfig):
-    """(kohya name, weight key, layer, block) for the text encoders of a ComfyUI CLIP."""
+    """(kohya name, weight key, layer) for the text encoders of a ComfyUI CLIP."""
     encoders = text_encoders(clip.cond_stage_model)
     prefixes = kohya_keys.text_encoder_prefixes(list(encoders))
     preset = "attention" if config.preset == "attention" else "kohya"
