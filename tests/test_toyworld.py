@@ -2,8 +2,8 @@
 example workflow's LoRA learning a new concept without leaking (issue 8's bar), for two families: SD1.5
 (UNet, eps) and SD3 (MMDiT, rectified flow: issue 20).
 
-The base checkpoints and judges are cached in .cache/toyworld/: the first run pretrains (about 7 minutes
-for SD1.5 and 5 for SD3 on 2 CPU cores; under xdist the controller does it before the workers start), later
+The base checkpoints and judges are cached in .cache/toyworld/: the first run pretrains (8.4 minutes
+for SD1.5 and 5.7 for SD3, judges included, on 2 CPU cores; under xdist the controller does it before the workers start), later
 runs reuse them.
 """
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from harness.comfy import REPO_ROOT
-from harness.examples import FAMILY_EXAMPLES, with_tiny_family
+from harness.examples import FAMILY_EXAMPLES, random_lora, with_tiny_family
 from harness.families import build_family
 from harness.recorder import Recorder
 from harness.server import ComfyServer
@@ -381,15 +381,9 @@ def test_the_zimage_example_trains_turbo_on_its_training_adapter_which_stays_out
     LoRA: the adapter is part of the base while training (the same run without it trains another LoRA), the saved
     file holds only the trained rank-16 layers and loads in ComfyUI with no unloaded key."""
     from lora_foundry.lora_core.files import read_safetensors, write_safetensors
-    from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
 
     zimage = build_family("zimage")  # seed 0: the model the tiny node gives the example's UNETLoader
-    with torch.inference_mode(False):
-        adapter = LoraNetwork.create(NetworkConfig(rank=4, alpha=4.0, preset="kohya", seed=7), zimage.model, None)
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(7)
-            for p in adapter.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    adapter = random_lora(pack, zimage.model, None, seed=7)
     write_safetensors(adapter.state_dict_kohya(), video_server.base_dir / "models" / "loras" / ADAPTER, {})
     shutil.copytree(concept_dataset, video_server.base_dir / "input" / "lora_dataset", dirs_exist_ok=True)
     images = {"resolution": 64, "min_side": 64, "max_side": 64, "bucket_step": 64}

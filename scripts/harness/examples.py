@@ -63,11 +63,12 @@ def needed_files(workflow: dict, object_info: dict) -> dict[str, set[str]]:
 
 
 def random_lora(pack, model, clip, seed: int):
+    """A rank-8 kohya-preset LoRA with random factors (the text encoders' too unless `clip` is None)."""
     from lora_foundry.lora_core.network import LoraNetwork, NetworkConfig
 
     with torch.inference_mode(False):
-        network = LoraNetwork.create(NetworkConfig(rank=8, alpha=8.0, preset="kohya", text_encoder=True, seed=seed),
-                                     model, clip)
+        network = LoraNetwork.create(NetworkConfig(rank=8, alpha=8.0, preset="kohya", text_encoder=clip is not None,
+                                                   seed=seed), model, clip)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in network.parameters():
