@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -285,6 +286,18 @@ class LoraNetwork(nn.Module):
                 path = key.removesuffix(".weight")
                 patcher.add_object_patch(f"{path}.forward", BypassForward(patcher.model.get_submodule(path), adapter))
         return new_model, new_clip
+
+    @contextmanager
+    def at_strength(self, strength: float):
+        """Every adapter at `strength` inside (0: the base model's own output), as before after."""
+        before = {name: adapter.multiplier for name, adapter in self.adapters.items()}
+        for adapter in self.adapters.values():
+            adapter.multiplier = strength
+        try:
+            yield
+        finally:
+            for name, adapter in self.adapters.items():
+                adapter.multiplier = before[name]
 
     def new_step(self) -> None:
         """Every adapter draws this step's random choices (DyLoRA rank, dropouts) once."""

@@ -26,7 +26,8 @@ OPTIONAL_WIDGETS = ["gradient_checkpointing", "grad_accum", "grad_clip", "lora_p
                     "timestep_shift", "shift", "guidance", "attach", "network_dropout", "vram_budget_gb",
                     "offload_activations", "compile_blocks", "mask_floor", "block_ranks", "block_alphas", "block_lrs",
                     "keep_best", "patience", "ema_decay", "ema_every", "ema_warmup", "ema_output", "optimizer_args",
-                    "epochs", "expert", "expert_boundary"]
+                    "epochs", "expert", "expert_boundary", "preservation_class",
+                    "preservation_weight"]
 SETTINGS = (NetworkConfig, TrainConfig, CaptionOptions)
 
 

@@ -163,6 +163,10 @@ MUTANTS = [
            "torch.set_num_threads(count)",
            "pass",
            "tests/test_toyworld.py::test_toy_bases_and_judges_are_made_on_two_threads_whatever_the_process_uses"),
+    Mutant("preservation_target_adapted", "training/engine/step.py",
+           "with torch.no_grad(), self.network.at_strength(0.0):",
+           "with torch.no_grad():",
+           "tests/test_training_features.py::test_output_preservation_keeps_the_class_as_the_base_draws_it"),
 ]
 
 

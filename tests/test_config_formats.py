@@ -221,6 +221,25 @@ def test_ai_toolkit_job(cf):
         {"type": "sd_trainer", "network": {"linear": 4}}]}}), "job.json").values["network"]["rank"] == 4
 
 
+def test_ai_toolkit_output_preservation(cf):
+    """diff_output_preservation: its class (ai-toolkit's default "person") and multiplier; off, neither is listed."""
+    def job(train: str) -> str:
+        return f"job: extension\nconfig:\n  process:\n    - type: sd_trainer\n      trigger_word: ohwx\n      train: {train}\n"
+
+    def preservation(config) -> dict:
+        return {k: v for k, v in config.values["training"].items() if k.startswith("preservation")}
+
+    on = cf.read(job("{diff_output_preservation: true, diff_output_preservation_class: woman, "
+                     "diff_output_preservation_multiplier: 0.5}"), "dop.yaml")
+    assert preservation(on) == {"preservation_class": "woman", "preservation_weight": 0.5}
+    assert on.values["captions"] == {"trigger_word": "ohwx"} and "preservation" not in " ".join(on.unsupported)
+    assert preservation(cf.read(job("{diff_output_preservation: true}"), "dop.yaml")) == {
+        "preservation_class": "person"}
+    off = cf.read(job("{diff_output_preservation: false, diff_output_preservation_class: person, "
+                      "diff_output_preservation_multiplier: 1}"), "dop.yaml")
+    assert preservation(off) == {} and "preservation" not in " ".join(off.unsupported)
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("job: extension\nconfig:\n  process: {type: sd_trainer}\n", "bad.yaml: config.process must be a list"),
     ("job: extension\nconfig:\n  process:\n    - train: [1, 2]\n", "bad.yaml: config.process[0].train must be a table"),

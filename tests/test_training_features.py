@@ -382,13 +382,74 @@ def test_prior_images_train_with_the_empty_prompt_when_asked(pack, loaded_checkp
     torch.testing.assert_close(conditioning[0][0], negative[0][0])
 
 
+# --- output preservation -------------------------------------------------------------------------------------------
+
+
+def test_the_trigger_word_is_said_as_the_class_for_preservation(pack):
+    from lora_foundry.training.data.captions import with_class
+    from lora_foundry.training.engine.config import TrainConfig
+
+    assert with_class("sks, sks circle, red Sks, skss, a_sks", "sks", "toy") == "toy, toy circle, red toy, skss, a_sks"
+    assert with_class("ohwx man, smiling", "ohwx man", "man") == "man, smiling"
+    assert with_class("a red circle", "", "toy") == "a red circle"
+    with pytest.raises(ValueError, match="preservation_class: .* set trigger_word"):
+        TrainConfig(preservation_class="person")
+
+
+def _denoised(trainer, patched, caption: str) -> torch.Tensor:
+    """What `patched` predicts for the first image noised half-way (fixed noise), conditioned on `caption`."""
+    import comfy.model_management as mm
+    from lora_foundry.training.engine.conditioning import apply_model, image_geometry
+
+    mm.load_models_gpu([patched], force_full_load=True)
+    x0 = trainer.data.latents.get(0, False)[None]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    sigma = trainer.step.sigmas(patched, [0.5], x0)
+    geometry = [image_geometry(trainer.dataset.items[0], False)]
+    with torch.no_grad():
+        x, inputs = trainer.step.model_call(patched, x0, noise, sigma, trainer.text.conditioning([caption], "cpu"),
+                                            geometry)
+        return apply_model(patched.model, x, sigma, inputs).float()
+
+
+@pytest.mark.slow
+def test_output_preservation_keeps_the_class_as_the_base_draws_it(pack, loaded_checkpoint, concept_dataset, tmp_path):
+    """Two runs from the same seed, one with preservation_class: both learn the trigger, but only the run without
+    preservation moves what the model predicts for the class (the captions with the trigger said as the class) away
+    from the base model's prediction, judged against the base model itself (no adapter attached)."""
+    from lora_foundry.training.data.captions import CaptionOptions
+
+    model, _, _ = loaded_checkpoint
+    dataset = _concept(concept_dataset)
+    caption = dataset.items[0].caption
+    drift = {}
+    for preserve in ("", "toy"):
+        trainer = _trainer(pack, loaded_checkpoint, dataset, tmp_path / (preserve or "plain"), steps=30, batch_size=2,
+                           learning_rate=3e-3, captions=CaptionOptions(trigger_word="sks"),
+                           preservation_class=preserve)
+        with torch.inference_mode(False):
+            network = trainer.run().network
+        trigger = trainer.text.fixed_caption(dataset.items[0])
+        with torch.inference_mode(False):
+            patched, _ = network.attach(model, None, mode="bypass")
+        patched.model.eval()
+        drift[preserve or "plain"] = {
+            text: float((_denoised(trainer, patched, text) - _denoised(trainer, model, text)).norm())
+            for text in (trigger, trigger.replace("sks", "toy"))}
+    plain, kept = drift["plain"], drift["toy"]
+    trigger, cls = list(plain)
+    assert "toy" in cls and "sks" not in cls and caption
+    assert kept[cls] < 0.5 * plain[cls], drift  # the class stays as the base draws it
+    assert kept[trigger] > 0.5 * plain[trigger], drift  # the trigger still learns
+
+
 # --- through the server ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.server
 def test_features_through_the_server(pack, server, tiny_checkpoint, concept_dataset, tmp_path):
-    """Load Dataset with masks and an empty-prompt prior, Train LoRA with per-block ranks / learning rates, EMA and
-    the best checkpoint; then Merge LoRA's post-hoc EMA over the run's checkpoints, all by HTTP."""
+    """Load Dataset with masks and an empty-prompt prior, Train LoRA with per-block ranks / learning rates, EMA, output
+    preservation and the best checkpoint; then Merge LoRA's post-hoc EMA over the run's checkpoints, all by HTTP."""
     from lora_foundry.lora_core.ema import gamma_of
     from lora_foundry.lora_core.files import read_safetensors
 
@@ -409,7 +470,8 @@ def test_features_through_the_server(pack, server, tiny_checkpoint, concept_data
     train = {**default_inputs(info["LoraFoundryTrainLoRA"]), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
              "dataset": ["2", 0], "output_name": "features", "rank": 4, "alpha": 4.0, "targets": "attention",
              "steps": 6, "learning_rate": 1e-3, "save_every": 2, "validation_every": 2, "keep_best": True,
-             "ema_decay": 0.5, "mask_floor": 0.1, "block_lrs": lrs, "trigger_word": "sks"}
+             "ema_decay": 0.5, "mask_floor": 0.1, "block_lrs": lrs, "trigger_word": "sks",
+             "preservation_class": "toy", "preservation_weight": 0.5}
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint.name}},
         "2": {"class_type": "LoraFoundryLoadDataset", "inputs": dataset},
@@ -436,6 +498,7 @@ def test_features_through_the_server(pack, server, tiny_checkpoint, concept_data
     training = json.loads(meta["lora_foundry_training"])
     assert meta["ss_masked_loss"] == "True" and training["ema_decay"] == 0.5 and training["block_lrs"] == lrs
     assert training["keep_best"] and training["mask_floor"] == 0.1
+    assert training["preservation_class"] == "toy" and training["preservation_weight"] == 0.5
     assert json.loads(meta["lora_foundry_dataset"]) == {"masks": str(masks), "masked_images": 6,
                                                         "reg_empty_prompt": True}
 

@@ -136,7 +136,7 @@ class Adapter(nn.Module):
 
         DoRA at strength s is W + s * (DoRA(W, dW) - W), as ComfyUI's `weight_decompose` applies it.
         """
-        if self.training and self._skip:
+        if (self.training and self._skip) or self.multiplier == 0:
             return weight
         if self.dora_scale is None:
             return self.add_delta(weight, self.multiplier)
@@ -153,7 +153,7 @@ class Adapter(nn.Module):
         Equals the output of the layer with the weight `forward` gives. DoRA scales each input column
         by m / ||W + dW||: out + s * (op(x * (c - 1), W) + op(x * c, dW)), by the linearity of the op.
         """
-        if self.training and self._skip:
+        if (self.training and self._skip) or self.multiplier == 0:
             return out
         if self.dora_scale is None:
             return self.add_output(out, x, layer, self.multiplier)

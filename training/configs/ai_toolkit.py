@@ -164,8 +164,20 @@ def _train(t: Table) -> None:
     _optimizer(t)
     _timesteps(t)
     _ema(t)
+    _preservation(t)
     if isinstance(t.values.get("lr_scheduler_params"), dict) and not t.values["lr_scheduler_params"]:
         t.take("lr_scheduler_params")
+
+
+def _preservation(t: Table) -> None:
+    """Differential output preservation: its class (ai-toolkit's default "person") and multiplier."""
+    if t.take("diff_output_preservation", False):
+        t.set("training", "preservation_class", str(t.take("diff_output_preservation_class", "person")),
+              "diff_output_preservation_class")
+        t.set_from("diff_output_preservation_multiplier", "training", "preservation_weight")
+    else:
+        t.take("diff_output_preservation_class")
+        t.take("diff_output_preservation_multiplier")
 
 
 def _optimizer(t: Table) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -85,6 +86,16 @@ def kept_and_free_tags(text: str, options: CaptionOptions) -> tuple[list[str], l
     tags = trigger + [t for t in split_tags(text) if t.casefold() not in wanted]
     fixed_count = max(options.keep_tokens, len(trigger))
     return tags[:fixed_count], tags[fixed_count:], []
+
+
+def with_class(caption: str, trigger_word: str, class_word: str) -> str:
+    """The caption with each whole occurrence of the trigger word (any case) said as the class instead: what the
+    base model is asked for the class (output preservation)."""
+    words = split_tags(trigger_word)
+    if not words:
+        return caption
+    pattern = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    return re.sub(rf"(?<!\w)(?:{pattern})(?!\w)", lambda _: class_word, caption, flags=re.IGNORECASE)
 
 
 def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict[str, dict[str, int]]:

@@ -132,6 +132,13 @@ class TrainConfig:
     expert_boundary: float = setting(0.0, "The noise level (sigma, 0-1) where the experts switch; 0 = Wan 2.2's: "
                                      "0.875 for text-to-video, 0.9 for image-to-video models.", min=0.0, max=0.99,
                                      step=0.005)
+    preservation_class: str = setting("", "Output preservation without regularisation images (ai-toolkit's "
+                                      "differential output preservation): each batch is also shown with the trigger "
+                                      "word said as this class (e.g. woman), and the adapter learns to give the base "
+                                      "model's own prediction there, so the class keeps looking as before. Needs "
+                                      "trigger_word. Empty = off.")
+    preservation_weight: float = setting(1.0, "How much output preservation counts beside the training loss (each "
+                                         "step then costs about twice the compute).", min=0.0, max=10.0, step=0.05)
     captions: CaptionOptions = field(default_factory=CaptionOptions)
 
     def __post_init__(self):
@@ -148,6 +155,10 @@ class TrainConfig:
             raise ValueError("patience: early stopping watches the held-out loss; set validation_every too")
         if self.keep_best and not self.validation_every:
             raise ValueError("keep_best: the best adapter is judged by the held-out loss; set validation_every too")
+        self.preservation_class = self.preservation_class.strip()
+        if self.preservation_class and not self.captions.trigger_word:
+            raise ValueError("preservation_class: preservation says the trigger word as the class, and no trigger_word "
+                             "is set; set trigger_word (the word your captions name the subject by)")
         if self.vram_budget_gb < 0:
             raise ValueError(f"vram_budget_gb: must be 0 (auto) or more, got {self.vram_budget_gb}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ...lora_core.network import LoraNetwork
 from ..data.dataset import Dataset
 from . import objective
 from .conditioning import apply_model, image_geometry, model_inputs
@@ -18,8 +19,9 @@ class TrainingStep:
     """Draws micro-batches and computes their loss on the patched model it is given."""
 
     def __init__(self, config: TrainConfig, dataset: Dataset, data: EncodedData, text: TextConditioning, kind: str,
-                 timestep_sampling: str, guidance: float | None):
+                 timestep_sampling: str, guidance: float | None, network: LoraNetwork):
         self.config, self.dataset, self.data, self.text = config, dataset, data, text
+        self.network = network  # switched off for the base model's own prediction (output preservation)
         self.kind = kind  # what the model predicts: eps, v or flow (objective.prediction)
         self.timestep_sampling, self.guidance = timestep_sampling, guidance
 
@@ -52,10 +54,30 @@ class TrainingStep:
 
     def batch_loss(self, patched, batch: list[int], rng, gen, device, autocast_dtype,
                    share: tuple[int, int] | None = None) -> torch.Tensor:
+        cfg = self.config
         x0, noise, sigma, captions, geometries, weights, values = self.draw_batch(patched, batch, rng, gen, device,
                                                                                   share)
-        return self.loss(patched, x0, noise, sigma, self.text.conditioning(captions, device, values), geometries,
-                         weights, autocast_dtype, min_snr=self.config.min_snr_gamma)
+        loss = self.loss(patched, x0, noise, sigma, self.text.conditioning(captions, device, values), geometries,
+                         weights, autocast_dtype, min_snr=cfg.min_snr_gamma)
+        if cfg.preservation_class and cfg.preservation_weight:
+            classes = [self.text.as_class(c) for c in captions]
+            loss = loss + cfg.preservation_weight * self.preservation_loss(patched, x0, noise, sigma, classes,
+                                                                           geometries, values, device, autocast_dtype)
+        return loss
+
+    def preservation_loss(self, patched, x0, noise, sigma, captions, geometries, values, device,
+                          autocast_dtype) -> torch.Tensor:
+        """Output preservation: the adapted model's prediction for the class captions, on the batch's own noisy
+        latents, against the base model's (every adapter off, text encoders' too)."""
+        with torch.no_grad(), self.network.at_strength(0.0):
+            x, inputs = self.model_call(patched, x0, noise, sigma, self.text.conditioning(captions, device, values),
+                                        geometries)
+            with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                target = apply_model(patched.model, x, sigma, inputs).float()
+        x, inputs = self.model_call(patched, x0, noise, sigma, self.text.conditioning(captions, device, values),
+                                    geometries)
+        return self.prediction_loss(patched, x, target, sigma, inputs, None, autocast_dtype,
+                                    self.config.min_snr_gamma)
 
     def expert_boundary(self) -> float:
         """The sigma where the experts switch: the setting, or Wan 2.2's for this kind of model."""

@@ -8,15 +8,16 @@ from dataclasses import replace
 
 import torch
 
-from ..data.captions import CaptionOptions, process_caption
+from ..data.captions import CaptionOptions, process_caption, with_class
 from .conditioning import encode_caption, to_device, with_values
 
 
 class TextConditioning:
     """Captions as trained (trigger word, shuffles and dropouts applied) and the host conditioning of each."""
 
-    def __init__(self, clip, options: CaptionOptions, reg_empty_prompt: bool = False):
+    def __init__(self, clip, options: CaptionOptions, reg_empty_prompt: bool = False, class_word: str = ""):
         self.clip, self.options, self.reg_empty_prompt = clip, options, reg_empty_prompt
+        self.class_word = class_word  # output preservation's class: the trigger word said as it
         self.cache: dict[str, list] = {}  # host conditioning of captions that never change
         self.train_clip = None  # the CLIP clone carrying text-encoder adapters, while training them
 
@@ -46,7 +47,10 @@ class TextConditioning:
         if not self.changes:
             rng = random.Random(0)
             for item in items:
-                self.encode(self.caption(item, self.options, rng))
+                caption = self.caption(item, self.options, rng)
+                self.encode(caption)
+                if self.class_word:
+                    self.encode(self.as_class(caption))
         for item in validation:
             self.encode(self.fixed_caption(item))
 
@@ -56,6 +60,10 @@ class TextConditioning:
         if item.is_reg and self.reg_empty_prompt:
             return ""
         return process_caption(item.caption, replace(options, trigger_word="") if item.is_reg else options, rng)
+
+    def as_class(self, caption: str) -> str:
+        """The caption with the trigger word said as the preservation class."""
+        return with_class(caption, self.options.trigger_word, self.class_word)
 
     def fixed_caption(self, item) -> str:
         """The caption with trigger word, prefix and suffix, and nothing random (for validation)."""

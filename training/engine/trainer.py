@@ -82,7 +82,8 @@ class Trainer:
                                ("min_snr_gamma", config.min_snr_gamma and kind == "flow")):
             if unused:
                 logging.info("Train LoRA: %s does not apply to %s models; ignored", option, kind)
-        self.text = self.text_conditioning(clip, config.captions, dataset.reg_empty_prompt)
+        self.text = self.text_conditioning(clip, config.captions, dataset.reg_empty_prompt,
+                                            config.preservation_class)
         self.data = self.encoded_data(dataset, model, vae, config)
         self.samples = sample_prompts(config, dataset, vae)  # parsed before anything is encoded: a bad line fails
         layout = layout_of(model) if config.block_lrs else None
@@ -95,7 +96,7 @@ class Trainer:
             check_resumable(resume, self.identity, self.config.batch_size, processes.world)
         guidance = self.check_model()
         self.step = TrainingStep(self.config, dataset, self.data, self.text, kind,
-                                 objective.family_sampling(config.timestep_sampling, kind), guidance)
+                                 objective.family_sampling(config.timestep_sampling, kind), guidance, network)
         self.files: RunFiles | None = None  # the run's files, once it runs
         self.context: RunContext | None = None  # the last run's context (its plan, its compute dtype)
 
