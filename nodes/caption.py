@@ -134,7 +134,8 @@ class CaptionImages(Node):
         edit = EditOptions(trigger_word=trigger_word, class_word=class_word, prefix=prefix, suffix=suffix,
                            replacements=parse_replacements(find_replace), blacklist=parse_tag_list(blacklist),
                            deduplicate=deduplicate, max_tags=max_tags)
-        items = [item for item in dataset.items + dataset.validation if not item.is_reg]
+        # One per file: a clip's samples and an image at several resolutions share one caption.
+        items = list({item.path: item for item in dataset.items + dataset.validation if not item.is_reg}.values())
         captioner = None
         if needs_model(items, mode, extension):
             settings = CaptionerSettings(general_threshold, character_threshold, prompt, max_new_tokens,

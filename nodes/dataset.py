@@ -12,7 +12,8 @@ from .inputs import CATEGORY, LoraDataset, Node, TrainingConfig, setting_inputs
 REQUIRED_WIDGETS = ["folder", "resolution", "min_side", "max_side", "bucket_step", "no_upscale", "caption_extension",
                     "validation_split", "seed"]
 OPTIONAL_WIDGETS = ["reg_folder", "prior_loss_weight", "mask_folder", "alpha_mask", "reg_empty_prompt", "repeats",
-                    "frames", "frame_extraction", "frame_rate", "frame_multiple", "control_folder"]
+                    "frames", "frame_extraction", "frame_rate", "frame_multiple", "control_folder",
+                    "resolutions"]
 
 
 class LoadDataset(Node):

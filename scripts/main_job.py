@@ -58,12 +58,19 @@ def install_dataset(server: ComfyServer, dataset: Path, name: str = DATASET_NAME
 
 
 def run_example(server: ComfyServer, checkpoint: Path, dataset: Path, steps: int | None = None,
-                timeout: float = 1800, reg: Path | None = None) -> dict:
-    """Queue the example training workflow; returns {"lora", "loss_graph", "before", "after", "summary"}."""
+                timeout: float = 1800, reg: Path | None = None, preservation: str = "") -> dict:
+    """Queue the example training workflow (with output preservation of `preservation`, a class, when given); returns
+    {"lora", "loss_graph", "before", "after", "summary"}."""
+    from harness.workflow import to_api_prompt
+
     install_dataset(server, dataset)
     if reg is not None:
         install_dataset(server, reg, PRIOR_NAME)
     workflow = example_workflow(checkpoint.name, steps, reg_folder=PRIOR_NAME if reg is not None else "")
+    if preservation:
+        workflow = to_api_prompt(workflow, server.object_info())
+        train = next(n for n in workflow.values() if n["class_type"] == "LoraFoundryTrainLoRA")
+        train["inputs"]["preservation_class"] = preservation
     outputs = server.run(workflow, timeout=timeout)
     by_prefix: dict[str, list[Path]] = {}
     for path in server.output_files(outputs):
@@ -140,6 +147,9 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, help="a folder of images + captions instead of the default")
     parser.add_argument("--reg", type=Path, help="regularisation (prior) images for --dataset")
     parser.add_argument("--steps", type=int, help="training steps (default: the example workflow's)")
+    parser.add_argument("--preservation", metavar="CLASS", default="",
+                        help="train without prior images, with output preservation of CLASS (the trigger word said "
+                             "as CLASS keeps the base model's prediction)")
     parser.add_argument("--seed", type=int, default=0, help="the toy world's seed")
     parser.add_argument("--family", choices=tuple(TOY_BASES), default="sd15",
                         help="the toy world's base: sd15 (UNet, eps) or sd3 (MMDiT, rectified flow)")
@@ -156,7 +166,7 @@ def main() -> None:
 
         checkpoint = toy_base(args.family, args.seed)
         data = world.concept_dataset(cache_dir() / f"dataset-s{args.seed}", seed=args.seed)
-        dataset, reg = args.dataset or data["concept"], args.reg or data["prior"]
+        dataset, reg = args.dataset or data["concept"], args.reg or (None if args.preservation else data["prior"])
     else:
         checkpoint, dataset, reg = args.checkpoint, args.dataset, args.reg
         if dataset is None:
@@ -166,9 +176,10 @@ def main() -> None:
     os.environ["LORA_FOUNDRY_ALLOWED_ROOTS"] = os.pathsep.join(r for r in roots if r)
     with ComfyServer(args.base_dir, models={"checkpoints": [checkpoint]}, port=args.port or None) as server:
         print(f"ComfyUI with Lora Foundry at {server.url} (log: {server.log_path})")
-        print(f"training {checkpoint.name} on {dataset}" + (f" with prior images {reg}" if reg else "") + " ...",
+        print(f"training {checkpoint.name} on {dataset}" + (f" with prior images {reg}" if reg else "")
+              + (f" with output preservation of {args.preservation!r}" if args.preservation else "") + " ...",
               flush=True)
-        result = run_example(server, checkpoint, dataset, args.steps, reg=reg)
+        result = run_example(server, checkpoint, dataset, args.steps, reg=reg, preservation=args.preservation)
         print(f"trained in {time.monotonic() - started:.0f}s")
         for line in result["summary"]:
             print(f"Train LoRA: {line}")

@@ -167,6 +167,10 @@ MUTANTS = [
            "with torch.no_grad(), self.network.at_strength(0.0):",
            "with torch.no_grad():",
            "tests/test_training_features.py::test_output_preservation_keeps_the_class_as_the_base_draws_it"),
+    Mutant("one_resolution_only", "training/data/dataset.py",
+           "items = at_every_resolution(items, more)",
+           "items = list(items)",
+           "tests/test_training_features.py::test_multi_resolution_buckets_every_image_at_every_size"),
 ]
 
 

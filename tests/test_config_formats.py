@@ -203,7 +203,7 @@ def test_ai_toolkit_job(cf):
         "save_every": 500, "sample_every": 250, "sample_steps": 20, "sample_cfg": 4.0,
         "sample_prompts": ["sks dog on a beach --w 768 --h 1024 --d 7"], "cache_latents": "disk"}
     assert config.values["dataset"] == {"folder": "/data/dog", "caption_extension": ".txt", "resolution": 1024,
-                                        "reg_folder": "/data/dogs_reg"}
+                                        "resolutions": "512, 1024", "reg_folder": "/data/dogs_reg"}
     assert config.values["captions"] == {"caption_dropout": 0.1, "shuffle_tags": True, "trigger_word": "sks dog"}
     assert config.values["model"] == {"family": "flux1"}
     assert config.values["run"] == {"output_name": "sks_dog_flux", "save_precision": "fp16"}
@@ -212,7 +212,6 @@ def test_ai_toolkit_job(cf):
                      "config.process[0].model.name_or_path: not supported (black-forest-labs/FLUX.1-dev is a Hub id",
                      "config.process[0].model.quantize: not supported (set [model] diffusion_model",
                      "config.process[0].save.max_step_saves_to_keep: not supported (every saved checkpoint is kept)",
-                     "config.process[0].datasets[0].resolution: not supported ([512, 1024]: one training resolution",
                      "config.process[0].train.noise_scheduler: not needed (the training objective is read",
                      "config.process[0].training_folder: not needed", "config.process[0].device: not needed"):
         assert expected in lines

@@ -443,6 +443,79 @@ def test_output_preservation_keeps_the_class_as_the_base_draws_it(pack, loaded_c
     assert kept[trigger] > 0.5 * plain[trigger], drift  # the trigger still learns
 
 
+# --- multi-resolution ----------------------------------------------------------------------------------------------
+
+
+def _sizes(concept_dataset, resolutions: str):
+    from lora_foundry.training.data.dataset_options import DatasetOptions
+
+    options = DatasetOptions(folder=str(concept_dataset), resolution=64, min_side=32, max_side=256, bucket_step=32,
+                             resolutions=resolutions)
+    return options.load(lambda name, setting: Path(name))
+
+
+def test_multi_resolution_buckets_every_image_at_every_size(pack, concept_dataset):
+    """resolutions = "64, 128": each image once in its 64-px bucket (about 64^2 pixels) and once in its 128-px one
+    (about 128^2), in one epoch, each batch one size; a bad list is refused naming the setting."""
+    one, both = _sizes(concept_dataset, ""), _sizes(concept_dataset, "64, 128")
+    assert len(both.items) == 2 * len(one.items) and both.report.train_count == len(one.items)
+    by_path: dict = {}
+    for item in both.items:
+        by_path.setdefault(item.path, []).append(item.bucket[0] * item.bucket[1])
+    for areas in by_path.values():
+        small, large = sorted(areas)
+        assert abs(small / 64**2 - 1) < 0.3 and abs(large / 128**2 - 1) < 0.3, areas
+    batches = both.epoch_order(0, 0, 4)
+    assert sorted(i for b in batches for i in b) == sorted(i for i, it in enumerate(both.items) for _ in range(it.repeats))
+    assert all(len({both.items[i].bucket for i in batch}) == 1 for batch in batches)
+    assert "Resolutions: 64, 128 (each image bucketed at each" in both.report.summary()
+    from lora_foundry.training.data.dataset_options import DatasetOptions
+
+    with pytest.raises(ValueError, match="resolutions: 'big' is not a resolution"):
+        DatasetOptions(resolutions="512, big")
+
+
+@pytest.mark.server
+def test_multi_resolution_trains_through_the_server(pack, server, tiny_checkpoint, concept_dataset, tmp_path):
+    """Load Dataset with resolutions trains at both sizes: the cached latents of one image come at both sizes, the
+    report and the LoRA's metadata say so."""
+    from lora_foundry.lora_core.files import read_safetensors
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in sorted(concept_dataset.rglob("*.png"))[:4]:
+        shutil.copy(path, folder / path.name)
+        shutil.copy(path.with_suffix(".txt"), folder / f"{path.stem}.txt")
+    info = server.object_info()
+    dataset = {**default_inputs(info["LoraFoundryLoadDataset"]), "folder": str(folder), "resolution": 64,
+               "min_side": 32, "max_side": 256, "bucket_step": 32, "resolutions": "64, 128"}
+    train = {**default_inputs(info["LoraFoundryTrainLoRA"]), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+             "dataset": ["2", 0], "output_name": "multires", "rank": 4, "alpha": 4.0, "targets": "attention",
+             "steps": 2, "batch_size": 2, "learning_rate": 1e-3, "cache_latents": "disk"}
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint.name}},
+        "2": {"class_type": "LoraFoundryLoadDataset", "inputs": dataset},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}},
+        "4": {"class_type": "LoraFoundryTrainLoRA", "inputs": train},
+        "5": {"class_type": "LoraFoundrySaveLoRA", "inputs": {
+            "lora": ["4", 0], "filename_prefix": "multires", "precision": "fp32", "folder": "loras",
+            "overwrite": False}},
+    }
+    outputs = server.run(prompt, timeout=600)
+    assert "Resolutions: 64, 128" in outputs["3"]["text"][0]
+    _, meta = read_safetensors(outputs["5"]["text"][0])
+    assert json.loads(meta["lora_foundry_dataset_options"])["resolutions"] == "64, 128"
+    from safetensors import safe_open
+
+    image = sorted(folder.glob("*.png"))[0]
+    cached = []
+    for path in (image.parent / ".lora_foundry_cache").glob(f"{image.stem}-*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            cached.append(tuple(f.get_tensor(next(iter(f.keys()))).shape[-2:]))
+    areas = sorted(h * w * 64 for h, w in cached)
+    assert len(areas) >= 2 and abs(areas[0] / 64**2 - 1) < 0.3 and abs(areas[-1] / 128**2 - 1) < 0.3, cached
+
+
 # --- through the server ---------------------------------------------------------------------------------------------
 
 

@@ -291,8 +291,7 @@ def _resolution(t: Table) -> None:
     sizes = value if isinstance(value, list) else [value]
     if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
         raise ConfigError(f"{t.config.source}: {t.name('resolution')} must be a size or a list of sizes")
-    if len(sizes) > 1:
-        t.unsupported("resolution", f"{sizes}: one training resolution (buckets follow each image's aspect ratio); "
-                                    f"{max(sizes)} is used")
     t.set("dataset", "resolution", max(sizes), "resolution")
+    if len(sizes) > 1:  # each image at every size: our multi-resolution
+        t.set("dataset", "resolutions", ", ".join(str(s) for s in sorted(set(sizes))), "resolution")
 

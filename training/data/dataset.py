@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -136,11 +136,13 @@ def load_dataset(
     frame_rate: float = 0.0,
     frame_multiple: int = 4,
     control_folder: str | os.PathLike | None = None,
+    resolutions: tuple[int, ...] = (),
 ) -> Dataset:
     """Scan `folder` (and `reg_folder`) into bucketed, captioned items and a report.
 
     Videos and frame folders give clip samples of `frames` frames (see video.frame_indices); a control folder (or a
-    `control` sub-folder) pairs each training image with an edit model's source image of the same name.
+    `control` sub-folder) pairs each training image with an edit model's source image of the same name. Each of
+    `resolutions` (multi-resolution training) buckets every training and regularisation image once more at that size.
     """
     check_positive("resolution", *(resolution if isinstance(resolution, (tuple, list)) else (resolution,)))
     check_positive("min_side", min_side)
@@ -148,6 +150,7 @@ def load_dataset(
     check_positive("bucket_step", bucket_step)
     check_positive("min_image_side", min_image_side)
     check_positive("default_repeats", default_repeats)
+    check_positive("resolutions", *resolutions)
     if max_side < min_side:
         raise DatasetError(f"max_side ({max_side}) must be at least min_side ({min_side})")
     if not 0.0 <= validation_split < 1.0:
@@ -157,6 +160,7 @@ def load_dataset(
     rule = clip_rule(frames, frame_extraction, frame_rate, frame_multiple)
     try:
         bucketizer = Bucketizer(resolution, min_side, max_side, bucket_step, no_upscale)
+        more = [Bucketizer(r, min_side, max_side, bucket_step, no_upscale) for r in resolutions]
     except ValueError as exc:
         raise DatasetError(str(exc)) from exc
 
@@ -187,15 +191,30 @@ def load_dataset(
     held_out = {files[i] for i in _validation_indices(len(files), validation_split, seed)}
     validation = [item for item in train if item.path in held_out]
     items = [item for item in train if item.path not in held_out] + reg
+    report.train_count = len(items) - len(reg)
+    report.reg_count = len(reg)
+    items = at_every_resolution(items, more)
+    report.resolutions = tuple(dict.fromkeys((resolution, *resolutions))) if resolutions else ()
 
     report.buckets = dict(sorted(Counter(item.bucket for item in items).items()))
     report.frame_buckets = dict(sorted(Counter((item.bucket, item.frame_count) for item in items).items()))
     report.clip_samples = sum(item.is_clip for item in items + validation)
-    report.train_count = len(items) - len(reg)
     report.validation_count = len(validation)
-    report.reg_count = len(reg)
     report.samples_per_epoch = sum(item.repeats for item in items)
     return Dataset(items=items, validation=validation, report=report, root=root, reg_empty_prompt=reg_empty_prompt)
+
+
+def at_every_resolution(items: list[DatasetItem], bucketizers: list[Bucketizer]) -> list[DatasetItem]:
+    """The items, and each once more in its bucket of every other resolution (where that bucket is a new one)."""
+    out = list(items)
+    for item in items:
+        seen = {item.bucket}
+        for bucketizer in bucketizers:
+            bucket = bucketizer.assign(*item.size)
+            if bucket not in seen:
+                seen.add(bucket)
+                out.append(replace(item, bucket=bucket))
+    return out
 
 
 def _control_root(root: Path, control_folder: str | os.PathLike | None) -> Path | None:

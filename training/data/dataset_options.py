@@ -54,6 +54,10 @@ class DatasetOptions:
                                   "training images' file names (any image extension); absolute, or inside "
                                   "ComfyUI/input. Empty: the dataset's `control` sub-folder when there is one.")
 
+    resolutions: str = setting("", "Multi-resolution: every image is also bucketed at each of these resolutions "
+                               "(comma separated, e.g. 512, 768), so one run trains it at several sizes; batches "
+                               "keep one size, latents are cached per size. Empty = resolution only.")
+
     def caption_extensions(self) -> tuple[str, ...]:
         extensions = tuple(e.strip() if e.strip().startswith(".") else "." + e.strip()
                            for e in self.caption_extension.split(",") if e.strip())
@@ -61,6 +65,23 @@ class DatasetOptions:
 
     def __post_init__(self):
         check_choices(self)
+        self.extra_resolutions()  # a bad list fails here, naming the setting
+
+    def extra_resolutions(self) -> tuple[int, ...]:
+        """The sizes of `resolutions` other than `resolution`."""
+        sizes = []
+        for part in self.resolutions.replace(";", ",").split(","):
+            if not part.strip():
+                continue
+            try:
+                size = int(part.strip())
+            except ValueError:
+                size = 0
+            if not 32 <= size <= 4096:
+                raise ValueError(f"resolutions: {part.strip()!r} is not a resolution from 32 to 4096; write sizes "
+                                 "separated by commas, e.g. 512, 768, 1024")
+            sizes.append(size)
+        return tuple(s for s in dict.fromkeys(sizes) if s != self.resolution)
 
     def load_arguments(self, resolve: Callable[[str, str], os.PathLike]) -> dict:
         """load_dataset's arguments, with folder names turned into paths by `resolve(name, setting)`."""
@@ -73,6 +94,7 @@ class DatasetOptions:
             reg_empty_prompt=self.reg_empty_prompt, default_repeats=self.repeats, frames=self.frames,
             frame_extraction=self.frame_extraction, frame_rate=self.frame_rate, frame_multiple=self.frame_multiple,
             control_folder=resolve(self.control_folder, "control_folder") if self.control_folder.strip() else None,
+            resolutions=self.extra_resolutions(),
         )
 
     def load(self, resolve: Callable[[str, str], os.PathLike]):

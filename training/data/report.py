@@ -60,6 +60,7 @@ class DatasetReport:
     validation_count: int = 0
     reg_count: int = 0
     samples_per_epoch: int = 0
+    resolutions: tuple[int, ...] = ()  # multi-resolution: every size each image trains at; empty for one
 
     def summary(self) -> str:
         """A multi-line text for the user: what was found, how it is bucketed, and what was left out why."""
@@ -119,6 +120,12 @@ class DatasetReport:
                 f"still image(s)); {spe}")
 
     def _bucket_lines(self) -> list[str]:
+        sizes = ([f"Resolutions: {', '.join(map(str, self.resolutions))} (each image bucketed at each: "
+                  f"{sum(self.buckets.values())} sized copies of {self.train_count + self.reg_count} images)"]
+                 if self.resolutions else [])
+        return sizes + self._bucket_table()
+
+    def _bucket_table(self) -> list[str]:
         if not self.clips:
             return ["Buckets (width x height: training images, regularisation included):",
                     *(f"  {w}x{h}: {count}" for (w, h), count in sorted(self.buckets.items()))]
