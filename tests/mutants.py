@@ -171,6 +171,14 @@ MUTANTS = [
            "items = at_every_resolution(items, more)",
            "items = list(items)",
            "tests/test_training_features.py::test_multi_resolution_buckets_every_image_at_every_size"),
+    Mutant("text_cache_never_read", "training/engine/text.py",
+           "conditioning = self.disk.load(caption) if cache and self.disk is not None else None",
+           "conditioning = None",
+           "tests/test_train.py::test_text_encoder_outputs_are_cached_on_disk_and_a_second_run_encodes_nothing"),
+    Mutant("text_cache_ignores_clip_patches", "training/data/text_cache.py",
+           "if clip.patcher.patches or clip.patcher.object_patches:",
+           "if False:",
+           "tests/test_train.py::test_text_encoder_outputs_are_cached_on_disk_and_a_second_run_encodes_nothing"),
 ]
 
 

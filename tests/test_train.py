@@ -386,6 +386,63 @@ def test_disk_latent_cache_is_reused_and_follows_image_changes(pack, loaded_chec
         vae.encode = encode
 
 
+def test_text_encoder_outputs_are_cached_on_disk_and_a_second_run_encodes_nothing(pack, loaded_checkpoint,
+                                                                                   concept_dataset, tmp_path, caplog):
+    """latent_cache = disk keeps each fixed caption's host conditioning in the dataset's hidden cache: the second run
+    never calls the text encoder and trains on exactly the same conditioning; a CLIP with a LoRA on it (other
+    outputs) neither reads nor writes the cache; an unreadable file is encoded again."""
+    import shutil
+
+    from lora_foundry.training.data.latent_cache import FOLDER
+    from lora_foundry.training.engine import text
+
+    data = tmp_path / "data"
+    shutil.copytree(concept_dataset, data, ignore=shutil.ignore_patterns(FOLDER))
+    calls = []
+    encode = text.encode_caption
+
+    def counting(clip, caption):
+        calls.append(caption)
+        return encode(clip, caption)
+
+    text.encode_caption = counting
+    try:
+        first, _ = _train(pack, loaded_checkpoint, data, tmp_path / "a", steps=1, latent_cache="disk")
+        files = sorted((data / FOLDER).glob("text-*.safetensors"))
+        assert calls and len(files) == len(set(calls)), (len(files), calls)
+        calls.clear()
+        second, _ = _train(pack, loaded_checkpoint, data, tmp_path / "b", steps=1, latent_cache="disk")
+        assert calls == []  # every caption's conditioning came from disk
+        assert first.text.cache.keys() == second.text.cache.keys()
+        for caption, ((cond, extras),) in first.text.cache.items():
+            ((cached, cached_extras),) = second.text.cache[caption]
+            assert torch.equal(cond, cached) and extras.keys() == cached_extras.keys()
+            assert all(torch.equal(v, cached_extras[k]) if torch.is_tensor(v) else v == cached_extras[k]
+                       for k, v in extras.items())
+
+        files[0].write_bytes(b"not a safetensors file")
+        with caplog.at_level(logging.WARNING, logger="lora_foundry"):
+            _train(pack, loaded_checkpoint, data, tmp_path / "c", steps=1, latent_cache="disk")
+        assert len(calls) == 1 and any("unreadable" in r.getMessage() for r in caplog.records)
+
+        model, clip, vae = loaded_checkpoint
+        patched_clip = clip.clone()
+        key = next(k for k in patched_clip.patcher.model_state_dict() if k.endswith("q_proj.weight"))
+        weight = patched_clip.patcher.model_state_dict()[key]
+        patched_clip.patcher.add_patches({key: (torch.full_like(weight, 0.01),)}, 1.0)
+        calls.clear()
+        before = sorted((data / FOLDER).glob("text-*.safetensors"))
+        _train(pack, (model, patched_clip, vae), data, tmp_path / "d", steps=1, latent_cache="disk")
+        assert calls and sorted((data / FOLDER).glob("text-*.safetensors")) == before
+        other_layer = clip.clone()
+        other_layer.clip_layer(-2)  # CLIPSetLastLayer: other outputs, other files
+        calls.clear()
+        _train(pack, (model, other_layer, vae), data, tmp_path / "e", steps=1, latent_cache="disk")
+        assert calls and len(list((data / FOLDER).glob("text-*.safetensors"))) == len(before) + len(set(calls))
+    finally:
+        text.encode_caption = encode
+
+
 def test_the_trigger_word_is_not_put_on_regularisation_captions(pack, loaded_checkpoint, concept_dataset, tmp_path):
     import shutil
 

@@ -93,7 +93,8 @@ class TrainConfig:
     save_every: int = setting(0, "Save <name>-stepNNNNNN every N steps and at the last (for resume and post-hoc "
                               "EMA); 0 = none.", min=0, max=1_000_000, kohya="save_every_n_steps")
     latent_cache: str = setting("memory", "disk: also keep the latents in a hidden .lora_foundry_cache folder next "
-                                "to the images, so the next run skips the VAE.", input="cache_latents",
+                                "to the images, and the text encoders' outputs of fixed captions in the dataset's, "
+                                "so the next run skips the VAE and the text encoders.", input="cache_latents",
                                 choices=LATENT_CACHES)
     validation_every: int = setting(0, "Held-out loss every N steps (0 = never).", min=0, max=1_000_000,
                                     kohya="validate_every_n_steps")

@@ -9,15 +9,18 @@ from dataclasses import replace
 import torch
 
 from ..data.captions import CaptionOptions, process_caption, with_class
+from ..data.text_cache import TextCache
 from .conditioning import encode_caption, to_device, with_values
 
 
 class TextConditioning:
     """Captions as trained (trigger word, shuffles and dropouts applied) and the host conditioning of each."""
 
-    def __init__(self, clip, options: CaptionOptions, reg_empty_prompt: bool = False, class_word: str = ""):
+    def __init__(self, clip, options: CaptionOptions, reg_empty_prompt: bool = False, class_word: str = "",
+                 disk: TextCache | None = None):
         self.clip, self.options, self.reg_empty_prompt = clip, options, reg_empty_prompt
         self.class_word = class_word  # output preservation's class: the trigger word said as it
+        self.disk = disk  # fixed captions' outputs kept on disk too (latent_cache = disk)
         self.cache: dict[str, list] = {}  # host conditioning of captions that never change
         self.train_clip = None  # the CLIP clone carrying text-encoder adapters, while training them
 
@@ -28,15 +31,20 @@ class TextConditioning:
         return bool(c.shuffle_tags or c.caption_dropout or c.tag_dropout)
 
     def encode(self, caption: str, cache: bool = True) -> list:
-        """The frozen text encoder's host conditioning for `caption` (on the CPU), kept when `cache`. Cancel is
-        honoured before each caption: encoding a dataset's captions up front is a long loop."""
+        """The frozen text encoder's host conditioning for `caption` (on the CPU), kept when `cache` (and read from /
+        written to the disk cache then). Cancel is honoured before each caption: encoding a dataset's captions up
+        front is a long loop."""
         if caption in self.cache:
             return self.cache[caption]
-        import comfy.model_management as mm
+        conditioning = self.disk.load(caption) if cache and self.disk is not None else None
+        if conditioning is None:
+            import comfy.model_management as mm
 
-        mm.throw_exception_if_processing_interrupted()
-        with torch.no_grad():
-            conditioning = to_device(encode_caption(self.clip, caption), "cpu")
+            mm.throw_exception_if_processing_interrupted()
+            with torch.no_grad():
+                conditioning = to_device(encode_caption(self.clip, caption), "cpu")
+            if cache and self.disk is not None:
+                self.disk.save(caption, conditioning)
         if cache:
             self.cache[caption] = conditioning
         return conditioning

@@ -23,6 +23,7 @@ from ...lora_core.block_weights import block_of, block_values, layout_of
 from ...lora_core.network import LoraNetwork, is_trainable_text_encoder
 from ...lora_core.targets import text_encoders
 from ..data.dataset import Dataset
+from ..data.text_cache import TextCache, encoder_fingerprint
 from . import memory, objective
 from .blocks import BlockOptions, text_encoder_layers, training_blocks
 from .conditioning import training_guidance, with_values
@@ -83,7 +84,7 @@ class Trainer:
             if unused:
                 logging.info("Train LoRA: %s does not apply to %s models; ignored", option, kind)
         self.text = self.text_conditioning(clip, config.captions, dataset.reg_empty_prompt,
-                                            config.preservation_class)
+                                            config.preservation_class, self.text_cache(clip, dataset, config))
         self.data = self.encoded_data(dataset, model, vae, config)
         self.samples = sample_prompts(config, dataset, vae)  # parsed before anything is encoded: a bad line fails
         layout = layout_of(model) if config.block_lrs else None
@@ -99,6 +100,14 @@ class Trainer:
                                  objective.family_sampling(config.timestep_sampling, kind), guidance, network)
         self.files: RunFiles | None = None  # the run's files, once it runs
         self.context: RunContext | None = None  # the last run's context (its plan, its compute dtype)
+
+    @staticmethod
+    def text_cache(clip, dataset: Dataset, config: TrainConfig) -> TextCache | None:
+        """The disk cache of the text encoders' outputs, with latent_cache = disk and a CLIP it can tell apart."""
+        encoders = encoder_fingerprint(clip) if config.latent_cache == "disk" and hasattr(clip, "patcher") else None
+        if encoders is None:
+            return None
+        return TextCache(Path(dataset.root), encoders)
 
     def epoch_steps(self, epochs: int) -> int:
         """Optimizer steps in `epochs` epochs: global batches per epoch over the accumulation, rounded up."""
