@@ -29,6 +29,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 TRAIN_STEPS = 6
 MODES = {"classic": False, "nodes2": True}  # the value of Comfy.VueNodes.Enabled
 TRAIN = "LoraFoundryTrainLoRA"
+RUN_CONTROLS = ".actionbar, .queue-button-group, [data-testid='queue-button']"  # the frontend's Run controls
 
 if os.environ.get("CI") and CHROMIUM is None:  # CI must run these, never skip them
     raise RuntimeError("no chromium on the CI machine: `bash scripts/setup.sh` installs Debian's package")
@@ -511,7 +512,7 @@ def test_caption_edited_on_the_node_is_saved_to_its_file(browser, ui_server, mod
 
 def test_lora_metadata_is_shown_as_text_never_html(browser, ui_server, mode):
     """A LoRA from a stranger whose title, trigger words and tags hold markup: the info panel shows the characters,
-    creates no element from them and runs nothing."""
+    creates no element from them and runs nothing; and it covers none of the Run controls."""
     from lora_foundry.lora_core.files import read_safetensors, write_safetensors
 
     names = ui_server.get("/models/loras")
@@ -534,6 +535,14 @@ def test_lora_metadata_is_shown_as_text_never_html(browser, ui_server, mode):
         assert panel.locator("img, script, b").count() == 0
         assert page.eval("() => window.__pwned") is None
         assert not page.errors, page.errors
+        # The panel leaves the Run controls (the frontend's action bar, top right) free to click.
+        controls, covered = page.eval("""() => { const p = document.querySelector('.lf-info-panel').getBoundingClientRect();
+            const boxes = [...document.querySelectorAll(RUN_CONTROLS)].map(e => e.getBoundingClientRect())
+              .filter(r => r.width && r.height);
+            return [boxes.length, boxes.filter(r => r.left < p.right && p.left < r.right && r.top < p.bottom
+              && p.top < r.bottom).map(r => [r.left, r.top, r.right, r.bottom])]; }""".replace(
+            "RUN_CONTROLS", json.dumps(RUN_CONTROLS)))
+        assert controls and not covered, (controls, covered)
     finally:
         target.unlink()
 

@@ -20,7 +20,8 @@ def test_each_mutant_breaks_one_line_that_is_there():
     for mutant in MUTANTS:
         original, broken = mutated(mutant)
         assert broken != original and mutant.line.strip() != mutant.replacement.strip(), mutant.name
-        ast.parse(broken, mutant.file)
+        if mutant.file.endswith(".py"):  # web/js mutants are checked by the browser tests they break
+            ast.parse(broken, mutant.file)
         assert (REPO_ROOT / mutant.test.split("::")[0]).is_file(), mutant.name
 
 

@@ -5,6 +5,9 @@ import { app } from "../../scripts/app.js";
 import { addStyle, el, getJSON } from "./lib/common.js";
 
 const PANEL_ID = "lora-foundry-info";
+// The frontend's Run controls (its action bar, top right by default): the panel opens below them.
+const RUN_CONTROLS = ".actionbar, .queue-button-group, [data-testid='queue-button']";
+const TOP = 60;
 
 export function fetchLoraInfo(name) {
   return getJSON(`/lora_foundry/lora_info?name=${encodeURIComponent(name)}`);
@@ -50,7 +53,23 @@ function panelElement() {
   close.title = "Close";
   close.onclick = () => panel.remove();
   panel.append(close);
+  placePanel(panel);
   return panel;
+}
+
+// Below every Run control that shares the panel's columns, wherever the user has dragged the action bar.
+function placePanel(panel) {
+  panel.style.top = `${TOP}px`;
+  const box = panel.getBoundingClientRect();
+  let top = TOP;
+  for (const element of document.querySelectorAll(RUN_CONTROLS)) {
+    const r = element.getBoundingClientRect();
+    if (r.width && r.height && r.left < box.right && box.left < r.right && r.top < innerHeight / 2) {
+      top = Math.max(top, r.bottom + 8);
+    }
+  }
+  panel.style.top = `${top}px`;
+  panel.style.maxHeight = `${Math.max(200, innerHeight - top - 16)}px`;
 }
 
 export function renderLoraInfo(panel, info) {

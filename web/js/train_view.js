@@ -7,6 +7,16 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { addStyle, apiURL, el, getJSON, nodeElement, setWidgetsHidden, vueNodes } from "./lib/common.js";
 
+// Whether a widget's input is linked: through the frontend's connectivity helper (newer frontends deprecate reading
+// input.link), the slot's own link where there is none.
+function widgetLinked(node, widget) {
+  const slot = node.getSlotFromWidget?.(widget);
+  if (!slot) return false;
+  const index = node.inputs?.indexOf(slot) ?? -1;
+  if (index >= 0 && typeof node.isInputConnected === "function") return node.isInputConnected(index);
+  return slot.link != null;
+}
+
 const TRAIN_NODE = "LoraFoundryTrainLoRA";
 const HEIGHT = 300;
 const SHOW_ADVANCED = "show_advanced_settings"; // node.properties key; absent or false: folded
@@ -122,7 +132,7 @@ class TrainView {
   // Hide or show the advanced widgets; with `resize`, fit the node's height to what is shown.
   applyFold(resize) {
     const shown = this.advancedShown;
-    const linked = (w) => this.node.getSlotFromWidget?.(w)?.link != null;
+    const linked = (w) => widgetLinked(this.node, w);
     const optional = this.optionalWidgets();
     const widgets = optional.filter((w) => !linked(w));
     setWidgetsHidden(this.node, optional.filter(linked), false); // a linked one shows where its link goes
