@@ -408,7 +408,7 @@ def test_text_encoder_outputs_are_cached_on_disk_and_a_second_run_encodes_nothin
     text.encode_caption = counting
     try:
         first, _ = _train(pack, loaded_checkpoint, data, tmp_path / "a", steps=1, latent_cache="disk")
-        files = sorted((data / FOLDER).glob("text-*.safetensors"))
+        files = sorted((data / FOLDER / "text").glob("*.safetensors"))
         assert calls and len(files) == len(set(calls)), (len(files), calls)
         calls.clear()
         second, _ = _train(pack, loaded_checkpoint, data, tmp_path / "b", steps=1, latent_cache="disk")
@@ -431,14 +431,14 @@ def test_text_encoder_outputs_are_cached_on_disk_and_a_second_run_encodes_nothin
         weight = patched_clip.patcher.model_state_dict()[key]
         patched_clip.patcher.add_patches({key: (torch.full_like(weight, 0.01),)}, 1.0)
         calls.clear()
-        before = sorted((data / FOLDER).glob("text-*.safetensors"))
+        before = sorted((data / FOLDER / "text").glob("*.safetensors"))
         _train(pack, (model, patched_clip, vae), data, tmp_path / "d", steps=1, latent_cache="disk")
-        assert calls and sorted((data / FOLDER).glob("text-*.safetensors")) == before
+        assert calls and sorted((data / FOLDER / "text").glob("*.safetensors")) == before
         other_layer = clip.clone()
         other_layer.clip_layer(-2)  # CLIPSetLastLayer: other outputs, other files
         calls.clear()
         _train(pack, (model, other_layer, vae), data, tmp_path / "e", steps=1, latent_cache="disk")
-        assert calls and len(list((data / FOLDER).glob("text-*.safetensors"))) == len(before) + len(set(calls))
+        assert calls and len(list((data / FOLDER / "text").glob("*.safetensors"))) == len(before) + len(set(calls))
     finally:
         text.encode_caption = encode
 

@@ -56,10 +56,24 @@ def setup_inprocess(cpu: bool = False) -> Path:
     return root
 
 
+def _load_host_nodes() -> None:
+    """ComfyUI's nodes module in sys.modules, as a running ComfyUI always has it: `python -m pytest` puts the working
+    directory first on sys.path, where this repository's nodes/ package would answer a host module's `import nodes`."""
+    root = comfy_root()
+    spec = importlib.util.find_spec("nodes") if "nodes" not in sys.modules else None
+    if spec is not None and Path(spec.origin or "").parent != root:
+        setup_inprocess()
+        host = importlib.util.spec_from_file_location("nodes", root / "nodes.py")
+        module = importlib.util.module_from_spec(host)
+        sys.modules["nodes"] = module
+        host.loader.exec_module(module)
+
+
 def import_pack(name: str = "lora_foundry"):
     """Import this repository as a package under `name`, the way ComfyUI loads a custom node pack."""
     if name in sys.modules:
         return sys.modules[name]
+    _load_host_nodes()
     spec = importlib.util.spec_from_file_location(
         name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
     )

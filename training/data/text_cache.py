@@ -33,19 +33,20 @@ def encoder_fingerprint(clip) -> str | None:
 
 
 class TextCache:
-    """One safetensors file per (caption, text encoders): `<dataset>/.lora_foundry_cache/text-<key>.safetensors`.
+    """One safetensors file per (caption, text encoders): `<dataset>/.lora_foundry_cache/text/<key>.safetensors` (a
+    folder of their own: the images at the dataset's top level keep their latents in `.lora_foundry_cache`).
 
     Holds the host conditioning ([[cond, {pooled_output, ...}]]): tensors by position, the other values as JSON. A
     folder that cannot be written turns the cache off with one warning; the run goes on from memory.
     """
 
     def __init__(self, folder: Path, encoder_id: str):
-        self.folder, self.encoder_id = folder / FOLDER, encoder_id
+        self.folder, self.encoder_id = folder / FOLDER / "text", encoder_id
         self.writable = True
 
     def path(self, caption: str) -> Path:
         key = hashlib.sha256(f"{self.encoder_id}|{caption}".encode()).hexdigest()[:20]
-        return self.folder / f"text-{key}.safetensors"
+        return self.folder / f"{key}.safetensors"
 
     def load(self, caption: str) -> list | None:
         """The cached conditioning, or None (none yet, or unreadable: it is encoded and written again)."""
