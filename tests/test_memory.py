@@ -388,13 +388,15 @@ def test_previews_keep_the_planned_residency(family_sd15):
 
 
 def test_memory_plan_matches_what_a_step_allocates(family_sd15):
-    """The plan's simulated step against the CPU allocator's own record of a real run (torch.profiler)."""
+    """The plan's simulated step against the CPU allocator's own record of a real run (torch.profiler); also with
+    output preservation, whose second graph lives until the backward pass."""
     from torch.profiler import ProfilerActivity, profile
 
     fam, dataset = family_sd15
     trainer, _ = _train(fam, dataset, steps=1)  # latents and captions encoded, out of the measured run
-    for checkpointing in (False, True):
+    for checkpointing, preservation in ((False, ""), (True, ""), (False, "toy")):
         trainer.config.gradient_checkpointing = checkpointing
+        trainer.config.preservation_class = preservation  # no trigger word: the class captions are the captions
         trainer.config.steps = 1
         trainer.network = type(trainer.network).create(trainer.network.config, fam.model)
         with torch.inference_mode(False), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -408,7 +410,7 @@ def test_memory_plan_matches_what_a_step_allocates(family_sd15):
         params = trainer.network.num_params() * 4
         planned = trainer.context.plan.activations + trainer.context.plan.adapter - params  # parameters exist before the run
         assert trainer.context.plan.checkpointing == checkpointing
-        assert 0.75 * peak <= planned <= 1.25 * peak, (checkpointing, planned, peak, trainer.context.plan)
+        assert 0.75 * peak <= planned <= 1.25 * peak, (checkpointing, preservation, planned, peak, trainer.context.plan)
 
 
 def test_vae_and_cached_text_encoder_leave_the_device_before_training(family_sd15):
