@@ -65,8 +65,8 @@ MUTANTS = [
            "masks = torch.stack([self.floor + (1 - self.floor) * ones if key in self._masks else ones",
            "tests/test_training_features.py::test_masked_loss_teaches_nothing_where_the_mask_is_black"),
     Mutant("plan_simulates_no_backward", "training/engine/planning.py",
-           "step.prediction_loss(patched, x, x0, sigma, inputs, weights, autocast_dtype).backward()",
-           "step.prediction_loss(patched, x, x0, sigma, inputs, weights, autocast_dtype)",
+           "loss = step.prediction_loss(patched, x, x0, sigma, inputs, weights, autocast_dtype)",
+           "loss = step.prediction_loss(patched, x, x0, sigma, inputs, weights, autocast_dtype).detach().requires_grad_()",
            "tests/test_memory.py::test_memory_plan_matches_what_a_step_allocates"),
     # --- one per mechanism the README claims ---
     Mutant("bypass_adds_nothing", "lora_core/network.py",
