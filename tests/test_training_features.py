@@ -443,6 +443,22 @@ def test_output_preservation_keeps_the_class_as_the_base_draws_it(pack, loaded_c
     assert kept[trigger] > 0.5 * plain[trigger], drift  # the trigger still learns
 
 
+def _training_prompt(info: dict, checkpoint: str, dataset: dict, train: dict, prefix: str) -> dict:
+    """Checkpoint -> Load Dataset (its report previewed) -> Train LoRA -> Save LoRA (fp32, `prefix`), each node's
+    defaults under the given inputs."""
+    train = {**default_inputs(info["LoraFoundryTrainLoRA"]), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+             "dataset": ["2", 0], "rank": 4, "alpha": 4.0, "targets": "attention", "learning_rate": 1e-3, **train}
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "2": {"class_type": "LoraFoundryLoadDataset",
+              "inputs": {**default_inputs(info["LoraFoundryLoadDataset"]), "resolution": 64, **dataset}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}},
+        "4": {"class_type": "LoraFoundryTrainLoRA", "inputs": train},
+        "5": {"class_type": "LoraFoundrySaveLoRA", "inputs": {
+            "lora": ["4", 0], "filename_prefix": prefix, "precision": "fp32", "folder": "loras", "overwrite": False}},
+    }
+
+
 # --- multi-resolution ----------------------------------------------------------------------------------------------
 
 
@@ -486,21 +502,11 @@ def test_multi_resolution_trains_through_the_server(pack, server, tiny_checkpoin
     for path in sorted(concept_dataset.rglob("*.png"))[:4]:
         shutil.copy(path, folder / path.name)
         shutil.copy(path.with_suffix(".txt"), folder / f"{path.stem}.txt")
-    info = server.object_info()
-    dataset = {**default_inputs(info["LoraFoundryLoadDataset"]), "folder": str(folder), "resolution": 64,
-               "min_side": 32, "max_side": 256, "bucket_step": 32, "resolutions": "64, 128"}
-    train = {**default_inputs(info["LoraFoundryTrainLoRA"]), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
-             "dataset": ["2", 0], "output_name": "multires", "rank": 4, "alpha": 4.0, "targets": "attention",
-             "steps": 2, "batch_size": 2, "learning_rate": 1e-3, "cache_latents": "disk"}
-    prompt = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint.name}},
-        "2": {"class_type": "LoraFoundryLoadDataset", "inputs": dataset},
-        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}},
-        "4": {"class_type": "LoraFoundryTrainLoRA", "inputs": train},
-        "5": {"class_type": "LoraFoundrySaveLoRA", "inputs": {
-            "lora": ["4", 0], "filename_prefix": "multires", "precision": "fp32", "folder": "loras",
-            "overwrite": False}},
-    }
+    prompt = _training_prompt(server.object_info(), tiny_checkpoint.name,
+                              {"folder": str(folder), "min_side": 32, "max_side": 256, "bucket_step": 32,
+                               "resolutions": "64, 128"},
+                              {"output_name": "multires", "steps": 2, "batch_size": 2, "cache_latents": "disk"},
+                              "multires")
     outputs = server.run(prompt, timeout=600)
     assert "Resolutions: 64, 128" in outputs["3"]["text"][0]
     _, meta = read_safetensors(outputs["5"]["text"][0])
@@ -532,28 +538,19 @@ def test_features_through_the_server(pack, server, tiny_checkpoint, concept_data
     for image in sorted(images.glob("*.png"))[:2]:
         shutil.copy(image, reg / image.name)
     info = server.object_info()
-    dataset = {**default_inputs(info["LoraFoundryLoadDataset"]), "folder": str(images), "resolution": 64, "min_side": 64,
-               "max_side": 64, "bucket_step": 64, "validation_split": 0.2, "mask_folder": str(masks),
-               "reg_folder": str(reg), "reg_empty_prompt": True}
     from lora_foundry.lora_core.block_weights import SD1, block_of
 
     rates = ["1"] * 26  # BASE and every block; the middle block's adapters do not learn
     rates[SD1.all_ids.index("MID")] = "0"
     lrs = ",".join(rates)
-    train = {**default_inputs(info["LoraFoundryTrainLoRA"]), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
-             "dataset": ["2", 0], "output_name": "features", "rank": 4, "alpha": 4.0, "targets": "attention",
-             "steps": 6, "learning_rate": 1e-3, "save_every": 2, "validation_every": 2, "keep_best": True,
-             "ema_decay": 0.5, "mask_floor": 0.1, "block_lrs": lrs, "trigger_word": "sks",
-             "preservation_class": "toy", "preservation_weight": 0.5}
-    prompt = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint.name}},
-        "2": {"class_type": "LoraFoundryLoadDataset", "inputs": dataset},
-        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}},
-        "4": {"class_type": "LoraFoundryTrainLoRA", "inputs": train},
-        "5": {"class_type": "LoraFoundrySaveLoRA", "inputs": {
-            "lora": ["4", 0], "filename_prefix": "features_final", "precision": "fp32", "folder": "loras",
-            "overwrite": False}},
-    }
+    prompt = _training_prompt(
+        info, tiny_checkpoint.name,
+        {"folder": str(images), "min_side": 64, "max_side": 64, "bucket_step": 64, "validation_split": 0.2,
+         "mask_folder": str(masks), "reg_folder": str(reg), "reg_empty_prompt": True},
+        {"output_name": "features", "steps": 6, "save_every": 2, "validation_every": 2, "keep_best": True,
+         "ema_decay": 0.5, "mask_floor": 0.1, "block_lrs": lrs, "trigger_word": "sks", "preservation_class": "toy",
+         "preservation_weight": 0.5},
+        "features_final")
     outputs = server.run(prompt, timeout=600)
     final, _ = read_safetensors(outputs["5"]["text"][0])
     learnt = {block_of(k.split(".")[0], SD1) == "MID": [] for k in final}

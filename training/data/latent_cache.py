@@ -17,9 +17,14 @@ FOLDER = ".lora_foundry_cache"  # hidden: dataset scans skip it
 
 
 def vae_fingerprint(vae) -> str:
-    """A short id of the VAE's weights: its parameter names and shapes plus the values of a few tensors."""
-    state = vae.first_stage_model.state_dict()
-    digest = hashlib.sha256()
+    """A short id of the VAE's weights."""
+    return weights_fingerprint(vae.first_stage_model)
+
+
+def weights_fingerprint(module, salt: str = "") -> str:
+    """A short id of a module's weights (after `salt`): parameter names and shapes plus the values of a few tensors."""
+    state = module.state_dict()
+    digest = hashlib.sha256(salt.encode())
     names = sorted(state)
     for name in names:
         digest.update(f"{name}:{tuple(state[name].shape)};".encode())

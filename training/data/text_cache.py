@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ...lora_core.files import AdapterFileError, read_safetensors, write_safetensors
-from .latent_cache import FOLDER
+from .latent_cache import FOLDER, weights_fingerprint
 
 log = logging.getLogger("lora_foundry")
 
@@ -22,14 +22,7 @@ def encoder_fingerprint(clip) -> str | None:
     if clip.patcher.patches or clip.patcher.object_patches:
         return None
     model = clip.cond_stage_model
-    state = model.state_dict()
-    digest = hashlib.sha256(f"{type(model).__name__}|{getattr(clip, 'layer_idx', None)}|".encode())
-    names = sorted(state)
-    for name in names:
-        digest.update(f"{name}:{tuple(state[name].shape)};".encode())
-    for name in names[:2] + names[-2:]:
-        digest.update(state[name].detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return weights_fingerprint(model, f"{type(model).__name__}|{getattr(clip, 'layer_idx', None)}|")
 
 
 class TextCache:

@@ -70,12 +70,13 @@ class TrainingStep:
         """Output preservation: the adapted model's prediction for the class captions, on the batch's own noisy
         latents, against the base model's (every adapter off, text encoders' too)."""
         with torch.no_grad(), self.network.at_strength(0.0):
-            x, inputs = self.model_call(patched, x0, noise, sigma, self.text.conditioning(captions, device, values),
-                                        geometries)
+            base = self.text.conditioning(captions, device, values)
+            x, inputs = self.model_call(patched, x0, noise, sigma, base, geometries)
             with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 target = apply_model(patched.model, x, sigma, inputs).float()
-        x, inputs = self.model_call(patched, x0, noise, sigma, self.text.conditioning(captions, device, values),
-                                    geometries)
+        # Frozen text encoders give the same conditioning with the adapters on; trained ones are asked again.
+        adapted = base if self.text.train_clip is None else self.text.conditioning(captions, device, values)
+        x, inputs = self.model_call(patched, x0, noise, sigma, adapted, geometries)
         return self.prediction_loss(patched, x, target, sigma, inputs, None, autocast_dtype,
                                     self.config.min_snr_gamma)
 
