@@ -6,6 +6,8 @@ Models are built by the host's own classes (comfy.supported_models) from the rea
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import statistics
 import tempfile
 import time
@@ -152,7 +154,9 @@ def random_conditioning(model, name: str, seed: int = 0) -> list:
 def dataset_folder(size: tuple[int, int], count: int = 8) -> Path:
     from PIL import Image
 
-    folder = Path(tempfile.mkdtemp(prefix="lora_foundry_bench_")) / "1_bench"
+    root = Path(tempfile.mkdtemp(prefix="lora_foundry_bench_"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # read while the process trains; gone when it ends
+    folder = root / "1_bench"
     folder.mkdir(parents=True)
     for i in range(count):
         Image.new("RGB", size, (i * 30 % 255, 80, 160)).save(folder / f"{i}.png")
