@@ -287,12 +287,20 @@ class LoraNetwork(nn.Module):
                 patcher.add_object_patch(f"{path}.forward", BypassForward(patcher.model.get_submodule(path), adapter))
         return new_model, new_clip
 
-    @contextmanager
     def at_strength(self, strength: float):
         """Every adapter at `strength` inside (0: the base model's own output), as before after."""
+        return self.at_strengths(dict.fromkeys(self.adapters, strength))
+
+    def as_now(self):
+        """A context putting every adapter back at the strength it has now, whatever it has then."""
+        return self.at_strengths({name: adapter.multiplier for name, adapter in self.adapters.items()})
+
+    @contextmanager
+    def at_strengths(self, strengths: dict[str, float]):
+        """Each adapter at its strength in `strengths` inside, as before after."""
         before = {name: adapter.multiplier for name, adapter in self.adapters.items()}
-        for adapter in self.adapters.values():
-            adapter.multiplier = strength
+        for name, adapter in self.adapters.items():
+            adapter.multiplier = strengths[name]
         try:
             yield
         finally:

@@ -27,7 +27,8 @@ OPTIONAL_WIDGETS = ["gradient_checkpointing", "grad_accum", "grad_clip", "lora_p
                     "offload_activations", "compile_blocks", "mask_floor", "block_ranks", "block_alphas", "block_lrs",
                     "keep_best", "patience", "ema_decay", "ema_every", "ema_warmup", "ema_output", "optimizer_args",
                     "epochs", "expert", "expert_boundary", "preservation_class",
-                    "preservation_weight"]
+                    "preservation_weight", "slider_positive", "slider_negative", "slider_target", "slider_anchor",
+                    "slider_guidance"]
 SETTINGS = (NetworkConfig, TrainConfig, CaptionOptions)
 
 
@@ -122,6 +123,9 @@ def run_summary(network: LoraNetwork, trainer: Trainer, result) -> str:
                f"{result.steps} steps in {result.seconds:.1f}s; loss {first:.4f} -> {last:.4f}")
     if trainer.data.image_input is not None:
         summary += f"; the model is given each sample's {trainer.data.image_input}"
+    if trainer.config.slider:
+        summary += (f"; a concept slider: +1 toward {trainer.config.slider_positive!r}, -1 toward "
+                    f"{trainer.config.slider_negative!r}")
     if trainer.config.expert != "all":
         summary += f"; the {trainer.config.expert} expert (sigma boundary {trainer.step.expert_boundary()})"
     if trainer.context.plan is not None:

@@ -1,11 +1,11 @@
 """The main job: a real ComfyUI server with Lora Foundry, training the example workflow, measured.
 
 Usage: .venv/bin/python scripts/main_job.py [--family sd15|sd3] [--checkpoint PATH --dataset DIR [--reg DIR]]
-                                            [--steps N] [--serve]
+                                            [--steps N] [--preservation CLASS | --slider] [--serve]
 
 Without arguments it uses the embedded default, the toy world: a tiny SD1.5-layout base model that
 our own script pretrains on a CPU (cached in .cache/toyworld/, ~10 minutes the first time; `--family sd3`:
-a flow-matching MMDiT detected as SD3, ~5 minutes), a
+a flow-matching MMDiT detected as SD3, ~3 minutes), a
 dataset of a new concept (a yellow plus on teal, captioned with the trigger word "sks") and prior
 images from the toy world. It queues the example workflow, then samples the base and the LoRA on
 the trigger and on control prompts through the server, scores them with the toy world's judge and
@@ -26,7 +26,9 @@ from harness.comfy import REPO_ROOT
 from harness.server import ComfyServer
 
 EXAMPLE = REPO_ROOT / "example_workflows" / "train_lora_before_after.json"
+SLIDER_EXAMPLE = REPO_ROOT / "example_workflows" / "train_slider_lora.json"
 DATASET_NAME = "lora_dataset"
+SLIDER_DATASET_NAME = "slider_images"
 PRIOR_NAME = "lora_prior"
 STEPS_WIDGET = 7  # Train LoRA's widgets_values index of `steps`
 REG_WIDGET = 10  # Load Dataset's widgets_values index of `reg_folder`
@@ -58,15 +60,16 @@ def install_dataset(server: ComfyServer, dataset: Path, name: str = DATASET_NAME
 
 
 def run_example(server: ComfyServer, checkpoint: Path, dataset: Path, steps: int | None = None,
-                timeout: float = 1800, reg: Path | None = None, preservation: str = "") -> dict:
-    """Queue the example training workflow (with output preservation of `preservation`, a class, when given); returns
-    {"lora", "loss_graph", "before", "after", "summary"}."""
+                timeout: float = 1800, reg: Path | None = None, preservation: str = "", slider: bool = False) -> dict:
+    """Queue the example training workflow (with output preservation of `preservation`, a class, when given; the
+    slider example with `slider`); returns {"lora", "loss_graph", "before", "after", "summary"}."""
     from harness.workflow import to_api_prompt
 
-    install_dataset(server, dataset)
+    install_dataset(server, dataset, SLIDER_DATASET_NAME if slider else DATASET_NAME)
     if reg is not None:
         install_dataset(server, reg, PRIOR_NAME)
-    workflow = example_workflow(checkpoint.name, steps, reg_folder=PRIOR_NAME if reg is not None else "")
+    workflow = example_workflow(checkpoint.name, steps, SLIDER_EXAMPLE if slider else EXAMPLE,
+                                reg_folder=PRIOR_NAME if reg is not None else "")
     if preservation:
         workflow = to_api_prompt(workflow, server.object_info())
         train = next(n for n in workflow.values() if n["class_type"] == "LoraFoundryTrainLoRA")
@@ -129,6 +132,28 @@ def measure(server: ComfyServer, checkpoint: Path, lora: Path, out_dir: Path, se
     return {"report": report, "paths": paths}
 
 
+def measure_slider(server: ComfyServer, checkpoint: Path, lora: Path, out_dir: Path, seed: int = 0) -> dict:
+    """Score the slider at -1, 0 and +1 with the toy world's judge; write a grid and the scores."""
+    from toyworld import evaluate
+    from toyworld.judge import train_judge
+
+    judge = train_judge(checkpoint, seed)
+    scores = evaluate.evaluate_slider(server, checkpoint.name, lora_name(server, lora), judge)
+    report = {"slider": scores, "passes": evaluate.slider_passes(scores), "judge_accuracy": judge.accuracy}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"scores": out_dir / "slider_scores.json"}
+    paths["scores"].write_text(json.dumps(report, indent=2))
+    return {"report": report, "paths": paths}
+
+
+def print_slider_scores(report: dict) -> None:
+    for side in ("minus", "base", "plus"):
+        s = report["slider"][side]
+        print(f"slider {side:>5}: colour {s['colour_asked']} in {s['colour']:.2f} of samples, shape {s['shape']:.2f}, "
+              f"background {s['background']:.2f}")
+    print("checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in report["passes"].items()))
+
+
 def print_scores(report: dict) -> None:
     base, lora = report["base"], report["lora"]
     print(f"base prompt-following (9 prompts x 16): colour {base['colour']:.2f}, shape {base['shape']:.2f}, "
@@ -150,6 +175,8 @@ def main() -> None:
     parser.add_argument("--preservation", metavar="CLASS", default="",
                         help="train without prior images, with output preservation of CLASS (the trigger word said "
                              "as CLASS keeps the base model's prediction)")
+    parser.add_argument("--slider", action="store_true",
+                        help="train the slider example instead (purple shapes: red at +1, blue at -1) and judge it")
     parser.add_argument("--seed", type=int, default=0, help="the toy world's seed")
     parser.add_argument("--family", choices=tuple(TOY_BASES), default="sd15",
                         help="the toy world's base: sd15 (UNet, eps) or sd3 (MMDiT, rectified flow)")
@@ -167,6 +194,8 @@ def main() -> None:
         checkpoint = toy_base(args.family, args.seed)
         data = world.concept_dataset(cache_dir() / f"dataset-s{args.seed}", seed=args.seed)
         dataset, reg = args.dataset or data["concept"], args.reg or (None if args.preservation else data["prior"])
+        if args.slider:
+            dataset, reg = args.dataset or world.slider_dataset(cache_dir() / f"dataset-s{args.seed}", args.seed), None
     else:
         checkpoint, dataset, reg = args.checkpoint, args.dataset, args.reg
         if dataset is None:
@@ -179,7 +208,8 @@ def main() -> None:
         print(f"training {checkpoint.name} on {dataset}" + (f" with prior images {reg}" if reg else "")
               + (f" with output preservation of {args.preservation!r}" if args.preservation else "") + " ...",
               flush=True)
-        result = run_example(server, checkpoint, dataset, args.steps, reg=reg, preservation=args.preservation)
+        result = run_example(server, checkpoint, dataset, args.steps, reg=reg, preservation=args.preservation,
+                             slider=args.slider)
         print(f"trained in {time.monotonic() - started:.0f}s")
         for line in result["summary"]:
             print(f"Train LoRA: {line}")
@@ -187,7 +217,13 @@ def main() -> None:
         for key in ("loss_graph", "before", "after"):
             for path in result[key]:
                 print(f"{key + ':':<11} {path}")
-        if toy and result["lora"] is not None:
+        if toy and args.slider and result["lora"] is not None:
+            print("measuring: the slider at -1, 0 and +1 through the server, read by the judge ...", flush=True)
+            measured = measure_slider(server, checkpoint, result["lora"], server.base_dir / "output" / "lora_foundry",
+                                      args.seed)
+            print_slider_scores(measured["report"])
+            print(f"scores:      {measured['paths']['scores']}")
+        elif toy and result["lora"] is not None:
             print("measuring: the base and the LoRA through the server, read by the judge ...", flush=True)
             measured = measure(server, checkpoint, result["lora"], server.base_dir / "output" / "lora_foundry",
                                args.seed)

@@ -389,16 +389,20 @@ def test_previews_keep_the_planned_residency(family_sd15):
 
 def test_memory_plan_matches_what_a_step_allocates(family_sd15):
     """The plan's simulated step against the CPU allocator's own record of a real run (torch.profiler); also with
-    output preservation, whose second graph lives until the backward pass."""
+    output preservation, whose second graph lives until the backward pass, and a concept slider (two graphs: +1, -1)."""
+    from lora_foundry.training.data.captions import SliderSides
     from torch.profiler import ProfilerActivity, profile
 
     fam, dataset = family_sd15
     trainer, _ = _train(fam, dataset, steps=1)  # latents and captions encoded, out of the measured run
-    for checkpointing, preservation in ((False, ""), (True, ""), (False, "toy")):
+    for checkpointing, preservation, slider in ((False, "", False), (True, "", False), (False, "toy", False),
+                                                (False, "", True)):
         trainer.config.gradient_checkpointing = checkpointing
         trainer.config.preservation_class = preservation  # no trigger word: the class captions are the captions
+        trainer.config.slider_positive, trainer.config.slider_negative = ("red", "blue") if slider else ("", "")
+        trainer.text.slider = SliderSides("red", "blue") if slider else None
         trainer.config.steps = 1
-        trainer.network = type(trainer.network).create(trainer.network.config, fam.model)
+        trainer.network = trainer.step.network = type(trainer.network).create(trainer.network.config, fam.model)
         with torch.inference_mode(False), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             trainer.run()
         events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
@@ -410,7 +414,8 @@ def test_memory_plan_matches_what_a_step_allocates(family_sd15):
         params = trainer.network.num_params() * 4
         planned = trainer.context.plan.activations + trainer.context.plan.adapter - params  # parameters exist before the run
         assert trainer.context.plan.checkpointing == checkpointing
-        assert 0.75 * peak <= planned <= 1.25 * peak, (checkpointing, preservation, planned, peak, trainer.context.plan)
+        assert 0.75 * peak <= planned <= 1.25 * peak, (checkpointing, preservation, slider, planned, peak,
+                                                        trainer.context.plan)
 
 
 def test_vae_and_cached_text_encoder_leave_the_device_before_training(family_sd15):

@@ -443,6 +443,76 @@ def test_output_preservation_keeps_the_class_as_the_base_draws_it(pack, loaded_c
     assert kept[trigger] > 0.5 * plain[trigger], drift  # the trigger still learns
 
 
+def test_a_slider_says_each_caption_with_its_two_sides(pack):
+    from lora_foundry.training.data.captions import SliderSides
+    from lora_foundry.training.engine.config import TrainConfig
+
+    assert SliderSides("old person", "young person", "person").of("a Person outdoors, persons") == \
+        ("a old person outdoors, persons", "a young person outdoors, persons")
+    assert SliderSides("red", "blue", "purple").of("a cat") == ("a cat, red", "a cat, blue")  # not said: added
+    assert SliderSides("smiling", "frowning").of("") == ("smiling", "frowning")
+    with pytest.raises(ValueError, match="slider_positive / slider_negative: .* set both"):
+        TrainConfig(slider_positive="old")
+    with pytest.raises(ValueError, match="slider_anchor: .* set slider_positive"):
+        TrainConfig(slider_anchor="a cat")
+    assert TrainConfig(slider_positive=" old ", slider_negative="young").slider_positive == "old"
+
+
+def _slider(pack, loaded_checkpoint, dataset, tmp_path, **settings):
+    """A trained concept slider (red / blue said in place of each caption's "sks") and its trainer."""
+    trainer = _trainer(pack, loaded_checkpoint, dataset, tmp_path, **{
+        "steps": 30, "batch_size": 2, "learning_rate": 3e-3, "slider_positive": "red", "slider_negative": "blue",
+        "slider_target": "sks", **settings})
+    with torch.inference_mode(False):
+        return trainer, trainer.run().network
+
+
+@pytest.mark.slow
+def test_a_slider_moves_the_prediction_toward_each_side_by_its_strength(pack, loaded_checkpoint, concept_dataset,
+                                                                       tmp_path):
+    """At +1 the slider moves what the model predicts for a caption along the base model's own (positive - negative)
+    difference for it, at -1 the other way, each about as far; the anchor prompt stays the base's."""
+    model, _, _ = loaded_checkpoint
+    dataset = _concept(concept_dataset)
+    anchor = "green square, purple background"
+    trainer, network = _slider(pack, loaded_checkpoint, dataset, tmp_path / "slider", slider_anchor=anchor)
+    caption = dataset.items[0].caption
+    positive, negative = trainer.text.slider.of(caption)
+    assert positive == caption.replace("sks", "red") and negative == caption.replace("sks", "blue"), caption
+    difference = _denoised(trainer, model, positive) - _denoised(trainer, model, negative)
+    base = _denoised(trainer, model, caption)
+    moved, anchor_moved = {}, {}
+    with torch.inference_mode(False):
+        patched, _ = network.attach(model, None, mode="bypass")
+    patched.model.eval()
+    for strength in (1.0, -1.0):
+        with network.at_strength(strength):
+            moved[strength] = _denoised(trainer, patched, caption) - base
+            anchor_moved[strength] = _denoised(trainer, patched, anchor) - _denoised(trainer, model, anchor)
+
+    def along(a, b):
+        return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+    report = {s: (along(m, s * difference), float(m.norm() / difference.norm())) for s, m in moved.items()}
+    assert all(cosine > 0.5 and 0.3 < size < 3 for cosine, size in report.values()), report
+    assert all(a.norm() < 0.5 * moved[s].norm() for s, a in anchor_moved.items()), (report, anchor_moved)
+
+
+def test_a_slider_step_checkpointed_gives_the_same_gradients(pack, loaded_checkpoint, concept_dataset, tmp_path,
+                                                             checkpoint_calls):
+    """A checkpointed block is recomputed in the backward pass at the strength its forward ran at: the -1 pass is
+    recomputed at -1, so the slider's gradients are those of the step without checkpointing."""
+    dataset = _concept(concept_dataset)
+    trained = []
+    for name, checkpointing in (("plain", False), ("checkpointed", True)):
+        _, network = _slider(pack, loaded_checkpoint, dataset, tmp_path / name, steps=2,
+                             gradient_checkpointing=checkpointing)
+        trained.append(network.state_dict())
+    assert checkpoint_calls
+    for key in trained[0]:
+        torch.testing.assert_close(trained[0][key], trained[1][key], rtol=1e-4, atol=1e-6)
+
+
 def _training_prompt(info: dict, checkpoint: str, dataset: dict, train: dict, prefix: str) -> dict:
     """Checkpoint -> Load Dataset (its report previewed) -> Train LoRA -> Save LoRA (fp32, `prefix`), each node's
     defaults under the given inputs."""
@@ -593,6 +663,58 @@ def test_features_through_the_server(pack, server, tiny_checkpoint, concept_data
     assert not torch.equal(steps[0][key], steps[1][key])
     torch.testing.assert_close(tensors[key], weights[0] * steps[0][key] + weights[1] * steps[1][key], rtol=1e-4,
                                atol=1e-6)
+
+
+def test_a_slider_trains_through_the_server_and_slides_both_ways_in_loraloader(pack, server, tiny_checkpoint,
+                                                                               concept_dataset, caplog):
+    """Train LoRA with slider_positive / slider_negative by HTTP; the file keeps its settings, ComfyUI's LoraLoader
+    patches every key, and the same seed samples differently at -2, 0 and +2 (the stack's strength range)."""
+    import logging
+
+    import comfy.sd
+    import comfy.utils
+    from lora_foundry.lora_core.files import read_safetensors
+    from safetensors.torch import load_file
+
+    info = server.object_info()
+    prompt = _training_prompt(
+        info, tiny_checkpoint.name, {"folder": str(concept_dataset), "min_side": 64, "max_side": 64,
+                                     "bucket_step": 64},
+        {"output_name": "slider", "steps": 4, "batch_size": 2, "slider_positive": "red", "slider_negative": "blue",
+         "slider_target": "sks", "slider_anchor": "a green square", "slider_guidance": 2.0}, "slider_final")
+    outputs = server.run(prompt, timeout=600)
+    assert "a concept slider: +1 toward 'red', -1 toward 'blue'" in outputs["4"]["text"][0]
+    path = Path(outputs["5"]["text"][0])
+    _, meta = read_safetensors(path)
+    training = json.loads(meta["lora_foundry_training"])
+    assert (training["slider_positive"], training["slider_negative"], training["slider_target"],
+            training["slider_anchor"], training["slider_guidance"]) == ("red", "blue", "sks", "a green square", 2.0)
+
+    lora = path.relative_to(server.base_dir / "models" / "loras").as_posix()
+    graph = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint.name}},
+             "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+    for i, strength in enumerate((-2.0, 0.0, 2.0)):
+        graph.update({
+            f"lora{i}": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1],
+                                                                 "lora_name": lora, "strength_model": strength,
+                                                                 "strength_clip": strength}},
+            f"text{i}": {"class_type": "CLIPTextEncode", "inputs": {"clip": [f"lora{i}", 1], "text": "sks circle"}},
+            f"sample{i}": {"class_type": "KSampler", "inputs": {
+                "model": [f"lora{i}", 0], "positive": [f"text{i}", 0], "negative": [f"text{i}", 0],
+                "latent_image": ["latent", 0], "seed": 3, "steps": 2, "cfg": 1.0, "sampler_name": "euler",
+                "scheduler": "normal", "denoise": 1.0}},
+            f"save{i}": {"class_type": "SaveLatent", "inputs": {"samples": [f"sample{i}", 0],
+                                                                "filename_prefix": f"slider_latent_{i}"}}})
+    outputs = server.run(graph, timeout=300)
+    latents = [load_file(server.output_files({"s": outputs[f"save{i}"]})[0])["latent_tensor"]
+               for i in range(3)]
+    assert not torch.equal(latents[0], latents[1]) and not torch.equal(latents[1], latents[2])
+    assert not torch.equal(latents[0], latents[2])
+
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint))
+    caplog.set_level(logging.WARNING)
+    comfy.sd.load_lora_for_models(model, clip, comfy.utils.load_torch_file(str(path)), -2.0, -2.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
 
 
 def test_block_ranks_of_a_dit_follow_its_block_lists(pack):

@@ -67,9 +67,9 @@ def load_pixels(paths: list[Path]) -> torch.Tensor:
 
 
 def sample(server, checkpoint: str, prompts: list[str], sampling: Sampling = Sampling(), lora: str | None = None,
-           prefix: str = "toyworld_eval/sample", timeout: float = 1800) -> list[list[Path]]:
+           prefix: str = "toyworld_eval/sample", timeout: float = 1800, strength: float = 1.0) -> list[list[Path]]:
     """Sample every prompt through the server; the saved image files per prompt, in batch order."""
-    outputs = server.run(sample_prompt(checkpoint, prompts, sampling, lora, prefix=prefix), timeout=timeout)
+    outputs = server.run(sample_prompt(checkpoint, prompts, sampling, lora, strength, prefix=prefix), timeout=timeout)
     files = []
     for i in range(len(prompts)):
         paths = server.output_files({f"save{i}": outputs.get(f"save{i}", {})})
@@ -168,3 +168,28 @@ def grid(rows: list[list[Path]], labels: list[str] | None = None, columns: int =
             with Image.open(p) as img:
                 out.paste(img.convert("RGB"), (label_w + c * size, r * size))
     return out
+
+
+SLIDER_SCENES = [world.Scene(world.SLIDER[0], shape, background)
+                 for shape, background in (("circle", "white"), ("square", "yellow"), ("triangle", "green"))]
+
+
+def evaluate_slider(server, checkpoint: str, lora: str, judge: Judge, sampling: Sampling = Sampling()) -> dict:
+    """A slider LoRA on prompts of its middle colour: at +1 the shapes should take the positive colour, at -1 the
+    negative one, at 0 (the base) stay as asked, shape and background as asked throughout."""
+    prompts = [s.caption for s in SLIDER_SCENES]
+    middle, positive, negative = world.SLIDER
+    result = {}
+    for name, strength, colour in (("minus", -1.0, negative), ("base", 0.0, middle), ("plus", 1.0, positive)):
+        files = sample(server, checkpoint, prompts, sampling, lora=None if strength == 0 else lora, strength=strength,
+                       prefix=f"toyworld_eval/slider_{name}")
+        expected = [world.Scene(colour, s.shape, s.background) for s in SLIDER_SCENES]
+        result[name] = {**summary(judge_files(judge, prompts, expected, files)), "colour_asked": colour}
+    return result
+
+
+def slider_passes(scores: dict) -> dict[str, bool]:
+    """The issue's bar for a slider: each side's colour at +1 / -1, the other attributes as the base draws them."""
+    kept = all(scores[side][part] >= scores["base"][part] - 0.05 for side in ("plus", "minus")
+               for part in ("shape", "background"))
+    return {"plus": scores["plus"]["colour"] >= 0.8, "minus": scores["minus"]["colour"] >= 0.8, "kept": kept}

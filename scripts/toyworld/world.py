@@ -118,3 +118,19 @@ def concept_dataset(root: Path, seed: int = 0, count: int = 10, repeats: int = 1
             shutil.rmtree(root, ignore_errors=True)
             os.replace(tmp, root)
     return {"concept": root / "concept", "prior": root / "prior"}
+
+
+# The slider: purple (half-way between red and blue) shapes turn red at +1 and blue at -1, shape and background kept.
+SLIDER = ("purple", "red", "blue")
+
+
+def slider_dataset(root: Path, seed: int = 0) -> Path:
+    """Images of the slider's middle colour (every shape on every background it can sit on), with their captions."""
+    middle = SLIDER[0]
+    scenes = [Scene(middle, shape, background) for shape in BASE_SHAPES for background in COLOUR_NAMES
+              if background not in SLIDER]
+    folder = root / "slider"
+    if not (folder.is_dir() and len(list(folder.glob("*.png"))) == len(scenes)):
+        shutil.rmtree(folder, ignore_errors=True)
+        write_folder(folder, scenes, seed + 11)
+    return folder

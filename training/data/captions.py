@@ -91,11 +91,39 @@ def kept_and_free_tags(text: str, options: CaptionOptions) -> tuple[list[str], l
 def with_class(caption: str, trigger_word: str, class_word: str) -> str:
     """The caption with each whole occurrence of the trigger word (any case) said as the class instead: what the
     base model is asked for the class (output preservation)."""
-    words = split_tags(trigger_word)
-    if not words:
-        return caption
-    pattern = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
-    return re.sub(rf"(?<!\w)(?:{pattern})(?!\w)", lambda _: class_word, caption, flags=re.IGNORECASE)
+    pattern = _whole_words(trigger_word)
+    return pattern.sub(lambda _: class_word, caption) if pattern else caption
+
+
+def with_side(caption: str, target: str, side: str) -> str:
+    """A concept slider's prompt for one side: the caption with `target` (whole words, any case) said as `side`, or
+    with `side` added at the end where the caption does not say `target` (or no target is given)."""
+    pattern = _whole_words(target)
+    if pattern and pattern.search(caption):
+        return pattern.sub(lambda _: side, caption)
+    return f"{caption}, {side}" if caption.strip() else side
+
+
+@dataclass(frozen=True)
+class SliderSides:
+    """A concept slider's two sides and the word in the captions they are said in place of."""
+
+    positive: str
+    negative: str
+    target: str = ""
+
+    def of(self, caption: str) -> tuple[str, str]:
+        """The caption said with the positive side and with the negative side."""
+        return with_side(caption, self.target, self.positive), with_side(caption, self.target, self.negative)
+
+
+def _whole_words(words: str) -> re.Pattern | None:
+    """A pattern for each of the comma-separated `words` as a whole word, any case; None for no words."""
+    split = split_tags(words)
+    if not split:
+        return None
+    alternatives = "|".join(re.escape(w) for w in sorted(split, key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
 
 
 def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict[str, dict[str, int]]:

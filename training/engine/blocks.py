@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,9 @@ class BlockOptions:
     checkpointing: bool = False
     out_of_place: bool = False  # switched on when a block turns out to add in place (see INPLACE_ERROR)
     compiled: bool = False  # each block's forward through torch.compile (not simulated steps, not in-place blocks)
+    # Called as a checkpointed block runs forward: a context its recomputation in the backward pass runs in (the
+    # adapters' strength of that forward: a concept slider's -1 pass is recomputed at -1, not at 1).
+    recompute_as: Callable[[], contextlib.AbstractContextManager] | None = None
 
 
 @contextlib.contextmanager
@@ -121,7 +125,9 @@ def wrapped_blocks(blocks: list[torch.nn.Module], options: BlockOptions):
                     compiled[_key] = torch.compile(_forward, backend=COMPILE_BACKEND, mode=COMPILE_MODE)
                 forward = compiled[_key]
             if options.checkpointing:
-                return cp.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+                recompute_as = options.recompute_as
+                contexts = {"context_fn": lambda: (contextlib.nullcontext(), recompute_as())} if recompute_as else {}
+                return cp.checkpoint(forward, *args, use_reentrant=False, **contexts, **kwargs)
             return forward(*args, **kwargs)
 
         block.forward = run

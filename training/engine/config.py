@@ -140,7 +140,27 @@ class TrainConfig:
                                       "trigger_word. Empty = off.")
     preservation_weight: float = setting(1.0, "How much output preservation counts beside the training loss (each "
                                          "step then costs about twice the compute).", min=0.0, max=10.0, step=0.05)
+    slider_positive: str = setting("", "Concept slider (the Concept Sliders method, ai-toolkit's slider): what "
+                                   "+1 strength moves toward, e.g. old. Each caption is also said with slider_target "
+                                   "as this (or with this added where the caption lacks slider_target), and the "
+                                   "adapter learns the base model's prediction for the caption moved by "
+                                   "slider_guidance x (positive - negative) at +1, and the other way at -1, instead "
+                                   "of the images themselves. Set slider_negative too. Empty = off.")
+    slider_negative: str = setting("", "Concept slider: what -1 strength moves toward, e.g. young.")
+    slider_target: str = setting("", "Concept slider: the word in the captions that the two sides replace (e.g. "
+                                 "person: 'a person outdoors' becomes 'an old person outdoors'); empty = the two "
+                                 "sides are added to each caption.")
+    slider_anchor: str = setting("", "Concept slider: a prompt the slider must leave as the base draws it at either "
+                                 "strength (e.g. a cat, for a slider about people). Empty = none.")
+    slider_guidance: float = setting(1.0, "Concept slider: how far +1 moves, in multiples of the base model's "
+                                     "difference between the two sides (ai-toolkit's guidance_strength, its default "
+                                     "3).", min=0.0, max=20.0, step=0.05)
     captions: CaptionOptions = field(default_factory=CaptionOptions)
+
+    @property
+    def slider(self) -> bool:
+        """Whether this run trains a concept slider instead of learning the images."""
+        return bool(self.slider_positive or self.slider_negative)
 
     def __post_init__(self):
         check_choices(self)
@@ -160,6 +180,17 @@ class TrainConfig:
         if self.preservation_class and not self.captions.trigger_word:
             raise ValueError("preservation_class: preservation says the trigger word as the class, and no trigger_word "
                              "is set; set trigger_word (the word your captions name the subject by)")
+        for name in ("slider_positive", "slider_negative", "slider_target", "slider_anchor"):
+            setattr(self, name, getattr(self, name).strip())
+        if self.slider and not (self.slider_positive and self.slider_negative):
+            raise ValueError("slider_positive / slider_negative: a slider moves between two sides; set both (e.g. old "
+                             "and young)")
+        if self.slider and self.slider_positive == self.slider_negative:
+            raise ValueError(f"slider_positive / slider_negative: both are {self.slider_positive!r}; the slider "
+                             "learns their difference, so they must differ")
+        if self.slider_anchor and not self.slider:
+            raise ValueError("slider_anchor: only a concept slider has an anchor; set slider_positive and "
+                             "slider_negative too")
         if self.vram_budget_gb < 0:
             raise ValueError(f"vram_budget_gb: must be 0 (auto) or more, got {self.vram_budget_gb}")
 

@@ -48,8 +48,8 @@ def simulate_step(run: RunContext) -> tuple[int, int, int]:
     # The model's sampling schedule stays real: timesteps are drawn from its values.
     modules = [patched.model.diffusion_model, run.network] + [p.model for p in run.patchers[1:]]
 
-    # Output preservation keeps a second graph of the same size (the class captions, adapted) until the backward pass.
-    preserving = bool(run.config.preservation_class and run.config.preservation_weight)
+    # Output preservation and concept sliders keep more graphs of the same size until the backward pass.
+    graphs = step.graphs()
     # Drawn and prepared on the CPU: the simulation puts every tensor on `device` itself.
     x0, noise, sigma, captions, geometries, weights, values = step.draw_batch(
         patched, [largest] * run.config.batch_size, random.Random(0), torch.Generator().manual_seed(0), "cpu")
@@ -58,18 +58,16 @@ def simulate_step(run: RunContext) -> tuple[int, int, int]:
                                  geometries)
 
         def micro_batch(x, inputs, x0, sigma, weights):
-            loss = step.prediction_loss(patched, x, x0, sigma, inputs, weights, autocast_dtype)
-            if preserving:
-                loss = loss + step.prediction_loss(patched, x, x0, sigma, inputs, None, autocast_dtype)
+            loss = sum(step.prediction_loss(patched, x, x0, sigma, inputs, weights, autocast_dtype)
+                       for _ in range(graphs))
             loss.backward()
 
         args = (*inputs, x0, sigma, weights)
     else:
         def micro_batch(x0, noise, sigma, weights):
             conditioning = step.text.conditioning(captions, device, values)
-            loss = step.loss(patched, x0, noise, sigma, conditioning, geometries, weights, autocast_dtype)
-            if preserving:
-                loss = loss + step.loss(patched, x0, noise, sigma, conditioning, geometries, None, autocast_dtype)
+            loss = sum(step.loss(patched, x0, noise, sigma, conditioning, geometries, weights, autocast_dtype)
+                       for _ in range(graphs))
             loss.backward()
 
         args = (x0, noise, sigma, weights)

@@ -57,13 +57,24 @@ class TrainingStep:
         cfg = self.config
         x0, noise, sigma, captions, geometries, weights, values = self.draw_batch(patched, batch, rng, gen, device,
                                                                                   share)
-        loss = self.loss(patched, x0, noise, sigma, self.text.conditioning(captions, device, values), geometries,
-                         weights, autocast_dtype, min_snr=cfg.min_snr_gamma)
+        if cfg.slider:
+            loss = self.slider_loss(patched, x0, noise, sigma, captions, geometries, weights, values, device,
+                                    autocast_dtype)
+        else:
+            loss = self.loss(patched, x0, noise, sigma, self.text.conditioning(captions, device, values), geometries,
+                             weights, autocast_dtype, min_snr=cfg.min_snr_gamma)
         if cfg.preservation_class and cfg.preservation_weight:
             classes = [self.text.as_class(c) for c in captions]
             loss = loss + cfg.preservation_weight * self.preservation_loss(patched, x0, noise, sigma, classes,
                                                                            geometries, values, device, autocast_dtype)
         return loss
+
+    def graphs(self) -> int:
+        """How many adapted forward passes of a micro-batch are kept for its backward pass (the memory plan counts
+        them): one, two for a concept slider (+1 and -1; four with its anchor), one more for output preservation."""
+        cfg = self.config
+        kept = 2 + 2 * bool(cfg.slider_anchor) if cfg.slider else 1
+        return kept + bool(cfg.preservation_class and cfg.preservation_weight)
 
     def preservation_loss(self, patched, x0, noise, sigma, captions, geometries, values, device,
                           autocast_dtype) -> torch.Tensor:
@@ -79,6 +90,38 @@ class TrainingStep:
         x, inputs = self.model_call(patched, x0, noise, sigma, adapted, geometries)
         return self.prediction_loss(patched, x, target, sigma, inputs, None, autocast_dtype,
                                     self.config.min_snr_gamma)
+
+    def slider_loss(self, patched, x0, noise, sigma, captions, geometries, weights, values, device,
+                    autocast_dtype) -> torch.Tensor:
+        """Concept slider: at strength +1 the adapted prediction for each caption is the base model's moved by
+        slider_guidance x (its prediction for the positive side - for the negative side), at -1 moved the other way,
+        both on the batch's own noisy latents; the anchor prompt's prediction stays the base model's at both."""
+        cfg, text = self.config, self.text
+        sides = [text.slider.of(c) for c in captions]
+        asked = {"caption": captions, "positive": [p for p, _ in sides], "negative": [n for _, n in sides]}
+        if cfg.slider_anchor:
+            asked["anchor"] = [cfg.slider_anchor] * len(captions)
+        base = {}
+        with torch.no_grad(), self.network.at_strength(0.0):
+            for name, prompts in asked.items():
+                x, inputs = self.model_call(patched, x0, noise, sigma, text.conditioning(prompts, device, values),
+                                            geometries)
+                with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    base[name] = apply_model(patched.model, x, sigma, inputs).float()
+        direction = cfg.slider_guidance * (base["positive"] - base["negative"])
+        loss = torch.zeros((), device=x0.device)
+        for strength in (1.0, -1.0):
+            with self.network.at_strength(strength):
+                x, inputs = self.model_call(patched, x0, noise, sigma, text.conditioning(captions, device, values),
+                                            geometries)
+                loss = loss + self.prediction_loss(patched, x, base["caption"] + strength * direction, sigma, inputs,
+                                                   weights, autocast_dtype, cfg.min_snr_gamma)
+                if cfg.slider_anchor:
+                    x, inputs = self.model_call(patched, x0, noise, sigma,
+                                                text.conditioning(asked["anchor"], device, values), geometries)
+                    loss = loss + self.prediction_loss(patched, x, base["anchor"], sigma, inputs, None,
+                                                       autocast_dtype, cfg.min_snr_gamma)
+        return loss / 2
 
     def expert_boundary(self) -> float:
         """The sigma where the experts switch: the setting, or Wan 2.2's for this kind of model."""

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import torch
 
-from ..data.captions import CaptionOptions, process_caption, with_class
+from ..data.captions import CaptionOptions, SliderSides, process_caption, with_class
 from ..data.text_cache import TextCache
 from .conditioning import encode_caption, to_device, with_values
 
@@ -17,9 +17,10 @@ class TextConditioning:
     """Captions as trained (trigger word, shuffles and dropouts applied) and the host conditioning of each."""
 
     def __init__(self, clip, options: CaptionOptions, reg_empty_prompt: bool = False, class_word: str = "",
-                 disk: TextCache | None = None):
+                 disk: TextCache | None = None, slider: SliderSides | None = None):
         self.clip, self.options, self.reg_empty_prompt = clip, options, reg_empty_prompt
         self.class_word = class_word  # output preservation's class: the trigger word said as it
+        self.slider = slider  # a concept slider's two sides, each caption is also said with
         self.disk = disk  # fixed captions' outputs kept on disk too (latent_cache = disk)
         self.cache: dict[str, list] = {}  # host conditioning of captions that never change
         self.train_clip = None  # the CLIP clone carrying text-encoder adapters, while training them
@@ -57,8 +58,8 @@ class TextConditioning:
             for item in items:
                 caption = self.caption(item, self.options, rng)
                 self.encode(caption)
-                if self.class_word:
-                    self.encode(self.as_class(caption))
+                for asked in self.asked_besides(caption):
+                    self.encode(asked)
         for item in validation:
             self.encode(self.fixed_caption(item))
 
@@ -68,6 +69,11 @@ class TextConditioning:
         if item.is_reg and self.reg_empty_prompt:
             return ""
         return process_caption(item.caption, replace(options, trigger_word="") if item.is_reg else options, rng)
+
+    def asked_besides(self, caption: str) -> list[str]:
+        """The other prompts a step asks the base model for beside `caption`: its class, its slider sides."""
+        asked = [self.as_class(caption)] if self.class_word else []
+        return asked + list(self.slider.of(caption)) if self.slider else asked
 
     def as_class(self, caption: str) -> str:
         """The caption with the trigger word said as the preservation class."""

@@ -22,6 +22,7 @@ import torch
 from ...lora_core.block_weights import block_of, block_values, layout_of
 from ...lora_core.network import LoraNetwork, is_trainable_text_encoder
 from ...lora_core.targets import text_encoders
+from ..data.captions import SliderSides
 from ..data.dataset import Dataset
 from ..data.text_cache import TextCache, encoder_fingerprint
 from . import memory, objective
@@ -83,8 +84,10 @@ class Trainer:
                                ("min_snr_gamma", config.min_snr_gamma and kind == "flow")):
             if unused:
                 logging.info("Train LoRA: %s does not apply to %s models; ignored", option, kind)
+        slider = (SliderSides(config.slider_positive, config.slider_negative, config.slider_target) if config.slider
+                  else None)
         self.text = self.text_conditioning(clip, config.captions, dataset.reg_empty_prompt,
-                                            config.preservation_class, self.text_cache(clip, dataset, config))
+                                            config.preservation_class, self.text_cache(clip, dataset, config), slider)
         self.data = self.encoded_data(dataset, model, vae, config)
         self.samples = sample_prompts(config, dataset, vae)  # parsed before anything is encoded: a bad line fails
         layout = layout_of(model) if config.block_lrs else None
@@ -125,7 +128,8 @@ class Trainer:
         patched, train_clip = self.network.attach(self.model, self.clip if train_te else None, mode=cfg.attach)
         self.text.train_clip = train_clip
         run = self.run_context(patched, train_clip,
-                               BlockOptions(checkpointing=cfg.gradient_checkpointing, compiled=cfg.compile_blocks),
+                               BlockOptions(checkpointing=cfg.gradient_checkpointing, compiled=cfg.compile_blocks,
+                                            recompute_as=self.network.as_now),
                                PRECISIONS[cfg.precision], start)
         trained_encoders = [encoder for name, encoder in text_encoders(train_clip.cond_stage_model).items()
                             if is_trainable_text_encoder(name)] if train_clip is not None else []
