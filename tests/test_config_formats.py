@@ -239,6 +239,26 @@ def test_ai_toolkit_output_preservation(cf):
     assert preservation(off) == {} and "preservation" not in " ".join(off.unsupported)
 
 
+def test_ai_toolkit_concept_slider(cf):
+    """A concept_slider process: its prompts and guidance (ai-toolkit's default 3) as our slider settings; an anchor
+    strength other than 1 is listed as not supported."""
+    def job(slider: str) -> str:
+        return f"job: extension\nconfig:\n  process:\n    - type: concept_slider\n      slider: {slider}\n"
+
+    def slider(config) -> dict:
+        return {k: v for k, v in config.values["training"].items() if k.startswith("slider")}
+
+    read = cf.read(job("{positive_prompt: old person, negative_prompt: young person, target_class: person, "
+                       "anchor_class: a cat}"), "slider.yaml")
+    assert slider(read) == {"slider_positive": "old person", "slider_negative": "young person",
+                            "slider_target": "person", "slider_anchor": "a cat", "slider_guidance": 3.0}
+    assert not [u for u in read.unsupported if "slider" in u]
+    strong = cf.read(job("{positive_prompt: a, negative_prompt: b, guidance_strength: 1.5, anchor_strength: 2}"),
+                     "slider.yaml")
+    assert slider(strong) == {"slider_positive": "a", "slider_negative": "b", "slider_guidance": 1.5}
+    assert [u for u in strong.unsupported if "anchor_strength" in u], strong.unsupported
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("job: extension\nconfig:\n  process: {type: sd_trainer}\n", "bad.yaml: config.process must be a list"),
     ("job: extension\nconfig:\n  process:\n    - train: [1, 2]\n", "bad.yaml: config.process[0].train must be a table"),

@@ -60,10 +60,11 @@ REASONS = {
     "network_kwargs": "set include / exclude: layer name patterns of ours",
     "push_to_hub": "adapters are saved locally only",
     "walk_seed": "each prompt samples with seed + its index",
+    "anchor_strength": "the anchor counts as much as each side (1.0)",
 }
 NO_EFFECT = {"train_unet": True, "content_or_style": "balanced", "push_to_hub": False, "flip_y": False,
              "random_crop": False, "linear_timesteps": False, "quantize": False, "walk_seed": True,
-             "max_step_saves_to_keep": None}
+             "max_step_saves_to_keep": None, "anchor_strength": 1.0}
 
 
 def is_ai_toolkit(data: Any) -> bool:
@@ -96,15 +97,15 @@ def _process(body: Table) -> Table:
     for index in range(1, len(processes)):
         body.unsupported(f"process[{index}]", "one process is trained; the first is used")
     process = Table(processes[0], "config.process[0]", body.config)
-    if process.values.get("type", "sd_trainer") not in ("sd_trainer", "ui_trainer"):
+    if process.values.get("type", "sd_trainer") not in ("sd_trainer", "ui_trainer", "concept_slider"):
         raise ConfigError(f"{body.config.source}: config.process[0].type: {process.values['type']!r} is not a "
-                          "trainer (sd_trainer)")
+                          "trainer (sd_trainer, concept_slider)")
     return process
 
 
 def _read(process: Table) -> None:
     for key, read in (("network", _network), ("train", _train), ("model", _model), ("save", _save),
-                      ("sample", _sample)):
+                      ("sample", _sample), ("slider", _slider)):
         table = process.table(key)
         for name, value in DEFAULTS.get(key, {}).items():
             table.values.setdefault(name, value)
@@ -178,6 +179,21 @@ def _preservation(t: Table) -> None:
     else:
         t.take("diff_output_preservation_class")
         t.take("diff_output_preservation_multiplier")
+
+
+def _slider(t: Table) -> None:
+    """A concept_slider process's prompts and guidance. ai-toolkit asks for target_class alone where we ask for each
+    caption: a caption saying target_class has it said as each side's prompt, any other gets the side added."""
+    if not t.values:
+        return
+    t.values.setdefault("guidance_strength", 3.0)  # ai-toolkit's default
+    for key, name in (("positive_prompt", "slider_positive"), ("negative_prompt", "slider_negative"),
+                      ("target_class", "slider_target"), ("anchor_class", "slider_anchor"),
+                      ("guidance_strength", "slider_guidance")):
+        if t.values.get(key) is None:
+            t.take(key)
+        else:
+            t.set_from(key, "training", name)
 
 
 def _optimizer(t: Table) -> None:
