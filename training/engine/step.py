@@ -76,15 +76,22 @@ class TrainingStep:
         kept = 2 + 2 * bool(cfg.slider_anchor) if cfg.slider else 1
         return kept + bool(cfg.preservation_class and cfg.preservation_weight)
 
+    def base_prediction(self, patched, x0, noise, sigma, prompts, geometries, values, device,
+                        autocast_dtype) -> tuple[torch.Tensor, list]:
+        """The base model's own prediction (every adapter off, text encoders' too, no gradient) for `prompts` on the
+        batch's noisy latents, and the prompts' conditioning it was given."""
+        with torch.no_grad(), self.network.at_strength(0.0):
+            conditioning = self.text.conditioning(prompts, device, values)
+            x, inputs = self.model_call(patched, x0, noise, sigma, conditioning, geometries)
+            with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                return apply_model(patched.model, x, sigma, inputs).float(), conditioning
+
     def preservation_loss(self, patched, x0, noise, sigma, captions, geometries, values, device,
                           autocast_dtype) -> torch.Tensor:
         """Output preservation: the adapted model's prediction for the class captions, on the batch's own noisy
-        latents, against the base model's (every adapter off, text encoders' too)."""
-        with torch.no_grad(), self.network.at_strength(0.0):
-            base = self.text.conditioning(captions, device, values)
-            x, inputs = self.model_call(patched, x0, noise, sigma, base, geometries)
-            with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                target = apply_model(patched.model, x, sigma, inputs).float()
+        latents, against the base model's."""
+        target, base = self.base_prediction(patched, x0, noise, sigma, captions, geometries, values, device,
+                                            autocast_dtype)
         # Frozen text encoders give the same conditioning with the adapters on; trained ones are asked again.
         adapted = base if self.text.train_clip is None else self.text.conditioning(captions, device, values)
         x, inputs = self.model_call(patched, x0, noise, sigma, adapted, geometries)
@@ -101,13 +108,8 @@ class TrainingStep:
         asked = {"caption": captions, "positive": [p for p, _ in sides], "negative": [n for _, n in sides]}
         if cfg.slider_anchor:
             asked["anchor"] = [cfg.slider_anchor] * len(captions)
-        base = {}
-        with torch.no_grad(), self.network.at_strength(0.0):
-            for name, prompts in asked.items():
-                x, inputs = self.model_call(patched, x0, noise, sigma, text.conditioning(prompts, device, values),
-                                            geometries)
-                with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    base[name] = apply_model(patched.model, x, sigma, inputs).float()
+        base = {name: self.base_prediction(patched, x0, noise, sigma, prompts, geometries, values, device,
+                                           autocast_dtype)[0] for name, prompts in asked.items()}
         direction = cfg.slider_guidance * (base["positive"] - base["negative"])
         loss = torch.zeros((), device=x0.device)
         for strength in (1.0, -1.0):
