@@ -4,7 +4,7 @@ Usage: .venv/bin/python scripts/main_job.py [--family sd15|sd3] [--checkpoint PA
                                             [--steps N] [--preservation CLASS | --slider] [--serve]
 
 Without arguments it uses the embedded default, the toy world: a tiny SD1.5-layout base model that
-our own script pretrains on a CPU (cached in .cache/toyworld/, ~10 minutes the first time; `--family sd3`:
+our own script pretrains on a CPU (cached in .cache/toyworld/, ~6 minutes the first time; `--family sd3`:
 a flow-matching MMDiT detected as SD3, ~3 minutes), a
 dataset of a new concept (a yellow plus on teal, captioned with the trigger word "sks") and prior
 images from the toy world. It queues the example workflow, then samples the base and the LoRA on

@@ -29,7 +29,7 @@ from . import VERSION, vae, world
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    steps: int = 800
+    steps: int = 600
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 25
@@ -41,6 +41,8 @@ class PretrainConfig:
 
 
 DEFAULT = PretrainConfig()
+# Bumped with DEFAULT, so a base cached under an older default is not taken for this one. 2: 600 steps (was 800).
+REVISION = 2
 THREADS = 2
 
 
@@ -67,7 +69,7 @@ def cache_dir() -> Path:
 
 def checkpoint_path(seed: int = 0, config: PretrainConfig = DEFAULT) -> Path:
     tag = "" if config == DEFAULT else f"-{abs(hash(config)) % 10**8:08d}"
-    return cache_dir() / f"toyworld-sd15-v{VERSION}-s{seed}{tag}.safetensors"
+    return cache_dir() / f"toyworld-sd15-v{VERSION}r{REVISION}-s{seed}{tag}.safetensors"
 
 
 def noise_schedule():
