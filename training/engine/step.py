@@ -86,15 +86,19 @@ class TrainingStep:
             with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 return apply_model(patched.model, x, sigma, inputs).float(), conditioning
 
+    def adapted_conditioning(self, base: list, prompts: list[str], device, values) -> list:
+        """The prompts' conditioning with the adapters on: frozen text encoders give the base's, trained ones are
+        asked again (at the adapters' strength now)."""
+        return base if self.text.train_clip is None else self.text.conditioning(prompts, device, values)
+
     def preservation_loss(self, patched, x0, noise, sigma, captions, geometries, values, device,
                           autocast_dtype) -> torch.Tensor:
         """Output preservation: the adapted model's prediction for the class captions, on the batch's own noisy
         latents, against the base model's."""
         target, base = self.base_prediction(patched, x0, noise, sigma, captions, geometries, values, device,
                                             autocast_dtype)
-        # Frozen text encoders give the same conditioning with the adapters on; trained ones are asked again.
-        adapted = base if self.text.train_clip is None else self.text.conditioning(captions, device, values)
-        x, inputs = self.model_call(patched, x0, noise, sigma, adapted, geometries)
+        x, inputs = self.model_call(patched, x0, noise, sigma,
+                                    self.adapted_conditioning(base, captions, device, values), geometries)
         return self.prediction_loss(patched, x, target, sigma, inputs, None, autocast_dtype,
                                     self.config.min_snr_gamma)
 
@@ -108,21 +112,22 @@ class TrainingStep:
         asked = {"caption": captions, "positive": [p for p, _ in sides], "negative": [n for _, n in sides]}
         if cfg.slider_anchor:
             asked["anchor"] = [cfg.slider_anchor] * len(captions)
-        base = {name: self.base_prediction(patched, x0, noise, sigma, prompts, geometries, values, device,
-                                           autocast_dtype)[0] for name, prompts in asked.items()}
+        base, conditioning = {}, {}
+        for name, prompts in asked.items():
+            base[name], conditioning[name] = self.base_prediction(patched, x0, noise, sigma, prompts, geometries,
+                                                                  values, device, autocast_dtype)
         direction = cfg.slider_guidance * (base["positive"] - base["negative"])
         loss = torch.zeros((), device=x0.device)
         for strength in (1.0, -1.0):
             with self.network.at_strength(strength):
-                x, inputs = self.model_call(patched, x0, noise, sigma, text.conditioning(captions, device, values),
-                                            geometries)
-                loss = loss + self.prediction_loss(patched, x, base["caption"] + strength * direction, sigma, inputs,
-                                                   weights, autocast_dtype, cfg.min_snr_gamma)
+                targets = {"caption": (base["caption"] + strength * direction, weights)}
                 if cfg.slider_anchor:
-                    x, inputs = self.model_call(patched, x0, noise, sigma,
-                                                text.conditioning(asked["anchor"], device, values), geometries)
-                    loss = loss + self.prediction_loss(patched, x, base["anchor"], sigma, inputs, None,
-                                                       autocast_dtype, cfg.min_snr_gamma)
+                    targets["anchor"] = (base["anchor"], None)
+                for name, (target, weight) in targets.items():
+                    adapted = self.adapted_conditioning(conditioning[name], asked[name], device, values)
+                    x, inputs = self.model_call(patched, x0, noise, sigma, adapted, geometries)
+                    loss = loss + self.prediction_loss(patched, x, target, sigma, inputs, weight, autocast_dtype,
+                                                       cfg.min_snr_gamma)
         return loss / 2
 
     def expert_boundary(self) -> float:
