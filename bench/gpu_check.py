@@ -284,6 +284,9 @@ def run_question(check: Check, question: Question) -> None:
         return
 
     def overran(signum, frame):
+        # Raised in a finalizer (garbage collection) or under a bare `except:` in the host, the exception is lost:
+        # the alarm rings again until one gets through.
+        signal.alarm(1)
         raise Overrun(f"stopped after {left:.0f} s, the budget's rest")
 
     previous = signal.signal(signal.SIGALRM, overran)
@@ -291,6 +294,7 @@ def run_question(check: Check, question: Question) -> None:
     try:
         question.ask(check, question.name)
     except Exception as error:  # one question that cannot run (OOM, unsupported, overrun) is a result, not the end
+        signal.alarm(0)
         traceback.print_exc()
         check.write({"question": question.name, "error": f"{type(error).__name__}: {str(error)[:300]}"})
     finally:

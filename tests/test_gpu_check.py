@@ -56,6 +56,32 @@ def test_gpu_check_stops_a_question_at_the_budget_and_skips_the_rest(tmp_path):
     assert rows[-1]["question"] == "done" and rows[-1]["total_s"] < 30
 
 
+def test_a_question_that_swallows_the_overrun_is_stopped_all_the_same(tmp_path):
+    """An Overrun raised inside a finalizer or a host's bare `except:` is lost; the alarm rings again."""
+    import argparse
+    import time
+
+    sys.path.insert(0, str(BENCH))
+    import gpu_check
+
+    swallowed = []
+
+    def ask(check, name):
+        try:
+            time.sleep(5)
+        except gpu_check.Overrun:
+            swallowed.append(time.monotonic())
+        time.sleep(5)
+
+    args = argparse.Namespace(budget_s=1.5, smoke=True, steps=1, peak_tflops=None, out=tmp_path / "check.jsonl")
+    check = gpu_check.Check(args)
+    check.started = started = time.monotonic()  # not counting torch's import
+    gpu_check.run_question(check, gpu_check.Question("swallows", "sdxl", 1, ask))
+    rows = [json.loads(line) for line in args.out.read_text().splitlines()]
+    assert swallowed and time.monotonic() - started < 4, "the question ran to its end"
+    assert "stopped after" in rows[-1]["error"]
+
+
 @pytest.mark.slow
 def test_our_step_dispatches_fewer_operators_than_natives(tmp_path):
     """SDXL's layers (a few blocks of each kind, narrow): ours launches fewer kernels per step than native's, with
