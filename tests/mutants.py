@@ -11,6 +11,7 @@ when a mutant's line is no longer in its file (a stale mutant is an error, not a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -276,9 +277,40 @@ class Outcome:
         return next((line[1:].strip() for line in self.output.splitlines() if line.startswith("E ")), "")
 
 
-def run(mutant: Mutant, copy: Path, timeout: float = 600, threads: int | None = None) -> Outcome:
-    """Apply `mutant` to the copy, run its test there (with `threads` CPU threads), restore the file. Killed: the
-    test ran and failed."""
+class ForkedPytest:
+    """tests/forked_pytest.py in a copy: its tests run in forks of one process that has imported torch and the host
+    (seconds a test, paid once per copy instead)."""
+
+    def __init__(self, copy: Path, threads: int | None = None):
+        self.log = copy / "test-artifacts" / "mutant-test.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen([sys.executable, str(copy / "tests" / "forked_pytest.py")], cwd=copy,
+                                        env=environment(copy, threads), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True)
+        if not self.process.stdout.readline():
+            raise RuntimeError(f"tests/forked_pytest.py in {copy} stopped before it was ready (exit "
+                               f"{self.process.wait()})")
+
+    def run(self, test: str, timeout: float) -> tuple[int, str]:
+        """pytest's exit code for `test` and what it printed."""
+        self.process.stdin.write(json.dumps([test, str(self.log), timeout]) + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"tests/forked_pytest.py stopped while running {test} (exit {self.process.wait()})")
+        code = json.loads(answer)["code"]
+        if code is None:
+            raise subprocess.TimeoutExpired(test, timeout)
+        return code, self.log.read_text(encoding="utf-8", errors="replace")
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def run(mutant: Mutant, copy: Path, runner: ForkedPytest, timeout: float = 600) -> Outcome:
+    """Apply `mutant` to the copy, run its test there (in a fork of `runner`, the copy's), restore the file. Killed:
+    the test ran and failed."""
     original, broken = mutated(mutant, copy)
     if mutant.file.endswith(".py"):
         compile(broken, mutant.file, "exec")  # a mutant that does not even compile proves nothing
@@ -286,18 +318,15 @@ def run(mutant: Mutant, copy: Path, timeout: float = 600, threads: int | None = 
     start = time.monotonic()
     try:
         path.write_text(broken, encoding="utf-8")
-        result = subprocess.run([sys.executable, "-m", "pytest", mutant.test, "-x", "-q", "-p", "no:cacheprovider"],
-                                cwd=copy, env=environment(copy, threads), capture_output=True, text=True,
-                                timeout=timeout)
+        code, output = runner.run(mutant.test, timeout)
     finally:
         path.write_text(original, encoding="utf-8")
-    output = result.stdout + result.stderr
     summary = output.strip().splitlines()[-1] if output.strip() else ""
-    if result.returncode == 0 and re.search(r"\b1 passed\b", summary):
+    if code == 0 and re.search(r"\b1 passed\b", summary):
         return Outcome(mutant, False, time.monotonic() - start, output)
-    if result.returncode == 1 and re.search(r"\b1 failed\b", summary) and " error" not in summary:
+    if code == 1 and re.search(r"\b1 failed\b", summary) and " error" not in summary:
         return Outcome(mutant, True, time.monotonic() - start, output)
-    raise RuntimeError(f"{mutant.name}: {mutant.test} neither passed nor failed once (exit {result.returncode}): "
+    raise RuntimeError(f"{mutant.name}: {mutant.test} neither passed nor failed once (exit {code}): "
                        f"{output[-3000:]}")
 
 
@@ -310,12 +339,14 @@ def main(names: list[str]) -> int:
     total, survivors = time.monotonic(), []
     with tempfile.TemporaryDirectory(prefix="lora-foundry-mutants-") as tmp:
         copy = copy_repository(Path(tmp) / "lora_foundry")
+        runner = ForkedPytest(copy)
         for mutant in chosen:
-            outcome = run(mutant, copy)
+            outcome = run(mutant, copy, runner)
             print(f"{'killed' if outcome.killed else 'SURVIVED':9} {outcome.seconds:6.1f} s  {mutant.name}: "
                   f"{outcome.reason[:150]}", flush=True)
             if not outcome.killed:
                 survivors.append(mutant.name)
+        runner.close()
     print(f"{len(chosen) - len(survivors)} of {len(chosen)} killed in {time.monotonic() - total:.0f} s")
     return 1 if survivors else 0
 

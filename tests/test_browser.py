@@ -61,6 +61,16 @@ def mode(request) -> str:
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def close_pages():
+    """A tab left open keeps drawing its canvas every frame: ten of them took a core from both workers."""
+    yield
+    while Page.opened:
+        page = Page.opened.pop().page
+        if not page.is_closed():
+            page.close()
+
+
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as p:
@@ -72,9 +82,12 @@ def browser():
 class Page:
     """A ComfyUI tab; remembers console errors that come from our scripts."""
 
+    opened: list[Page] = []  # closed after each test (close_pages)
+
     def __init__(self, browser, server):
         self.server = server
         self.page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        Page.opened.append(self)
         self.errors: list[str] = []
         self.page.on("console", self._console)
         self.page.on("pageerror", lambda e: self._error(f"{e}\n{e.stack or ''}"))
@@ -555,11 +568,10 @@ def test_no_node_of_an_example_workflow_covers_another(browser, ui_server, mode)
     for path in sorted((REPO_ROOT / "example_workflows").glob("*.json")):
         if page is None or MODES[mode]:
             if page is not None:
-                page.page.close()
+                page.page.close()  # an open tab keeps drawing
             page = Page(browser, ui_server).open(mode)
         page.load(json.loads(path.read_text()))
         time.sleep(0.3)  # both renderers settle node sizes after the first frame
         if pairs := overlapping(node_boxes(page)):
             found[path.name] = pairs
-    page.page.close()
     assert not found, json.dumps(found, indent=1)

@@ -8,7 +8,7 @@ import queue
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from mutants import MUTANTS, REPO_ROOT, copy_repository, imported_from, mutated, run
+from mutants import MUTANTS, REPO_ROOT, ForkedPytest, copy_repository, imported_from, mutated, run
 
 pytestmark = pytest.mark.mutants
 
@@ -38,17 +38,21 @@ def test_every_guarding_test_kills_its_mutant(tmp_path_factory):
     for index in range(WORKERS):
         copy = copy_repository(tmp_path_factory.mktemp(f"mutants{index}") / "lora_foundry")
         assert imported_from(copy) == copy
-        copies.put(copy)
+        copies.put((copy, ForkedPytest(copy, threads=1)))
 
     def run_on_a_free_copy(mutant):
-        copy = copies.get()
+        copy, runner = copies.get()
         try:
-            return run(mutant, copy, threads=1)
+            return run(mutant, copy, runner)
         finally:
-            copies.put(copy)
+            copies.put((copy, runner))
 
-    with ThreadPoolExecutor(WORKERS) as pool:
-        outcomes = list(pool.map(run_on_a_free_copy, MUTANTS))
+    try:
+        with ThreadPoolExecutor(WORKERS) as pool:
+            outcomes = list(pool.map(run_on_a_free_copy, MUTANTS))
+    finally:
+        while not copies.empty():
+            copies.get()[1].close()
     survivors = [o for o in outcomes if not o.killed]
     assert not survivors, "\n".join(
         f"{o.mutant.name} survived: {o.mutant.test} passes with {o.mutant.file} changed from {o.mutant.line!r} to "
