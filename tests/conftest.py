@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -203,3 +204,19 @@ def checkpoint_calls(monkeypatch):
     monkeypatch.setattr(cp, "checkpoint", counting)
     return calls
 
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadscope, with the browser tests of each frontend a scope of their own (each brings its own server and
+    browser): the two frontends' runs, minutes each, go to both workers instead of one."""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFrontend(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            frontend = re.search(r"\[(\d+\.\d+\.\d+)", nodeid)
+            return f"{scope}[{frontend.group(1)}]" if scope.endswith("test_browser.py") and frontend else scope
+
+    return ByFrontend(config, log)

@@ -15,12 +15,14 @@ import shutil
 import time
 import urllib.error
 import urllib.parse
+import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import ARTIFACTS
 from harness.comfy import REPO_ROOT
 from harness.examples import make_fast, needed_files, provide, set_widget
-from harness.server import ComfyServer
+from harness.server import ComfyServer, frontends
 from harness.workflow import widget_inputs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -31,6 +33,9 @@ MODES = {"classic": False, "nodes2": True}  # the value of Comfy.VueNodes.Enable
 TRAIN = "LoraFoundryTrainLoRA"
 RUN_CONTROLS = ".actionbar, .queue-button-group, [data-testid='queue-button']"  # the frontend's Run controls
 
+FRONTENDS = frontends()  # the pinned frontend and the newest, by version
+if os.environ.get("CI") and len(FRONTENDS) < 2:
+    raise RuntimeError("only one ComfyUI frontend on the CI machine: `bash scripts/setup.sh` installs the newest")
 if os.environ.get("CI") and CHROMIUM is None:  # CI must run these, never skip them
     raise RuntimeError("no chromium on the CI machine: `bash scripts/setup.sh` installs Debian's package")
 pytestmark = [
@@ -44,10 +49,18 @@ def example(name: str) -> dict:
     return json.loads((REPO_ROOT / "example_workflows" / name).read_text())
 
 
-@pytest.fixture(scope="module")
-def ui_server(tmp_path_factory, pack, loaded_checkpoint, tiny_checkpoint, concept_dataset):
-    """A server with the files the training and stack examples name."""
-    with ComfyServer(tmp_path_factory.mktemp("browser")) as server:
+@pytest.fixture(scope="module", params=list(FRONTENDS))
+def ui_server(request, tmp_path_factory, pack, loaded_checkpoint, tiny_checkpoint, concept_dataset):
+    """A server of one frontend with the files the training and stack examples name."""
+    import importlib.util
+
+    static = FRONTENDS[request.param]
+    args = ["--front-end-root", str(static)] if static else []
+    with ComfyServer(tmp_path_factory.mktemp("browser"), extra_args=args) as server:
+        pinned = Path(importlib.util.find_spec("comfyui_frontend_package").origin).parent / "static"
+        with urllib.request.urlopen(server.url) as page:  # the app a browser gets is this frontend's
+            assert page.read() == ((static or pinned) / "index.html").read_bytes(), request.param
+        server.frontend = request.param
         info = server.object_info()
         for name in ("train_lora_before_after.json", "stack_loras.json"):
             provide(server, needed_files(example(name), info), pack, loaded_checkpoint, tiny_checkpoint,
@@ -142,7 +155,7 @@ class Page:
 
     def shot(self, name: str) -> None:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        self.page.screenshot(path=str(ARTIFACTS / f"browser-{self.mode}-{name}.png"))
+        self.page.screenshot(path=str(ARTIFACTS / f"browser-{self.server.frontend}-{self.mode}-{name}.png"))
 
     def wait_for(self, script: str, timeout: float = 600, arg=None):
         deadline = time.monotonic() + timeout
@@ -398,16 +411,53 @@ def test_train_node_folds_its_optional_settings_and_still_sends_them(browser, ui
     assert reloaded["node"]["height"] > 1.6 * folded["node"]["height"], reloaded
     assert page_widgets_values(page, node) == values
 
-    # A folded setting that gets linked to another node's output shows: its link must lead somewhere.
+    # A folded setting that gets linked to another node's output shows as a row: its link must lead somewhere.
     click_fold(page, node)
-    linked = page.eval("""id => { const n = app.graph.getNodeById(id), p = LiteGraph.createNode('PrimitiveFloat');
+    page.eval("""id => { const n = app.graph.getNodeById(id), p = LiteGraph.createNode('PrimitiveFloat');
         p.pos = [n.pos[0] - 400, n.pos[1]]; app.graph.add(p);
-        p.connect(0, n, n.inputs.findIndex(i => i.widget?.name === 'noise_offset'));
-        const w = n.widgets.find(w => w.name === 'noise_offset');
-        return { hidden: !!w.hidden || !!w.options.hidden, fold: n.widgets.find(w => w.name === 'live_training').view.fold.textContent }; }""",
-                       node)
-    assert linked == {"hidden": False, "fold": f"\u25b8 advanced settings ({len(optional) - 1})"}, linked
+        p.connect(0, n, n.inputs.findIndex(i => i.widget?.name === 'noise_offset')); }""", node)
+    time.sleep(0.5)
+    row = linked_row(page, node, "noise_offset")
+    if (ui_server.frontend, mode) in FROZEN_AFTER_A_LINK and not row["inside"]:
+        pytest.xfail("1.32.9's Nodes 2.0 copies a node's widget list when one of its inputs is linked "
+                     "(useGraphNodeManager.refreshNodeSlots) and no longer sees the node unhide a setting")
+    assert row["fold"] == f"\u25b8 advanced settings ({len(optional) - 1})", row
+    assert row["inside"] and row["above_fold"] and not row["value_box"], row
     assert not page.errors, page.errors
+
+
+def linked_row(page: Page, node_id: int, name: str) -> dict:
+    """What the user sees of a linked setting: where its row is (inside the node, above the fold of the live view)
+    and whether a value box is drawn beside it. classic: the canvas draws the row at its input slot's connection
+    point (the value, greyed or left out, is painted, so not asked); nodes2: the row is the element with its name,
+    and a value box an input element level with it."""
+    return page.eval("""([id, name]) => { const n = app.graph.getNodeById(id);
+        const fold = n.widgets.find(w => w.name === 'live_training').view.fold, limit = fold.getBoundingClientRect();
+        let node, at, value_box = false;
+        if (LiteGraph.vueNodesMode) {
+          const e = document.querySelector(`.lg-node[data-node-id="${id}"]`);
+          node = e.getBoundingClientRect();
+          const label = [...e.querySelectorAll('*')].find(x => !x.children.length && x.textContent.trim() === name
+                                                          && x.getClientRects().length);
+          if (!label) return { inside: false, above_fold: false, value_box: null, fold: fold.textContent };
+          const r = label.getBoundingClientRect();
+          at = [r.left, (r.top + r.bottom) / 2];
+          value_box = [...e.querySelectorAll('input, textarea, [role=combobox], [role=spinbutton]')].some(x => {
+            const b = x.getBoundingClientRect(); return b.height && b.top < at[1] && at[1] < b.bottom; });
+        } else {
+          const c = app.canvas.canvas.getBoundingClientRect(), ds = app.canvas.ds, title = LiteGraph.NODE_TITLE_HEIGHT;
+          const [x, y] = ds.convertOffsetToCanvas(n.getConnectionPos(true, n.inputs.findIndex(i => i.widget?.name === name)));
+          at = [c.left + x, c.top + y];
+          const [left, top] = ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - title]);
+          node = { left: c.left + left, top: c.top + top, right: c.left + left + n.size[0] * ds.scale,
+                   bottom: c.top + top + (n.size[1] + title) * ds.scale };
+        }
+        return { inside: node.left <= at[0] && at[0] <= node.right && node.top < at[1] && at[1] < node.bottom,
+                 above_fold: at[1] < limit.top, value_box, fold: fold.textContent }; }""", [node_id, name])
+
+
+# Where a linked setting cannot be shown by the node (a known defect, left in the open: see the xfail).
+FROZEN_AFTER_A_LINK = {("1.32.9", "nodes2")}
 
 
 def test_stack_widget_rows_and_typed_strength_reach_the_server(browser, ui_server, mode):
@@ -523,6 +573,56 @@ def test_caption_edited_on_the_node_is_saved_to_its_file(browser, ui_server, mod
     assert rows.count() == 3 and not page.errors, page.errors
 
 
+# Where a frontend builds a node's right-click menu with no extension hook: Nodes 2.0 on 1.32.9 (its NodeOptions
+# menu is a fixed list). The selection toolbox is there in every frontend and mode.
+MENU_WITHOUT_EXTENSIONS = {("1.32.9", "nodes2")}
+
+
+def click_title(page: Page, node_id: int, button: str = "left") -> None:
+    """Click a node's title, where a user does, in either renderer."""
+    if page.vue:
+        box = page.page.locator(f'.lg-node[data-node-id="{node_id}"]').bounding_box()
+        x, y = box["x"] + 30, box["y"] + 12
+    else:
+        x, y = page.eval("""id => { const n = app.graph.getNodeById(id), c = app.canvas;
+            const [x, y] = c.ds.convertOffsetToCanvas([n.pos[0] + 30, n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2]);
+            const r = c.canvas.getBoundingClientRect(); return [r.left + x, r.top + y]; }""", node_id)
+    page.page.mouse.click(x, y, button=button)
+
+
+def test_lora_info_opens_from_the_node_menu_and_the_selection_toolbox(browser, ui_server, mode):
+    """ComfyUI's own LoraLoader: "LoRA info" in its right-click menu (wherever the frontend lets an extension add to
+    it) and on the toolbox over it once selected; either opens the panel for the file its lora_name names."""
+    name = ui_server.get("/models/loras")[0]
+    page = Page(browser, ui_server).open(mode)
+    page.load({"last_node_id": 0, "last_link_id": 0, "nodes": [], "links": [], "groups": [], "version": 0.4})
+    node = page.eval("""name => { const n = LiteGraph.createNode('LoraLoader'); n.pos = [300, 300]; app.graph.add(n);
+        n.widgets.find(w => w.name === 'lora_name').value = name; return n.id; }""", name)
+    page.wait_rendered()
+    page.focus(node, below=-200)  # room above it for the selection toolbox
+    entry = page.page.get_by_text("LoRA info", exact=True)
+    panel_name = page.page.locator(".lf-info-panel h3 ~ .lf-info-name")  # read: the file's header is shown
+
+    click_title(page, node, "right")
+    time.sleep(0.5)
+    in_menu = entry.count() > 0 and entry.first.is_visible()
+    assert in_menu == ((ui_server.frontend, mode) not in MENU_WITHOUT_EXTENSIONS), (ui_server.frontend, mode)
+    if in_menu:
+        entry.first.click()
+        panel_name.wait_for()
+        assert panel_name.inner_text() == name
+        page.page.locator(".lf-info-close").click()
+    page.page.keyboard.press("Escape")
+
+    click_title(page, node)
+    button = page.page.locator(".selection-toolbox .lf-lora-info")
+    button.wait_for(timeout=10_000)
+    button.click()
+    panel_name.wait_for()
+    assert panel_name.inner_text() == name
+    assert not page.errors, page.errors
+
+
 def test_lora_metadata_is_shown_as_text_never_html(browser, ui_server, mode):
     """A LoRA from a stranger whose title, trigger words and tags hold markup: the info panel shows the characters,
     creates no element from them and runs nothing; and it covers none of the Run controls."""
@@ -560,13 +660,17 @@ def test_lora_metadata_is_shown_as_text_never_html(browser, ui_server, mode):
         target.unlink()
 
 
+SCALES_ONLY_THE_FIRST = {("1.32.9", "nodes2")}  # (1.58.1 keeps a classic layout's positions as they are)
+
+
 def test_no_node_of_an_example_workflow_covers_another(browser, ui_server, mode):
     """Each example as a user opens it: no node covers part of another (a Save Image over Save LoRA's last row, one
     Train LoRA over the other's chart). Nodes 2.0 scales a classic layout by 1.2 when it opens one and lays nodes out
-    at its own sizes; on 1.32.9 only the first workflow a page opens was scaled, so there each example gets a page."""
+    at its own sizes; on 1.32.9 only the first workflow a page opens was scaled, so there each example gets a page.
+    Checked on the pinned frontend and the newest, where Nodes 2.0 draws taller nodes without moving them."""
     found, page = {}, None
     for path in sorted((REPO_ROOT / "example_workflows").glob("*.json")):
-        if page is None or MODES[mode]:
+        if page is None or (ui_server.frontend, mode) in SCALES_ONLY_THE_FIRST:
             if page is not None:
                 page.page.close()  # an open tab keeps drawing
             page = Page(browser, ui_server).open(mode)

@@ -20,6 +20,17 @@ from .comfy import REPO_ROOT, allowed_roots_env, comfy_root
 PACK_DIR_NAME = "lora_foundry"
 
 
+def frontends() -> dict[str, Path | None]:
+    """The ComfyUI frontends a server can serve, by version: the pinned package (None: the server's default) and each
+    newer one scripts/setup.sh put in .venv/frontends/<version>/ (its static folder, for --front-end-root)."""
+    from importlib.metadata import version
+
+    found: dict[str, Path | None] = {version("comfyui_frontend_package"): None}
+    for static in sorted(Path(sys.prefix, "frontends").glob("*/comfyui_frontend_package/static")):
+        found[static.parents[1].name] = static
+    return found
+
+
 class WorkflowError(RuntimeError):
     """A prompt the server refused or a node that failed while executing."""
 

@@ -1,6 +1,7 @@
 // LoRA info: a panel with what a LoRA file's header says (base model, algorithm, rank, trigger
 // words, tag frequency, training settings), from our read-only /lora_foundry/lora_info route.
-// Opened from the LoRA stack rows and from the context menu of any node with a lora_name widget.
+// Opened from the LoRA stack rows, and from the context menu and the selection toolbox of any node with a lora_name
+// widget.
 import { app } from "../../scripts/app.js";
 import { addStyle, el, getJSON } from "./lib/common.js";
 
@@ -140,14 +141,36 @@ const STYLE = `
 .lf-tag-text { position: relative; padding-left: 4px; white-space: nowrap; }
 `;
 
+// The LoRA a node loads: its lora_name combo's value (null when it has none or none is chosen).
+function loraOf(node) {
+  const widget = node?.widgets?.find((w) => w.name === "lora_name" && w.type === "combo");
+  return widget?.value && widget.value !== "None" ? widget.value : null;
+}
+
+const INFO_COMMAND = "LoraFoundry.ShowLoraInfo";
+
+// Two ways in, because no one place is in every frontend: the node's right-click menu (getNodeMenuItems: the
+// classic canvas, and Nodes 2.0 on 1.58.1; Nodes 2.0 on 1.32.9 builds its menu with no extension hook),
+// and the selection toolbox over a selected node (a right-click selects it), which both modes of both show.
 app.registerExtension({
   name: "LoraFoundry.LoraInfo",
+  commands: [{
+    id: INFO_COMMAND,
+    label: "LoRA info",
+    icon: "pi pi-tag lf-lora-info", // (our own class: tests find the button by it)
+    function: () => {
+      const name = loraOf(Object.values(app.canvas?.selected_nodes ?? {}).find(loraOf));
+      if (name) showLoraInfo(name);
+    },
+  }],
   setup() {
     addStyle("lora-foundry-info-style", STYLE);
   },
   getNodeMenuItems(node) {
-    const widget = node.widgets?.find((w) => w.name === "lora_name" && w.type === "combo");
-    if (!widget || !widget.value || widget.value === "None") return [];
-    return [{ content: "LoRA info", callback: () => showLoraInfo(widget.value) }];
+    const name = loraOf(node);
+    return name ? [{ content: "LoRA info", callback: () => showLoraInfo(name) }] : [];
+  },
+  getSelectionToolboxCommands(item) {
+    return loraOf(item) ? [INFO_COMMAND] : [];
   },
 });
