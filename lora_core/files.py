@@ -18,7 +18,7 @@ MODULE_SUFFIXES = tuple(sorted((
     "lora.down.weight", "lora.up.weight", "alpha", "dora_scale", "diff", "diff_b", "set_weight",
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "w_norm", "b_norm", "oft_blocks", "oft_diag", "rescale",
+    "w_norm", "b_norm", "oft_blocks", "oft_diag", "rescale", "a1.weight", "a2.weight", "b1.weight", "b2.weight",
 ), key=len, reverse=True))
 
 

@@ -26,8 +26,8 @@ TRAINING_KEYS = {
     "ss_noise_offset": "noise_offset", "ss_gradient_accumulation_steps": "grad_accum", "ss_max_grad_norm": "grad_clip",
     "ss_network_args": "network_args", "ss_training_started_at": "started_at",
 }
-ALGORITHM_BY_SUFFIX = (("hada_w1_a", "loha"), ("lokr_w1", "lokr"), ("lokr_w1_a", "lokr"), ("oft_blocks", "oft"),
-                       ("lora_down.weight", "lora"), ("lora_A.weight", "lora"), ("diff", "full"))
+ALGORITHM_BY_SUFFIX = (("boft_blocks", "boft"), ("hada_w1_a", "loha"), ("lokr_w1", "lokr"), ("lokr_w1_a", "lokr"),
+                       ("oft_blocks", "oft"), ("a1.weight", "glora"), ("lora_down.weight", "lora"), ("lora_A.weight", "lora"), ("diff", "full"))
 REPEATS_PREFIX = re.compile(r"^\d+_")
 
 
@@ -64,7 +64,7 @@ def _text(value: object, limit: int = MAX_VALUE_CHARS) -> str:
 
 
 def algorithm(metadata: dict[str, str], suffixes: set[str], args: object = None) -> str:
-    """lora / locon / loha / lokr / dylora / oft / full, from kohya metadata (args: ss_network_args parsed) or
+    """lora / locon / loha / lokr / dylora / oft / boft / glora / full, from kohya metadata (args: ss_network_args parsed) or
     else from the key names."""
     module = _text(metadata.get("ss_network_module", ""), MAX_TAG_CHARS)
     args = args if isinstance(args, dict) else {}
@@ -81,12 +81,13 @@ def algorithm(metadata: dict[str, str], suffixes: set[str], args: object = None)
 
 
 def rank(metadata: dict[str, str], modules: dict[str, dict[str, list[int]]]) -> int | None:
-    """ss_network_dim, or else the most common rank among the file's LoRA down matrices."""
+    """ss_network_dim, or else the most common rank among the file's LoRA down matrices (OFT / BOFT: block size)."""
     dim = metadata.get("ss_network_dim", "")
     if dim.isdecimal() and len(dim) < 10:  # isdigit() takes "²", which int() refuses
         return int(dim)
     ranks = Counter(shapes[s][0] for shapes in modules.values() for s in ("lora_down.weight", "lora_A.weight")
                     if s in shapes and shapes[s])
+    ranks += Counter(shapes["oft_blocks"][-1] for shapes in modules.values() if shapes.get("oft_blocks"))  # block size
     return ranks.most_common(1)[0][0] if ranks else None
 
 
@@ -157,6 +158,8 @@ def lora_info(path: str | os.PathLike) -> dict:
     metadata, shapes = read_header(path)
     modules, _ = split_modules(shapes)
     suffixes = {s for parts in modules.values() for s in parts}
+    if any(len(parts.get("oft_blocks", ())) == 4 for parts in modules.values()):
+        suffixes.add("boft_blocks")  # BOFT's butterfly stages: the same key as OFT's blocks, one dimension more
     parsed, notes = json_fields(metadata)
     tags, folder_words = tag_frequency(parsed.get("ss_tag_frequency"), notes)
     training = {label: _text(metadata[key]) for key, label in TRAINING_KEYS.items() if metadata.get(key)}

@@ -95,11 +95,18 @@ def inference(adapter: Adapter) -> Iterator[Adapter]:
         adapter.train(was_training)
 
 
-def refuse_dora(adapter: Adapter, name: str, what: str) -> None:
+def refuse_base_dependent(adapter: Adapter, name: str, what: str) -> None:
+    """Refuse a module whose change is a function of the base weight (DoRA, OFT, BOFT): `what` cannot keep it."""
     if adapter.dora_scale is not None:
         raise ValueError(
             f"{name}: DoRA module (dora_scale); {what} cannot keep it exact, as DoRA renormalises W + dW "
             "with the base weights. Apply or bake it into the model instead (Merge LoRA, mode 'into model')."
+        )
+    if adapter.base_dependent:
+        raise ValueError(
+            f"{name}: {adapter.algorithm.upper()} module; its change is made from the base weight (OFT / BOFT turn "
+            f"its rows, GLoRA multiplies it), so it exists only with that weight and {what} cannot take it. Apply "
+            "or bake it into the model instead (Merge LoRA, mode 'into model')."
         )
 
 

@@ -17,7 +17,7 @@ from .adapters import Adapter, LoRA
 from .adapters.base import flat_shape
 from .apply import ApplyReport, apply_lora
 from .files import atomic_target
-from .lowrank import change_of, refuse_dora, scaled_matrices, truncate
+from .lowrank import change_of, refuse_base_dependent, scaled_matrices, truncate
 from .metadata import result_metadata
 from .network import LoraNetwork
 from .ranks import RankRule
@@ -34,7 +34,7 @@ def _modules(inputs: Inputs, what: str) -> dict[str, tuple[tuple[int, ...], list
         if ratio == 0:
             continue
         for name, adapter in network.adapters.items():
-            refuse_dora(adapter, f"input {i}, module {name}", what)
+            refuse_base_dependent(adapter, f"input {i}, module {name}", what)
             shape, parts = modules.setdefault(name, (adapter.shape, []))
             if flat_shape(shape) != flat_shape(adapter.shape):
                 raise ValueError(f"module {name}: input {i} changes a {list(adapter.shape)} weight, "

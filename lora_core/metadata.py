@@ -20,7 +20,9 @@ FAMILIES = {
     "HunyuanVideo": ("hunyuan-video", "hunyuan_video"), "LTXV": ("ltx-video", "ltxv"),
 }
 NETWORK_MODULES = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya",
-                   "dylora": "networks.dylora"}
+                   "dylora": "networks.dylora", "oft": "lycoris.kohya", "boft": "lycoris.kohya",
+                   "glora": "lycoris.kohya"}
+LYCORIS_ALGOS = {"loha": "loha", "lokr": "lokr", "oft": "diag-oft", "boft": "boft", "glora": "glora"}  # our name: LyCORIS' algo
 
 
 def model_family(model_config) -> tuple[str, str]:
@@ -43,8 +45,8 @@ def kohya_metadata(network_config, model_config=None, title: str = "", training:
     architecture = model_family(model_config)[0] if model_config is not None else ""
     algo = network_config.algorithm
     args = {}
-    if algo in ("loha", "lokr"):
-        args["algo"] = algo
+    if algo in LYCORIS_ALGOS:
+        args["algo"] = LYCORIS_ALGOS[algo]
     if network_config.conv_rank or network_config.preset == "locon":
         args["conv_dim"] = str(network_config.conv_rank or network_config.rank)
         args["conv_alpha"] = str(network_config.conv_alpha if network_config.conv_alpha is not None else network_config.alpha)
@@ -62,7 +64,7 @@ def kohya_metadata(network_config, model_config=None, title: str = "", training:
         "ss_training_started_at": str(training.pop("started_at", time.time())),
         "ss_seed": str(network_config.seed),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{architecture}/{'lycoris-' + algo if algo in ('loha', 'lokr') else 'lora'}",
+        "modelspec.architecture": f"{architecture}/{'lycoris-' + LYCORIS_ALGOS[algo] if algo in LYCORIS_ALGOS else 'lora'}",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if architecture.startswith("stable-diffusion") else "",
         "modelspec.title": title,
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),

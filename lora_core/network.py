@@ -27,7 +27,8 @@ ALGORITHM_CHOICES = ("lora", "locon", *(name for name in ALGORITHMS if name != "
 class NetworkConfig:
     """Everything that decides which adapters exist and how they are shaped."""
 
-    algorithm: str = setting("lora", "The adapter: LoRA, LoCon (LoRA on convolutions too), LoHa, LoKr, DyLoRA.",
+    algorithm: str = setting("lora", "The adapter: LoRA, LoCon (LoRA on convolutions too), LoHa, LoKr, DyLoRA, GLoRA, "
+                             "OFT / BOFT (orthogonal: rank = block size, alpha = the rotation's constraint, 0 = none).",
                              choices=ALGORITHM_CHOICES, kohya="network_module")
     rank: int = setting(16, "Adapter rank (kohya's network_dim).", min=1, max=1024, kohya="network_dim")
     alpha: float = setting(16.0, "The adapter's scale is alpha / rank (kohya's network_alpha).", min=0.0,
@@ -204,7 +205,7 @@ def _read_adapter(parts: dict[str, torch.Tensor], shape: tuple[int, ...] | None)
     """One module's adapter from its tensors, checked against the layer `shape` (or its own)."""
     adapter = adapter_from_factors(parts, shape)
     if adapter is None:
-        raise ValueError(f"no LoRA/LoHa/LoKr factors ({', '.join(sorted(parts))})")
+        raise ValueError(f"no LoRA/LoHa/LoKr/OFT/GLoRA factors ({', '.join(sorted(parts))})")
     error = adapter.shape_error(shape if shape is not None else adapter.shape)
     if error:
         raise ValueError(error)
@@ -250,7 +251,10 @@ class LoraNetwork(nn.Module):
                 if layer_kind(module) != "conv":
                     rank, alpha = int(block_ranks.get(block, rank)), block_alphas.get(block, alpha)
             weight = module.weight.detach()
-            adapter = adapter_cls.create(weight, rank, alpha, **adapter_cls.options_from(config, i))
+            try:
+                adapter = adapter_cls.create(weight, rank, alpha, **adapter_cls.options_from(config, i))
+            except ValueError as e:  # a layer the algorithm cannot take (BOFT's widths): say which
+                raise ValueError(f"{config.algorithm} on {name} {list(weight.shape)}: {e}") from e
             if config.dora:  # magnitudes of the weight the layer computes with (a scaled-fp8 one times its scale)
                 adapter.enable_dora(stored_weight(module))
             adapters[name], keys[name] = adapter, key

@@ -12,7 +12,7 @@ import time
 import torch
 
 from .adapters import LoRA
-from .lowrank import change_of, refuse_dora, truncate
+from .lowrank import change_of, refuse_base_dependent, truncate
 from .metadata import result_metadata
 from .network import LoraNetwork
 from .ranks import RankRule
@@ -30,7 +30,7 @@ def resize_lora(network: LoraNetwork, rule: RankRule, options: SvdOptions = SvdO
     names = sorted(network.adapters)
     for i, name in enumerate(names):
         adapter = network.adapters[name]
-        refuse_dora(adapter, name, "resizing")
+        refuse_base_dependent(adapter, name, "resizing")
         scale = adapter.alpha / adapter.rank if isinstance(adapter, LoRA) else 1.0
         kept = truncate(change_of([(adapter, 1.0)], adapter.shape, device), rule, options, seed=options.seed + i)
         if kept.dec.total <= 0:

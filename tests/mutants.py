@@ -216,6 +216,18 @@ MUTANTS = [
            "if clip.patcher.patches or clip.patcher.object_patches:",
            "if False:",
            "tests/test_train.py::test_text_encoder_outputs_are_cached_on_disk_and_a_second_run_encodes_nothing"),
+    Mutant("oft_turns_the_other_way", "lora_core/adapters/oft.py",
+           'turned = torch.einsum("k n m, k n ... -> k m ...", r, rows.unflatten(0, (n, b))).flatten(0, 1)',
+           'turned = torch.einsum("k m n, k n ... -> k m ...", r, rows.unflatten(0, (n, b))).flatten(0, 1)',
+           "tests/test_engine.py::test_trained_applied_and_comfy_loaded_models_are_the_same[oft-linear-plain]"),
+    Mutant("oft_bypass_turns_the_bias", "lora_core/adapters/oft.py",
+           "plain = out if bias is None else out - _broadcast(bias.to(out), out, channels_last)",
+           "plain = out",
+           "tests/test_memory.py::test_bypass_equals_weight_patching[oft-linear-plain]"),
+    Mutant("glora_old_layout_read_as_new", "lora_core/adapters/glora.py",
+           "a1, a2, b1, b2 = a2, a1, b2, b1  # old: W a2 a1 + b2 b1",
+           "pass",
+           "tests/test_engine.py::test_lycoris_old_layout_glora_files_apply_and_read_as_comfy_reads_them"),
 ]
 
 

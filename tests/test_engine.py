@@ -37,7 +37,8 @@ SDXL_UNET = {
     "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
-ALGORITHMS = ["lora", "locon", "loha", "lokr", "dylora"]
+ALGORITHMS = ["lora", "locon", "loha", "lokr", "dylora", "oft", "boft", "glora"]
+NO_DORA = ("oft", "boft", "glora")  # refused by name
 # Targets of the equivalence matrix on the narrow UNet: linear layers (plus the 1x1 proj_in), and
 # the kxk convolutions of ResBlocks, Downsample (stride 2) and Upsample.
 LAYER_SETS = {
@@ -107,6 +108,16 @@ def randomise(network, seed: int = 1, scale: float = 0.2) -> None:
                     p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
+def config_or_refused(core, algorithm: str, dora: bool, **settings):
+    """The network config, or None after checking that it is refused naming dora (OFT / BOFT / GLoRA: ComfyUI has no
+    DoRA form of them that matches LyCORIS')."""
+    if dora and algorithm in NO_DORA:
+        with pytest.raises(ValueError, match="^dora: "):
+            core.Config(algorithm=algorithm, dora=dora, **settings)
+        return None
+    return core.Config(algorithm=algorithm, dora=dora, **settings)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -148,7 +159,9 @@ def test_every_algorithm_the_node_offers_is_in_these_tests(pack):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_trained_applied_and_comfy_loaded_models_are_the_same(core, narrow, inputs, loras_dir, comfy_load,
                                                               algorithm, layers, dora):
-    config = core.Config(algorithm=algorithm, rank=4, alpha=3.0, dora=dora, **LAYER_SETS[layers])
+    config = config_or_refused(core, algorithm, dora, rank=4, alpha=3.0, **LAYER_SETS[layers])
+    if config is None:
+        return
     network = core.Network.create(config, narrow)
     kinds = {core.targets.layer_kind(m) for _, m in _target_modules(narrow, network)}
     assert ("conv" in kinds) == (layers == "conv") and ("linear" in kinds) == (layers == "linear")
@@ -176,11 +189,13 @@ def _target_modules(patcher, network):
     return [(key, modules[key[: -len(".weight")]]) for key in network.weight_keys.values()]
 
 
-@pytest.mark.parametrize("algorithm", ["lora", "loha"])
+@pytest.mark.parametrize("algorithm", ["lora", "loha", "oft", "boft", "glora"])
 @pytest.mark.parametrize("dora", [False, True], ids=["plain", "dora"])
 def test_strength_means_the_same_in_training_apply_and_comfy(core, narrow, inputs, loras_dir, comfy_load, algorithm, dora):
-    network = core.Network.create(core.Config(algorithm=algorithm, rank=4, alpha=3.0, dora=dora, preset="attention"),
-                                  narrow)
+    config = config_or_refused(core, algorithm, dora, rank=4, alpha=3.0, preset="attention")
+    if config is None:
+        return
+    network = core.Network.create(config, narrow)
     randomise(network, seed=2)
     network.eval()
     for adapter in network.adapters.values():
@@ -338,7 +353,9 @@ def test_reading_a_broken_file_raises_naming_every_problem(core, narrow):
 @pytest.mark.parametrize("dora", [False, True], ids=["plain", "dora"])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_saved_files_read_back_to_the_same_adapters(core, narrow, algorithm, dora):
-    config = core.Config(algorithm=algorithm, rank=4, alpha=3.0, dora=dora, preset="locon")
+    config = config_or_refused(core, algorithm, dora, rank=4, alpha=3.0, preset="locon")
+    if config is None:
+        return
     network = core.Network.create(config, narrow)
     randomise(network)
     network.eval()
@@ -485,28 +502,119 @@ def test_apply_reads_peft_files_for_unet_and_text_encoder(core, loaded_checkpoin
     assert read.weight_keys == network.weight_keys  # renamed to our kohya names
 
 
+NATIVE_KEYS = ["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+               "diffusion_model.input_blocks.1.0.in_layers.2.weight", "diffusion_model.output_blocks.1.2.conv.weight"]
+
+
+def native_trained(patcher, adapter_cls, rank: int, seed: int):
+    """(a clone with ComfyUI's train adapters of `adapter_cls` on NATIVE_KEYS, each trainable factor random; the
+    tensors ComfyUI's trainer saves for them), as comfy_extras/nodes_train.py builds and saves them."""
+    weights = patcher.model.state_dict()
+    native, tensors = patcher.clone(), {}
+    gen = torch.Generator().manual_seed(seed)
+    for key in NATIVE_KEYS:
+        train = adapter_cls.create_train(weights[key], rank, 1.0)
+        with torch.no_grad():
+            for p in train.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        native.add_weight_wrapper(key, train)
+        for name, p in train.named_parameters():
+            tensors[f"{key[: -len('.weight')]}.{name}"] = p.detach().clone()
+    return native, tensors
+
+
 def test_apply_reads_comfy_native_trainer_files(core, narrow, inputs):
     from comfy.weight_adapter import LoRAAdapter
 
-    weights = narrow.model.state_dict()
-    keys = ["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
-            "diffusion_model.input_blocks.1.0.in_layers.2.weight", "diffusion_model.output_blocks.1.2.conv.weight"]
-    native, tensors = narrow.clone(), {}
-    gen = torch.Generator().manual_seed(3)
-    for key in keys:
-        train = LoRAAdapter.create_train(weights[key], 3, 1.0)  # as comfy_extras/nodes_train.py builds them
-        with torch.no_grad():
-            for p in (train.lora_up.weight, train.lora_down.weight):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-        native.add_weight_wrapper(key, train)
-        for name, p in train.named_parameters():  # ... and saves them
-            tensors[f"{key[: -len('.weight')]}.{name}"] = p.detach().clone()
+    native, tensors = native_trained(narrow, LoRAAdapter, 3, seed=3)
     applied, _, report = core.apply.apply_lora(narrow, None, tensors)
     assert report.ok and len(report.applied) == 3, report.summary()
     assert rel(unet_output(applied, inputs), unet_output(native, inputs)) < 1e-4
     read = core.Network.from_state_dict(tensors, model=narrow)
     assert "lora_unet_down_blocks_0_resnets_0_conv1" in read.adapters
     assert read.adapters["lora_unet_down_blocks_0_resnets_0_conv1"].lora_down.shape == (3, 32, 3, 3)
+
+
+def test_apply_and_read_comfy_native_oft_files(core, narrow, inputs, tmp_path):
+    """An OFT from ComfyUI's own trainer (oft_blocks and its alpha parameter per layer) applies as the native model
+    computes and reads back into our OFT adapters, to continue training."""
+    from comfy.weight_adapter import OFTAdapter
+
+    native, tensors = native_trained(narrow, OFTAdapter, 4, seed=4)
+    assert {k.rsplit(".", 1)[1] for k in tensors} == {"oft_blocks", "alpha"}
+    applied, _, report = core.apply.apply_lora(narrow, None, tensors)
+    assert report.ok and len(report.applied) == 3, report.summary()
+    y_native = unet_output(native, inputs)
+    assert rel(y_native, unet_output(narrow, inputs)) > 1e-3  # the rotations change the output
+    assert rel(unet_output(applied, inputs), y_native) < 1e-4
+    from lora_foundry.lora_core.info import lora_info
+
+    path = core.files.write_safetensors(tensors, tmp_path / "native-oft.safetensors")
+    assert (lora_info(path)["algorithm"], lora_info(path)["rank"]) == ("oft", 4)  # rank: the block size
+    read = core.Network.from_state_dict(tensors, model=narrow)
+    conv = read.adapters["lora_unet_down_blocks_0_resnets_0_conv1"]
+    assert isinstance(conv, core.adapters.OFT) and conv.alpha == 1.0 and conv.rank == 4
+    read.eval()
+    resumed, _ = read.attach(narrow, None)
+    assert rel(unet_output(resumed, inputs), y_native) < 1e-4
+
+
+def test_lycoris_boft_files_with_rescale_apply_as_comfy_and_read_back(core, narrow, inputs, loras_dir, comfy_load):
+    """A LyCORIS BOFT file (oft_blocks [stages, blocks, b, b], a constraint alpha and a per-row rescale) gives the
+    same model through LoraLoader, Apply and our adapters attached (to continue training)."""
+    network = core.Network.create(core.Config(algorithm="boft", rank=8, alpha=0.5, preset="attention"), narrow)
+    randomise(network, seed=6, scale=0.2)
+    tensors = network.state_dict_kohya()
+    gen = torch.Generator().manual_seed(7)
+    for name, adapter in network.adapters.items():  # LyCORIS' rescaled=True: one factor per output row
+        rows = adapter.shape[0]
+        tensors[f"{name}.rescale"] = 1 + 0.3 * torch.randn(rows, *[1] * (len(adapter.shape) - 1), generator=gen)
+    stages = {tuple(t.shape[:2]) for k, t in tensors.items() if k.endswith(".oft_blocks")}
+    assert all(m == n.bit_length() and m > 1 for m, n in stages), stages  # real butterflies, several stages
+    path = core.files.write_safetensors(tensors, loras_dir / "lycoris-boft.safetensors")
+    from lora_foundry.lora_core.info import lora_info
+
+    assert (lora_info(path)["algorithm"], lora_info(path)["rank"]) == ("boft", 8)
+    loaded, _ = comfy_load(narrow, None, path)
+    applied, _, report = core.apply.apply_lora(narrow, None, tensors)
+    assert report.ok, report.summary()
+    read = core.Network.from_state_dict(tensors, model=narrow)
+    read.eval()
+    attached, _ = read.attach(narrow, None)
+    y = unet_output(loaded, inputs)
+    assert rel(y, unet_output(narrow, inputs)) > 1e-3
+    assert rel(unet_output(applied, inputs), y) < 1e-4
+    assert rel(unet_output(attached, inputs), y) < 1e-4
+
+
+def test_lycoris_old_layout_glora_files_apply_and_read_as_comfy_reads_them(core, narrow, inputs, loras_dir,
+                                                                              comfy_load):
+    """LyCORIS' older GLoRA files hold a1 / a2 and b1 / b2 the other way round (W a2 a1 + b2 b1); ComfyUI tells the
+    layouts apart by their shapes, and so do we: the same file gives one model in LoraLoader, Apply and attached."""
+    network = core.Network.create(core.Config(algorithm="glora", rank=4, alpha=3.0, preset="attention"), narrow)
+    randomise(network, seed=9)
+    network.eval()
+    new = network.state_dict_kohya()
+    old = {}
+    for key, value in new.items():
+        module, _, part = key.partition(".")
+        swapped = {"a1.weight": "a2.weight", "a2.weight": "a1.weight", "b1.weight": "b2.weight",
+                   "b2.weight": "b1.weight"}.get(part, part)
+        old[f"{module}.{swapped}"] = value
+    shapes = {tuple(network.adapters[n].shape) for n in network.adapters}
+    assert any(s[0] == s[1] for s in shapes) and any(s[0] != s[1] for s in shapes)  # square and not
+    attached, _ = network.attach(narrow, None)
+    y = unet_output(attached, inputs)
+    assert rel(y, unet_output(narrow, inputs)) > 1e-3
+    loaded, _ = comfy_load(narrow, None, core.files.write_safetensors(old, loras_dir / "glora-old.safetensors"))
+    applied, _, report = core.apply.apply_lora(narrow, None, old)
+    read = core.Network.from_state_dict(old, model=narrow)
+    read.eval()
+    resumed, _ = read.attach(narrow, None)
+    assert report.ok, report.summary()
+    for model in (loaded, applied, resumed):
+        assert rel(unet_output(model, inputs), y) < 1e-4
 
 
 # --- 6. training path -----------------------------------------------------------------------------

@@ -457,6 +457,12 @@ def test_export_then_import_gives_back_every_kohya_setting(kc):
     (dict(algorithm="lokr", rank=8, alpha=8.0, lokr_factor=4, preset="attention"), ("SGD", ["nesterov=True"]),
      "lycoris.kohya", ["algo=lokr", "preset=attn-only", "factor=4"]),
     (dict(algorithm="dylora", rank=16, alpha=16.0, dylora_unit=4), ("SGD", []), "networks.dylora", ["unit=4"]),
+    (dict(algorithm="oft", rank=8, alpha=0.0, preset="attention"), ("SGD", []), "lycoris.kohya",
+     ["algo=diag-oft", "preset=attn-only"]),
+    (dict(algorithm="boft", rank=16, alpha=0.0, preset="all"), ("SGD", []), "lycoris.kohya",
+     ["algo=boft", "preset=full"]),
+    (dict(algorithm="glora", rank=8, alpha=4.0, preset="kohya"), ("SGD", []), "lycoris.kohya",
+     ["algo=glora", "preset=attn-mlp"]),
     (dict(algorithm="lora", rank=4, alpha=1.0, preset="all"), ("Lion", ["betas=0.95,0.98"]), "lycoris.kohya",
      ["algo=locon", "preset=full"]),
 ])

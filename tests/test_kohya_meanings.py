@@ -305,17 +305,31 @@ def test_keep_tokens_separator_keeps_the_front_and_is_never_in_the_caption(kc, p
 
 @pytest.mark.parametrize(("data", "message"), [
     ({"LoRA_type": "LyCORIS/iA3", "network_dim": 1024}, "LoRA_type = 'LyCORIS/iA3'"),
-    ({"LoRA_type": "LyCORIS/GLoRA"}, "LoRA_type = 'LyCORIS/GLoRA'"),
-    ({"LoRA_type": "LyCORIS/BOFT"}, "LoRA_type = 'LyCORIS/BOFT'"),
-    ({"LoRA_type": "LyCORIS/Diag-OFT"}, "LoRA_type = 'LyCORIS/Diag-OFT'"),
     ({"LoRA_type": "LyCORIS/Native Fine-Tuning"}, "LoRA_type = 'LyCORIS/Native Fine-Tuning'"),
     ({"network_module": "lycoris.kohya", "network_args": ["algo=ia3"]}, "algo = 'ia3'"),
     ({"network_module": "lycoris.kohya", "network_args": ["algo=full"]}, "algo = 'full'"),
-    ({"network_module": "lycoris.kohya", "network_args": ["algo=diag-oft"]}, "algo = 'diag-oft'"),
     ({"network_module": "networks.oft"}, "network_module = 'networks.oft'"),
 ])
 def test_algorithms_we_do_not_have_are_refused_by_name(kc, data, message):
     assert refused(kc, data).startswith(f"p.json: {message}: ")
+
+
+def test_lycoris_oft_and_boft_import_with_their_meanings(kc):
+    """network_dim is the block size in LyCORIS and here; network_alpha means nothing to LyCORIS' OFT, while our
+    alpha is the cap on the rotation: it becomes 0 (no cap, LyCORIS' default), said; a LyCORIS constraint (scaled
+    by each layer's width there, not in ComfyUI) and a rescale are refused."""
+    gui = kc.import_kohya({"LoRA_type": "LyCORIS/Diag-OFT", "network_dim": 8, "network_alpha": 16,
+                           "LyCORIS_preset": "attn-only"}, "p.json")
+    assert {k: gui.values["network"][k] for k in ("algorithm", "rank", "alpha", "targets")} == {
+        "algorithm": "oft", "rank": 8, "alpha": 0, "targets": "attention"}
+    assert any(line.startswith("network_alpha: 16 -> 0 (LyCORIS' OFT / BOFT ignore it") for line in gui.changed)
+    toml = kc.import_kohya({"network_module": "lycoris.kohya", "network_dim": 16,
+                            "network_args": ["algo=boft", "constraint=0", "rescaled=False"]}, "p.toml")
+    assert (toml.values["network"]["algorithm"], toml.values["network"]["alpha"]) == ("boft", 0)
+    assert refused(kc, {"LoRA_type": "LyCORIS/BOFT", "constrain": 1e-4}).startswith(
+        "p.json: constrain = 0.0001: LyCORIS caps the rotation at this times each layer's outputs")
+    assert refused(kc, {"network_module": "lycoris.kohya", "network_args": ["algo=diag-oft", "rescaled=True"]}
+                   ).startswith("p.json: rescaled = 'True': we train no per-row rescale")
 
 
 def test_what_training_refuses_is_refused_at_import(kc):

@@ -21,16 +21,24 @@ ALGORITHMS = {  # name: (class name, create options)
     "lokr": ("LoKr", {"factor": 4}),
     "lokr_full": ("LoKr", {"factor": 4, "full_matrix": True}),
     "dylora": ("DyLoRA", {"unit": 2, "seed": 3}),
+    "oft": ("OFT", {}),
+    "boft": ("BOFT", {"rank": 10}),  # two butterfly stages on both layer widths (20 = 10 x 2, 12 = 6 x 2)
+    "glora": ("GLoRA", {}),
 }
 
 
 def _adapter(core, algorithm, layer, dora):
     name, options = ALGORITHMS[algorithm]
+    options = dict(options)
     torch.manual_seed(1)
-    adapter = getattr(core.adapters, name).create(layer.weight.detach(), 4, 3.0, **options)
+    adapter = getattr(core.adapters, name).create(layer.weight.detach(), options.pop("rank", 4), 3.0, **options)
     with torch.no_grad():
         for p in adapter.parameters():
             p.copy_(torch.randn_like(p) * 0.3)  # every factor nonzero: dW != 0
+    if dora and name in ("OFT", "BOFT", "GLoRA"):
+        with pytest.raises(ValueError, match="^dora: "):
+            adapter.enable_dora(layer.weight.detach())
+        return None
     if dora:
         adapter.enable_dora(layer.weight.detach())
         with torch.no_grad():
@@ -59,6 +67,8 @@ def test_bypass_equals_weight_patching(core, algorithm, kind, dora):
         layer.bias.normal_(0, 0.2)
     layer.requires_grad_(False)
     adapter = _adapter(core, algorithm, layer, dora)
+    if adapter is None:  # refused, as checked
+        return
     adapter.train()
     adapter.new_step()  # DyLoRA draws its rank: both forms must use it
     adapter.multiplier = 0.7
@@ -168,7 +178,7 @@ def _adapter_tensors(result):
     return {k: v.clone() for k, v in result.network.state_dict_kohya().items()}
 
 
-@pytest.mark.parametrize("algorithm", ["lora", "loha", "lokr"])
+@pytest.mark.parametrize("algorithm", ["lora", "loha", "lokr", "oft"])
 def test_bypass_training_equals_weight_training(family_sd15, algorithm):
     """A run attached in bypass mode trains the same adapter as one attached as weight wrappers."""
     fam, dataset = family_sd15
@@ -183,7 +193,7 @@ def test_bypass_training_equals_weight_training(family_sd15, algorithm):
     assert modes == {mode: [{mode}] * 6 for mode in modes}, modes  # each run trained attached as it was asked
     a, b = _adapter_tensors(bypass), _adapter_tensors(weights)
     assert a.keys() == b.keys()
-    zero_at_start = [k for k in a if k.endswith(("lora_up.weight", "hada_w2_a", "lokr_w1"))]
+    zero_at_start = [k for k in a if k.endswith(("lora_up.weight", "hada_w2_a", "lokr_w1", "oft_blocks"))]
     assert zero_at_start and all(a[k].abs().sum() > 0 for k in zero_at_start)  # both runs trained the adapter
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=key)

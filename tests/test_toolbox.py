@@ -197,14 +197,22 @@ def test_concat_merge_is_exact_at_the_sum_of_ranks(core, narrow, two_loras, comf
         core.merge.merge_concat([(two_loras[0], 1.0), (loha, 1.0)])
 
 
-def test_dora_inputs_are_refused_naming_the_module(core, narrow, two_loras):
-    dora = random_network(core, narrow, rank=2, preset="attention", dora=True, seed=8)
-    for merge in (lambda: core.merge.merge_exact([(two_loras[0], 1.0), (dora, 0.5)], core.ranks.RankRule(4)),
-                  lambda: core.merge.merge_concat([(dora, 0.5)]),
-                  lambda: core.resize.resize_lora(dora, core.ranks.RankRule(1))):
-        with pytest.raises(ValueError, match="DoRA module") as error:
+@pytest.mark.parametrize("kind", ["dora", "oft", "boft", "glora"])
+def test_base_dependent_inputs_are_refused_naming_the_module(core, narrow, two_loras, kind):
+    """DoRA, OFT, BOFT and GLoRA changes exist only with the base weight: merging into a LoRA and resizing refuse
+    them."""
+    if kind == "dora":
+        dependent = random_network(core, narrow, rank=2, preset="attention", dora=True, seed=8)
+    else:
+        dependent = random_network(core, narrow, algorithm=kind, rank=4, preset="attention", seed=8)
+    said = {"dora": "DoRA module", "oft": "OFT module", "boft": "BOFT module", "glora": "GLORA module"}[kind]
+    for merge in (lambda: core.merge.merge_exact([(two_loras[0], 1.0), (dependent, 0.5)], core.ranks.RankRule(4)),
+                  lambda: core.merge.merge_concat([(dependent, 0.5)]),
+                  lambda: core.resize.resize_lora(dependent, core.ranks.RankRule(1))):
+        with pytest.raises(ValueError, match=said) as error:
             merge()
-        assert re.search(r"(lora_unet_\w+): DoRA", str(error.value)).group(1) in dora.adapters
+        assert re.search(rf"(lora_unet_\w+): {said}", str(error.value)).group(1) in dependent.adapters
+        assert "mode 'into model'" in str(error.value)
 
 
 # --- merge into a model ----------------------------------------------------------------------

@@ -458,6 +458,15 @@ def test_a_slider_says_each_caption_with_its_two_sides(pack):
     assert TrainConfig(slider_positive=" old ", slider_negative="young").slider_positive == "old"
 
 
+@pytest.mark.parametrize("algorithm", ["oft", "boft"])
+def test_a_slider_is_refused_for_orthogonal_adapters(pack, loaded_checkpoint, concept_dataset, tmp_path, algorithm):
+    """ComfyUI applies OFT / BOFT at -1 as no reverse of +1, so a slider of them could not slide both ways."""
+    dataset = _concept(concept_dataset)
+    with pytest.raises(ValueError, match=f"slider_positive / slider_negative: .*{algorithm.upper()} at a negative"):
+        _trainer(pack, loaded_checkpoint, dataset, tmp_path, net={"algorithm": algorithm, "rank": 16},
+                 slider_positive="red", slider_negative="blue")
+
+
 def _slider(pack, loaded_checkpoint, dataset, tmp_path, **settings):
     """A trained concept slider (red / blue said in place of each caption's "sks") and its trainer."""
     trainer = _trainer(pack, loaded_checkpoint, dataset, tmp_path, **{

@@ -5,12 +5,15 @@ from __future__ import annotations
 import torch
 
 from .base import Adapter, column_norm, dora_weight, tucker
+from .glora import GLoRA
 from .loha import LoHa
 from .lokr import LoKr, without_tucker
 from .lora import DyLoRA, LoRA
+from .oft import BOFT, OFT
 
-ALGORITHMS: dict[str, type[Adapter]] = {"lora": LoRA, "loha": LoHa, "lokr": LoKr, "dylora": DyLoRA}
-READERS: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr)
+ALGORITHMS: dict[str, type[Adapter]] = {"lora": LoRA, "loha": LoHa, "lokr": LoKr, "dylora": DyLoRA, "oft": OFT,
+                                         "boft": BOFT, "glora": GLoRA}
+READERS: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, OFT, BOFT, GLoRA)
 # The zero-initialised ("B") parameters, by the names each algorithm declares (Adapter.plus_params); LoRA+ speeds them up.
 PLUS_PARAMS = frozenset(name for cls in (*ALGORITHMS.values(), *READERS) for name in cls.plus_params)
 
@@ -29,7 +32,7 @@ def adapter_from_factors(tensors: dict[str, torch.Tensor], shape=None) -> Adapte
 
 
 __all__ = [
-    "ALGORITHMS", "PLUS_PARAMS", "Adapter", "DyLoRA", "LoHa", "LoKr", "LoRA",
+    "ALGORITHMS", "BOFT", "GLoRA", "OFT", "PLUS_PARAMS", "Adapter", "DyLoRA", "LoHa", "LoKr", "LoRA",
     "adapter_from_factors", "column_norm", "dora_weight", "tucker",
     "without_tucker",
 ]

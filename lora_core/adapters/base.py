@@ -67,6 +67,8 @@ class Adapter(nn.Module):
 
     algorithm = "base"
     plus_params: tuple[str, ...] = ()  # the zero-initialised ("B") side, whose learning rate LoRA+ raises
+    base_dependent = False  # True where the change is a function of the base weight (no dW without it)
+    linear_in_strength = True  # ComfyUI applies W + s * change: -s reverses +s (what a slider needs)
 
     def __init__(self, shape, alpha: float, rank_dropout: float = 0.0, module_dropout: float = 0.0,
                  dropout: float = 0.0):

@@ -76,6 +76,8 @@ def _lycoris(r: Reader, algo: str, preset: str) -> None:
         r.refuse("algo", algo, f"LyCORIS' {algo} is not an algorithm of ours: {NO_ALGORITHM}")
     if name == "lokr":
         _lokr(r, tucker_key)
+    if name in ("oft", "boft"):
+        _orthogonal(r)
     r.set("network", "algorithm", name, "algo")
     if preset in LYCORIS_PRESETS:
         r.set("network", "targets", LYCORIS_PRESETS[preset], "preset")
@@ -86,6 +88,28 @@ def _lycoris(r: Reader, algo: str, preset: str) -> None:
         r.values["conv_alpha"] = r.values["network_alpha"]
     if name == "dylora":
         r.values.setdefault("unit", 4)
+
+
+def _orthogonal(r: Reader) -> None:
+    """LyCORIS' OFT / BOFT: network_dim is the block size, as ours; network_alpha means nothing to them, the cap
+    on the rotation is `constraint` times each layer's outputs, where ours (and ComfyUI's, which applies the file)
+    is alpha itself; no cap (LyCORIS' default) is alpha 0 here."""
+    for key in ("constraint", "constrain"):
+        value = r.take(key)
+        if as_number(value):
+            r.refuse(key, value, "LyCORIS caps the rotation at this times each layer's outputs, ComfyUI (which "
+                                 "applies the file) at alpha itself: no one value means the same here; import "
+                                 "with 0 (LyCORIS' default, no cap) and set alpha to the cap ComfyUI should apply")
+    rescaled = r.take("rescaled")
+    if rescaled is not None and is_true(rescaled):
+        r.refuse("rescaled", rescaled, "we train no per-row rescale (ComfyUI leaves OFT's out when it applies the "
+                                       "file); leave it off")
+    for key in ("network_alpha", "conv_alpha"):
+        if as_number(r.values.get(key)):
+            r.changed(key, r.values[key], 0, "LyCORIS' OFT / BOFT ignore it; our alpha is the cap on the rotation, "
+                                             "0 = none, as LyCORIS trains by default")
+        if key in r.values:
+            r.values[key] = 0
 
 
 def _lokr(r: Reader, tucker_key: str) -> None:

@@ -166,7 +166,7 @@ def _network_out(w: _Writer) -> None:
 
 def _lycoris_out(w: _Writer, algorithm: str, targets: str, conv_rank: int | None, conv_alpha: float | None) -> None:
     w.args["network_module"] = "lycoris.kohya"
-    w.network_args["algo"] = "locon" if algorithm == "lora" else algorithm
+    w.network_args["algo"] = {"lora": "locon", "oft": "diag-oft"}.get(algorithm, algorithm)
     w.network_args["preset"] = LYCORIS_PRESETS_OUT[targets]
     if targets == "locon":
         w.notes.append("targets locon: LyCORIS has no such preset; full also adapts conv_in, conv_out and the time "
@@ -180,6 +180,10 @@ def _lycoris_out(w: _Writer, algorithm: str, targets: str, conv_rank: int | None
         w.network_args["factor"] = w.get("network", "lokr_factor")
     if algorithm == "dylora":
         w.network_args["block_size"] = w.get("network", "dylora_unit")
+    if algorithm in ("oft", "boft") and w.get("network", "alpha"):
+        w.notes.append(f"alpha = {w.get('network', 'alpha'):g}: our cap on the rotation; LyCORIS caps at its "
+                       "constraint times each layer's outputs, so no one value means the same: exported without a "
+                       "cap (constraint 0)")
     for name, key in (("dora", "dora_wd"), ("use_tucker", "use_tucker")):
         if w.get("network", name):
             w.network_args[key] = True

@@ -40,7 +40,7 @@ LIST_KEYS = frozenset({"network_args", "optimizer_args", "text_encoder_lr", "res
 # What the converters (kohya_args, kohya_gui, kohya_dataset) make of the keys they read: the README's table.
 CONVERTED_KEYS = {
     "network_module": "algorithm and targets; modules we do not have are refused",
-    "algo": "algorithm (LyCORIS lora / locon, loha, lokr, dylora; iA3, GLoRA, OFT, BOFT, full ... refused)",
+    "algo": "algorithm (LyCORIS lora / locon, loha, lokr, dylora, glora, diag-oft, boft; iA3, full ... refused)",
     "preset": "targets (full: all, attn-mlp: kohya, attn-only: attention)",
     "LoRA_type": "network_module and algo as kohya_ss passes them; types we do not have are refused",
     "use_cp": "use_tucker (refused for low-rank LoKr: ComfyUI cannot apply its Tucker core)",
@@ -78,12 +78,14 @@ CONVERTED_KEYS = {
     "validation_split": "validation_split; 1.0 (a validation-only dataset): listed, its images not trained on",
 }
 # LyCORIS algorithms and kohya_ss LoRA types we do not have: refused, never trained as a default LoRA.
-NO_ALGORITHM = "ours are LoRA / LoCon, LoHa, LoKr and DyLoRA (lora_core/adapters); train it with kohya"
+NO_ALGORITHM = ("ours are LoRA / LoCon, LoHa, LoKr, DyLoRA, GLoRA, OFT and BOFT (lora_core/adapters); train it with "
+                "kohya")
 
 KOHYA_MODULES = {"networks.lora": "lora", "networks.lora_sd3": "lora", "networks.lora_flux": "lora",
                  "networks.lora_lumina": "lora", "networks.lora_anima": "lora", "networks.lora_hunyuan_image": "lora",
                  "networks.dylora": "dylora", "networks.loha": "loha", "networks.lokr": "lokr"}
-LYCORIS_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "dylora": "dylora"}
+LYCORIS_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "dylora": "dylora", "diag-oft": "oft",
+                 "boft": "boft", "glora": "glora"}
 # LyCORIS presets as our targets: full (LyCORIS' default) adapts every layer, attn-mlp the transformer blocks.
 LYCORIS_PRESETS = {"full": "all", "attn-mlp": "kohya", "attn-only": "attention"}
 LYCORIS_PRESETS_OUT = {"all": "full", "kohya": "attn-mlp", "attention": "attn-only", "locon": "full"}
@@ -227,6 +229,9 @@ GUI_NETWORKS = {
     "LyCORIS/LoKr": ("lycoris.kohya", "lokr", (*_LYCORIS, "factor", "use_cp", "decompose_both")),
     "LyCORIS/DyLoRA": ("lycoris.kohya", "dylora", ("conv_dim", "conv_alpha", "use_tucker", "unit", *_DROPOUTS,
                                                    "train_norm")),
+    "LyCORIS/GLoRA": ("lycoris.kohya", "glora", _LYCORIS),
+    "LyCORIS/Diag-OFT": ("lycoris.kohya", "diag-oft", (*_LYCORIS, "constrain", "rescaled")),
+    "LyCORIS/BOFT": ("lycoris.kohya", "boft", (*_LYCORIS, "constrain", "rescaled")),
     "Flux1": ("networks.lora_flux", None, _DROPOUTS),
 }
 # The GUI's names of sd-scripts arguments (the GUI has no field of the sd-scripts name).

@@ -74,6 +74,11 @@ class Trainer:
                              "layer's forward, so W + dW would be scaled as well; use attach = bypass")
         if network.config is not None and network.config.network_dropout and config.attach != "bypass":
             raise ValueError("network_dropout: drops adapter activations, which only attach = bypass computes")
+        nonlinear = sorted({a.algorithm for a in network.adapters.values() if not a.linear_in_strength})
+        if config.slider and nonlinear:
+            raise ValueError(f"slider_positive / slider_negative: a slider's -1 must undo its +1, and ComfyUI applies "
+                             f"{' / '.join(t.upper() for t in nonlinear)} at a negative strength as no reverse of the "
+                             "positive (OFT squares the strength); choose lora, loha or lokr for a slider")
         if config.epochs:
             self.config = config = replace(config, steps=self.epoch_steps(config.epochs))
         kind = objective.prediction(model.get_model_object("model_sampling"))
