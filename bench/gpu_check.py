@@ -253,6 +253,7 @@ QUESTIONS = [
     Question("sdxl_budget_4gb", "sdxl", 40, ours_only("sdxl", budget_gb=4.0, compare="sdxl_step_checkpointing")),
     Question("flux_fp8", "flux", 70, ours_only("flux")),
     Question("flux_fp8_budget_10gb", "flux", 50, ours_only("flux", budget_gb=10.0, compare="flux_fp8")),
+    Question("flux_nf4", "flux", 50, ours_only("flux", compare="flux_fp8", base_quantization="nf4")),
     Question("sd15_batch4", "sd15", 40, ours_vs_native("sd15", batch=4)),
     Question("wan21", "wan21", 50, ours_only("wan21")),
     Question("sdxl_cudnn_benchmark", "sdxl", 40,

@@ -153,14 +153,19 @@ ATTACH_MODES = ("bypass", "weights")
 
 
 class BypassForward:
-    """A layer's forward plus its adapter's output: how `attach` patches a layer in bypass mode."""
+    """A layer's forward plus its adapter's output: how `attach` patches a layer in bypass mode. `base`, when set,
+    computes the layer's own output instead of its class's forward (a 4-bit base's)."""
 
     def __init__(self, layer: nn.Module, adapter: Adapter):
         self.layer, self.adapter = layer, adapter
+        self.base = None
 
     def __call__(self, x, *args, **kwargs):
         # The class's forward, not the instance's: a patch left on the layer by another clone is never stacked.
-        out = type(self.layer).forward(self.layer, x, *args, **kwargs)
+        if self.base is not None:
+            out = self.base(x, *args, **kwargs)
+        else:
+            out = type(self.layer).forward(self.layer, x, *args, **kwargs)
         return self.adapter.bypass(self.layer, x, out)
 
 

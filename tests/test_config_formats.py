@@ -316,6 +316,8 @@ def test_onetrainer_config(cf):
         "save_every": 200, "gradient_checkpointing": True, "flip": True}
     assert config.values["dataset"] == {"resolution": 1024, "folder": "/data/dog", "repeats": 3}
     assert config.values["captions"] == {"shuffle_tags": True, "keep_tokens": 2}
+    four_bit = cf.read(json.dumps({**ONETRAINER, "unet": {"train": True, "weight_dtype": "NFLOAT_4"}}), "sdxl.json")
+    assert four_bit.values["training"]["base_quantization"] == "nf4"
     lines = "\n".join(config.unsupported)
     for expected in ("learning_rate_cycles: not supported (our cosine_with_restarts uses 1 cycle)",
                      "sample_after: not supported (every 10 minute: sample_every counts steps)",

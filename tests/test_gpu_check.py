@@ -44,6 +44,10 @@ def test_gpu_check_answers_its_questions_in_order_one_row_at_a_time(tmp_path):
     for budgeted, whole in (("sdxl_budget_4gb", "sdxl_step_checkpointing"), ("flux_fp8_budget_10gb", "flux_fp8")):
         assert by_question[budgeted]["resident_weights_gb"] < by_question[whole]["resident_weights_gb"]
         assert any(r.get("vs") == whole and r["step_time_ratio"] > 0 for r in rows if r["question"] == budgeted)
+    # The 4-bit base beside fp8 on the same model: fewer bytes of weights (norms and biases stay), its step time as a
+    # ratio.
+    assert by_question["flux_nf4"]["weights_gb"] < 0.7 * by_question["flux_fp8"]["weights_gb"]  # smoke: 0.62
+    assert any(r.get("vs") == "flux_fp8" and r["step_time_ratio"] > 0 for r in rows if r["question"] == "flux_nf4")
     profile = next(r for r in rows if r["question"] == "sdxl_profile")
     assert len(profile["top"]) == 15 and profile["aten_ops_per_step"] > 1000 and profile["wall_s_per_step"] > 0
 

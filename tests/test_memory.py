@@ -271,6 +271,58 @@ def test_training_on_an_fp8_base_leaves_it_bit_identical(family_sd15, dtype):
     assert result.validation[-1][1] < 0.9 * base, (base, result.validation)
 
 
+def test_training_on_a_4bit_base_computes_from_nf4_and_leaves_the_model_alone(family_sd15):
+    """base_quantization nf4: while the run trains, every Linear layer holds its weight as bitsandbytes' packed NF4
+    (what the host moves to the device; the plan counts that size), its forward and DoRA's read of the weight
+    dequantize it at each step, the adapter learns, and the model's own weights come back bit-identical."""
+    from lora_foundry.training.engine.evaluation import held_out_loss
+
+    fam, dataset = family_sd15
+    before = _state(fam.model)
+    linears = [m for m in fam.model.model.diffusion_model.modules() if isinstance(m, torch.nn.Linear)]
+    linear_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    seen = []
+
+    def on_step(info):
+        forwards = [vars(m)["forward"] for m in linears]
+        calls = sum(getattr(f, "base", None).calls if hasattr(f, "adapter") else f.calls for f in forwards)
+        seen.append(({m.weight.dtype for m in linears}, calls))
+
+    trainer, result = _train(fam, dataset, network={"dora": True}, steps=12, validation_every=12,
+                             base_quantization="nf4", on_step=on_step)
+    assert [dtypes for dtypes, _ in seen] == [{torch.uint8}] * 12  # every Linear packed in 4 bits at every step
+    calls = [c for _, c in seen]
+    assert calls[0] > 0 and all(b > a for a, b in zip(calls, calls[1:], strict=False))  # dequantized each step
+    plan, saved = trainer.context.plan, trainer.context.quantized
+    assert 0.8 * linear_bytes < saved < 0.9 * linear_bytes  # fp32 -> 4 bits and a scale per 64 values
+    assert plan.weights == fam.model.model_size() - saved
+    after = _state(fam.model)
+    assert before.keys() == after.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(type(vars(m).get("forward")).__name__ in ("NF4Forward", "BypassForward") for m in linears)
+    with torch.inference_mode(False):
+        base = held_out_loss(trainer.step, trainer.network, fam.model, fam.model.load_device)
+    assert result.validation[-1][1] < 0.9 * base, (base, result.validation)
+
+
+def test_a_4bit_base_is_refused_where_it_cannot_run(family_sd15, monkeypatch):
+    """Weight-wrapper attaching cannot compute from 4-bit weights, and a device without bitsandbytes' 4-bit kernels
+    is named before anything is quantized."""
+    import bitsandbytes.functional
+    from lora_foundry.training.engine.quantize import check_device
+
+    fam, dataset = family_sd15
+    with pytest.raises(ValueError, match="base_quantization nf4: .* set attach = bypass"):
+        _train(fam, dataset, steps=1, attach="weights", base_quantization="nf4")
+    check_device(torch.device("cpu"))
+
+    def no_kernel(*args, **kwargs):  # what bitsandbytes raises on a backend it has no 4-bit kernel for
+        raise NotImplementedError("quantize_4bit is not implemented for this device")
+
+    monkeypatch.setattr(bitsandbytes.functional, "quantize_4bit", no_kernel)
+    with pytest.raises(ValueError, match=r"base_quantization nf4: bitsandbytes has no 4-bit kernel for cpu"):
+        _train(fam, dataset, steps=1, base_quantization="nf4")
+
+
 def test_training_dora_on_a_scaled_fp8_base_leaves_it_bit_identical(family_sd15):
     """A scaled-fp8 diffusion model (fp8 weights, a scale per Linear, the `scaled_fp8` marker the host detects): DoRA
     in bypass mode reads each weight as the host computes with it (scale applied), learns, and writes no base weight."""

@@ -607,7 +607,8 @@ def test_multi_resolution_trains_through_the_server(pack, server, tiny_checkpoin
 @pytest.mark.server
 def test_features_through_the_server(pack, server, tiny_checkpoint, concept_dataset, tmp_path):
     """Load Dataset with masks and an empty-prompt prior, Train LoRA with per-block ranks / learning rates, EMA, output
-    preservation and the best checkpoint; then Merge LoRA's post-hoc EMA over the run's checkpoints, all by HTTP."""
+    preservation, a 4-bit base and the best checkpoint; then Merge LoRA's post-hoc EMA over the run's checkpoints, all
+    by HTTP."""
     from lora_foundry.lora_core.ema import gamma_of
     from lora_foundry.lora_core.files import read_safetensors
 
@@ -628,7 +629,7 @@ def test_features_through_the_server(pack, server, tiny_checkpoint, concept_data
          "mask_folder": str(masks), "reg_folder": str(reg), "reg_empty_prompt": True},
         {"output_name": "features", "steps": 6, "save_every": 2, "validation_every": 2, "keep_best": True,
          "ema_decay": 0.5, "mask_floor": 0.1, "block_lrs": lrs, "trigger_word": "sks", "preservation_class": "toy",
-         "preservation_weight": 0.5},
+         "preservation_weight": 0.5, "base_quantization": "nf4"},
         "features_final")
     outputs = server.run(prompt, timeout=600)
     final, _ = read_safetensors(outputs["5"]["text"][0])
@@ -648,6 +649,7 @@ def test_features_through_the_server(pack, server, tiny_checkpoint, concept_data
     assert meta["ss_masked_loss"] == "True" and training["ema_decay"] == 0.5 and training["block_lrs"] == lrs
     assert training["keep_best"] and training["mask_floor"] == 0.1
     assert training["preservation_class"] == "toy" and training["preservation_weight"] == 0.5
+    assert training["base_quantization"] == "nf4"
     assert json.loads(meta["lora_foundry_dataset"]) == {"masks": str(masks), "masked_images": 6,
                                                         "reg_empty_prompt": True}
 

@@ -35,7 +35,11 @@ def layer_op(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.T
 
 
 def host_weight(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's weight as its forward uses it for `x`: cast by the host (fp8, offloaded, patched) when it casts."""
+    """The layer's weight as its forward uses it for `x`: cast by the host (fp8, offloaded, patched) when it casts,
+    dequantized where a patched forward holds it in another form (a 4-bit base: its `base.weight_for`)."""
+    base = getattr(vars(layer).get("forward"), "base", None)
+    if base is not None and hasattr(base, "weight_for"):
+        return base.weight_for(x)
     if hasattr(layer, "comfy_cast_weights"):
         import comfy.ops
 

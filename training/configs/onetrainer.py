@@ -28,6 +28,7 @@ PRECISIONS = {"FLOAT_32": "fp32", "BFLOAT_16": "bf16", "FLOAT_16": "fp16"}
 SAMPLINGS = {"UNIFORM": "uniform", "LOGIT_NORMAL": "logit_normal"}
 PRESETS = {"full": "all", "attn-mlp": "kohya", "attn-only": "attention"}
 FP8 = {"FLOAT_8": "fp8_e4m3fn"}
+NF4 = {"NFLOAT_4": "nf4"}  # OneTrainer's 4-bit weights: our base_quantization
 # The optimizer keys OneTrainer writes whatever the optimizer (null or false: the optimizer's own default).
 OPTIMIZER_ARGS = {"eps": "eps", "momentum": "momentum", "nesterov": "nesterov", "decouple": "decouple",
                   "d_coef": "d_coef", "d0": "d0", "use_bias_correction": "use_bias_correction",
@@ -245,8 +246,10 @@ def _parts(t: Table) -> None:
             table.unsupported("train", "false: the UNet / DiT always trains")
         if str(table.values.get("weight_dtype")) in FP8:
             table.set_from("weight_dtype", "model", "weight_dtype", FP8.get)
+        elif str(table.values.get("weight_dtype")) in NF4:
+            table.set_from("weight_dtype", "training", "base_quantization", NF4.get)
         table.rest({"model_name": "set [model] diffusion_model", "weight_dtype": "the model loads as stored (fp8: "
-                    "FLOAT_8)"}, {"learning_rate": "one learning rate for the "
+                    "FLOAT_8, 4 bits: NFLOAT_4)"}, {"learning_rate": "one learning rate for the "
                    "UNet / DiT: learning_rate"}, {"model_name": "", "learning_rate": None})
     trains = []
     for name in ENCODERS:

@@ -13,6 +13,7 @@ from ..data.captions import CaptionOptions
 from .conditioning import TRAINING_GUIDANCE
 from .objective import LOSSES, TIMESTEP_SAMPLING, TIMESTEP_SHIFTS
 from .optim import OPTIMIZERS, SCHEDULERS, parse_optimizer_args
+from .quantize import QUANTIZATIONS
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LATENT_CACHES = ("memory", "disk")
@@ -120,6 +121,10 @@ class TrainConfig:
     attach: str = setting("bypass", "bypass: each adapter adds its output in the layer's forward, the base weight "
                           "untouched (fp8 and streamed bases); weights: the layer computes with W + dW (can be "
                           "faster for LoHa / LoKr when the model fits).", choices=ATTACH_MODES)
+    base_quantization: str = setting("none", "nf4: the diffusion model's Linear weights held in 4 bits (NF4, "
+                                     "bitsandbytes; QLoRA, OneTrainer's NF4) on the device while the run trains, "
+                                     "computed in the precision above, for cards where even fp8 does not fit; the "
+                                     "model itself is untouched. Needs attach = bypass.", choices=QUANTIZATIONS)
     vram_budget_gb: float = setting(0.0, "Device memory the run may use; 0 = the free memory. Weights that do not "
                                     "fit stay in RAM and stream in at each use (blocks are then checkpointed). The "
                                     "estimate is logged before step 1.", min=0.0, max=1024.0, step=0.5)

@@ -38,6 +38,7 @@ class RunContext:
     train_clip: object = None  # the CLIP clone carrying text-encoder adapters, while they train
     plan: memory.MemoryPlan | None = None  # device memory, estimated before step 1
     streamed: bool = False  # whether some weights stream from RAM in this run
+    quantized: int = 0  # device bytes the 4-bit base (base_quantization) saves on the model's weights
     compute_dtype: torch.dtype | None = None  # what the model computes in, once training runs
     on_step: Callable[[dict], None] | None = None
     resume: Path | None = None

@@ -218,7 +218,7 @@ def load(model, others: list, plan: MemoryPlan) -> bool:
     weights, the rest left in RAM for the host to stream to the device at each use. True when some weights stream."""
     import comfy.model_management as mm
 
-    if plan.budget is None or plan.resident_weights >= model.model_size():
+    if plan.budget is None or plan.resident_weights >= plan.weights:
         mm.load_models_gpu([model, *others], force_full_load=True)
         return False
     if not plan.estimated:

@@ -26,7 +26,7 @@ def plan_memory(run: RunContext) -> memory.MemoryPlan:
 
     def plan() -> memory.MemoryPlan:
         activations, flops, ops = simulate_step(run)
-        return memory.MemoryPlan(patched.model_size(), adapter + encoders, activations, budget,
+        return memory.MemoryPlan(patched.model_size() - run.quantized, adapter + encoders, activations, budget,
                                  blocks.checkpointing, flops, ops)
 
     result = plan()

@@ -38,6 +38,7 @@ from .optim import lora_plus_groups
 from .outputs import RunFiles
 from .planning import plan_memory
 from .preparation import EncodedData
+from .quantize import quantize_base
 from .state import check_resumable
 from .step import TrainingStep
 from .text import TextConditioning
@@ -72,6 +73,9 @@ class Trainer:
         if config.attach == "weights" and getattr(model.model.model_config, "scaled_fp8", None) is not None:
             raise ValueError("attach: this model stores scaled fp8 weights, which the host scales inside each "
                              "layer's forward, so W + dW would be scaled as well; use attach = bypass")
+        if config.base_quantization != "none" and config.attach != "bypass":
+            raise ValueError(f"base_quantization {config.base_quantization}: the 4-bit weights are computed by each "
+                             "layer's forward, where bypass adapters add their output; set attach = bypass")
         if network.config is not None and network.config.network_dropout and config.attach != "bypass":
             raise ValueError("network_dropout: drops adapter activations, which only attach = bypass computes")
         nonlinear = sorted({a.algorithm for a in network.adapters.values() if not a.linear_in_strength})
@@ -132,10 +136,12 @@ class Trainer:
         memory.release([self.vae.patcher] + ([self.clip.patcher] if not train_te and not self.text.changes else []))
         patched, train_clip = self.network.attach(self.model, self.clip if train_te else None, mode=cfg.attach)
         self.text.train_clip = train_clip
+        quantized = quantize_base(patched, patched.load_device) if cfg.base_quantization == "nf4" else 0
         run = self.run_context(patched, train_clip,
                                BlockOptions(checkpointing=cfg.gradient_checkpointing, compiled=cfg.compile_blocks,
                                             recompute_as=self.network.as_now),
                                PRECISIONS[cfg.precision], start)
+        run.quantized = quantized
         trained_encoders = [encoder for name, encoder in text_encoders(train_clip.cond_stage_model).items()
                             if is_trainable_text_encoder(name)] if train_clip is not None else []
         try:
@@ -143,7 +149,7 @@ class Trainer:
                     training_blocks(patched.model.diffusion_model, run.blocks), text_encoder_layers(trained_encoders):
                 run.plan = plan_memory(run)
                 may_stream = run.plan.budget is not None and (
-                    not run.plan.estimated or run.plan.resident_weights < patched.model_size())
+                    not run.plan.estimated or run.plan.resident_weights < run.plan.weights)
                 with memory.synchronous_streaming(may_stream):
                     try:
                         run.streamed = memory.load(patched, run.patchers[1:], run.plan)
