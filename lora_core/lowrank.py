@@ -76,6 +76,26 @@ def change_of(parts: list[tuple[Adapter, float]], shape: tuple[int, ...], device
     return total
 
 
+def stacked_lora(pieces: list[tuple[int, str, Adapter]], shape: tuple[int, ...]) -> LoRA:
+    """One LoRA of a weight of `shape` from LoRAs of row ranges of it [(first row, name, adapter)] (a diffusers Flux
+    LoRA's q, k and v of ComfyUI's fused qkv): up block-diagonal, down stacked, so its dW is exactly each piece's in
+    its rows (rank: the sum of theirs). Raises ValueError naming a piece that is no plain LoRA / LoCon."""
+    total = 0
+    for _, name, adapter in pieces:
+        if not isinstance(adapter, LoRA) or adapter.dora_scale is not None:
+            kind = "DoRA" if adapter.dora_scale is not None else adapter.algorithm
+            raise ValueError(f"{name} is {kind}: only LoRA / LoCon parts of a fused weight are joined exactly")
+        total += adapter.rank
+    up = torch.zeros(shape[0], total)
+    downs, column = [], 0
+    for first, _, adapter in sorted(pieces, key=lambda piece: piece[0]):
+        piece_up, piece_down = scaled_matrices(adapter)
+        up[first:first + piece_up.shape[0], column:column + adapter.rank] = piece_up
+        downs.append(piece_down)
+        column += adapter.rank
+    return LoRA.from_matrices(up, torch.cat(downs), shape)
+
+
 def scaled_matrices(adapter: LoRA) -> tuple[torch.Tensor, torch.Tensor]:
     """up [out, r] with the scale alpha / r folded in, down [r, in * k * k] (a Tucker core folded in), float32."""
     with inference(adapter):

@@ -15,6 +15,7 @@ from .adapters.base import stored_weight
 from .apply import lora_key_map
 from .block_weights import block_of, block_values, layout_of
 from .files import AdapterFileError, factor_problems, read_safetensors, split_modules
+from .lowrank import stacked_lora
 from .settings import check_choices, setting
 from .targets import PRESETS, find_layers, layer_kind, text_encoders
 
@@ -343,7 +344,8 @@ class LoraNetwork(nn.Module):
     @classmethod
     def from_state_dict(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
                         model=None, clip=None) -> LoraNetwork:
-        """Adapters from a file's tensors (kohya, LyCORIS, PEFT or ComfyUI-trainer names).
+        """Adapters from a file's tensors (kohya, LyCORIS, PEFT, diffusers or ComfyUI-trainer names); LoRAs of row
+        ranges of a weight ComfyUI holds fused (diffusers Flux / SD3 q, k, v) are joined into one LoRA of it, exactly.
 
         With `model` / `clip`, each adapter is bound to the host weight it changes and renamed to
         our kohya name for it, ready to `attach` (to resume training) or save. Whatever cannot be
@@ -357,15 +359,19 @@ class LoraNetwork(nn.Module):
         host = _host_layers(model, clip) if bound else {}
         key_map = lora_key_map(model, clip) if bound else {}
         adapters, keys = {}, {}
+        fused: dict[str, list] = {}  # host weight key: [(first row, file module, adapter)] of its row ranges
         for name, parts in sorted(modules.items()):
             key = key_map.get(name)
             try:
                 values = factor_problems(parts)
                 if values:
                     raise ValueError("; ".join(values) + " (the file is damaged: re-download or re-export it)")
-                if bound and isinstance(key, tuple):
-                    raise ValueError(f"changes part of {key[0]}, which ComfyUI holds fused (diffusers q/k/v); "
-                                     "Apply LoRA applies such files, to merge or resize one save it in kohya names")
+                if bound and isinstance(key, tuple):  # rows of a weight ComfyUI holds fused (diffusers q / k / v)
+                    key, (dim, first, size) = key
+                    if dim != 0 or key not in host:
+                        raise ValueError(f"changes part of {key} along dimension {dim}, which no layer here has")
+                    fused.setdefault(key, []).append((first, name, _read_adapter(parts, (size, *host[key][1][1:]))))
+                    continue
                 if bound and key not in host:
                     raise ValueError("no adaptable layer of this model has this name")
                 our_name, shape = host[key] if bound else (name.replace(".", "_"), None)
@@ -375,6 +381,14 @@ class LoraNetwork(nn.Module):
                 continue
             if bound:
                 keys[our_name] = key
+        for key, pieces in fused.items():
+            our_name, shape = host[key]
+            try:
+                if our_name in adapters:
+                    raise ValueError(f"the file also changes {our_name}, the whole fused weight")
+                adapters[our_name], keys[our_name] = stacked_lora(pieces, shape), key
+            except ValueError as e:
+                problems.append(f"{', '.join(name for _, name, _ in pieces)}: {e}")
         if problems:
             shown = "; ".join(problems[:20]) + (f"; ... ({len(problems) - 20} more)" if len(problems) > 20 else "")
             raise ValueError(f"cannot read this adapter file ({len(problems)} problems): {shown}")

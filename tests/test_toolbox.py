@@ -215,6 +215,41 @@ def test_base_dependent_inputs_are_refused_naming_the_module(core, narrow, two_l
         assert "mode 'into model'" in str(error.value)
 
 
+def test_a_diffusers_flux_lora_with_q_k_v_apart_reads_merges_and_resizes_to_what_apply_gives(core, comfy_load):
+    """ai-toolkit / diffusers Flux LoRAs change q, k and v (and a single block's q and MLP rows) apart, where ComfyUI
+    holds one fused weight: each fused weight becomes one LoRA (up block-diagonal, down stacked) whose change is what
+    Apply (the host) gives, and merging and resizing it keep that change, in a file LoraLoader takes."""
+    from harness.families import build_family
+
+    model = build_family("flux").model
+    hidden = 64
+    gen = torch.Generator().manual_seed(21)
+    tensors = {}
+    parts = {**{f"transformer_blocks.0.attn.{p}": hidden for p in ("to_q", "to_k", "to_v", "add_q_proj",
+                                                                     "add_v_proj", "to_out.0")},
+             "single_transformer_blocks.0.attn.to_q": hidden, "single_transformer_blocks.0.proj_mlp": 4 * hidden}
+    for rank, (part, rows) in enumerate(parts.items(), start=2):  # PEFT names, no alpha: scale 1
+        tensors[f"transformer.{part}.lora_A.weight"] = torch.randn(rank % 3 + 1, hidden, generator=gen) * 0.2
+        tensors[f"transformer.{part}.lora_B.weight"] = torch.randn(rows, rank % 3 + 1, generator=gen) * 0.2
+    applied, _, report = core.apply.apply_lora(model, None, tensors)
+    assert report.ok, report.summary()
+    read = core.Network.from_state_dict(tensors, model=model)
+    fused = {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv",
+             "lora_unet_single_blocks_0_linear1"}
+    assert fused < set(read.adapters) and len(read.adapters) == 4  # the out projection is a whole weight
+    base = model.model.state_dict()
+    keys = list(read.weight_keys.values())
+    change = {k: w - base[k].float() for k, w in comfy_weights(applied, keys).items()}
+    for name, key in read.weight_keys.items():
+        assert rel(read.adapters[name].delta().reshape(change[key].shape), change[key]) < 1e-5, name
+    resized, _ = core.resize.resize_lora(read, core.ranks.RankRule(16))
+    merged, _ = core.merge.merge_exact([(read, 0.5)], core.ranks.RankRule(16))
+    for network, ratio, name in ((resized, 1.0, "flux-resized"), (merged, 0.5, "flux-merged")):
+        loaded, _ = comfy_load(model, None, network, name)
+        for key, weight in comfy_weights(loaded, keys).items():
+            assert rel(weight - base[key].float(), ratio * change[key]) < 1e-4, (name, key)
+
+
 # --- merge into a model ----------------------------------------------------------------------
 
 def test_merge_into_model_equals_chained_loaders_and_saves_that_checkpoint(core, comfy_load, inputs, tmp_path):
