@@ -51,7 +51,7 @@ def pytest_configure(config):
 # The longest modules on a quiet 2-core machine (one worker each, seconds), longest first; the rest follow in their
 # collection order. Scheduled so, the short modules fill in at the end and both workers finish together.
 LONG_MODULES = ("test_mutants", "test_browser", "test_train", "test_memory", "test_training_features", "test_faults",
-                "test_configs", "test_gpu_check", "test_workflows", "test_families", "test_stack")
+                "test_configs", "test_gpu_check", "test_workflows", "test_families", "test_video", "test_stack")
 
 
 def pytest_collection_modifyitems(config, items):
