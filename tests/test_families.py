@@ -24,7 +24,7 @@ ARCHITECTURES = {
     "sd15": ("stable-diffusion-v1", "sd_v1"), "sd2v": ("stable-diffusion-v2-768-v", "sd_v2"),
     "sdxl": ("stable-diffusion-xl-v1-base", "sdxl_base_v1-0"), "sd3": ("stable-diffusion-3-medium", "sd3"),
     "flux": ("flux-1-dev", "flux1"), "chroma": ("chroma", "chroma"), "qwen_image": ("qwen-image", "qwen_image"),
-    "zimage": ("z-image", "z_image"), "wan21": ("wan2.1-t2v", "wan21"),
+    "zimage": ("z-image", "z_image"), "wan21": ("wan2.1-t2v", "wan21"), "wan22_5b": ("wan2.2-t2v", "wan22"),
 }
 CLIP_FAMILIES = {"sd15", "sd2v", "sdxl", "sd3", "flux"}  # families whose text encoders include a CLIP
 
@@ -181,7 +181,7 @@ def test_family_gets_the_inputs_comfyui_gives_it(family, dataset_dir, comfy_node
         assert float(got["guidance"].flatten()[0]) == 1.0
 
 
-FLOW_FAMILIES = {"sd3", "flux", "chroma", "qwen_image", "zimage", "wan21"}
+FLOW_FAMILIES = {"sd3", "flux", "chroma", "qwen_image", "zimage", "wan21", "wan22_5b"}
 
 
 def test_auto_timestep_sampling_is_the_familys(family, dataset_dir):
@@ -296,7 +296,7 @@ def test_a_prediction_we_do_not_train_is_named(pack, dataset_dir):
 
 
 DIT_LISTS = {"sd3": ["J"], "flux": ["D", "S"], "chroma": ["D", "S"], "qwen_image": ["T"], "zimage": ["N", "C", "L"],
-             "wan21": ["B"]}
+             "wan21": ["B"], "wan22_5b": ["B"]}
 
 
 @pytest.mark.parametrize("name", sorted(DIT_LISTS))

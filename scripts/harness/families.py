@@ -22,7 +22,7 @@ from .fixtures import build_taesd, build_unet, init_weights_
 if TYPE_CHECKING:
     import torch
 
-FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "chroma", "qwen_image", "zimage", "wan21")
+FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "chroma", "qwen_image", "zimage", "wan21", "wan22_5b")
 IMAGE_CONDITIONED = ("wan21_i2v",)  # families conditioned on an image as well (issue 16's tests)
 
 # A CLIP text model of width 64; three layers since SDXL and SD3 take the penultimate one.
@@ -203,6 +203,31 @@ def _wan21_vae(seed: int, dim: int = 8):
                                       temperal_downsample=[False, True, True], dropout=0.0)
     init_module_(module, seed + 2, std=0.05)
     return comfy.sd.VAE(sd=module.state_dict(), dtype=torch.float32)
+
+
+def _wan22_vae(seed: int, dim: int = 8):
+    """The Wan 2.2 VAE (48 channels, 16x spatial, 4x temporal) at base width `dim`, wrapped as comfy.sd.VAE wraps a
+    Wan 2.2 file. The host fixes that config at the real width (dim 160: 705M parameters), so the wrapper starts
+    from a small Wan 2.1 one and takes the host's Wan 2.2 module and the ratios comfy.sd.VAE sets for it."""
+    import math
+
+    import comfy.ldm.wan.vae2_2
+    import comfy.model_management
+    import comfy.model_patcher
+    import torch
+
+    vae = _wan21_vae(seed, dim)
+    module = comfy.ldm.wan.vae2_2.WanVAE(dim=dim, dec_dim=dim, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                         attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)
+    init_module_(module, seed + 2, std=0.05)
+    vae.first_stage_model = module.eval().to(torch.float32)
+    vae.latent_channels = 48
+    vae.upscale_ratio, vae.upscale_index_formula = (lambda a: max(0, a * 4 - 3), 16, 16), (4, 16, 16)
+    vae.downscale_ratio = (lambda a: max(0, math.floor((a + 3) / 4)), 16, 16)
+    vae.downscale_index_formula = (4, 16, 16)
+    vae.patcher = comfy.model_patcher.ModelPatcher(module, load_device=vae.device,
+                                                   offload_device=comfy.model_management.vae_offload_device())
+    return vae
 
 
 # --- families -----------------------------------------------------------------------------
@@ -427,9 +452,21 @@ def _build_wan21_i2v(seed: int) -> Family:
                   "projection unused (no clip_vision_output, as WanImageToVideo without one)")
 
 
+def _build_wan22_5b(seed: int) -> Family:
+    import comfy.supported_models
+
+    # Wan 2.2 TI2V 5B: the Wan model on the Wan 2.2 VAE's 48 channels (text-to-video here: no start image).
+    config = _wan21_config(in_dim=48, out_dim=48)
+    model = _patcher(_new_model(comfy.supported_models.WAN22_T2V, config, seed))
+    return Family("wan22_5b", model, _wan_text_encoder(seed), _wan22_vae(seed), 48, True, "",
+                  "built directly (as wan21: detection would fix the real widths); Wan 2.2 TI2V 5B at dim 64, 2 heads, "
+                  "2 blocks, 48 latent channels in and out (the host's WAN22 model: its image goes in through "
+                  "denoise_mask, none here); UMT5 as wan21; the host's Wan 2.2 VAE module at width 8 (16x spatial)")
+
+
 _BUILDERS = {"sd15": _build_sd15, "sd2v": _build_sd2v, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux,
              "chroma": _build_chroma, "qwen_image": _build_qwen_image, "zimage": _build_zimage, "wan21": _build_wan21,
-             "wan21_i2v": _build_wan21_i2v}
+             "wan21_i2v": _build_wan21_i2v, "wan22_5b": _build_wan22_5b}
 
 
 # --- files for a server ---------------------------------------------------------------------
