@@ -30,20 +30,9 @@ def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
     return (eye + q) @ torch.linalg.inv((eye - q).float()).to(q.dtype)
 
 
-def butterfly_factorization(dim: int, factor: int) -> tuple[int, int] | None:
-    """(block size b, block count n) with b * n = dim, b even and <= max(factor, 2), n a power of two; the
-    largest such b, or None when dim has no such split."""
-    best = None
-    for b in range(2, max(factor, 2) + 1, 2):
-        n, rest = divmod(dim, b)
-        if rest == 0 and n & (n - 1) == 0:
-            best = (b, n)
-    return best
-
-
-def _least_block(dim: int) -> int | None:
-    """The smallest even block size that splits `dim` into a power-of-two count of blocks, or None (odd `dim`)."""
-    return next((b for b in range(2, dim + 1, 2) if dim % b == 0 and (dim // b) & (dim // b - 1) == 0), None)
+def butterfly_splits(dim: int) -> list[tuple[int, int]]:
+    """Every (block size b, block count n) with b * n = dim, b even and n a power of two, smallest b first."""
+    return [(b, dim // b) for b in range(2, dim + 1, 2) if dim % b == 0 and (dim // b) & (dim // b - 1) == 0]
 
 
 class OrthogonalAdapter(Adapter):
@@ -82,9 +71,16 @@ class OrthogonalAdapter(Adapter):
     def out_dim(self) -> int:
         raise NotImplementedError
 
-    def rotate_rows(self, rows: torch.Tensor, strength: float) -> torch.Tensor:
-        """`rows` [out, ...] turned by the stages at `strength` (ComfyUI's form), rescaled."""
+    def turn(self, rows: torch.Tensor, strength: float) -> torch.Tensor:
+        """`rows` [out, ...] turned by the rotation at `strength` (ComfyUI's form)."""
         raise NotImplementedError
+
+    def rotate_rows(self, rows: torch.Tensor, strength: float) -> torch.Tensor:
+        """`rows` turned, then each scaled by its `rescale` where the file has one."""
+        turned = self.turn(rows, strength)
+        if self.rescale is None:
+            return turned
+        return turned * self.rescale.reshape(-1, *[1] * (rows.dim() - 1)).to(rows)
 
     def delta(self):
         raise ValueError(f"{self.algorithm.upper()} has no change without its base weight (it turns the weight's "
@@ -159,12 +155,10 @@ class OFT(OrthogonalAdapter):
     def outer(self, strength):
         return strength * strength  # ComfyUI scales R - I by s, then the change by s again
 
-    def rotate_rows(self, rows, strength):
+    def turn(self, rows, strength):
         r = cayley(self.oft_blocks, self.alpha).to(rows.dtype)
         n, b, _ = self.oft_blocks.shape
-        turned = torch.einsum("k n m, k n ... -> k m ...", r, rows.unflatten(0, (n, b))).flatten(0, 1)
-        return turned * self.rescale.reshape(-1, *[1] * (rows.dim() - 1)).to(rows) if self.rescale is not None \
-            else turned
+        return torch.einsum("k n m, k n ... -> k m ...", r, rows.unflatten(0, (n, b))).flatten(0, 1)
 
     @classmethod
     def from_factors(cls, tensors, shape=None):
@@ -179,14 +173,14 @@ class BOFT(OrthogonalAdapter):
     @classmethod
     def create(cls, weight, rank, alpha, **options):
         dim = weight.shape[0]
-        split = butterfly_factorization(dim, rank)
-        if split is None:
-            least = _least_block(dim)
+        splits = butterfly_splits(dim)
+        fitting = [split for split in splits if split[0] <= max(rank, 2)]
+        if not fitting:
             raise ValueError(
                 f"BOFT splits the {dim} outputs into blocks of an even size <= rank whose count is a power of two; "
-                + (f"this layer needs rank {least} or more" if least else "an odd width cannot be split")
+                + (f"this layer needs rank {splits[0][0]} or more" if splits else "an odd width cannot be split")
                 + " (or use OFT, or exclude the layer)")
-        b, n = split
+        b, n = fitting[-1]  # the largest block the rank allows
         stages = n.bit_length()  # log2(n) + 1
         return cls(torch.zeros(stages, n, b, b), weight.shape, alpha, **options)
 
@@ -194,7 +188,7 @@ class BOFT(OrthogonalAdapter):
     def out_dim(self) -> int:
         return self.oft_blocks.shape[1] * self.oft_blocks.shape[2]
 
-    def rotate_rows(self, rows, strength):
+    def turn(self, rows, strength):
         r = cayley(self.oft_blocks, self.alpha).to(rows.dtype)
         b = self.oft_blocks.shape[-1]
         eye = torch.eye(b, device=rows.device, dtype=rows.dtype)
@@ -207,8 +201,7 @@ class BOFT(OrthogonalAdapter):
             grouped = turned.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
             grouped = torch.einsum("b i j, b j ... -> b i ...", stage, grouped)
             turned = grouped.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
-        return turned * self.rescale.reshape(-1, *[1] * (rows.dim() - 1)).to(rows) if self.rescale is not None \
-            else turned
+        return turned
 
     @classmethod
     def from_factors(cls, tensors, shape=None):

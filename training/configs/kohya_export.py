@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...lora_core.metadata import LYCORIS_ALGOS
 from ...lora_core.settings import declared, default_of
 from .kohya_families import (
     FAMILY_ONLY,
@@ -166,7 +167,7 @@ def _network_out(w: _Writer) -> None:
 
 def _lycoris_out(w: _Writer, algorithm: str, targets: str, conv_rank: int | None, conv_alpha: float | None) -> None:
     w.args["network_module"] = "lycoris.kohya"
-    w.network_args["algo"] = {"lora": "locon", "oft": "diag-oft"}.get(algorithm, algorithm)
+    w.network_args["algo"] = "locon" if algorithm == "lora" else LYCORIS_ALGOS.get(algorithm, algorithm)
     w.network_args["preset"] = LYCORIS_PRESETS_OUT[targets]
     if targets == "locon":
         w.notes.append("targets locon: LyCORIS has no such preset; full also adapts conv_in, conv_out and the time "

@@ -24,7 +24,6 @@ class NF4Forward:
 
     def __init__(self, layer: nn.Module, state):
         self.layer, self.state = layer, state
-        self.calls = 0  # dequantizations so far (tests read it)
 
     def weight_for(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's weight dequantized on `x`'s device in its dtype (what adapters reading the weight get)."""
@@ -35,7 +34,6 @@ class NF4Forward:
             packed = packed.to(x.device)
         if self.state.absmax.device != x.device:
             self.state.to(x.device)  # its scales follow it once
-        self.calls += 1
         return dequantize_4bit(packed, self.state).to(x.dtype)
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
