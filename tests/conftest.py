@@ -35,8 +35,7 @@ def pytest_configure(config):
     chosen = [Path(arg.split("::")[0]).resolve() for arg in config.args]
     if not any(path == TOYWORLD_TESTS or path in TOYWORLD_TESTS.parents for path in chosen):
         return
-    from toyworld import flow, pretrain
-    from toyworld.judge import train_judge
+    from toyworld.prepare import prepare
 
     capture = config.pluginmanager.getplugin("capturemanager")
 
@@ -44,25 +43,23 @@ def pytest_configure(config):
         with capture.global_and_fixture_disabled():
             print(message, flush=True)
 
-    for make in (pretrain.pretrain, flow.pretrain):
-        train_judge(make(0, log=log), 0, log=log)
+    prepare(0, log=log)
 
 
-# The longest modules on a quiet 2-core machine (one worker each, seconds), longest first; the rest follow in their
-# collection order. Scheduled so, the short modules fill in at the end and both workers finish together.
-LONG_MODULES = ("test_mutants", "test_browser", "test_train", "test_memory", "test_training_features", "test_faults",
-                "test_configs", "test_gpu_check", "test_workflows", "test_families", "test_video", "test_stack")
+# The longest work on a quiet 2-core machine (one worker each), longest first: the toy-world classes (minutes each,
+# their bases made before the workers start), then modules; the rest follow in their collection order. Scheduled so,
+# the short modules fill in at the end and both workers finish together.
+LONG_WORK = ("TestSD15", "TestSD3", "test_mutants", "test_browser", "test_train", "test_memory",
+             "test_training_features", "test_faults", "test_configs", "test_gpu_check", "test_workflows", "test_families",
+             "test_video", "test_stack")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The toy-world classes (minutes each) come first, then the long modules, longest first: with --dist loadscope
-    (a module, or a class, per worker) and no reordering, the longest work starts at once and the short modules fill
-    in behind it."""
+    """The long work first, longest first: with --dist loadscope (a module, or a class, per worker) and no
+    reordering, the longest work starts at once and the short modules fill in behind it."""
     def rank(item) -> int:
-        if item.get_closest_marker("toyworld"):
-            return 0
-        module = Path(str(item.fspath)).stem
-        return 1 + LONG_MODULES.index(module) if module in LONG_MODULES else 1 + len(LONG_MODULES)
+        name = item.cls.__name__ if item.get_closest_marker("toyworld") else Path(str(item.fspath)).stem
+        return LONG_WORK.index(name) if name in LONG_WORK else len(LONG_WORK)
 
     items.sort(key=rank)
 

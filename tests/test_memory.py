@@ -455,7 +455,10 @@ def test_previews_keep_the_planned_residency(family_sd15):
     assert not any(vae for _, vae, _ in seen), seen
 
 
-def test_memory_plan_matches_what_a_step_allocates(family_sd15):
+@pytest.mark.parametrize("checkpointing, preservation, slider", [
+    (False, "", False), (True, "", False), (False, "toy", False), (False, "", True)],
+    ids=["plain", "checkpointed", "preservation", "slider"])
+def test_memory_plan_matches_what_a_step_allocates(family_sd15, checkpointing, preservation, slider):
     """The plan's simulated step against the CPU allocator's own record of a real run (torch.profiler); also with
     output preservation, whose second graph lives until the backward pass, and a concept slider (two graphs: +1, -1)."""
     from lora_foundry.training.data.captions import SliderSides
@@ -463,27 +466,25 @@ def test_memory_plan_matches_what_a_step_allocates(family_sd15):
 
     fam, dataset = family_sd15
     trainer, _ = _train(fam, dataset, steps=1)  # latents and captions encoded, out of the measured run
-    for checkpointing, preservation, slider in ((False, "", False), (True, "", False), (False, "toy", False),
-                                                (False, "", True)):
-        trainer.config.gradient_checkpointing = checkpointing
-        trainer.config.preservation_class = preservation  # no trigger word: the class captions are the captions
-        trainer.config.slider_positive, trainer.config.slider_negative = ("red", "blue") if slider else ("", "")
-        trainer.text.slider = SliderSides("red", "blue") if slider else None
-        trainer.config.steps = 1
-        trainer.network = trainer.step.network = type(trainer.network).create(trainer.network.config, fam.model)
-        with torch.inference_mode(False), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            trainer.run()
-        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns())
-        live = peak = 0
-        for event in events:
-            live += event.nbytes()
-            peak = max(peak, live)
-        params = trainer.network.num_params() * 4
-        planned = trainer.context.plan.activations + trainer.context.plan.adapter - params  # parameters exist before the run
-        assert trainer.context.plan.checkpointing == checkpointing
-        assert 0.75 * peak <= planned <= 1.25 * peak, (checkpointing, preservation, slider, planned, peak,
-                                                        trainer.context.plan)
+    trainer.config.gradient_checkpointing = checkpointing
+    trainer.config.preservation_class = preservation  # no trigger word: the class captions are the captions
+    trainer.config.slider_positive, trainer.config.slider_negative = ("red", "blue") if slider else ("", "")
+    trainer.text.slider = SliderSides("red", "blue") if slider else None
+    trainer.config.steps = 1
+    trainer.network = trainer.step.network = type(trainer.network).create(trainer.network.config, fam.model)
+    with torch.inference_mode(False), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer.run()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    params = trainer.network.num_params() * 4
+    planned = trainer.context.plan.activations + trainer.context.plan.adapter - params  # parameters exist before the run
+    assert trainer.context.plan.checkpointing == checkpointing
+    assert 0.75 * peak <= planned <= 1.25 * peak, (checkpointing, preservation, slider, planned, peak,
+                                                    trainer.context.plan)
 
 
 def test_vae_and_cached_text_encoder_leave_the_device_before_training(family_sd15):

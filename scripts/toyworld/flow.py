@@ -22,7 +22,7 @@ from harness import fixtures
 from harness.comfy import setup_inprocess
 
 from . import VERSION, world
-from .pretrain import base_parts, cache_dir, fixed_threads, optimise, save_base, training_images
+from .pretrain import base_parts, cache_dir, fixed_threads, made_once, optimise, save_base, training_images
 
 CHANNELS = 16
 SD3_SCALE, SD3_SHIFT = 1.5305, 0.0609  # comfy.latent_formats.SD3
@@ -138,8 +138,13 @@ def train_flow(model, latents, cond_index, conds, pooled, cfg: FlowConfig, seed:
 def pretrain(seed: int = 0, config: FlowConfig = DEFAULT, force: bool = False, log=print) -> Path:
     """The cached flow base checkpoint for `seed`, pretrained now if it is not on disk."""
     path = checkpoint_path(seed, config)
-    if path.exists() and not force:
-        return path
+    with made_once(path):
+        if not path.exists() or force:
+            _pretrain(path, seed, config, log)
+    return path
+
+
+def _pretrain(path: Path, seed: int, config: FlowConfig, log) -> None:
     setup_inprocess()
     import torch
 
@@ -158,7 +163,7 @@ def pretrain(seed: int = 0, config: FlowConfig = DEFAULT, force: bool = False, l
     losses = train_flow(model, latents, cond_index, conds, pooled, config, seed, log)
     unet_sd = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
     info = {"version": VERSION, "family": "sd3", "seed": seed, "config": asdict(config), "latent_stats": stats}
-    return save_base(path, checkpoint_dict(unet_sd, clip_sd, vae_sd), info, losses, started, "toy world (flow)", log)
+    save_base(path, checkpoint_dict(unet_sd, clip_sd, vae_sd), info, losses, started, "toy world (flow)", log)
 
 
 def main() -> None:

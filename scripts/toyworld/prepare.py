@@ -1,0 +1,29 @@
+"""Make both toy bases and their judges (each cached once): what the toy-world tests and the main job read.
+
+Usage (from scripts/): ../.venv/bin/python -m toyworld.prepare [--seed 0]
+
+The test controller runs it under pytest-xdist before the workers start; any process wanting a base or judge that
+another is making waits for it (pretrain.made_once) instead of making it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def prepare(seed: int = 0, log=print) -> None:
+    from . import flow, pretrain
+    from .judge import train_judge
+
+    for make in (pretrain.pretrain, flow.pretrain):
+        train_judge(make(seed, log=log), seed, log=log)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    prepare(parser.parse_args().seed, log=lambda m: print(m, flush=True))
+
+
+if __name__ == "__main__":
+    main()
