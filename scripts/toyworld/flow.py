@@ -22,7 +22,7 @@ from harness import fixtures
 from harness.comfy import setup_inprocess
 
 from . import VERSION, world
-from .pretrain import base_parts, cache_dir, fixed_threads, made_once, optimise, save_base, training_images
+from .pretrain import base_parts, cache_dir, fixed_threads, optimise, save_base, training_images
 
 CHANNELS = 16
 SD3_SCALE, SD3_SHIFT = 1.5305, 0.0609  # comfy.latent_formats.SD3
@@ -138,13 +138,8 @@ def train_flow(model, latents, cond_index, conds, pooled, cfg: FlowConfig, seed:
 def pretrain(seed: int = 0, config: FlowConfig = DEFAULT, force: bool = False, log=print) -> Path:
     """The cached flow base checkpoint for `seed`, pretrained now if it is not on disk."""
     path = checkpoint_path(seed, config)
-    with made_once(path):
-        if not path.exists() or force:
-            _pretrain(path, seed, config, log)
-    return path
-
-
-def _pretrain(path: Path, seed: int, config: FlowConfig, log) -> None:
+    if path.exists() and not force:
+        return path
     setup_inprocess()
     import torch
 
@@ -163,7 +158,7 @@ def _pretrain(path: Path, seed: int, config: FlowConfig, log) -> None:
     losses = train_flow(model, latents, cond_index, conds, pooled, config, seed, log)
     unet_sd = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
     info = {"version": VERSION, "family": "sd3", "seed": seed, "config": asdict(config), "latent_stats": stats}
-    save_base(path, checkpoint_dict(unet_sd, clip_sd, vae_sd), info, losses, started, "toy world (flow)", log)
+    return save_base(path, checkpoint_dict(unet_sd, clip_sd, vae_sd), info, losses, started, "toy world (flow)", log)
 
 
 def main() -> None:

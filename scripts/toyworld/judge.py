@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import VERSION, world
-from .pretrain import fixed_threads, made_once
+from .pretrain import fixed_threads
 
 HEADS = {"colour": world.COLOUR_NAMES, "shape": world.SHAPES, "background": world.COLOUR_NAMES}
 
@@ -124,33 +124,24 @@ def train_judge(checkpoint: Path, seed: int = 0, steps: int = 400, count: int = 
                 held_out: int = 256, log=print) -> Judge:
     """Train a judge for the VAE of `checkpoint` on `count` clean and `decoded` VAE-decoded images.
 
-    Cached beside the checkpoint (made once, as the bases are); the cached one is loaded. Its held-out accuracy is in
-    `Judge.accuracy`.
+    Cached beside the checkpoint; a cached one is loaded. Its held-out accuracy is in `Judge.accuracy`.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = judge_path(checkpoint, seed)
-    with made_once(path):
-        if not path.exists():
-            _train(checkpoint, path, seed, steps, count, decoded, held_out, log)
-    torch.manual_seed(seed)  # the same judge in every process, whatever ran before
-    net = JudgeNet()
-    with safe_open(str(path), "pt") as f:
-        accuracy = {k: float(v) for k, v in f.metadata().items()}
-    net.load_state_dict(load_file(str(path)))
-    return Judge(net, accuracy)
-
-
-def _train(checkpoint: Path, path: Path, seed: int, steps: int, count: int, decoded: int, held_out: int,
-           log) -> None:
     from harness import fixtures
     from harness.comfy import setup_inprocess
+    from safetensors.torch import load_file
 
     from .pretrain import to_pixels
 
-    torch.manual_seed(seed)
+    path = judge_path(checkpoint, seed)
+    torch.manual_seed(seed)  # the same judge in every process, whatever ran before
     net = JudgeNet()
+    if path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            accuracy = {k: float(v) for k, v in f.metadata().items()}
+        net.load_state_dict(load_file(str(path)))
+        return Judge(net, accuracy)
     setup_inprocess()
     import comfy.sd
 
@@ -177,5 +168,7 @@ def _train(checkpoint: Path, path: Path, seed: int, steps: int, count: int, deco
     rest = scenes[count + decoded:]
     accuracy = {f"clean_{k}": v for k, v in judge.score(clean[count + decoded:], rest).items()}
     accuracy.update({f"vae_{k}": v for k, v in judge.score(through_vae[decoded:], rest).items()})
+    judge.accuracy = accuracy
     fixtures._save_atomic(net.state_dict(), path, metadata={k: str(v) for k, v in accuracy.items()})
     log(f"  judge trained in {time.monotonic() - started:.0f}s; held-out accuracy {accuracy}")
+    return judge

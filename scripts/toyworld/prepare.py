@@ -2,8 +2,7 @@
 
 Usage (from scripts/): ../.venv/bin/python -m toyworld.prepare [--seed 0]
 
-The test controller runs it under pytest-xdist before the workers start; any process wanting a base or judge that
-another is making waits for it (pretrain.made_once) instead of making it again.
+The test controller runs it under pytest-xdist before the workers start.
 """
 
 from __future__ import annotations
