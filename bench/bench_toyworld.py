@@ -1,12 +1,17 @@
-"""The toy world's concept, learned by our example workflow and by ComfyUI's native TrainLoraNode.
+"""Steps to the concept: the toy world's concept learned by our example workflow and by ComfyUI's native
+TrainLoraNode, scored at several step budgets.
 
-Usage: .venv/bin/python bench/bench_toyworld.py [--family sd15|sd3] [--seed 0]
+Usage: .venv/bin/python bench/bench_toyworld.py [--family sd15|sd3] [--seed 0] [--budgets 25,50,100,200]
+                                                [--variants example,lora+16,...] [--no-native]
 
-Both train on the same images (the concept, repeated as its kohya folder says, plus the prior
-images) with the example workflow's steps, rank, learning rate and batch size; ours runs as the
-example workflow through a real server, native in this process. Both LoRAs are then sampled through
-the same server and read by the toy world's judge. Prints the scores side by side and writes them
-to out/bench_toyworld.json.
+Ours runs as the example workflow through a real server, once to the largest budget with a checkpoint at every
+budget (its learning rate is constant and nothing in a step depends on the run's length, so the checkpoint of step
+50 is the adapter a 50-step run writes); `--variants` changes its settings (VARIANTS below; `example` is the
+workflow as shipped). Native trains in this process on the same images (the concept, repeated as its kohya folder
+says, plus the prior images) with the example's rank, learning rate and batch, once per budget. Every LoRA is
+sampled through the same server and read by the toy world's judge: the concept with the trigger (16 samples), the
+nine control prompts (8 each) against the base, and the bleed (control samples drawn with the concept's shape).
+Prints a table, writes out/bench_toyworld_<family>.json and a plot, out/bench_toyworld_<family>.png.
 """
 
 from __future__ import annotations
@@ -20,8 +25,30 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "scripts"))
+# TrainLoraNode's per-step progress bar would bury the table; tqdm reads this when it is imported.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 WIDGETS = {"rank": 3, "steps": 7, "learning_rate": 8, "batch_size": 9, "seed": 13}
+# Our settings tried against the example's (Train LoRA's inputs): what users tune for fast learning.
+VARIANTS = {
+    "example": {},
+    "lr 2e-3": {"learning_rate": 2e-3},
+    "lr 4e-3": {"learning_rate": 4e-3},
+    "lora+ 4": {"lora_plus_ratio": 4.0},
+    "lora+ 16": {"lora_plus_ratio": 16.0},
+    "prodigy": {"optimizer": "Prodigy", "learning_rate": 1.0},
+    "min-snr off": {"min_snr_gamma": 0.0},
+    "alpha 16": {"alpha": 16.0},
+    "caption dropout 0.1": {"caption_dropout": 0.1},
+    "noise offset 0.1": {"noise_offset": 0.1},
+    "alpha 16 + noise offset 0.1": {"alpha": 16.0, "noise_offset": 0.1},
+    "prodigy + noise offset 0.1": {"optimizer": "Prodigy", "learning_rate": 1.0, "noise_offset": 0.1},
+    "logit-normal": {"timestep_sampling": "logit_normal"},
+    "logit-normal + noise offset 0.1": {"timestep_sampling": "logit_normal", "noise_offset": 0.1},
+    "logit-normal + alpha 16": {"timestep_sampling": "logit_normal", "alpha": 16.0},
+    "logit-normal + alpha 16 + noise offset 0.1": {"timestep_sampling": "logit_normal", "alpha": 16.0,
+                                                   "noise_offset": 0.1},
+}
 
 
 def example_settings() -> dict:
@@ -43,21 +70,18 @@ def dataset_items(concept: Path, prior: Path) -> list[tuple[Path, str]]:
     return [(item.path, item.caption) for item in dataset.items for _ in range(item.repeats)]
 
 
-def train_native(checkpoint: Path, concept: Path, prior: Path, settings: dict) -> tuple[dict, float]:
-    """ComfyUI's TrainLoraNode on the same data; returns (its LoRA state dict, seconds)."""
+def native_inputs(checkpoint: Path, concept: Path, prior: Path) -> tuple:
+    """The base model and TrainLoraNode's latents and positive conditioning for the dataset, computed once."""
     import comfy.sd
     import torch
-    from comfy_extras.nodes_train import TrainLoraNode
+    from PIL import Image
     from toyworld.pretrain import to_pixels
 
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint))
-    items = dataset_items(concept, prior)
-    from PIL import Image
-
     cache: dict = {}
     latents, positive = [], []
     with torch.no_grad():  # frozen inputs: no graph back into the VAE or the text encoder
-        for image, caption in items:
+        for image, caption in dataset_items(concept, prior):
             if image not in cache:
                 with Image.open(image) as img:
                     cache[image] = vae.encode(to_pixels([img.convert("RGB")]).permute(0, 2, 3, 1))
@@ -66,11 +90,20 @@ def train_native(checkpoint: Path, concept: Path, prior: Path, settings: dict) -
             latents.append({"samples": cache[image]})
             cond, pooled = cache[caption]
             positive.append([[cond, {"pooled_output": pooled}]])
+    return model, latents, positive
+
+
+def train_native(inputs: tuple, settings: dict, steps: int) -> tuple[dict, float]:
+    """ComfyUI's TrainLoraNode for `steps`; returns (its LoRA state dict, seconds)."""
+    import torch
+    from comfy_extras.nodes_train import TrainLoraNode
+
+    model, latents, positive = inputs
     start = time.perf_counter()
     with torch.inference_mode(False):
         out = TrainLoraNode.execute(
             model=[model], latents=latents, positive=positive, batch_size=[settings["batch_size"]],
-            steps=[settings["steps"]], grad_accumulation_steps=[1], learning_rate=[settings["learning_rate"]],
+            steps=[steps], grad_accumulation_steps=[1], learning_rate=[settings["learning_rate"]],
             rank=[settings["rank"]], optimizer=["AdamW"], loss_function=["MSE"], seed=[settings["seed"]],
             training_dtype=["fp32"], lora_dtype=["fp32"], algorithm=["LoRA"], gradient_checkpointing=[False],
             existing_lora=["[None]"])
@@ -78,17 +111,95 @@ def train_native(checkpoint: Path, concept: Path, prior: Path, settings: dict) -
     return {k: v.detach().clone().contiguous() for k, v in out.result[1].items()}, seconds
 
 
+def train_ours(server, checkpoint: Path, data: dict, name: str, budgets: list[int],
+               settings: dict) -> tuple[dict[int, Path], float]:
+    """The example workflow to the largest budget under `name`, `settings` over its Train LoRA inputs, a checkpoint
+    at every budget; returns ({steps: file}, seconds of the whole prompt)."""
+    from harness.workflow import to_api_prompt
+    from main_job import PRIOR_NAME, example_workflow, install_dataset
+
+    install_dataset(server, data["concept"])
+    install_dataset(server, data["prior"], PRIOR_NAME)
+    prompt = to_api_prompt(example_workflow(checkpoint.name, reg_folder=PRIOR_NAME), server.object_info())
+    step_size = budgets[0]
+    if any(b % step_size for b in budgets):
+        raise ValueError(f"every budget must be a multiple of the first: {budgets}")
+    for node in prompt.values():
+        if node["class_type"] == "LoraFoundryTrainLoRA":
+            node["inputs"].update({"output_name": name, "steps": budgets[-1], "save_every": step_size, **settings})
+    started = time.perf_counter()
+    server.run(prompt, timeout=3600)
+    seconds = time.perf_counter() - started
+    loras = server.base_dir / "models" / "loras"
+    files = {b: next(loras.rglob(f"{name}-step{b:06d}.safetensors")) for b in budgets}
+    return files, seconds
+
+
+def steps_to_concept(curve: dict[int, dict]) -> int | None:
+    """The first budget from which on every budget passes the bar (concept >= 0.8 each part, no leakage)."""
+    from toyworld import evaluate
+
+    budgets = sorted(curve)
+    for i, budget in enumerate(budgets):
+        if all(all(evaluate.passes(curve[b]).values()) for b in budgets[i:]):
+            return budget
+    return None
+
+
+def plot(curves: dict[str, dict[int, dict]], title: str):
+    """Concept match (solid) and bleed (dots) per budget, one colour per run; a Pillow image."""
+    from PIL import Image, ImageDraw
+
+    width, height, left, right, top, bottom = 720, 400, 48, 560, 28, 360
+    img = Image.new("RGB", (width, height), (24, 24, 28))
+    d = ImageDraw.Draw(img)
+    budgets = sorted({b for c in curves.values() for b in c})
+    colours = [(120, 190, 255), (255, 170, 60), (140, 220, 120), (230, 110, 160), (200, 200, 90), (170, 140, 255),
+               (90, 210, 210), (240, 240, 240), (255, 110, 90)]
+
+    def xy(i: int, value: float) -> tuple[float, float]:
+        return left + (right - left) * i / max(1, len(budgets) - 1), bottom - (bottom - top) * value
+
+    d.rectangle([left, top, right, bottom], outline=(90, 90, 100))
+    d.line([xy(0, 0.8), xy(len(budgets) - 1, 0.8)], fill=(90, 90, 100))
+    for value in (0.0, 0.5, 0.8, 1.0):
+        d.text((8, xy(0, value)[1] - 6), f"{value:.1f}", fill=(170, 170, 180))
+    for i, b in enumerate(budgets):
+        d.text((xy(i, 0)[0] - 8, bottom + 6), str(b), fill=(170, 170, 180))
+    d.text((left, 8), title, fill=(220, 220, 220))
+    for k, (name, curve) in enumerate(curves.items()):
+        colour = colours[k % len(colours)]
+        points = [xy(budgets.index(b), curve[b]["concept_match"]) for b in sorted(curve)]
+        if len(points) > 1:
+            d.line(points, fill=colour, width=2)
+        for b in sorted(curve):
+            x, y = xy(budgets.index(b), curve[b]["bleed"])
+            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        d.text((right + 12, top + 16 * k), name, fill=colour)
+    d.text((right + 12, bottom - 28), "line: concept", fill=(170, 170, 180))
+    d.text((right + 12, bottom - 14), "dots: bleed", fill=(170, 170, 180))
+    return img
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", choices=("sd15", "sd3"), default="sd15", help="the toy base (main_job --family)")
+    parser.add_argument("--budgets", default="25,50,100,200", help="step budgets, each a multiple of the first")
+    parser.add_argument("--variants", default="example", help=f"ours, comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--train-seed", type=int, default=None, help="the training seed (default the example's)")
+    parser.add_argument("--no-native", action="store_true", help="leave out ComfyUI's TrainLoraNode")
     parser.add_argument("--base-dir", type=Path, default=HERE.parent / "out" / "bench_toyworld")
     args = parser.parse_args()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # TrainLoraNode's per-step progress bar would bury the table
+    budgets = sorted(int(b) for b in args.budgets.split(","))
+    variants = [v.strip() for v in args.variants.split(",")]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}: choose from {list(VARIANTS)}")
 
     from harness.comfy import setup_inprocess
     from harness.server import ComfyServer
-    from main_job import lora_name, run_example, toy_base
+    from main_job import lora_name, toy_base
     from safetensors.torch import save_file
     from toyworld import evaluate, world
     from toyworld.judge import train_judge
@@ -98,37 +209,60 @@ def main() -> None:
     checkpoint = toy_base(args.family, args.seed)
     data = world.concept_dataset(cache_dir() / f"dataset-s{args.seed}", seed=args.seed)
     settings = example_settings()
+    if args.train_seed is not None:
+        settings["seed"] = args.train_seed
     judge = train_judge(checkpoint, args.seed)
-    results = {}
+    curves: dict[str, dict[int, dict]] = {}
+    seconds: dict[str, float] = {}
+    run = time.strftime("%H%M%S")
     with ComfyServer(args.base_dir, models={"checkpoints": [checkpoint]}) as server:
-        started = time.perf_counter()
-        ours = run_example(server, checkpoint, data["concept"], reg=data["prior"])
-        ours_seconds = time.perf_counter() - started
-        native_sd, native_seconds = train_native(checkpoint, data["concept"], data["prior"], settings)
-        native_path = server.base_dir / "models" / "loras" / "bench" / "native_toy_concept.safetensors"
-        native_path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(native_sd, str(native_path))
         base = evaluate.evaluate_base(server, checkpoint.name, judge)
-        for name, path, seconds in (("ours", ours["lora"], ours_seconds), ("native", native_path, native_seconds)):
-            scores = evaluate.evaluate_lora(server, checkpoint.name, lora_name(server, path), judge, base=base,
-                                            prefix=f"toyworld_eval/{name}")
+        base_trigger = evaluate.sample(server, checkpoint.name, [world.TRIGGER], prefix="toyworld_eval/base_trigger")[0]
+
+        def score(name: str, budget: int, lora: Path) -> dict:
+            scores = evaluate.evaluate_lora(server, checkpoint.name, lora_name(server, lora), judge, base=base,
+                                            base_trigger=base_trigger, prefix=f"toyworld_eval/{name}-{budget}")
             scores.pop("files")
-            results[name] = {**scores, "seconds": seconds, "passes": evaluate.passes(scores)}
-    print(f"toy-world concept LoRA, {settings['steps']} steps, rank {settings['rank']}, lr {settings['learning_rate']}, "
-          f"batch {settings['batch_size']}, {args.family} toy base (ours: the example workflow, alpha = rank, the family's "
-          "timestep sampling, min-SNR 5 on eps only, prior weight 1, one concept image held out for validation; "
-          "native: TrainLoraNode, alpha 1, every layer)")
-    print(f"{'':8} {'colour':>7} {'shape':>7} {'bg':>7} {'concept':>8} {'base':>6} {'control':>8} {'base ctl':>9} "
-          f"{'seconds':>8}")
-    for name, r in results.items():
-        c = r["concept"]
-        print(f"{name:8} {c['colour']:7.2f} {c['shape']:7.2f} {c['background']:7.2f} {r['concept_match']:8.2f} "
-              f"{r['base_concept_match']:6.2f} {r['control_match']:8.2f} {r['base_control_match']:9.2f} "
-              f"{r['seconds']:8.0f}")
-    print("(seconds: ours includes the workflow's sampling and saving; timings on a shared 2-core machine)")
-    out = HERE.parent / "out" / f"bench_toyworld_{args.family}.json"
-    out.write_text(json.dumps({"family": args.family, "settings": settings, "results": results}, indent=2))
-    print(f"written: {out}")
+            print(f"  {name} at {budget}: concept {scores['concept_match']:.2f} {scores['concept']}, control "
+                  f"{scores['control_match']:.2f} (base {scores['base_control_match']:.2f}), bleed "
+                  f"{scores['bleed']:.2f}", flush=True)
+            return scores
+
+        for i, variant in enumerate(variants):
+            files, seconds[variant] = train_ours(server, checkpoint, data, f"curve{run}_{i}", budgets,
+                                                 {"seed": settings["seed"], **VARIANTS[variant]})
+            curves[variant] = {b: score(variant, b, files[b]) for b in budgets}
+        if not args.no_native:
+            inputs = native_inputs(checkpoint, data["concept"], data["prior"])
+            curves["native"], seconds["native"] = {}, 0.0
+            for budget in budgets:
+                state, took = train_native(inputs, settings, budget)
+                seconds["native"] += took
+                path = server.base_dir / "models" / "loras" / "bench" / f"native{run}-{budget}.safetensors"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file(state, str(path))
+                curves["native"][budget] = score("native", budget, path)
+    title = (f"{args.family} toy world: concept with the trigger by steps (rank {settings['rank']}, batch "
+             f"{settings['batch_size']}, lr {settings['learning_rate']} unless the variant sets it)")
+    print(title)
+    print(f"{'':20}" + "".join(f"{b:>16}" for b in budgets) + f"{'to bar':>8}{'seconds':>9}")
+    for name, curve in curves.items():
+        cells = "".join(f"{curve[b]['concept_match']:>7.2f}/{curve[b]['control_match']:.2f}/{curve[b]['bleed']:.2f}"
+                        for b in budgets)
+        reached = steps_to_concept(curve)
+        print(f"{name:20}{cells}{reached or '-':>8}{seconds[name]:>9.0f}")
+    print(f"(cells: concept match / control match (base {base['match']:.2f}) / bleed; 'to bar': first budget from "
+          "which the concept is >= 0.8 in every part without leakage; seconds: ours is the whole prompt to the "
+          "largest budget, samples included, native the sum of its runs)")
+    out = HERE.parent / "out"
+    out.mkdir(exist_ok=True)
+    record = {"family": args.family, "base_seed": args.seed, "settings": settings, "budgets": budgets,
+              "base": {k: v for k, v in base.items() if k != "files"},
+              "variants": {v: VARIANTS[v] for v in variants},
+              "curves": curves, "seconds": seconds, "steps_to_concept": {n: steps_to_concept(c) for n, c in curves.items()}}
+    (out / f"bench_toyworld_{args.family}.json").write_text(json.dumps(record, indent=2))
+    plot(curves, title).save(out / f"bench_toyworld_{args.family}.png")
+    print(f"written: {out / f'bench_toyworld_{args.family}.json'} and .png")
 
 
 if __name__ == "__main__":

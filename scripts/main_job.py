@@ -156,13 +156,14 @@ def print_slider_scores(report: dict) -> None:
 
 def print_scores(report: dict) -> None:
     base, lora = report["base"], report["lora"]
-    print(f"base prompt-following (9 prompts x 16): colour {base['colour']:.2f}, shape {base['shape']:.2f}, "
+    print(f"base prompt-following (9 prompts x 8): colour {base['colour']:.2f}, shape {base['shape']:.2f}, "
           f"background {base['background']:.2f}, all three {base['match']:.2f}")
     concept = lora["concept"]
     print(f"LoRA with the trigger: colour {concept['colour']:.2f}, shape {concept['shape']:.2f}, "
           f"background {concept['background']:.2f} (whole concept {lora['concept_match']:.2f}); "
           f"base with the trigger: whole concept {lora['base_concept_match']:.2f}")
-    print(f"control prompts, all three as asked: LoRA {lora['control_match']:.2f}, base {lora['base_control_match']:.2f}")
+    print(f"control prompts, all three as asked: LoRA {lora['control_match']:.2f}, base {lora['base_control_match']:.2f}; "
+          f"drawn with the concept's shape (bleed): {lora['bleed']:.2f}")
     print("checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in report["passes"].items()))
 
 

@@ -1,14 +1,14 @@
 """Measure what a model draws: samples through a real ComfyUI server (KSampler), read by the judge.
 
-- base prompt-following: colour / shape / background accuracy over world.PROMPTS x `count` samples;
-- a LoRA: with the trigger, how often each part of the concept appears (and how often the base
+- base prompt-following: colour / shape / background accuracy over world.PROMPTS x `control_count` samples;
+- a LoRA: with the trigger (`count` samples), how often each part of the concept appears (and how often the base
   draws the whole concept for the same prompt); on the control prompts, the prompt-match (colour,
-  shape and background all as asked) of the LoRA next to the base's.
+  shape and background all as asked) of the LoRA next to the base's, and the bleed (the concept's shape drawn).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ NEGATIVE = ""
 @dataclass(frozen=True)
 class Sampling:
     count: int = 16  # samples per prompt (one KSampler batch, so 16 different noises)
+    control_count: int = 8  # per control prompt (nine of them): the first 8 noises of the 16, as KSampler draws them
     seed: int = 0
     steps: int = 12
     cfg: float = 3.0
@@ -68,7 +69,8 @@ def load_pixels(paths: list[Path]) -> torch.Tensor:
 
 def sample(server, checkpoint: str, prompts: list[str], sampling: Sampling = Sampling(), lora: str | None = None,
            prefix: str = "toyworld_eval/sample", timeout: float = 1800, strength: float = 1.0) -> list[list[Path]]:
-    """Sample every prompt through the server; the saved image files per prompt, in batch order."""
+    """Sample every prompt through the server (`sampling.count` each); the saved image files per prompt, in batch
+    order."""
     outputs = server.run(sample_prompt(checkpoint, prompts, sampling, lora, strength, prefix=prefix), timeout=timeout)
     files = []
     for i in range(len(prompts)):
@@ -112,26 +114,36 @@ CONTROL_PROMPTS = [world.caption(*p) for p in world.PROMPTS]
 CONTROL_SCENES = [world.Scene(*p) for p in world.PROMPTS]
 
 
+def _control(sampling: Sampling) -> Sampling:
+    return replace(sampling, count=sampling.control_count)
+
+
 def evaluate_base(server, checkpoint: str, judge: Judge, sampling: Sampling = Sampling()) -> dict:
     """Base prompt-following over world.PROMPTS: {"colour", "shape", "background", "match", "files"}."""
-    files = sample(server, checkpoint, CONTROL_PROMPTS, sampling, prefix="toyworld_eval/base")
+    files = sample(server, checkpoint, CONTROL_PROMPTS, _control(sampling), prefix="toyworld_eval/base")
     result = summary(judge_files(judge, CONTROL_PROMPTS, CONTROL_SCENES, files))
     return {**result, "files": files}
 
 
 def evaluate_lora(server, checkpoint: str, lora: str, judge: Judge, sampling: Sampling = Sampling(),
-                  base: dict | None = None, prefix: str = "toyworld_eval/lora") -> dict:
+                  base: dict | None = None, prefix: str = "toyworld_eval/lora",
+                  base_trigger: list[Path] | None = None) -> dict:
     """The LoRA's concept (with the trigger), the base on the trigger, and both on the control prompts.
 
-    `base` (evaluate_base's result) is reused when given. Returns the scores and the image files.
+    `base` (evaluate_base's result) is reused when given, as is `base_trigger` (the base's files for the trigger).
+    Bleed: the share of control samples drawn with the concept's shape, which no control prompt asks for.
+    Returns the scores and the image files.
     """
     concept = world.Scene(*world.CONCEPT)
-    prompts = [world.TRIGGER] + CONTROL_PROMPTS
-    lora_files = sample(server, checkpoint, prompts, sampling, lora=lora, prefix=prefix)
-    base_trigger = sample(server, checkpoint, [world.TRIGGER], sampling, prefix="toyworld_eval/base_trigger")
-    trigger = judge_files(judge, [world.TRIGGER], [concept], lora_files[:1])[0]
-    base_on_trigger = judge_files(judge, [world.TRIGGER], [concept], base_trigger)[0]
-    control = summary(judge_files(judge, CONTROL_PROMPTS, CONTROL_SCENES, lora_files[1:]))
+    lora_trigger = sample(server, checkpoint, [world.TRIGGER], sampling, lora=lora, prefix=f"{prefix}_trigger")[0]
+    lora_control = sample(server, checkpoint, CONTROL_PROMPTS, _control(sampling), lora=lora, prefix=prefix)
+    base_trigger = base_trigger or sample(server, checkpoint, [world.TRIGGER], sampling,
+                                          prefix="toyworld_eval/base_trigger")[0]
+    trigger = judge_files(judge, [world.TRIGGER], [concept], [lora_trigger])[0]
+    base_on_trigger = judge_files(judge, [world.TRIGGER], [concept], [base_trigger])[0]
+    control_scores = judge_files(judge, CONTROL_PROMPTS, CONTROL_SCENES, lora_control)
+    control = summary(control_scores)
+    seen = [scene for scores in control_scores for scene in scores.seen]
     base = base or evaluate_base(server, checkpoint, judge, sampling)
     return {
         "concept": {part: trigger.rate(part) for part in ("colour", "shape", "background")},
@@ -139,8 +151,9 @@ def evaluate_lora(server, checkpoint: str, lora: str, judge: Judge, sampling: Sa
         "base_concept_match": base_on_trigger.match,
         "control_match": control["match"],
         "base_control_match": base["match"],
+        "bleed": sum(scene.shape == world.CONCEPT[1] for scene in seen) / len(seen),
         "control": control,
-        "files": {"lora_trigger": lora_files[0], "lora_control": lora_files[1:], "base_trigger": base_trigger[0],
+        "files": {"lora_trigger": lora_trigger, "lora_control": lora_control, "base_trigger": base_trigger,
                   "base_control": base["files"]},
     }
 
