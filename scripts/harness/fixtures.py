@@ -183,12 +183,17 @@ def draw_shape(size: tuple[int, int], shape: str, colour, background, rng: rando
     return img
 
 
+CONCEPT_PAIRS = (("red", "blue"), ("yellow", "purple"), ("green", "white"), ("orange", "teal"))  # (shape, background)
+DATASET_REVISION = "p4"  # the colour pairs (was: any colour on any other)
+
+
 def concept_dataset(seed: int = 0, count: int = 24, repeats: int = 10, token: str = "sks circle") -> Path:
     """A kohya-layout folder `<root>/<repeats>_<token>/` of small images with .txt captions.
 
-    Mixed aspect ratios (64x64, 64x96, 96x64) so bucketing has something to do.
+    Mixed aspect ratios (64x64, 64x96, 96x64) so bucketing has something to do. The colours come in four pairs:
+    four distinct captions, so a run encodes four (on a CPU the CLIP-L forward is most of a short run's time).
     """
-    root = cache_dir() / f"dataset-concept-s{seed}-n{count}-v{FIXTURE_VERSION}"
+    root = cache_dir() / f"dataset-concept-s{seed}-n{count}-v{FIXTURE_VERSION}-{DATASET_REVISION}"
     folder = root / f"{repeats}_{token}"
     if folder.is_dir() and len(list(folder.glob("*.png"))) == count:
         return root
@@ -197,10 +202,8 @@ def concept_dataset(seed: int = 0, count: int = 24, repeats: int = 10, token: st
     sub = tmp / folder.name
     sub.mkdir(parents=True, exist_ok=True)
     sizes = [(64, 64), (64, 96), (96, 64)]
-    names = list(COLOURS)
     for i in range(count):
-        colour = rng.choice(names)
-        background = rng.choice([c for c in names if c != colour])
+        colour, background = CONCEPT_PAIRS[i % len(CONCEPT_PAIRS)]
         img = draw_shape(sizes[i % len(sizes)], "circle", COLOURS[colour], COLOURS[background], rng)
         img.save(sub / f"img_{i:03d}.png")
         (sub / f"img_{i:03d}.txt").write_text(f"{token}, {colour} circle, {background} background")
