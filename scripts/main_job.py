@@ -1,7 +1,8 @@
 """The main job: a real ComfyUI server with Lora Foundry, training the example workflow, measured.
 
 Usage: .venv/bin/python scripts/main_job.py [--family sd15|sd3] [--checkpoint PATH --dataset DIR [--reg DIR]]
-                                            [--steps N] [--preservation CLASS | --slider] [--serve]
+                                            [--steps N] [--no-prior] [--preservation CLASS ...] [--preserve-world N]
+                                            [--blank-preservation W | --slider] [--serve]
 
 Without arguments it uses the embedded default, the toy world: a tiny SD1.5-layout base model that
 our own script pretrains on a CPU (cached in .cache/toyworld/, ~6 minutes the first time; `--family sd3`:
@@ -60,8 +61,9 @@ def install_dataset(server: ComfyServer, dataset: Path, name: str = DATASET_NAME
 
 
 def run_example(server: ComfyServer, checkpoint: Path, dataset: Path, steps: int | None = None,
-                timeout: float = 1800, reg: Path | None = None, preservation: str = "", slider: bool = False) -> dict:
-    """Queue the example training workflow (with output preservation of `preservation`, a class, when given; the
+                timeout: float = 1800, reg: Path | None = None, settings: dict | None = None,
+                slider: bool = False) -> dict:
+    """Queue the example training workflow (with Train LoRA's `settings` changed, e.g. preservation_class; the
     slider example with `slider`); returns {"lora", "loss_graph", "before", "after", "summary"}."""
     from harness.workflow import to_api_prompt
 
@@ -70,10 +72,10 @@ def run_example(server: ComfyServer, checkpoint: Path, dataset: Path, steps: int
         install_dataset(server, reg, PRIOR_NAME)
     workflow = example_workflow(checkpoint.name, steps, SLIDER_EXAMPLE if slider else EXAMPLE,
                                 reg_folder=PRIOR_NAME if reg is not None else "")
-    if preservation:
+    if settings:
         workflow = to_api_prompt(workflow, server.object_info())
         train = next(n for n in workflow.values() if n["class_type"] == "LoraFoundryTrainLoRA")
-        train["inputs"]["preservation_class"] = preservation
+        train["inputs"].update(settings)
     outputs = server.run(workflow, timeout=timeout)
     by_prefix: dict[str, list[Path]] = {}
     for path in server.output_files(outputs):
@@ -173,9 +175,16 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, help="a folder of images + captions instead of the default")
     parser.add_argument("--reg", type=Path, help="regularisation (prior) images for --dataset")
     parser.add_argument("--steps", type=int, help="training steps (default: the example workflow's)")
-    parser.add_argument("--preservation", metavar="CLASS", default="",
+    parser.add_argument("--preservation", metavar="CLASS", action="append", default=[],
                         help="train without prior images, with output preservation of CLASS (the trigger word said "
-                             "as CLASS keeps the base model's prediction)")
+                             "as CLASS keeps the base model's prediction); again for more classes (one per sample)")
+    parser.add_argument("--preserve-world", metavar="N", type=int, default=0,
+                        help="toy world: output preservation of N base captions, none of them a control prompt "
+                             "(each one a class: the captions are the trigger alone)")
+    parser.add_argument("--blank-preservation", metavar="W", type=float, default=0.0,
+                        help="train without prior images, with blank prompt preservation at weight W (the empty "
+                             "prompt keeps the base model's prediction)")
+    parser.add_argument("--no-prior", action="store_true", help="train the example without its prior images")
     parser.add_argument("--slider", action="store_true",
                         help="train the slider example instead (purple shapes: red at +1, blue at -1) and judge it")
     parser.add_argument("--seed", type=int, default=0, help="the toy world's seed")
@@ -194,7 +203,10 @@ def main() -> None:
 
         checkpoint = toy_base(args.family, args.seed)
         data = world.concept_dataset(cache_dir() / f"dataset-s{args.seed}", seed=args.seed)
-        dataset, reg = args.dataset or data["concept"], args.reg or (None if args.preservation else data["prior"])
+        if args.preserve_world:
+            args.preservation += world.preservation_prompts(args.preserve_world, args.seed)
+        no_prior = args.no_prior or args.preservation or args.blank_preservation
+        dataset, reg = args.dataset or data["concept"], args.reg or (None if no_prior else data["prior"])
         if args.slider:
             dataset, reg = args.dataset or world.slider_dataset(cache_dir() / f"dataset-s{args.seed}", args.seed), None
     else:
@@ -207,10 +219,13 @@ def main() -> None:
     with ComfyServer(args.base_dir, models={"checkpoints": [checkpoint]}, port=args.port or None) as server:
         print(f"ComfyUI with Lora Foundry at {server.url} (log: {server.log_path})")
         print(f"training {checkpoint.name} on {dataset}" + (f" with prior images {reg}" if reg else "")
-              + (f" with output preservation of {args.preservation!r}" if args.preservation else "") + " ...",
-              flush=True)
-        result = run_example(server, checkpoint, dataset, args.steps, reg=reg, preservation=args.preservation,
-                             slider=args.slider)
+              + (f" with output preservation of {args.preservation}" if args.preservation else "")
+              + (f" with blank prompt preservation {args.blank_preservation}" if args.blank_preservation else "")
+              + " ...", flush=True)
+        settings = {"preservation_class": "\n".join(args.preservation)} if args.preservation else {}
+        if args.blank_preservation:
+            settings["blank_preservation_weight"] = args.blank_preservation
+        result = run_example(server, checkpoint, dataset, args.steps, reg=reg, settings=settings, slider=args.slider)
         print(f"trained in {time.monotonic() - started:.0f}s")
         for line in result["summary"]:
             print(f"Train LoRA: {line}")

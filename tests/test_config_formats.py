@@ -221,7 +221,8 @@ def test_ai_toolkit_job(cf):
 
 
 def test_ai_toolkit_output_preservation(cf):
-    """diff_output_preservation: its class (ai-toolkit's default "person") and multiplier; off, neither is listed."""
+    """diff_output_preservation: its class (ai-toolkit's default "person") and multiplier; off, neither is listed. The
+    same for blank_prompt_preservation and its multiplier."""
     def job(train: str) -> str:
         return f"job: extension\nconfig:\n  process:\n    - type: sd_trainer\n      trigger_word: ohwx\n      train: {train}\n"
 
@@ -237,6 +238,14 @@ def test_ai_toolkit_output_preservation(cf):
     off = cf.read(job("{diff_output_preservation: false, diff_output_preservation_class: person, "
                       "diff_output_preservation_multiplier: 1}"), "dop.yaml")
     assert preservation(off) == {} and "preservation" not in " ".join(off.unsupported)
+    def blank(train: str) -> float | None:
+        config = cf.read(job(train), "bpp.yaml")
+        assert "blank" not in " ".join(config.unsupported)
+        return config.values["training"].get("blank_preservation_weight")
+
+    assert blank("{blank_prompt_preservation: true, blank_prompt_preservation_multiplier: 0.5}") == 0.5
+    assert blank("{blank_prompt_preservation: true}") == 1.0  # ai-toolkit's default multiplier
+    assert blank("{blank_prompt_preservation: false, blank_prompt_preservation_multiplier: 2}") is None
 
 
 def test_ai_toolkit_concept_slider(cf):

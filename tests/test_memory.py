@@ -455,12 +455,14 @@ def test_previews_keep_the_planned_residency(family_sd15):
     assert not any(vae for _, vae, _ in seen), seen
 
 
-@pytest.mark.parametrize("checkpointing, preservation, slider", [
-    (False, "", False), (True, "", False), (False, "toy", False), (False, "", True)],
-    ids=["plain", "checkpointed", "preservation", "slider"])
-def test_memory_plan_matches_what_a_step_allocates(family_sd15, checkpointing, preservation, slider):
+@pytest.mark.parametrize("checkpointing, preservation, slider, blank", [
+    (False, "", False, 0.0), (True, "", False, 0.0), (False, "toy", False, 0.0), (False, "", True, 0.0),
+    (False, "", False, 1.0)],
+    ids=["plain", "checkpointed", "preservation", "slider", "blank"])
+def test_memory_plan_matches_what_a_step_allocates(family_sd15, checkpointing, preservation, slider, blank):
     """The plan's simulated step against the CPU allocator's own record of a real run (torch.profiler); also with
-    output preservation, whose second graph lives until the backward pass, and a concept slider (two graphs: +1, -1)."""
+    output preservation or blank prompt preservation, whose second graph lives until the backward pass, and a concept
+    slider (two graphs: +1, -1)."""
     from lora_foundry.training.data.captions import SliderSides
     from torch.profiler import ProfilerActivity, profile
 
@@ -470,6 +472,8 @@ def test_memory_plan_matches_what_a_step_allocates(family_sd15, checkpointing, p
     trainer.config.preservation_class = preservation  # no trigger word: the class captions are the captions
     trainer.config.slider_positive, trainer.config.slider_negative = ("red", "blue") if slider else ("", "")
     trainer.text.slider = SliderSides("red", "blue") if slider else None
+    trainer.config.blank_preservation_weight = trainer.text.blank = blank
+    trainer.text.encode("")  # as a run with blank prompt preservation encodes it up front
     trainer.config.steps = 1
     trainer.network = trainer.step.network = type(trainer.network).create(trainer.network.config, fam.model)
     with torch.inference_mode(False), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -483,7 +487,7 @@ def test_memory_plan_matches_what_a_step_allocates(family_sd15, checkpointing, p
     params = trainer.network.num_params() * 4
     planned = trainer.context.plan.activations + trainer.context.plan.adapter - params  # parameters exist before the run
     assert trainer.context.plan.checkpointing == checkpointing
-    assert 0.75 * peak <= planned <= 1.25 * peak, (checkpointing, preservation, slider, planned, peak,
+    assert 0.75 * peak <= planned <= 1.25 * peak, (checkpointing, preservation, slider, blank, planned, peak,
                                                     trainer.context.plan)
 
 

@@ -414,33 +414,52 @@ def _denoised(trainer, patched, caption: str) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_output_preservation_keeps_the_class_as_the_base_draws_it(pack, loaded_checkpoint, concept_dataset, tmp_path):
-    """Two runs from the same seed, one with preservation_class: both learn the trigger, but only the run without
-    preservation moves what the model predicts for the class (the captions with the trigger said as the class) away
-    from the base model's prediction, judged against the base model itself (no adapter attached)."""
+    """Three runs from the same seed: plain, with preservation_class, with blank prompt preservation. All learn the
+    trigger; preservation keeps what the model predicts for the class (the captions with the trigger said as the
+    class), blank prompt preservation what it predicts for the empty prompt, at the base model's prediction, where the
+    plain run moves both (each judged against the base model itself, no adapter attached)."""
     from lora_foundry.training.data.captions import CaptionOptions
 
     model, _, _ = loaded_checkpoint
     dataset = _concept(concept_dataset)
     caption = dataset.items[0].caption
     drift = {}
-    for preserve in ("", "toy"):
-        trainer = _trainer(pack, loaded_checkpoint, dataset, tmp_path / (preserve or "plain"), steps=30, batch_size=2,
-                           learning_rate=3e-3, captions=CaptionOptions(trigger_word="sks"),
-                           preservation_class=preserve)
+    runs = {"plain": {}, "class": {"preservation_class": "toy"}, "blank": {"blank_preservation_weight": 1.0}}
+    for name, settings in runs.items():
+        trainer = _trainer(pack, loaded_checkpoint, dataset, tmp_path / name, steps=30, batch_size=2,
+                           learning_rate=3e-3, captions=CaptionOptions(trigger_word="sks"), **settings)
         with torch.inference_mode(False):
             network = trainer.run().network
         trigger = trainer.text.fixed_caption(dataset.items[0])
         with torch.inference_mode(False):
             patched, _ = network.attach(model, None, mode="bypass")
         patched.model.eval()
-        drift[preserve or "plain"] = {
-            text: float((_denoised(trainer, patched, text) - _denoised(trainer, model, text)).norm())
-            for text in (trigger, trigger.replace("sks", "toy"))}
-    plain, kept = drift["plain"], drift["toy"]
-    trigger, cls = list(plain)
+        drift[name] = {text: float((_denoised(trainer, patched, text) - _denoised(trainer, model, text)).norm())
+                       for text in (trigger, trigger.replace("sks", "toy"), "")}
+    plain = drift["plain"]
+    trigger, cls, blank = list(plain)
     assert "toy" in cls and "sks" not in cls and caption
-    assert kept[cls] < 0.5 * plain[cls], drift  # the class stays as the base draws it
-    assert kept[trigger] > 0.5 * plain[trigger], drift  # the trigger still learns
+    assert drift["class"][cls] < 0.5 * plain[cls], drift  # the class stays as the base draws it
+    assert drift["blank"][blank] < 0.5 * plain[blank], drift  # so does the empty prompt
+    assert all(drift[run][trigger] > 0.5 * plain[trigger] for run in runs), drift  # the trigger still learns
+
+
+def test_output_preservation_says_each_sample_as_one_of_its_classes(pack):
+    """preservation_class takes one class per line: every line's caption is encoded up front, and each sample of a
+    batch is said as one of them, drawn from the step's generator."""
+    import random
+
+    from lora_foundry.training.data.captions import CaptionOptions
+    from lora_foundry.training.engine.config import TrainConfig
+    from lora_foundry.training.engine.text import TextConditioning
+
+    config = TrainConfig(preservation_class=" woman \n\n man ", captions=CaptionOptions(trigger_word="sks"))
+    assert config.preservation_classes == ["woman", "man"] and config.preservation_class == "woman\nman"
+    text = TextConditioning(None, config.captions, classes=config.preservation_classes)
+    assert text.asked_besides("sks, red hair") == ["woman, red hair", "man, red hair"]
+    rng = random.Random(0)
+    assert {text.as_class("sks, red hair", rng) for _ in range(20)} == {"woman, red hair", "man, red hair"}
+    assert TextConditioning(None, config.captions, classes=["woman"]).as_class("SKS", rng) == "woman"
 
 
 def test_a_slider_says_each_caption_with_its_two_sides(pack):

@@ -81,6 +81,13 @@ def all_captions() -> list[str]:
     return [caption(c, s, b) for c in COLOUR_NAMES for s in BASE_SHAPES for b in COLOUR_NAMES if b != c]
 
 
+def preservation_prompts(count: int, seed: int = 0) -> list[str]:
+    """`count` base captions that are none of the control prompts: what output preservation keeps instead of prior
+    images (the same draw for a seed)."""
+    control = {caption(*p) for p in PROMPTS}
+    return random.Random(f"preservation-{seed}").sample([c for c in all_captions() if c not in control], count)
+
+
 def write_folder(folder: Path, scenes: list[Scene], seed: int, captions: list[str] | None = None) -> Path:
     """Images and .txt captions into `folder` (created); `captions` overrides the scenes' own."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -171,7 +171,8 @@ def _train(t: Table) -> None:
 
 
 def _preservation(t: Table) -> None:
-    """Differential output preservation: its class (ai-toolkit's default "person") and multiplier."""
+    """Differential output preservation: its class (ai-toolkit's default "person") and multiplier; blank prompt
+    preservation: its multiplier (ai-toolkit's default 1)."""
     if t.take("diff_output_preservation", False):
         t.set("training", "preservation_class", str(t.take("diff_output_preservation_class", "person")),
               "diff_output_preservation_class")
@@ -179,6 +180,11 @@ def _preservation(t: Table) -> None:
     else:
         t.take("diff_output_preservation_class")
         t.take("diff_output_preservation_multiplier")
+    if t.take("blank_prompt_preservation", False):
+        t.set("training", "blank_preservation_weight", t.take("blank_prompt_preservation_multiplier", 1.0),
+              "blank_prompt_preservation_multiplier")
+    else:
+        t.take("blank_prompt_preservation_multiplier")
 
 
 def _slider(t: Table) -> None:

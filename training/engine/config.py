@@ -141,10 +141,18 @@ class TrainConfig:
     preservation_class: str = setting("", "Output preservation without regularisation images (ai-toolkit's "
                                       "differential output preservation): each batch is also shown with the trigger "
                                       "word said as this class (e.g. woman), and the adapter learns to give the base "
-                                      "model's own prediction there, so the class keeps looking as before. Needs "
-                                      "trigger_word. Empty = off.")
+                                      "model's own prediction there, so the class keeps looking as before. One class "
+                                      "per line: each sample of a batch is said as one of them, drawn at random "
+                                      "(woman / man, or whole prompts when the captions are the trigger alone). Needs "
+                                      "trigger_word. Empty = off.", multiline=True)
     preservation_weight: float = setting(1.0, "How much output preservation counts beside the training loss (each "
                                          "step then costs about twice the compute).", min=0.0, max=10.0, step=0.05)
+    blank_preservation_weight: float = setting(0.0, "Blank prompt preservation (ai-toolkit's): each batch is also "
+                                               "shown with the empty prompt, and the adapter learns to give the base "
+                                               "model's own prediction there, so what the model draws unprompted (the "
+                                               "negative side of classifier-free guidance) stays as before. How much it "
+                                               "counts beside the training loss; each step costs one more pass. "
+                                               "0 = off.", min=0.0, max=10.0, step=0.05)
     slider_positive: str = setting("", "Concept slider (the Concept Sliders method, ai-toolkit's slider): what "
                                    "+1 strength moves toward, e.g. old. Each caption is also said with slider_target "
                                    "as this (or with this added where the caption lacks slider_target), and the "
@@ -167,6 +175,11 @@ class TrainConfig:
         """Whether this run trains a concept slider instead of learning the images."""
         return bool(self.slider_positive or self.slider_negative)
 
+    @property
+    def preservation_classes(self) -> list[str]:
+        """Output preservation's classes: preservation_class's lines, blank ones left out."""
+        return [line.strip() for line in self.preservation_class.splitlines() if line.strip()]
+
     def __post_init__(self):
         check_choices(self)
         own = sorted(set(parse_optimizer_args(self.optimizer_args)) & {"lr", "weight_decay", "params"})
@@ -181,7 +194,7 @@ class TrainConfig:
             raise ValueError("patience: early stopping watches the held-out loss; set validation_every too")
         if self.keep_best and not self.validation_every:
             raise ValueError("keep_best: the best adapter is judged by the held-out loss; set validation_every too")
-        self.preservation_class = self.preservation_class.strip()
+        self.preservation_class = "\n".join(self.preservation_classes)
         if self.preservation_class and not self.captions.trigger_word:
             raise ValueError("preservation_class: preservation says the trigger word as the class, and no trigger_word "
                              "is set; set trigger_word (the word your captions name the subject by)")

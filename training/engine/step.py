@@ -64,17 +64,21 @@ class TrainingStep:
             loss = self.loss(patched, x0, noise, sigma, self.text.conditioning(captions, device, values), geometries,
                              weights, autocast_dtype, min_snr=cfg.min_snr_gamma)
         if cfg.preservation_class and cfg.preservation_weight:
-            classes = [self.text.as_class(c) for c in captions]
+            classes = [self.text.as_class(c, rng) for c in captions]
             loss = loss + cfg.preservation_weight * self.preservation_loss(patched, x0, noise, sigma, classes,
                                                                            geometries, values, device, autocast_dtype)
+        if cfg.blank_preservation_weight:
+            loss = loss + cfg.blank_preservation_weight * self.preservation_loss(
+                patched, x0, noise, sigma, [""] * len(captions), geometries, values, device, autocast_dtype)
         return loss
 
     def graphs(self) -> int:
         """How many adapted forward passes of a micro-batch are kept for its backward pass (the memory plan counts
-        them): one, two for a concept slider (+1 and -1; four with its anchor), one more for output preservation."""
+        them): one, two for a concept slider (+1 and -1; four with its anchor), one more for output preservation and one
+        for blank prompt preservation."""
         cfg = self.config
         kept = 2 + 2 * bool(cfg.slider_anchor) if cfg.slider else 1
-        return kept + bool(cfg.preservation_class and cfg.preservation_weight)
+        return kept + bool(cfg.preservation_class and cfg.preservation_weight) + bool(cfg.blank_preservation_weight)
 
     def base_prediction(self, patched, x0, noise, sigma, prompts, geometries, values, device,
                         autocast_dtype) -> tuple[torch.Tensor, list]:
@@ -93,8 +97,8 @@ class TrainingStep:
 
     def preservation_loss(self, patched, x0, noise, sigma, captions, geometries, values, device,
                           autocast_dtype) -> torch.Tensor:
-        """Output preservation: the adapted model's prediction for the class captions, on the batch's own noisy
-        latents, against the base model's."""
+        """Output preservation: the adapted model's prediction for `captions` (the class captions, or the empty prompt),
+        on the batch's own noisy latents, against the base model's."""
         target, base = self.base_prediction(patched, x0, noise, sigma, captions, geometries, values, device,
                                             autocast_dtype)
         x, inputs = self.model_call(patched, x0, noise, sigma,

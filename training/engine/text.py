@@ -16,10 +16,11 @@ from .conditioning import encode_caption, to_device, with_values
 class TextConditioning:
     """Captions as trained (trigger word, shuffles and dropouts applied) and the host conditioning of each."""
 
-    def __init__(self, clip, options: CaptionOptions, reg_empty_prompt: bool = False, class_word: str = "",
-                 disk: TextCache | None = None, slider: SliderSides | None = None):
+    def __init__(self, clip, options: CaptionOptions, reg_empty_prompt: bool = False, classes: tuple[str, ...] = (),
+                 disk: TextCache | None = None, slider: SliderSides | None = None, blank: bool = False):
         self.clip, self.options, self.reg_empty_prompt = clip, options, reg_empty_prompt
-        self.class_word = class_word  # output preservation's class: the trigger word said as it
+        self.classes = tuple(classes)  # output preservation's classes: the trigger word said as one of them
+        self.blank = blank  # blank prompt preservation: the empty prompt is asked every step
         self.slider = slider  # a concept slider's two sides, each caption is also said with
         self.disk = disk  # fixed captions' outputs kept on disk too (latent_cache = disk)
         self.cache: dict[str, list] = {}  # host conditioning of captions that never change
@@ -52,7 +53,7 @@ class TextConditioning:
 
     def encode_fixed(self, items, validation) -> None:
         """Encode the captions up front when they never change, so the text encoder and the model don't alternate;
-        the held-out images' always (they are judged with their fixed caption)."""
+        the held-out images' and the empty prompt of blank prompt preservation always (they never change)."""
         if not self.changes:
             rng = random.Random(0)
             for item in items:
@@ -62,6 +63,8 @@ class TextConditioning:
                     self.encode(asked)
         for item in validation:
             self.encode(self.fixed_caption(item))
+        if self.blank:
+            self.encode("")
 
     def caption(self, item, options: CaptionOptions, rng: random.Random) -> str:
         """The caption an item trains with: regularisation images keep their own (no trigger word: it is what they
@@ -72,12 +75,13 @@ class TextConditioning:
 
     def asked_besides(self, caption: str) -> list[str]:
         """The other prompts a step asks the base model for beside `caption`: its class, its slider sides."""
-        asked = [self.as_class(caption)] if self.class_word else []
+        asked = [with_class(caption, self.options.trigger_word, c) for c in self.classes]
         return asked + list(self.slider.of(caption)) if self.slider else asked
 
-    def as_class(self, caption: str) -> str:
-        """The caption with the trigger word said as the preservation class."""
-        return with_class(caption, self.options.trigger_word, self.class_word)
+    def as_class(self, caption: str, rng: random.Random) -> str:
+        """The caption with the trigger word said as a preservation class (drawn from `rng` when there are several)."""
+        word = self.classes[0] if len(self.classes) == 1 else rng.choice(self.classes)
+        return with_class(caption, self.options.trigger_word, word)
 
     def fixed_caption(self, item) -> str:
         """The caption with trigger word, prefix and suffix, and nothing random (for validation)."""

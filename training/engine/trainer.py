@@ -96,7 +96,8 @@ class Trainer:
         slider = (SliderSides(config.slider_positive, config.slider_negative, config.slider_target) if config.slider
                   else None)
         self.text = self.text_conditioning(clip, config.captions, dataset.reg_empty_prompt,
-                                            config.preservation_class, self.text_cache(clip, dataset, config), slider)
+                                            config.preservation_classes, self.text_cache(clip, dataset, config), slider,
+                                            blank=bool(config.blank_preservation_weight))
         self.data = self.encoded_data(dataset, model, vae, config)
         self.samples = sample_prompts(config, dataset, vae)  # parsed before anything is encoded: a bad line fails
         layout = layout_of(model) if config.block_lrs else None
