@@ -489,7 +489,7 @@ def test_a_slider_is_refused_for_orthogonal_adapters(pack, loaded_checkpoint, co
 def _slider(pack, loaded_checkpoint, dataset, tmp_path, **settings):
     """A trained concept slider (red / blue said in place of each caption's "sks") and its trainer."""
     trainer = _trainer(pack, loaded_checkpoint, dataset, tmp_path, **{
-        "steps": 30, "batch_size": 2, "learning_rate": 3e-3, "slider_positive": "red", "slider_negative": "blue",
+        "steps": 15, "batch_size": 2, "learning_rate": 3e-3, "slider_positive": "red", "slider_negative": "blue",
         "slider_target": "sks", **settings})
     with torch.inference_mode(False):
         return trainer, trainer.run().network
