@@ -426,7 +426,7 @@ def test_output_preservation_keeps_the_class_as_the_base_draws_it(pack, loaded_c
     drift = {}
     runs = {"plain": {}, "class": {"preservation_class": "toy"}, "blank": {"blank_preservation_weight": 1.0}}
     for name, settings in runs.items():
-        trainer = _trainer(pack, loaded_checkpoint, dataset, tmp_path / name, steps=30, batch_size=2,
+        trainer = _trainer(pack, loaded_checkpoint, dataset, tmp_path / name, steps=20, batch_size=2,
                            learning_rate=3e-3, captions=CaptionOptions(trigger_word="sks"), **settings)
         with torch.inference_mode(False):
             network = trainer.run().network
