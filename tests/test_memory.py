@@ -470,6 +470,7 @@ def test_memory_plan_matches_what_a_step_allocates(family_sd15, checkpointing, p
     trainer, _ = _train(fam, dataset, steps=1)  # latents and captions encoded, out of the measured run
     trainer.config.gradient_checkpointing = checkpointing
     trainer.config.preservation_class = preservation  # no trigger word: the class captions are the captions
+    trainer.text.classes = (preservation,) if preservation else ()
     trainer.config.slider_positive, trainer.config.slider_negative = ("red", "blue") if slider else ("", "")
     trainer.text.slider = SliderSides("red", "blue") if slider else None
     trainer.config.blank_preservation_weight = trainer.text.blank = blank

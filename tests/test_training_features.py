@@ -414,17 +414,17 @@ def _denoised(trainer, patched, caption: str) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_output_preservation_keeps_the_class_as_the_base_draws_it(pack, loaded_checkpoint, concept_dataset, tmp_path):
-    """Three runs from the same seed: plain, with preservation_class, with blank prompt preservation. All learn the
-    trigger; preservation keeps what the model predicts for the class (the captions with the trigger said as the
-    class), blank prompt preservation what it predicts for the empty prompt, at the base model's prediction, where the
-    plain run moves both (each judged against the base model itself, no adapter attached)."""
+    """Two runs from the same seed, one with preservation_class and blank prompt preservation: both learn the
+    trigger, but only the run without them moves what the model predicts for the class (the captions with the trigger
+    said as the class) and for the empty prompt away from the base model's prediction, judged against the base model
+    itself (no adapter attached)."""
     from lora_foundry.training.data.captions import CaptionOptions
 
     model, _, _ = loaded_checkpoint
     dataset = _concept(concept_dataset)
     caption = dataset.items[0].caption
     drift = {}
-    runs = {"plain": {}, "class": {"preservation_class": "toy"}, "blank": {"blank_preservation_weight": 1.0}}
+    runs = {"plain": {}, "preserved": {"preservation_class": "toy", "blank_preservation_weight": 1.0}}
     for name, settings in runs.items():
         trainer = _trainer(pack, loaded_checkpoint, dataset, tmp_path / name, steps=20, batch_size=2,
                            learning_rate=3e-3, captions=CaptionOptions(trigger_word="sks"), **settings)
@@ -436,12 +436,12 @@ def test_output_preservation_keeps_the_class_as_the_base_draws_it(pack, loaded_c
         patched.model.eval()
         drift[name] = {text: float((_denoised(trainer, patched, text) - _denoised(trainer, model, text)).norm())
                        for text in (trigger, trigger.replace("sks", "toy"), "")}
-    plain = drift["plain"]
+    plain, kept = drift["plain"], drift["preserved"]
     trigger, cls, blank = list(plain)
     assert "toy" in cls and "sks" not in cls and caption
-    assert drift["class"][cls] < 0.5 * plain[cls], drift  # the class stays as the base draws it
-    assert drift["blank"][blank] < 0.5 * plain[blank], drift  # so does the empty prompt
-    assert all(drift[run][trigger] > 0.5 * plain[trigger] for run in runs), drift  # the trigger still learns
+    assert kept[cls] < 0.5 * plain[cls], drift  # the class stays as the base draws it
+    assert kept[blank] < 0.5 * plain[blank], drift  # so does the empty prompt
+    assert kept[trigger] > 0.5 * plain[trigger], drift  # the trigger still learns
 
 
 def test_output_preservation_says_each_sample_as_one_of_its_classes(pack):
