@@ -181,6 +181,8 @@ def main() -> None:
     parser.add_argument("--preserve-world", metavar="N", type=int, default=0,
                         help="toy world: output preservation of N base captions, none of them a control prompt "
                              "(each one a class: the captions are the trigger alone)")
+    parser.add_argument("--preservation-weight", metavar="W", type=float, default=1.0,
+                        help="how much output preservation counts (Train LoRA's preservation_weight)")
     parser.add_argument("--blank-preservation", metavar="W", type=float, default=0.0,
                         help="train without prior images, with blank prompt preservation at weight W (the empty "
                              "prompt keeps the base model's prediction)")
@@ -222,7 +224,8 @@ def main() -> None:
               + (f" with output preservation of {args.preservation}" if args.preservation else "")
               + (f" with blank prompt preservation {args.blank_preservation}" if args.blank_preservation else "")
               + " ...", flush=True)
-        settings = {"preservation_class": "\n".join(args.preservation)} if args.preservation else {}
+        settings = {"preservation_class": "\n".join(args.preservation),
+                    "preservation_weight": args.preservation_weight} if args.preservation else {}
         if args.blank_preservation:
             settings["blank_preservation_weight"] = args.blank_preservation
         result = run_example(server, checkpoint, dataset, args.steps, reg=reg, settings=settings, slider=args.slider)
