@@ -191,7 +191,7 @@ def concept_dataset(seed: int = 0, count: int = 24, repeats: int = 10, token: st
     """A kohya-layout folder `<root>/<repeats>_<token>/` of small images with .txt captions.
 
     Mixed aspect ratios (64x64, 64x96, 96x64) so bucketing has something to do. The colours come in four pairs:
-    four distinct captions, so a run encodes four (on a CPU the CLIP-L forward is most of a short run's time).
+    four distinct captions, so a run encodes four (on a CPU the CLIP-L forward was 40% of test_train.py with 21).
     """
     root = cache_dir() / f"dataset-concept-s{seed}-n{count}-v{FIXTURE_VERSION}-{DATASET_REVISION}"
     folder = root / f"{repeats}_{token}"
