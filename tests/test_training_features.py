@@ -444,6 +444,35 @@ def test_output_preservation_keeps_the_class_as_the_base_draws_it(pack, loaded_c
     assert kept[trigger] > 0.5 * plain[trigger], drift  # the trigger still learns
 
 
+def test_each_step_holds_the_class_and_the_empty_prompt_to_the_base_models_prediction(pack, loaded_checkpoint,
+                                                                                      concept_dataset, tmp_path,
+                                                                                      monkeypatch):
+    """The mechanism under the test above, in two steps: every step adds a preservation loss for the batch said as the
+    class and one for the empty prompt, each against the base model's own prediction. At step 1 the adapters are
+    still zero, so adapted and base agree exactly (loss 0); at step 2 they have moved and the losses are not 0 (a
+    target predicted with the adapters on would still give exactly 0)."""
+    from lora_foundry.training.data.captions import CaptionOptions
+    from lora_foundry.training.engine.step import TrainingStep
+
+    asked = []
+    preservation_loss = TrainingStep.preservation_loss
+
+    def recorded(self, patched, x0, noise, sigma, captions, *args):
+        loss = preservation_loss(self, patched, x0, noise, sigma, captions, *args)
+        asked.append((list(captions), loss.item()))
+        return loss
+
+    monkeypatch.setattr(TrainingStep, "preservation_loss", recorded)
+    trainer = _trainer(pack, loaded_checkpoint, _concept(concept_dataset), tmp_path, steps=2, batch_size=2,
+                       captions=CaptionOptions(trigger_word="sks"), preservation_class="toy",
+                       blank_preservation_weight=1.0)
+    with torch.inference_mode(False):
+        trainer.run()
+    assert [[c.split(",")[0] for c in captions] for captions, _ in asked] == [["toy", "toy"], ["", ""]] * 2, asked
+    assert [loss for _, loss in asked[:2]] == [0.0, 0.0], asked
+    assert all(loss > 0 for _, loss in asked[2:]), asked
+
+
 def test_output_preservation_says_each_sample_as_one_of_its_classes(pack):
     """preservation_class takes one class per line: every line's caption is encoded up front, and each sample of a
     batch is said as one of them, drawn from the step's generator."""
@@ -524,6 +553,31 @@ def test_a_slider_moves_the_prediction_toward_each_side_by_its_strength(pack, lo
     report = {s: (along(m, s * difference), float(m.norm() / difference.norm())) for s, m in moved.items()}
     assert all(cosine > 0.5 and 0.3 < size < 3 for cosine, size in report.values()), report
     assert all(a.norm() < 0.5 * moved[s].norm() for s, a in anchor_moved.items()), (report, anchor_moved)
+
+
+def test_a_slider_step_moves_its_targets_by_the_strength_and_holds_the_anchor(pack, loaded_checkpoint,
+                                                                               concept_dataset, tmp_path, monkeypatch):
+    """The mechanism under the test above, in one step: at +1 and -1 the caption's target is the base prediction
+    moved by + and - the (positive - negative) direction, and the anchor's target is the base's own at both."""
+    from lora_foundry.training.engine.step import TrainingStep
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    targets = []
+    prediction_loss = TrainingStep.prediction_loss
+
+    def recorded(self, patched, x, target, *args):
+        if not isinstance(target, FakeTensor):  # the memory plan's simulated step
+            strengths = {adapter.multiplier for adapter in self.network.adapters.values()}
+            targets.append((strengths, target.detach().clone()))
+        return prediction_loss(self, patched, x, target, *args)
+
+    monkeypatch.setattr(TrainingStep, "prediction_loss", recorded)
+    _slider(pack, loaded_checkpoint, _concept(concept_dataset), tmp_path, steps=1, slider_anchor="green square")
+    assert [strengths for strengths, _ in targets] == [{1.0}, {1.0}, {-1.0}, {-1.0}], targets
+    (_, up), (_, anchor_up), (_, down), (_, anchor_down) = targets
+    base, direction = (up + down) / 2, (up - down) / 2
+    assert float(direction.norm()) > 0.01 * float(base.norm()), "the two sides predict alike"
+    assert torch.equal(anchor_up, anchor_down)
 
 
 def test_a_slider_step_checkpointed_gives_the_same_gradients(pack, loaded_checkpoint, concept_dataset, tmp_path,
