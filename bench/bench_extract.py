@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_extract.py                  # SDXL widths, 1280-level depth 2, ranks 16/32/64
     .venv/bin/python bench/bench_extract.py --depth 10       # full SDXL depth (needs ~2 x 5 GB of fp16 weights)
+    .venv/bin/python bench/bench_extract.py --smoke          # a narrow SDXL layout: the CI check that it runs
 
 Two SDXL-shaped UNets (config from comfy.supported_models.SDXL + model_detection's SDXL entry): a
 random base (N(0, 0.02), fp16 like a real checkpoint) and a tuned copy with a planted low-rank change
@@ -52,11 +53,14 @@ SDXL_DETECTION = {
 PLANTED_RANK = 48
 
 
-def sdxl_config(depth: int) -> dict:
-    """SDXL's UNet config with the 1280-wide level's transformer depth set to `depth` (SDXL: 10)."""
+def sdxl_config(depth: int, smoke: bool = False) -> dict:
+    """SDXL's UNet config with the 1280-wide level's transformer depth set to `depth` (SDXL: 10); `smoke`: a fifth
+    of its width (64-wide levels, one head of 64 at the first)."""
     import comfy.supported_models
 
     config = {**SDXL_DETECTION, **comfy.supported_models.SDXL.unet_config}
+    if smoke:
+        config["model_channels"] = 64
     config["transformer_depth"] = [d if d != 10 else depth for d in config["transformer_depth"]]
     config["transformer_depth_output"] = [d if d != 10 else depth for d in config["transformer_depth_output"]]
     config["transformer_depth_middle"] = depth
@@ -183,7 +187,12 @@ def main() -> None:
     parser.add_argument("--ranks", default="16,32,64")
     parser.add_argument("--preset", default="kohya", help="layers: attention | kohya | locon | all")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest run through every part of the script, for CI (seconds; its figures mean "
+                             "nothing): SDXL's layout at a fifth of its width, depth 1")
     args = parser.parse_args()
+    if args.smoke:
+        args.depth, args.ranks = 1, "4,8"
     sys.stdout.reconfigure(line_buffering=True)  # each table line as it comes, also into a file
     ranks = [int(r) for r in args.ranks.split(",")]
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
@@ -201,7 +210,7 @@ def main() -> None:
     network_module = importlib.import_module(f"{pack}.lora_core.network")
     svd = importlib.import_module(f"{pack}.lora_core.svd")
 
-    config = sdxl_config(args.depth)
+    config = sdxl_config(args.depth, args.smoke)
     t0 = time.perf_counter()
     base = make_patcher(config, seed=0)
     tuned = make_patcher(config, seed=0)

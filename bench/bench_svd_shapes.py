@@ -1,6 +1,6 @@
 """Per-shape micro-benchmark (a script, not a test): svd.decompose vs torch.linalg.svd on SDXL layer shapes.
 
-    .venv/bin/python bench/bench_svd_shapes.py [--ranks 16,32,64] [--repeats 2] [--threads 2]
+    .venv/bin/python bench/bench_svd_shapes.py [--ranks 16,32,64] [--repeats 2] [--threads 2] [--smoke]
 
 Each matrix is a layer difference as bench_extract.py makes it: a random fp16 base (N(0, 0.02)) and a
 tuned copy with a planted rank-48 change (singular values 1 -> 0.1, 5 % of the weights' std), so fp16
@@ -49,7 +49,10 @@ def main() -> None:
     parser.add_argument("--tries", type=int, default=2, help="runs of each method per matrix; the fastest counts")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shapes", default="", help="e.g. 5120x640,1280x1280 (default: all)")
+    parser.add_argument("--smoke", action="store_true", help="the smallest run through every part of the script, for CI (seconds; its figures mean nothing)")
     args = parser.parse_args()
+    if args.smoke:
+        args.ranks, args.repeats, args.tries, args.shapes, args.threads = "8,16", 1, 1, "96x64,64x160", 1
     torch.set_num_threads(args.threads)
     ranks = [int(r) for r in args.ranks.split(",")]
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else list(SDXL_DEPTH2)

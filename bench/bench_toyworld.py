@@ -2,7 +2,7 @@
 TrainLoraNode, scored at several step budgets.
 
 Usage: .venv/bin/python bench/bench_toyworld.py [--family sd15|sd3] [--seed 0] [--budgets 25,50,100,200]
-                                                [--variants example,lora+16,...] [--no-native]
+                                                [--variants example,lora+16,...] [--no-native] [--smoke]
 
 Ours runs as the example workflow through a real server, once to the largest budget with a checkpoint at every
 budget (its learning rate is constant and nothing in a step depends on the run's length, so the checkpoint of step
@@ -190,7 +190,13 @@ def main() -> None:
     parser.add_argument("--train-seed", type=int, default=None, help="the training seed (default the example's)")
     parser.add_argument("--no-native", action="store_true", help="leave out ComfyUI's TrainLoraNode")
     parser.add_argument("--base-dir", type=Path, default=HERE.parent / "out" / "bench_toyworld")
+    parser.add_argument("--out", type=Path, default=HERE.parent / "out", help="where the table's JSON and plot go")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest run through every part of the script, for CI (seconds; its figures mean "
+                             "nothing): budgets 1 and 2, two samples a prompt at two sampling steps")
     args = parser.parse_args()
+    if args.smoke:
+        args.budgets = "1,2"
     budgets = sorted(int(b) for b in args.budgets.split(","))
     variants = [v.strip() for v in args.variants.split(",")]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -202,6 +208,7 @@ def main() -> None:
     from main_job import lora_name, toy_base
     from safetensors.torch import save_file
     from toyworld import evaluate, world
+    from toyworld.evaluate import Sampling
     from toyworld.judge import train_judge
     from toyworld.pretrain import cache_dir
 
@@ -215,13 +222,16 @@ def main() -> None:
     curves: dict[str, dict[int, dict]] = {}
     seconds: dict[str, float] = {}
     run = time.strftime("%H%M%S")
+    sampling = Sampling(count=2, control_count=1, steps=2) if args.smoke else Sampling()
     with ComfyServer(args.base_dir, models={"checkpoints": [checkpoint]}) as server:
-        base = evaluate.evaluate_base(server, checkpoint.name, judge)
-        base_trigger = evaluate.sample(server, checkpoint.name, [world.TRIGGER], prefix="toyworld_eval/base_trigger")[0]
+        base = evaluate.evaluate_base(server, checkpoint.name, judge, sampling)
+        base_trigger = evaluate.sample(server, checkpoint.name, [world.TRIGGER], sampling,
+                                       prefix="toyworld_eval/base_trigger")[0]
 
         def score(name: str, budget: int, lora: Path) -> dict:
-            scores = evaluate.evaluate_lora(server, checkpoint.name, lora_name(server, lora), judge, base=base,
-                                            base_trigger=base_trigger, prefix=f"toyworld_eval/{name}-{budget}")
+            scores = evaluate.evaluate_lora(server, checkpoint.name, lora_name(server, lora), judge, sampling,
+                                            base=base, base_trigger=base_trigger,
+                                            prefix=f"toyworld_eval/{name}-{budget}")
             scores.pop("files")
             print(f"  {name} at {budget}: concept {scores['concept_match']:.2f} {scores['concept']}, control "
                   f"{scores['control_match']:.2f} (base {scores['base_control_match']:.2f}), bleed "
@@ -254,8 +264,8 @@ def main() -> None:
     print(f"(cells: concept match / control match (base {base['match']:.2f}) / bleed; 'to bar': first budget from "
           "which the concept is >= 0.8 in every part without leakage; seconds: ours is the whole prompt to the "
           "largest budget, samples included, native the sum of its runs)")
-    out = HERE.parent / "out"
-    out.mkdir(exist_ok=True)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     record = {"family": args.family, "base_seed": args.seed, "settings": settings, "budgets": budgets,
               "base": {k: v for k, v in base.items() if k != "files"},
               "variants": {v: VARIANTS[v] for v in variants},

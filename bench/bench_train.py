@@ -1,6 +1,6 @@
 """Our training step vs ComfyUI's native TrainLoraNode: same model, data, rank, LR, dtype, batch.
 
-Usage: .venv/bin/python bench/bench_train.py [--steps 40] [--rank 8] [--batch 2] [--lr 1e-3] [--repeat 2]
+Usage: .venv/bin/python bench/bench_train.py [--steps 40] [--rank 8] [--batch 2] [--lr 1e-3] [--repeat 2] [--smoke]
 
 Each variant runs in its own process so peak memory (max RSS) is its own. Reports seconds
 per step (the whole run over its steps, setup and our memory plan included; and the steady step, the median time
@@ -119,7 +119,10 @@ def main() -> None:
     parser.add_argument("--variant", choices=("base", "ours", "native"))
     parser.add_argument("--repeat", type=int, default=1,
                         help="run native and ours alternately this many times; the fastest run of each counts")
+    parser.add_argument("--smoke", action="store_true", help="the smallest run through every part of the script, for CI (seconds; its figures mean nothing)")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.rank, args.repeat = 4, 2, 1
     if args.variant:
         return child(args)
     results: dict[str, dict] = {}
@@ -137,9 +140,12 @@ def main() -> None:
     print(f"{'base':10} {'':>8} {'':>8} {results['base']['max_rss_mb']:12.0f} {results['base']['held_out']:14.4f}")
     for name in ("native", "ours"):
         r = results[name]
-        print(f"{name:10} {r['seconds'] / args.steps:8.3f} {r['steady']:8.3f} {r['max_rss_mb']:12.0f} {r['held_out']:14.4f} {r['params']:10,}")
+        steady = f"{r['steady']:8.3f}" if r["steady"] is not None else f"{'-':>8}"  # fewer than 4 steps: none
+        print(f"{name:10} {r['seconds'] / args.steps:8.3f} {steady} {r['max_rss_mb']:12.0f} {r['held_out']:14.4f} "
+              f"{r['params']:10,}")
+    steady_ratio = ours["steady"] / native["steady"] if ours["steady"] and native["steady"] else float("nan")
     print(f"ratios ours/native: time {ours['seconds'] / native['seconds']:.2f}, "
-          f"steady step {ours['steady'] / native['steady']:.2f}, "
+          f"steady step {steady_ratio:.2f}, "
           f"peak RSS {ours['max_rss_mb'] / native['max_rss_mb']:.2f}, held-out loss {ours['held_out'] / native['held_out']:.3f}")
 
 

@@ -23,7 +23,8 @@ os.environ.update(allowed_roots_env())  # tests give nodes folders in temporary 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
-TOYWORLD_TESTS = Path(__file__).with_name("test_toyworld.py")
+# The modules that read the toy bases: the toy-world tests and the bench smoke runs (bench_toyworld.py).
+TOYWORLD_TESTS = (Path(__file__).with_name("test_toyworld.py"), Path(__file__).with_name("test_bench.py"))
 
 
 def pytest_configure(config):
@@ -33,7 +34,7 @@ def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
         return
     chosen = [Path(arg.split("::")[0]).resolve() for arg in config.args]
-    if not any(path == TOYWORLD_TESTS or path in TOYWORLD_TESTS.parents for path in chosen):
+    if not any(path == module or path in module.parents for path in chosen for module in TOYWORLD_TESTS):
         return
     from toyworld.prepare import prepare
 
@@ -50,7 +51,7 @@ def pytest_configure(config):
 # their bases made before the workers start), then modules; the rest follow in their collection order. Scheduled so,
 # the short modules fill in at the end and both workers finish together.
 LONG_WORK = ("TestSD15", "TestSD3", "test_mutants", "test_browser", "test_train", "test_memory",
-             "test_training_features", "test_faults", "test_configs", "test_gpu_check", "test_workflows", "test_families",
+             "test_training_features", "test_faults", "test_bench", "test_configs", "test_gpu_check", "test_workflows", "test_families",
              "test_video", "test_stack")
 
 

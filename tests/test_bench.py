@@ -1,0 +1,43 @@
+"""Every benchmark script runs to its end: each is run with `--smoke` (its smallest run through every part, on the
+CPU), so none breaks unseen between the sessions that measure with it."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+import pytest
+from harness.comfy import REPO_ROOT
+
+BENCH = REPO_ROOT / "bench"
+# Script: what its last table prints when the run got to the end.
+SMOKE_RUNS = {
+    "bench_engine.py": "adapter cost (s)",
+    "bench_extract.py": "concat, ranks 8+4",
+    "bench_svd_shapes.py": "SDXL d2",
+    "bench_toyworld.py": "written: ",
+    "bench_train.py": "ratios ours/native",
+}
+SMOKE_RUN_ELSEWHERE = {"gpu_check.py", "bench_dispatch.py"}  # tests/test_gpu_check.py runs and reads them
+
+
+def _is_script(path) -> bool:
+    tree = ast.parse(path.read_text())
+    return any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) for node in tree.body)
+
+
+def test_every_bench_script_has_a_smoke_run():
+    scripts = {path.name for path in BENCH.glob("*.py") if _is_script(path)}
+    assert scripts == set(SMOKE_RUNS) | SMOKE_RUN_ELSEWHERE, "a new bench script needs --smoke and a row here"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SMOKE_RUNS))
+def test_bench_script_runs_to_its_table(script, tmp_path):
+    extra = ["--base-dir", str(tmp_path / "comfy"), "--out", str(tmp_path / "out")] if script == "bench_toyworld.py" \
+        else []
+    done = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *extra], capture_output=True, text=True,
+                          timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert SMOKE_RUNS[script] in done.stdout, done.stdout[-3000:]
