@@ -24,7 +24,8 @@ ARCHITECTURES = {
     "sd15": ("stable-diffusion-v1", "sd_v1"), "sd2v": ("stable-diffusion-v2-768-v", "sd_v2"),
     "sdxl": ("stable-diffusion-xl-v1-base", "sdxl_base_v1-0"), "sd3": ("stable-diffusion-3-medium", "sd3"),
     "flux": ("flux-1-dev", "flux1"), "chroma": ("chroma", "chroma"), "qwen_image": ("qwen-image", "qwen_image"),
-    "zimage": ("z-image", "z_image"), "wan21": ("wan2.1-t2v", "wan21"), "wan22_5b": ("wan2.2-t2v", "wan22"),
+    "zimage": ("z-image", "z_image"), "pixart_sigma": ("pixart-sigma", "pixart_sigma"),
+    "auraflow": ("auraflow", "auraflow"), "wan21": ("wan2.1-t2v", "wan21"), "wan22_5b": ("wan2.2-t2v", "wan22"),
 }
 CLIP_FAMILIES = {"sd15", "sd2v", "sdxl", "sd3", "flux"}  # families whose text encoders include a CLIP
 
@@ -51,10 +52,11 @@ def family(request, pack):
     return build_family(request.param)
 
 
-def _dataset(folder):
+def _dataset(folder, side: int = 64):
     from lora_foundry.training.data.dataset import load_dataset
 
-    return load_dataset(folder, resolution=64, min_side=64, max_side=64, bucket_step=64, validation_split=0.34, seed=1)
+    return load_dataset(folder, resolution=side, min_side=side, max_side=side, bucket_step=64, validation_split=0.34,
+                        seed=1)
 
 
 def _trainer(fam, folder, network=None, **settings):
@@ -65,14 +67,16 @@ def _trainer(fam, folder, network=None, **settings):
     with torch.inference_mode(False):
         net = LoraNetwork.create(NetworkConfig(**{"rank": 4, "alpha": 4, "preset": "all", "seed": 0,
                                                   **(network or {})}), fam.model, fam.clip)
-        return Trainer(fam.model, fam.clip, fam.vae, _dataset(folder), net, TrainConfig(**config), name=fam.name)
+        return Trainer(fam.model, fam.clip, fam.vae, _dataset(folder, fam.resolution), net, TrainConfig(**config), name=fam.name)
+
+
+NOT_FLOW = {"sd15": "eps", "sd2v": "v", "sdxl": "eps", "pixart_sigma": "eps"}  # what each other family predicts
 
 
 def test_family_is_what_the_host_runs(family):
     from lora_foundry.training.engine.objective import prediction
 
-    kinds = {"sd15": "eps", "sd2v": "v", "sdxl": "eps"}
-    assert prediction(family.model.get_model_object("model_sampling")) == kinds.get(family.name, "flow")
+    assert prediction(family.model.get_model_object("model_sampling")) == NOT_FLOW.get(family.name, "flow")
     assert family.model.get_model_object("latent_format").latent_channels == family.latent_channels
 
 
@@ -181,14 +185,11 @@ def test_family_gets_the_inputs_comfyui_gives_it(family, dataset_dir, comfy_node
         assert float(got["guidance"].flatten()[0]) == 1.0
 
 
-FLOW_FAMILIES = {"sd3", "flux", "chroma", "qwen_image", "zimage", "wan21", "wan22_5b"}
-
-
 def test_auto_timestep_sampling_is_the_familys(family, dataset_dir):
     """The default (auto) draws logit-normal levels for the flow families and uniform ones for eps / v."""
     trainer = _trainer(family, dataset_dir, steps=1)
     assert trainer.config.timestep_sampling == "auto"
-    assert trainer.step.timestep_sampling == ("logit_normal" if family.name in FLOW_FAMILIES else "uniform")
+    assert trainer.step.timestep_sampling == ("uniform" if family.name in NOT_FLOW else "logit_normal")
 
 
 def test_family_preview_has_its_latent_shape(family, dataset_dir):
@@ -296,7 +297,7 @@ def test_a_prediction_we_do_not_train_is_named(pack, dataset_dir):
 
 
 DIT_LISTS = {"sd3": ["J"], "flux": ["D", "S"], "chroma": ["D", "S"], "qwen_image": ["T"], "zimage": ["N", "C", "L"],
-             "wan21": ["B"], "wan22_5b": ["B"]}
+             "pixart_sigma": ["B"], "auraflow": ["D", "S"], "wan21": ["B"], "wan22_5b": ["B"]}
 
 
 @pytest.mark.parametrize("name", sorted(DIT_LISTS))

@@ -22,7 +22,8 @@ from .fixtures import build_taesd, build_unet, init_weights_
 if TYPE_CHECKING:
     import torch
 
-FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "chroma", "qwen_image", "zimage", "wan21", "wan22_5b")
+FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "chroma", "qwen_image", "zimage", "pixart_sigma", "auraflow",
+            "wan21", "wan22_5b")
 IMAGE_CONDITIONED = ("wan21_i2v",)  # families conditioned on an image as well (issue 16's tests)
 
 # A CLIP text model of width 64; three layers since SDXL and SD3 take the penultimate one.
@@ -46,6 +47,7 @@ class Family:
     video: bool  # 5-D latents [B, C, T, H, W]
     detected: str  # class name of the model_config the host detected; "" when built directly
     notes: str
+    resolution: int = 64  # the side the tests train at: the smallest the host's model runs at, at least 64
 
 
 def build_family(name: str, seed: int = 0) -> Family:
@@ -413,6 +415,41 @@ def _build_zimage(seed: int) -> Family:
                   "head_dim stays 128); TAESD-shaped VAE with 16 channels (as taef1; Z-Image uses the Flux VAE)")
 
 
+def _build_pixart_sigma(seed: int) -> Family:
+    import comfy.supported_models
+    import comfy.text_encoders.pixart_t5
+
+    # PixArt Sigma's settings from model_detection (no micro-conditioning, sigma predicted beside eps) at hidden 64.
+    config = {"image_model": "pixart_sigma", "micro_condition": False, "patch_size": 2, "in_channels": 4,
+              "hidden_size": 64, "num_heads": 2, "depth": 2, "input_size": 32, "pe_interpolation": 0.5,
+              "caption_channels": SMALL_T5["d_model"], "model_max_length": 300}
+    model = _patcher(_new_model(comfy.supported_models.PixArtSigma, config, seed))
+    clip = _clip(comfy.text_encoders.pixart_t5.pixart_te(), comfy.text_encoders.pixart_t5.PixArtTokenizer,
+                 seed + 1, {"t5xxl_model_config": SMALL_T5})
+    return Family("pixart_sigma", model, clip, _taesd_vae(seed, 4), 4, False, "",
+                  "built directly: detection fixes hidden 1152 and 16 heads; PixArt Sigma (eps, the model's learned "
+                  "sigma output dropped by the host) at hidden 64, 2 heads, 2 blocks; T5-XXL reduced to width "
+                  f"{SMALL_T5['d_model']}; TAESD-shaped VAE (as taesdxl: PixArt Sigma uses the SDXL VAE); trained at "
+                  "320 px: the host's PixArt divides by zero below 40x40 latents (its position table's base size "
+                  "round(side / 64) * 64)", resolution=320)
+
+
+def _build_auraflow(seed: int) -> Family:
+    import comfy.supported_models
+    import comfy.text_encoders.aura_t5
+
+    config = {"in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 64, "n_layers": 2, "n_double_layers": 1,
+              "n_heads": 2, "global_conddim": 64, "cond_seq_dim": SMALL_T5["d_model"], "max_seq": 32 * 32}
+    model = _patcher(_new_model(comfy.supported_models.AuraFlow, config, seed))
+    clip = _clip(comfy.text_encoders.aura_t5.AuraT5Model, comfy.text_encoders.aura_t5.AuraT5Tokenizer, seed + 1,
+                 {"pile_t5xl_model_config": SMALL_T5})
+    return Family("auraflow", model, clip, _taesd_vae(seed, 4), 4, False, "",
+                  "built directly: detection reads the layer counts and widths of the text and position tables, "
+                  "the rest is the 6.8B model's (dim 3072); AuraFlow at dim 64, 2 heads, 1 double + 1 single layer; "
+                  f"Pile-T5-XL reduced to width {SMALL_T5['d_model']}; TAESD-shaped VAE (as taesdxl: AuraFlow uses "
+                  "the SDXL VAE)")
+
+
 def _wan21_config(**overrides) -> dict:
     config = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "out_dim": 16, "num_heads": 2, "ffn_dim": 128,
               "num_layers": 2, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1), "qk_norm": True,
@@ -465,7 +502,8 @@ def _build_wan22_5b(seed: int) -> Family:
 
 
 _BUILDERS = {"sd15": _build_sd15, "sd2v": _build_sd2v, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux,
-             "chroma": _build_chroma, "qwen_image": _build_qwen_image, "zimage": _build_zimage, "wan21": _build_wan21,
+             "chroma": _build_chroma, "qwen_image": _build_qwen_image, "zimage": _build_zimage,
+             "pixart_sigma": _build_pixart_sigma, "auraflow": _build_auraflow, "wan21": _build_wan21,
              "wan21_i2v": _build_wan21_i2v, "wan22_5b": _build_wan22_5b}
 
 
