@@ -19,7 +19,7 @@ FAMILIES = {
     "WAN22_T2V": ("wan2.2-t2v", "wan22"), "WAN21_I2V": ("wan2.1-i2v", "wan21"), "WAN21_T2V": ("wan2.1-t2v", "wan21"),
     "HunyuanVideo": ("hunyuan-video", "hunyuan_video"), "LTXV": ("ltx-video", "ltxv"),
     "PixArtSigma": ("pixart-sigma", "pixart_sigma"), "PixArtAlpha": ("pixart-alpha", "pixart_alpha"),
-    "AuraFlow": ("auraflow", "auraflow"),  # ai-toolkit's arch names: kohya and modelspec have none
+    "AuraFlow": ("auraflow", "auraflow"), "HiDream": ("hidream-i1", "hidream"),  # kohya and modelspec have none
 }
 NETWORK_MODULES = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya",
                    "dylora": "networks.dylora", "oft": "lycoris.kohya", "boft": "lycoris.kohya",

@@ -25,9 +25,13 @@ ARCHITECTURES = {
     "sdxl": ("stable-diffusion-xl-v1-base", "sdxl_base_v1-0"), "sd3": ("stable-diffusion-3-medium", "sd3"),
     "flux": ("flux-1-dev", "flux1"), "chroma": ("chroma", "chroma"), "qwen_image": ("qwen-image", "qwen_image"),
     "zimage": ("z-image", "z_image"), "pixart_sigma": ("pixart-sigma", "pixart_sigma"),
-    "auraflow": ("auraflow", "auraflow"), "wan21": ("wan2.1-t2v", "wan21"), "wan22_5b": ("wan2.2-t2v", "wan22"),
+    "auraflow": ("auraflow", "auraflow"), "hidream": ("hidream-i1", "hidream"), "wan21": ("wan2.1-t2v", "wan21"), "wan22_5b": ("wan2.2-t2v", "wan22"),
 }
-CLIP_FAMILIES = {"sd15", "sd2v", "sdxl", "sd3", "flux"}  # families whose text encoders include a CLIP
+CLIP_FAMILIES = {"sd15", "sd2v", "sdxl", "sd3", "flux", "hidream"}  # families whose text encoders include a CLIP
+# Families the memory plan cannot simulate (it trains them without an estimate, and says so in the log): HiDream's
+# experts each take the tokens the router picked for them (boolean-mask indexing), which a step on storage-less tensors
+# has no values to pick by.
+NOT_SIMULATED = {"hidream"}
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +101,8 @@ def test_family_trains_and_its_file_loads_in_comfyui(family, dataset_dir, tmp_pa
     assert latent.shape[0] == family.latent_channels and latent.dim() == (4 if family.video else 3)
     assert all(np.isfinite(result.losses))
     assert result.validation[-1][1] < base, (base, result.validation)
-    assert trainer.context.plan.activations > 0 and trainer.context.plan.flops > 0  # the planner simulated this family
+    simulated = trainer.context.plan.activations > 0 and trainer.context.plan.flops > 0
+    assert simulated == (family.name not in NOT_SIMULATED)  # the planner simulated this family
 
     path = write_safetensors(result.network.state_dict_kohya(), tmp_path / f"{family.name}.safetensors",
                              trainer.files.metadata(result.steps))
@@ -237,7 +242,8 @@ def test_family_text_encoder_lora(family, dataset_dir, tmp_path, caplog):
     assert loads and not any(loads)  # the simulated step never asked the host to load storage-less weights
     te = {n: a for n, a in result.network.adapters.items() if n.startswith("lora_te")}
     assert te and any(float(a.lora_up.abs().sum()) > 0 for a in te.values())
-    assert trainer.context.plan.activations > 0  # the plan's simulated step ran the text encoders' adapters too
+    # The plan's simulated step ran the text encoders' adapters too.
+    assert (trainer.context.plan.activations > 0) == (family.name not in NOT_SIMULATED)
     caplog.set_level(logging.WARNING)
     _, clip = comfy.sd.load_lora_for_models(family.model, family.clip, result.network.state_dict_kohya(), 1.0, 1.0)
     assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
@@ -297,7 +303,7 @@ def test_a_prediction_we_do_not_train_is_named(pack, dataset_dir):
 
 
 DIT_LISTS = {"sd3": ["J"], "flux": ["D", "S"], "chroma": ["D", "S"], "qwen_image": ["T"], "zimage": ["N", "C", "L"],
-             "pixart_sigma": ["B"], "auraflow": ["D", "S"], "wan21": ["B"], "wan22_5b": ["B"]}
+             "pixart_sigma": ["B"], "auraflow": ["D", "S"], "hidream": ["D", "S", "C"], "wan21": ["B"], "wan22_5b": ["B"]}
 
 
 @pytest.mark.parametrize("name", sorted(DIT_LISTS))

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "chroma", "qwen_image", "zimage", "pixart_sigma", "auraflow",
-            "wan21", "wan22_5b")
+            "hidream", "wan21", "wan22_5b")
 IMAGE_CONDITIONED = ("wan21_i2v",)  # families conditioned on an image as well (issue 16's tests)
 
 # A CLIP text model of width 64; three layers since SDXL and SD3 take the penultimate one.
@@ -450,6 +450,31 @@ def _build_auraflow(seed: int) -> Family:
                   "the SDXL VAE)")
 
 
+def _build_hidream(seed: int) -> Family:
+    import comfy.supported_models
+    import comfy.text_encoders.hidream
+
+    # The DiT reads one Llama layer per block (llama_layers: 48 of Llama-3.1-8B's 32 in the real model); the pooled
+    # vector is CLIP-L's and CLIP-G's projections side by side.
+    config = {"image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 1,
+              "num_single_layers": 1, "attention_head_dim": 32, "num_attention_heads": 2, "axes_dims_rope": [16, 8, 8],
+              "caption_channels": [SMALL_T5["d_model"], SMALL_QWEN["hidden_size"]],
+              "text_emb_dim": 2 * SMALL_CLIP["projection_dim"], "num_routed_experts": 4, "num_activated_experts": 2,
+              "max_resolution": [128, 128], "llama_layers": [1, 2]}
+    model = _patcher(_new_model(comfy.supported_models.HiDream, config, seed))
+    # HiDream builds its CLIP-L without a model name, so the shared options name it (the others name themselves).
+    clip = _clip(comfy.text_encoders.hidream.hidream_clip(), comfy.text_encoders.hidream.HiDreamTokenizer, seed + 1,
+                 {"model_name": "clip_l", "clip_l_model_config": SMALL_CLIP, "clip_g_model_config": SMALL_CLIP,
+                  "t5xxl_model_config": SMALL_T5, "llama_model_config": SMALL_QWEN})
+    return Family("hidream", model, clip, _taesd_vae(seed, 16), 16, False, "",
+                  "built directly: detection fixes the 17B model's widths (20 heads x 128, 16 + 32 blocks); HiDream "
+                  "I1 at 2 heads x 32, 1 double + 1 single block with 4 routed experts (2 active); CLIP-L, CLIP-G and "
+                  f"T5-XXL reduced to width {SMALL_CLIP['hidden_size']}, Llama-3.1-8B to width "
+                  f"{SMALL_QWEN['hidden_size']}, 3 layers (the blocks read layers 1 and 2; head_dim stays 128), "
+                  "all with the host's tokenizers; TAESD-shaped VAE with 16 channels (as taef1: HiDream uses the Flux "
+                  "VAE)")
+
+
 def _wan21_config(**overrides) -> dict:
     config = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "out_dim": 16, "num_heads": 2, "ffn_dim": 128,
               "num_layers": 2, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1), "qk_norm": True,
@@ -503,7 +528,8 @@ def _build_wan22_5b(seed: int) -> Family:
 
 _BUILDERS = {"sd15": _build_sd15, "sd2v": _build_sd2v, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux,
              "chroma": _build_chroma, "qwen_image": _build_qwen_image, "zimage": _build_zimage,
-             "pixart_sigma": _build_pixart_sigma, "auraflow": _build_auraflow, "wan21": _build_wan21,
+             "pixart_sigma": _build_pixart_sigma, "auraflow": _build_auraflow, "hidream": _build_hidream,
+             "wan21": _build_wan21,
              "wan21_i2v": _build_wan21_i2v, "wan22_5b": _build_wan22_5b}
 
 
