@@ -22,8 +22,8 @@ from .fixtures import build_taesd, build_unet, init_weights_
 if TYPE_CHECKING:
     import torch
 
-FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "chroma", "qwen_image", "zimage", "pixart_sigma", "auraflow",
-            "hidream", "wan21", "wan22_5b")
+FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "chroma", "qwen_image", "zimage", "lumina2", "pixart_sigma",
+            "auraflow", "hidream", "wan21", "wan22_5b")
 IMAGE_CONDITIONED = ("wan21_i2v",)  # families conditioned on an image as well (issue 16's tests)
 
 # A CLIP text model of width 64; three layers since SDXL and SD3 take the penultimate one.
@@ -152,6 +152,17 @@ def umt5_spiece_stand_in() -> bytes:
     Wan's UMT5 tokenizer does not ship with the host (ComfyUI reads it from the text encoder file);
     renumbering keeps the host's padding, end-of-text detection and attention mask working as with UMT5.
     """
+    return _spiece_stand_in(pad=0, eos=1, unk=2)
+
+
+def gemma_spiece_stand_in() -> bytes:
+    """The host's pile-T5 sentencepiece model renumbered to Gemma's special ids the host uses (pad 0, eos 1, bos 2;
+    unk on its last piece: id 3 on is pile-T5's byte fallback): Gemma's tokenizer, like UMT5's, ships inside the text
+    encoder file."""
+    return _spiece_stand_in(pad=0, eos=1, bos=2, unk=31999)
+
+
+def _spiece_stand_in(pad: int, eos: int, unk: int, bos: int = -1) -> bytes:
     import comfy.text_encoders.aura_t5
     from sentencepiece import sentencepiece_model_pb2 as spm
 
@@ -159,12 +170,15 @@ def umt5_spiece_stand_in() -> bytes:
     path = Path(comfy.text_encoders.aura_t5.__file__).parent / "t5_pile_tokenizer" / "tokenizer.model"
     proto.ParseFromString(path.read_bytes())
     kinds = spm.ModelProto.SentencePiece
-    for i, (piece, kind) in enumerate((("<pad>", kinds.CONTROL), ("</s>", kinds.CONTROL), ("<unk>", kinds.UNKNOWN))):
-        proto.pieces[i].piece = piece
-        proto.pieces[i].type = kind
+    specials = {pad: ("<pad>", kinds.CONTROL), eos: ("</s>", kinds.CONTROL), bos: ("<s>", kinds.CONTROL),
+                unk: ("<unk>", kinds.UNKNOWN)}
+    for i, (piece, kind) in specials.items():
+        if i >= 0:
+            proto.pieces[i].piece = piece
+            proto.pieces[i].type = kind
     spec = proto.trainer_spec
-    spec.pad_id, spec.eos_id, spec.unk_id, spec.bos_id = 0, 1, 2, -1
-    spec.pad_piece, spec.eos_piece, spec.unk_piece = "<pad>", "</s>", "<unk>"
+    spec.pad_id, spec.eos_id, spec.unk_id, spec.bos_id = pad, eos, unk, bos
+    spec.pad_piece, spec.eos_piece, spec.unk_piece, spec.bos_piece = "<pad>", "</s>", "<unk>", "<s>"
     return proto.SerializeToString()
 
 
@@ -415,6 +429,26 @@ def _build_zimage(seed: int) -> Family:
                   "head_dim stays 128); TAESD-shaped VAE with 16 channels (as taef1; Z-Image uses the Flux VAE)")
 
 
+def _build_lumina2(seed: int) -> Family:
+    import comfy.supported_models
+    import comfy.text_encoders.lumina2
+
+    # Lumina 2's settings from model_detection (dim 2304 branch) with 2 of its 24 heads (head_dim 96 = sum of axes).
+    config = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 192, "cap_feat_dim": 32,
+              "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "qk_norm": True,
+              "axes_dims": [32, 32, 32], "axes_lens": [300, 512, 512], "rope_theta": 10000.0, "ffn_dim_multiplier": 4.0}
+    model = _patcher(_new_model(comfy.supported_models.Lumina2, config, seed))
+    gemma = {**SMALL_QWEN, "hidden_size": config["cap_feat_dim"], "vocab_size": 32000}
+    clip = _clip(comfy.text_encoders.lumina2.te(), comfy.text_encoders.lumina2.LuminaTokenizer, seed + 1,
+                 {"gemma2_2b_model_config": gemma}, tokenizer_data={"spiece_model": gemma_spiece_stand_in()})
+    return Family("lumina2", model, clip, _taesd_vae(seed, 16), 16, False, "",
+                  "built directly: detection fixes Lumina 2's heads at dim 2304; NextDiT at dim 192, 2 heads of 96, "
+                  "2 layers + 1 noise and 1 context refiner layer; Gemma-2-2B reduced to width 32, 3 layers "
+                  "(penultimate layer; head_dim stays 256), vocab 32000; tokenizer: the host's pile-T5 sentencepiece "
+                  "model renumbered to Gemma's special ids (Gemma's ships inside the text encoder file, not with the "
+                  "host); TAESD-shaped VAE with 16 channels (as taef1: Lumina 2 uses the Flux VAE)")
+
+
 def _build_pixart_sigma(seed: int) -> Family:
     import comfy.supported_models
     import comfy.text_encoders.pixart_t5
@@ -527,7 +561,7 @@ def _build_wan22_5b(seed: int) -> Family:
 
 
 _BUILDERS = {"sd15": _build_sd15, "sd2v": _build_sd2v, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux,
-             "chroma": _build_chroma, "qwen_image": _build_qwen_image, "zimage": _build_zimage,
+             "chroma": _build_chroma, "qwen_image": _build_qwen_image, "zimage": _build_zimage, "lumina2": _build_lumina2,
              "pixart_sigma": _build_pixart_sigma, "auraflow": _build_auraflow, "hidream": _build_hidream,
              "wan21": _build_wan21,
              "wan21_i2v": _build_wan21_i2v, "wan22_5b": _build_wan22_5b}
