@@ -23,7 +23,8 @@ CAPTIONS = ["a red circle on blue", "a green square", "a yellow plus on teal", "
 ARCHITECTURES = {
     "sd15": ("stable-diffusion-v1", "sd_v1"), "sd2v": ("stable-diffusion-v2-768-v", "sd_v2"),
     "sdxl": ("stable-diffusion-xl-v1-base", "sdxl_base_v1-0"), "sd3": ("stable-diffusion-3-medium", "sd3"),
-    "flux": ("flux-1-dev", "flux1"), "chroma": ("chroma", "chroma"), "qwen_image": ("qwen-image", "qwen_image"),
+    "flux": ("flux-1-dev", "flux1"), "chroma": ("chroma", "chroma"),
+    "chroma_radiance": ("chroma", "chroma"), "qwen_image": ("qwen-image", "qwen_image"),
     "zimage": ("z-image", "z_image"), "lumina2": ("lumina-2", "lumina2"), "pixart_sigma": ("pixart-sigma", "pixart_sigma"),
     "auraflow": ("auraflow", "auraflow"), "hidream": ("hidream-i1", "hidream"), "wan21": ("wan2.1-t2v", "wan21"), "wan22_5b": ("wan2.2-t2v", "wan22"),
 }
@@ -302,7 +303,8 @@ def test_a_prediction_we_do_not_train_is_named(pack, dataset_dir):
         _trainer(dataclasses.replace(fam, model=patched), dataset_dir)
 
 
-DIT_LISTS = {"sd3": ["J"], "flux": ["D", "S"], "chroma": ["D", "S"], "qwen_image": ["T"], "zimage": ["N", "C", "L"], "lumina2": ["N", "C", "L"],
+DIT_LISTS = {"sd3": ["J"], "flux": ["D", "S"], "chroma": ["D", "S"], "chroma_radiance": ["D", "S", "N"],
+             "qwen_image": ["T"], "zimage": ["N", "C", "L"], "lumina2": ["N", "C", "L"],
              "pixart_sigma": ["B"], "auraflow": ["D", "S"], "hidream": ["D", "S", "C"], "wan21": ["B"], "wan22_5b": ["B"]}
 
 

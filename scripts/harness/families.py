@@ -22,8 +22,8 @@ from .fixtures import build_taesd, build_unet, init_weights_
 if TYPE_CHECKING:
     import torch
 
-FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "chroma", "qwen_image", "zimage", "lumina2", "pixart_sigma",
-            "auraflow", "hidream", "wan21", "wan22_5b")
+FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "chroma", "chroma_radiance", "qwen_image", "zimage", "lumina2",
+            "pixart_sigma", "auraflow", "hidream", "wan21", "wan22_5b")
 IMAGE_CONDITIONED = ("wan21_i2v",)  # families conditioned on an image as well (issue 16's tests)
 
 # A CLIP text model of width 64; three layers since SDXL and SD3 take the penultimate one.
@@ -389,6 +389,28 @@ def _build_chroma(seed: int) -> Family:
                   f"width {SMALL_T5['d_model']}; TAESD-shaped VAE with 16 channels (as taef1)")
 
 
+def _build_chroma_radiance(seed: int) -> Family:
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.text_encoders.pixart_t5
+    import torch
+
+    hidden = 64
+    # Chroma on pixels: 16-pixel patches in, and a per-pixel NeRF-style head out (model_detection's settings).
+    config = _flux_like_config(image_model="chroma_radiance", in_channels=3, out_channels=3, patch_size=16,
+                               hidden_size=hidden, in_dim=64, out_dim=hidden, hidden_dim=128, n_layers=2,
+                               nerf_hidden_size=16, nerf_mlp_ratio=4, nerf_depth=2, nerf_max_freqs=8,
+                               nerf_tile_size=512, nerf_final_head_type="linear", nerf_embedder_dtype=torch.float32)
+    model = _patcher(_new_model(comfy.supported_models.ChromaRadiance, config, seed))
+    clip = _clip(comfy.text_encoders.pixart_t5.pixart_te(), comfy.text_encoders.pixart_t5.PixArtTokenizer,
+                 seed + 1, {"t5xxl_model_config": SMALL_T5})
+    vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})  # what VAELoader gives for "pixel_space"
+    return Family("chroma_radiance", model, clip, vae, 3, False, "",
+                  "built directly (as chroma); Chroma Radiance at hidden 64, 1 double + 1 single block, 16-pixel "
+                  "patches, NeRF head 16 wide x 2 layers; T5-XXL reduced to width "
+                  f"{SMALL_T5['d_model']}; no VAE latent: the host's pixel-space conversion (pixels are the latent)")
+
+
 def _build_qwen_image(seed: int) -> Family:
     import comfy.supported_models
     import comfy.text_encoders.qwen_image
@@ -561,7 +583,7 @@ def _build_wan22_5b(seed: int) -> Family:
 
 
 _BUILDERS = {"sd15": _build_sd15, "sd2v": _build_sd2v, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux,
-             "chroma": _build_chroma, "qwen_image": _build_qwen_image, "zimage": _build_zimage, "lumina2": _build_lumina2,
+             "chroma": _build_chroma, "chroma_radiance": _build_chroma_radiance, "qwen_image": _build_qwen_image, "zimage": _build_zimage, "lumina2": _build_lumina2,
              "pixart_sigma": _build_pixart_sigma, "auraflow": _build_auraflow, "hidream": _build_hidream,
              "wan21": _build_wan21,
              "wan21_i2v": _build_wan21_i2v, "wan22_5b": _build_wan22_5b}
