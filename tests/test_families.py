@@ -26,7 +26,8 @@ ARCHITECTURES = {
     "flux": ("flux-1-dev", "flux1"), "chroma": ("chroma", "chroma"),
     "chroma_radiance": ("chroma", "chroma"), "qwen_image": ("qwen-image", "qwen_image"),
     "zimage": ("z-image", "z_image"), "lumina2": ("lumina-2", "lumina2"), "pixart_sigma": ("pixart-sigma", "pixart_sigma"),
-    "auraflow": ("auraflow", "auraflow"), "hidream": ("hidream-i1", "hidream"), "wan21": ("wan2.1-t2v", "wan21"), "wan22_5b": ("wan2.2-t2v", "wan22"),
+    "auraflow": ("auraflow", "auraflow"), "hidream": ("hidream-i1", "hidream"),
+    "omnigen2": ("omnigen2", "omnigen2"), "wan21": ("wan2.1-t2v", "wan21"), "wan22_5b": ("wan2.2-t2v", "wan22"),
 }
 CLIP_FAMILIES = {"sd15", "sd2v", "sdxl", "sd3", "flux", "hidream"}  # families whose text encoders include a CLIP
 # Families the memory plan cannot simulate (it trains them without an estimate, and says so in the log): HiDream's
@@ -305,7 +306,8 @@ def test_a_prediction_we_do_not_train_is_named(pack, dataset_dir):
 
 DIT_LISTS = {"sd3": ["J"], "flux": ["D", "S"], "chroma": ["D", "S"], "chroma_radiance": ["D", "S", "N"],
              "qwen_image": ["T"], "zimage": ["N", "C", "L"], "lumina2": ["N", "C", "L"],
-             "pixart_sigma": ["B"], "auraflow": ["D", "S"], "hidream": ["D", "S", "C"], "wan21": ["B"], "wan22_5b": ["B"]}
+             "pixart_sigma": ["B"], "auraflow": ["D", "S"], "hidream": ["D", "S", "C"],
+             "omnigen2": ["N", "R", "C", "L"], "wan21": ["B"], "wan22_5b": ["B"]}
 
 
 @pytest.mark.parametrize("name", sorted(DIT_LISTS))

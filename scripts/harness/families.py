@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "chroma", "chroma_radiance", "qwen_image", "zimage", "lumina2",
-            "pixart_sigma", "auraflow", "hidream", "wan21", "wan22_5b")
+            "pixart_sigma", "auraflow", "hidream", "omnigen2", "wan21", "wan22_5b")
 IMAGE_CONDITIONED = ("wan21_i2v",)  # families conditioned on an image as well (issue 16's tests)
 
 # A CLIP text model of width 64; three layers since SDXL and SD3 take the penultimate one.
@@ -531,6 +531,27 @@ def _build_hidream(seed: int) -> Family:
                   "VAE)")
 
 
+def _build_omnigen2(seed: int) -> Family:
+    import comfy.supported_models
+    import comfy.text_encoders.omnigen2
+
+    # OmniGen2's settings from model_detection with 2 of its 21 heads (head_dim 120 = sum of the rope axes).
+    config = {"image_model": "omnigen2", "patch_size": 2, "in_channels": 16, "out_channels": None,
+              "hidden_size": 240, "num_attention_heads": 2, "num_kv_heads": 1, "num_layers": 2,
+              "num_refiner_layers": 1, "axes_dim_rope": [40, 40, 40], "axes_lens": [1024, 1664, 1664],
+              "ffn_dim_multiplier": None, "multiple_of": 32, "norm_eps": 1e-5,
+              "text_feat_dim": SMALL_QWEN["hidden_size"], "timestep_scale": 1000.0}
+    model = _patcher(_new_model(comfy.supported_models.Omnigen2, config, seed))
+    clip = _clip(comfy.text_encoders.omnigen2.te(), comfy.text_encoders.omnigen2.Omnigen2Tokenizer, seed + 1,
+                 {"qwen25_3b_model_config": SMALL_QWEN})
+    return Family("omnigen2", model, clip, _taesd_vae(seed, 16), 16, False, "",
+                  "built directly: detection fixes the real widths (21 heads x 120, 32 layers); OmniGen2 at 2 heads "
+                  "x 120, 2 layers + 1 refiner layer each side; Qwen2.5-VL-3B's language model reduced to width "
+                  f"{SMALL_QWEN['hidden_size']}, {SMALL_QWEN['num_hidden_layers']} layers (head_dim stays 128); "
+                  "TAESD-shaped VAE with 16 channels (as taef1: OmniGen2 uses the Flux VAE); text to image only (no "
+                  "reference images)")
+
+
 def _wan21_config(**overrides) -> dict:
     config = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "out_dim": 16, "num_heads": 2, "ffn_dim": 128,
               "num_layers": 2, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1), "qk_norm": True,
@@ -585,7 +606,7 @@ def _build_wan22_5b(seed: int) -> Family:
 _BUILDERS = {"sd15": _build_sd15, "sd2v": _build_sd2v, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux,
              "chroma": _build_chroma, "chroma_radiance": _build_chroma_radiance, "qwen_image": _build_qwen_image, "zimage": _build_zimage, "lumina2": _build_lumina2,
              "pixart_sigma": _build_pixart_sigma, "auraflow": _build_auraflow, "hidream": _build_hidream,
-             "wan21": _build_wan21,
+             "omnigen2": _build_omnigen2, "wan21": _build_wan21,
              "wan21_i2v": _build_wan21_i2v, "wan22_5b": _build_wan22_5b}
 
 
