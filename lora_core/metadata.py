@@ -20,6 +20,7 @@ FAMILIES = {
     "HunyuanVideo": ("hunyuan-video", "hunyuan_video"), "LTXV": ("ltx-video", "ltxv"),
     "PixArtSigma": ("pixart-sigma", "pixart_sigma"), "PixArtAlpha": ("pixart-alpha", "pixart_alpha"),
     "AuraFlow": ("auraflow", "auraflow"), "HiDream": ("hidream-i1", "hidream"),  # kohya and modelspec have none
+    "CosmosT2IPredict2": ("cosmos-predict2", "cosmos_predict2"),
 }
 NETWORK_MODULES = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya",
                    "dylora": "networks.dylora", "oft": "lycoris.kohya", "boft": "lycoris.kohya",

@@ -248,6 +248,10 @@ MUTANTS = [
            "a1, a2, b1, b2 = a2, a1, b2, b1  # old: W a2 a1 + b2 b1",
            "pass",
            "tests/test_engine.py::test_lycoris_old_layout_glora_files_apply_and_read_as_comfy_reads_them"),
+    Mutant("cosmos_flow_time_is_its_sigma", "training/engine/objective.py",
+           "return sigma / (sigma + 1) if _variance_exploding_flow(model_sampling) else sigma",
+           "return sigma",
+           "tests/test_families.py::test_cosmos_learns_the_velocity_its_sampler_reads"),
 ]
 
 

@@ -27,7 +27,8 @@ ARCHITECTURES = {
     "chroma_radiance": ("chroma", "chroma"), "qwen_image": ("qwen-image", "qwen_image"),
     "zimage": ("z-image", "z_image"), "lumina2": ("lumina-2", "lumina2"), "pixart_sigma": ("pixart-sigma", "pixart_sigma"),
     "auraflow": ("auraflow", "auraflow"), "hidream": ("hidream-i1", "hidream"),
-    "omnigen2": ("omnigen2", "omnigen2"), "wan21": ("wan2.1-t2v", "wan21"), "wan22_5b": ("wan2.2-t2v", "wan22"),
+    "omnigen2": ("omnigen2", "omnigen2"), "cosmos_predict2": ("cosmos-predict2", "cosmos_predict2"),
+    "wan21": ("wan2.1-t2v", "wan21"), "wan22_5b": ("wan2.2-t2v", "wan22"),
 }
 CLIP_FAMILIES = {"sd15", "sd2v", "sdxl", "sd3", "flux", "hidream"}  # families whose text encoders include a CLIP
 # Families the memory plan cannot simulate (it trains them without an estimate, and says so in the log): HiDream's
@@ -304,10 +305,37 @@ def test_a_prediction_we_do_not_train_is_named(pack, dataset_dir):
         _trainer(dataclasses.replace(fam, model=patched), dataset_dir)
 
 
+def test_cosmos_learns_the_velocity_its_sampler_reads(pack, dataset_dir):
+    """Cosmos-Predict2 samples in sigmas that run to 80 (x = x0 + sigma noise, COSMOS_RFLOW), read as rectified flow
+    at t = sigma / (sigma + 1): the loss is the squared error of the velocity the model outputs (noise - x0), not of
+    the denoised latent scaled by 1 / sigma."""
+    from lora_foundry.training.engine.conditioning import apply_model, image_geometry
+
+    fam = build_family("cosmos_predict2")
+    trainer = _trainer(fam, dataset_dir, steps=1)
+    step, model_sampling = trainer.step, fam.model.get_model_object("model_sampling")
+    with torch.inference_mode(False):
+        trainer.data.encode_images(trainer.dataset.items)
+        x0 = trainer.data.latents.get(0)[None]
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+        sigma = step.sigmas(fam.model, [0.7], x0)
+        assert 1 < float(sigma) < float(model_sampling.sigma_max)  # the host's sigma, not the flow time
+        conditioning = trainer.text.conditioning([CAPTIONS[0]], "cpu")
+        with torch.no_grad():
+            x, inputs = step.model_call(fam.model, x0, noise, sigma, conditioning,
+                                        [image_geometry(trainer.dataset.items[0])])
+            loss = float(step.prediction_loss(fam.model, x, x0, sigma, inputs, None, None))
+            time = float(sigma / (sigma + 1))
+            denoised = apply_model(fam.model.model, x, sigma, inputs)  # the host's x(1 - t) - t * output
+    velocity = (x * (1 - time) - denoised) / time  # what the model output
+    want = float(((velocity - (noise - x0)) ** 2).mean())
+    assert abs(loss - want) <= 1e-4 * want, (loss, want)
+
+
 DIT_LISTS = {"sd3": ["J"], "flux": ["D", "S"], "chroma": ["D", "S"], "chroma_radiance": ["D", "S", "N"],
              "qwen_image": ["T"], "zimage": ["N", "C", "L"], "lumina2": ["N", "C", "L"],
              "pixart_sigma": ["B"], "auraflow": ["D", "S"], "hidream": ["D", "S", "C"],
-             "omnigen2": ["N", "R", "C", "L"], "wan21": ["B"], "wan22_5b": ["B"]}
+             "omnigen2": ["N", "R", "C", "L"], "cosmos_predict2": ["B"], "wan21": ["B"], "wan22_5b": ["B"]}
 
 
 @pytest.mark.parametrize("name", sorted(DIT_LISTS))

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "chroma", "chroma_radiance", "qwen_image", "zimage", "lumina2",
-            "pixart_sigma", "auraflow", "hidream", "omnigen2", "wan21", "wan22_5b")
+            "pixart_sigma", "auraflow", "hidream", "omnigen2", "cosmos_predict2", "wan21", "wan22_5b")
 IMAGE_CONDITIONED = ("wan21_i2v",)  # families conditioned on an image as well (issue 16's tests)
 
 # A CLIP text model of width 64; three layers since SDXL and SD3 take the penultimate one.
@@ -552,6 +552,29 @@ def _build_omnigen2(seed: int) -> Family:
                   "reference images)")
 
 
+def _build_cosmos_predict2(seed: int) -> Family:
+    import comfy.supported_models
+    import comfy.text_encoders.cosmos
+
+    # Cosmos-Predict2 text to image (model_detection's settings for 16 input channels) at 2 heads of 32, 2 blocks.
+    config = {"image_model": "cosmos_predict2", "max_img_h": 240, "max_img_w": 240, "max_frames": 128,
+              "in_channels": 16, "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1,
+              "concat_padding_mask": True, "model_channels": 64, "num_blocks": 2, "num_heads": 2, "mlp_ratio": 4.0,
+              "crossattn_emb_channels": SMALL_T5["d_model"], "pos_emb_cls": "rope3d", "pos_emb_learnable": True,
+              "pos_emb_interpolation": "crop", "min_fps": 1, "max_fps": 30, "use_adaln_lora": True,
+              "adaln_lora_dim": 32, "extra_per_block_abs_pos_emb": False, "rope_h_extrapolation_ratio": 4.0,
+              "rope_w_extrapolation_ratio": 4.0, "rope_t_extrapolation_ratio": 1.0}
+    model = _patcher(_new_model(comfy.supported_models.CosmosT2IPredict2, config, seed))
+    clip = _clip(comfy.text_encoders.cosmos.te(), comfy.text_encoders.cosmos.CosmosT5Tokenizer, seed + 1,
+                 {"t5xxl_model_config": SMALL_T5})
+    return Family("cosmos_predict2", model, clip, _wan21_vae(seed), 16, True, "",
+                  "built directly: detection fixes the 2B model's widths (16 heads, 2048 channels); Cosmos-Predict2 "
+                  "text to image at 2 heads x 32, 2 blocks; the old T5-XXL reduced to width "
+                  f"{SMALL_T5['d_model']}; Wan 2.1 VAE at width 8; an image model with 5-D latents [B,16,1,H,W] "
+                  "(Wan21 latent format); the host's COSMOS_RFLOW parametrisation (x = x0 + sigma noise, flow time "
+                  "sigma / (sigma + 1))")
+
+
 def _wan21_config(**overrides) -> dict:
     config = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "out_dim": 16, "num_heads": 2, "ffn_dim": 128,
               "num_layers": 2, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1), "qk_norm": True,
@@ -606,7 +629,7 @@ def _build_wan22_5b(seed: int) -> Family:
 _BUILDERS = {"sd15": _build_sd15, "sd2v": _build_sd2v, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux,
              "chroma": _build_chroma, "chroma_radiance": _build_chroma_radiance, "qwen_image": _build_qwen_image, "zimage": _build_zimage, "lumina2": _build_lumina2,
              "pixart_sigma": _build_pixart_sigma, "auraflow": _build_auraflow, "hidream": _build_hidream,
-             "omnigen2": _build_omnigen2, "wan21": _build_wan21,
+             "omnigen2": _build_omnigen2, "cosmos_predict2": _build_cosmos_predict2, "wan21": _build_wan21,
              "wan21_i2v": _build_wan21_i2v, "wan22_5b": _build_wan22_5b}
 
 

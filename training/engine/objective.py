@@ -33,11 +33,31 @@ def prediction(model_sampling) -> str:
     import comfy.model_sampling as ms
 
     predictor = next((c for c in type(model_sampling).__mro__ if "calculate_denoised" in vars(c)), None)
-    kinds = {ms.EPS: "eps", ms.V_PREDICTION: "v", ms.EDM: "v", ms.CONST: "flow"}
+    kinds = {ms.EPS: "eps", ms.V_PREDICTION: "v", ms.EDM: "v", ms.CONST: "flow", ms.COSMOS_RFLOW: "flow"}
     if predictor not in kinds:
         raise ValueError(f"training does not support models that predict {getattr(predictor, '__name__', 'unknown')} "
                          f"({type(model_sampling).__name__}); eps, v-prediction and flow-matching models train")
     return kinds[predictor]
+
+
+def _variance_exploding_flow(model_sampling) -> bool:
+    """Cosmos' parametrisation (COSMOS_RFLOW): the host noises x0 + sigma * noise and gives the model that scaled by
+    1 - t, t = sigma / (sigma + 1): rectified flow at time t, told in sigmas that run to sigma_max."""
+    import comfy.model_sampling as ms
+
+    return isinstance(model_sampling, ms.COSMOS_RFLOW)
+
+
+def flow_time(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
+    """A flow model's time t (x_t = (1 - t) x0 + t noise) at the host's `sigma`: sigma itself but for Cosmos'."""
+    return sigma / (sigma + 1) if _variance_exploding_flow(model_sampling) else sigma
+
+
+def flow_sigma(model_sampling, time: torch.Tensor) -> torch.Tensor:
+    """The host's sigma for a flow model's time (flow_time's inverse; Cosmos': capped at its sigma_max)."""
+    if not _variance_exploding_flow(model_sampling):
+        return time
+    return (time / (1 - time).clamp_min(1e-6)).clamp(max=float(model_sampling.sigma_max))
 
 
 def error_scale(kind: str, sigma: torch.Tensor, sigma_data: float = 1.0) -> torch.Tensor:
@@ -102,7 +122,7 @@ def sigmas_for(model_sampling, levels: list[float], shift: str = "model", shift_
     elif shift == "resolution":
         mu = 0.5 + (1.15 - 0.5) * (tokens - 256) / (4096 - 256)
         u = math.exp(mu) / (math.exp(mu) + (1 / u - 1))
-    return u.clamp(1e-4, 1.0).float()
+    return flow_sigma(model_sampling, u.clamp(1e-4, 1.0).float())
 
 
 def level_at_sigma(model_sampling, sigma: float, shift: str = "model", shift_value: float = 3.0,
@@ -121,8 +141,8 @@ def level_at_sigma(model_sampling, sigma: float, shift: str = "model", shift_val
 def prediction_loss(kind: str, denoised: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, loss: str = "mse",
                     huber_delta: float = 1.0, sigma_data: float = 1.0,
                     weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample loss of the native prediction error, shape [batch]; `weights` per sample ([batch]) or per
-    element (broadcast to the latent, e.g. a loss mask)."""
+    """Per-sample loss of the native prediction error, shape [batch]; `sigma` is the host's sigma (a flow model's
+    time: flow_time); `weights` per sample ([batch]) or per element (broadcast to the latent, e.g. a loss mask)."""
     if loss not in LOSSES:
         raise ValueError(f"loss: {loss!r} is not one of {', '.join(LOSSES)}")
     scale = error_scale(kind, sigma, sigma_data).view(-1, *[1] * (x0.dim() - 1))

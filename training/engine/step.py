@@ -172,7 +172,8 @@ class TrainingStep:
         sigma_data = float(getattr(model_sampling, "sigma_data", 1.0))
         with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             denoised = apply_model(patched.model, x, sigma, inputs)
-        per_sample = objective.prediction_loss(self.kind, denoised, x0, sigma, self.config.loss,
+        level = objective.flow_time(model_sampling, sigma) if self.kind == "flow" else sigma
+        per_sample = objective.prediction_loss(self.kind, denoised, x0, level, self.config.loss,
                                                self.config.huber_delta, sigma_data, weights)
         if min_snr and self.kind != "flow":
             per_sample = per_sample * objective.min_snr_weight(self.kind, sigma, min_snr, sigma_data)
