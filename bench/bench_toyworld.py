@@ -135,6 +135,23 @@ def train_ours(server, checkpoint: Path, data: dict, name: str, budgets: list[in
     return files, seconds
 
 
+def first_images(data: dict, folder: Path, count: int = 4) -> dict:
+    """The dataset with only the first `count` images (and their captions) of each of its folders: the smoke run's."""
+    import shutil
+
+    out = {}
+    for name in ("concept", "prior"):
+        for images in sorted(p for p in data[name].iterdir() if p.is_dir()):
+            target = folder / name / images.name
+            target.mkdir(parents=True, exist_ok=True)
+            for image in sorted(images.glob("*.png"))[:count]:
+                for source in (image, image.with_suffix(".txt")):
+                    if source.is_file():
+                        shutil.copy(source, target / source.name)
+        out[name] = folder / name
+    return out
+
+
 def steps_to_concept(curve: dict[int, dict]) -> int | None:
     """The first budget from which on every budget passes the bar (concept >= 0.8 each part, no leakage)."""
     from toyworld import evaluate
@@ -193,7 +210,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE.parent / "out", help="where the table's JSON and plot go")
     parser.add_argument("--smoke", action="store_true",
                         help="the smallest run through every part of the script, for CI (seconds; its figures mean "
-                             "nothing): budgets 1 and 2, two samples a prompt at two sampling steps")
+                             "nothing): budgets 1 and 2, four images of each dataset folder, two samples a prompt at "
+                             "two sampling steps")
     args = parser.parse_args()
     if args.smoke:
         args.budgets = "1,2"
@@ -215,6 +233,8 @@ def main() -> None:
     setup_inprocess()
     checkpoint = toy_base(args.family, args.seed)
     data = world.concept_dataset(cache_dir() / f"dataset-s{args.seed}", seed=args.seed)
+    if args.smoke:
+        data = first_images(data, args.base_dir / "smoke-dataset")
     settings = example_settings()
     if args.train_seed is not None:
         settings["seed"] = args.train_seed
