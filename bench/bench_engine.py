@@ -227,7 +227,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="latent side (32 = 256 px)")
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--memory", choices=["ours", "native", "none"], help=argparse.SUPPRESS)
-    parser.add_argument("--smoke", action="store_true", help="the smallest run through every part of the script, for CI (seconds; its figures mean nothing)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest run through every part of the script, for CI (seconds; its figures mean "
+                             "nothing)")
     args = parser.parse_args()
     if args.smoke:
         args.unet, args.size, args.repeats, args.rank = "narrow", 8, 1, 4

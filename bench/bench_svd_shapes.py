@@ -49,7 +49,9 @@ def main() -> None:
     parser.add_argument("--tries", type=int, default=2, help="runs of each method per matrix; the fastest counts")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shapes", default="", help="e.g. 5120x640,1280x1280 (default: all)")
-    parser.add_argument("--smoke", action="store_true", help="the smallest run through every part of the script, for CI (seconds; its figures mean nothing)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest run through every part of the script, for CI (seconds; its figures mean "
+                             "nothing)")
     args = parser.parse_args()
     if args.smoke:
         args.ranks, args.repeats, args.tries, args.shapes, args.threads = "8,16", 1, 1, "96x64,64x160", 1

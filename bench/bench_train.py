@@ -119,7 +119,9 @@ def main() -> None:
     parser.add_argument("--variant", choices=("base", "ours", "native"))
     parser.add_argument("--repeat", type=int, default=1,
                         help="run native and ours alternately this many times; the fastest run of each counts")
-    parser.add_argument("--smoke", action="store_true", help="the smallest run through every part of the script, for CI (seconds; its figures mean nothing)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest run through every part of the script, for CI (seconds; its figures mean "
+                             "nothing)")
     args = parser.parse_args()
     if args.smoke:
         args.steps, args.rank, args.repeat = 4, 2, 1

@@ -51,8 +51,8 @@ def pytest_configure(config):
 # their bases made before the workers start), then modules; the rest follow in their collection order. Scheduled so,
 # the short modules fill in at the end and both workers finish together.
 LONG_WORK = ("TestSD15", "TestSD3", "test_mutants", "test_browser", "test_train", "test_memory",
-             "test_training_features", "test_faults", "test_bench", "test_configs", "test_gpu_check", "test_workflows", "test_families",
-             "test_video", "test_stack")
+             "test_training_features", "test_faults", "test_bench", "test_configs", "test_gpu_check", "test_workflows",
+             "test_families", "test_video", "test_stack")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -25,8 +25,9 @@ ARCHITECTURES = {
     "sdxl": ("stable-diffusion-xl-v1-base", "sdxl_base_v1-0"), "sd3": ("stable-diffusion-3-medium", "sd3"),
     "flux": ("flux-1-dev", "flux1"), "chroma": ("chroma", "chroma"),
     "chroma_radiance": ("chroma", "chroma"), "qwen_image": ("qwen-image", "qwen_image"),
-    "zimage": ("z-image", "z_image"), "lumina2": ("lumina-2", "lumina2"), "pixart_sigma": ("pixart-sigma", "pixart_sigma"),
-    "auraflow": ("auraflow", "auraflow"), "hidream": ("hidream-i1", "hidream"),
+    "zimage": ("z-image", "z_image"), "lumina2": ("lumina-2", "lumina2"),
+    "pixart_sigma": ("pixart-sigma", "pixart_sigma"), "auraflow": ("auraflow", "auraflow"),
+    "hidream": ("hidream-i1", "hidream"),
     "omnigen2": ("omnigen2", "omnigen2"), "cosmos_predict2": ("cosmos-predict2", "cosmos_predict2"),
     "wan21": ("wan2.1-t2v", "wan21"), "wan22_5b": ("wan2.2-t2v", "wan22"),
 }
@@ -74,7 +75,8 @@ def _trainer(fam, folder, network=None, **settings):
     with torch.inference_mode(False):
         net = LoraNetwork.create(NetworkConfig(**{"rank": 4, "alpha": 4, "preset": "all", "seed": 0,
                                                   **(network or {})}), fam.model, fam.clip)
-        return Trainer(fam.model, fam.clip, fam.vae, _dataset(folder, fam.resolution), net, TrainConfig(**config), name=fam.name)
+        return Trainer(fam.model, fam.clip, fam.vae, _dataset(folder, fam.resolution), net, TrainConfig(**config),
+                       name=fam.name)
 
 
 NOT_FLOW = {"sd15": "eps", "sd2v": "v", "sdxl": "eps", "pixart_sigma": "eps"}  # what each other family predicts

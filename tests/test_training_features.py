@@ -453,13 +453,15 @@ def test_each_step_holds_the_class_and_the_empty_prompt_to_the_base_models_predi
     target predicted with the adapters on would still give exactly 0)."""
     from lora_foundry.training.data.captions import CaptionOptions
     from lora_foundry.training.engine.step import TrainingStep
+    from torch._subclasses.fake_tensor import FakeTensor
 
     asked = []
     preservation_loss = TrainingStep.preservation_loss
 
     def recorded(self, patched, x0, noise, sigma, captions, *args):
         loss = preservation_loss(self, patched, x0, noise, sigma, captions, *args)
-        asked.append((list(captions), loss.item()))
+        if not isinstance(loss, FakeTensor):  # the memory plan's simulated step
+            asked.append((list(captions), loss.item()))
         return loss
 
     monkeypatch.setattr(TrainingStep, "preservation_loss", recorded)
@@ -557,27 +559,39 @@ def test_a_slider_moves_the_prediction_toward_each_side_by_its_strength(pack, lo
 
 def test_a_slider_step_moves_its_targets_by_the_strength_and_holds_the_anchor(pack, loaded_checkpoint,
                                                                                concept_dataset, tmp_path, monkeypatch):
-    """The mechanism under the test above, in one step: at +1 and -1 the caption's target is the base prediction
-    moved by + and - the (positive - negative) direction, and the anchor's target is the base's own at both."""
+    """The mechanism under the test above, in one step: at +1 and -1 the caption's target is the base model's
+    prediction for it moved by + and - slider_guidance x (its prediction for the positive side - for the negative
+    side), and the anchor's target is the base model's prediction for the anchor at both."""
     from lora_foundry.training.engine.step import TrainingStep
     from torch._subclasses.fake_tensor import FakeTensor
 
-    targets = []
-    prediction_loss = TrainingStep.prediction_loss
+    base, targets = [], []
+    base_prediction, prediction_loss = TrainingStep.base_prediction, TrainingStep.prediction_loss
 
-    def recorded(self, patched, x, target, *args):
-        if not isinstance(target, FakeTensor):  # the memory plan's simulated step
+    def recorded_base(self, *args):
+        prediction, conditioning = base_prediction(self, *args)
+        if not isinstance(prediction, FakeTensor):  # the memory plan's simulated step
+            base.append(prediction.clone())
+        return prediction, conditioning
+
+    def recorded_target(self, patched, x, target, *args):
+        if not isinstance(target, FakeTensor):
             strengths = {adapter.multiplier for adapter in self.network.adapters.values()}
             targets.append((strengths, target.detach().clone()))
         return prediction_loss(self, patched, x, target, *args)
 
-    monkeypatch.setattr(TrainingStep, "prediction_loss", recorded)
-    _slider(pack, loaded_checkpoint, _concept(concept_dataset), tmp_path, steps=1, slider_anchor="green square")
+    monkeypatch.setattr(TrainingStep, "base_prediction", recorded_base)
+    monkeypatch.setattr(TrainingStep, "prediction_loss", recorded_target)
+    trainer, _ = _slider(pack, loaded_checkpoint, _concept(concept_dataset), tmp_path, steps=1,
+                         slider_anchor="green square")
     assert [strengths for strengths, _ in targets] == [{1.0}, {1.0}, {-1.0}, {-1.0}], targets
+    caption, positive, negative, anchor = base  # slider_loss asks the base model in this order
+    direction = trainer.config.slider_guidance * (positive - negative)
+    assert float(direction.norm()) > 0.01 * float(caption.norm()), "the two sides predict alike"
     (_, up), (_, anchor_up), (_, down), (_, anchor_down) = targets
-    base, direction = (up + down) / 2, (up - down) / 2
-    assert float(direction.norm()) > 0.01 * float(base.norm()), "the two sides predict alike"
-    assert torch.equal(anchor_up, anchor_down)
+    torch.testing.assert_close(up, caption + direction)
+    torch.testing.assert_close(down, caption - direction)
+    assert torch.equal(anchor_up, anchor) and torch.equal(anchor_down, anchor)
 
 
 def test_a_slider_step_checkpointed_gives_the_same_gradients(pack, loaded_checkpoint, concept_dataset, tmp_path,
