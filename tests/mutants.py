@@ -252,6 +252,10 @@ MUTANTS = [
            "return sigma / (sigma + 1) if _variance_exploding_flow(model_sampling) else sigma",
            "return sigma",
            "tests/test_families.py::test_cosmos_learns_the_velocity_its_sampler_reads"),
+    Mutant("guidance_overridden_where_unread", "training/engine/conditioning.py",
+           "return guidance if embedded and default is not None and float(default.flatten()[0]) else None",
+           "return guidance if default is not None and float(default.flatten()[0]) else None",
+           "tests/test_families.py::test_family_gets_the_inputs_comfyui_gives_it[hunyuan_image21]"),
 ]
 
 

@@ -29,6 +29,7 @@ ARCHITECTURES = {
     "pixart_sigma": ("pixart-sigma", "pixart_sigma"), "auraflow": ("auraflow", "auraflow"),
     "hidream": ("hidream-i1", "hidream"),
     "omnigen2": ("omnigen2", "omnigen2"), "cosmos_predict2": ("cosmos-predict2", "cosmos_predict2"),
+    "hunyuan_image21": ("hunyuan-image-2.1", "hunyuan_image"),
     "wan21": ("wan2.1-t2v", "wan21"), "wan22_5b": ("wan2.2-t2v", "wan22"),
 }
 CLIP_FAMILIES = {"sd15", "sd2v", "sdxl", "sd3", "flux", "hidream"}  # families whose text encoders include a CLIP
@@ -337,7 +338,7 @@ def test_cosmos_learns_the_velocity_its_sampler_reads(pack, dataset_dir):
 DIT_LISTS = {"sd3": ["J"], "flux": ["D", "S"], "chroma": ["D", "S"], "chroma_radiance": ["D", "S", "N"],
              "qwen_image": ["T"], "zimage": ["N", "C", "L"], "lumina2": ["N", "C", "L"],
              "pixart_sigma": ["B"], "auraflow": ["D", "S"], "hidream": ["D", "S", "C"],
-             "omnigen2": ["N", "R", "C", "L"], "cosmos_predict2": ["B"], "wan21": ["B"], "wan22_5b": ["B"]}
+             "omnigen2": ["N", "R", "C", "L"], "cosmos_predict2": ["B"], "hunyuan_image21": ["D", "S"], "wan21": ["B"], "wan22_5b": ["B"]}
 
 
 @pytest.mark.parametrize("name", sorted(DIT_LISTS))

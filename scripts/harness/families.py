@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     import torch
 
 FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "chroma", "chroma_radiance", "qwen_image", "zimage", "lumina2",
-            "pixart_sigma", "auraflow", "hidream", "omnigen2", "cosmos_predict2", "wan21", "wan22_5b")
+            "pixart_sigma", "auraflow", "hidream", "omnigen2", "cosmos_predict2", "hunyuan_image21", "wan21",
+            "wan22_5b")
 IMAGE_CONDITIONED = ("wan21_i2v",)  # families conditioned on an image as well (issue 16's tests)
 
 # A CLIP text model of width 64; three layers since SDXL and SD3 take the penultimate one.
@@ -429,6 +430,28 @@ def _build_qwen_image(seed: int) -> Family:
                   "with 5-D latents [B,16,1,H,W] (Wan21 latent format)")
 
 
+def _build_hunyuan_image21(seed: int) -> Family:
+    import comfy.supported_models
+    import comfy.text_encoders.hunyuan_image
+
+    # HunyuanImage 2.1 (model_detection's hunyuan_video settings for its keys: 64 channels in, patch 1x1, no CLIP
+    # vector, no guidance or ByT5 glyph input) at 2 heads of 32, 1 double + 1 single block.
+    config = {"image_model": "hunyuan_video", "in_channels": 64, "out_channels": 64, "patch_size": [1, 1],
+              "vec_in_dim": None, "axes_dim": [16, 16], "meanflow": False, "context_in_dim": SMALL_QWEN["hidden_size"],
+              "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+              "theta": 256, "qkv_bias": True, "byt5": False, "guidance_embed": False,
+              "use_cond_type_embedding": False, "vision_in_dim": None}
+    model = _patcher(_new_model(comfy.supported_models.HunyuanImage21, config, seed))
+    clip = _clip(comfy.text_encoders.hunyuan_image.te(byt5=False), comfy.text_encoders.hunyuan_image.HunyuanImageTokenizer,
+                 seed + 1, {"qwen25_7b_model_config": SMALL_QWEN, "qwen25_7b_class": _qwen25_vl_small_vision})
+    return Family("hunyuan_image21", model, clip, _taesd_vae(seed, 64), 64, False, "",
+                  "built directly: detection gives heads = hidden // 128; HunyuanImage 2.1 (the host's HunyuanVideo "
+                  "model on 2-D latents of 64 channels, patch 1x1) at hidden 64, 2 heads, 1 double + 1 single block, "
+                  "without the ByT5 glyph encoder (built from a fixed config; it only reads quoted text); Qwen2.5-VL "
+                  "reduced as for qwen_image; TAESD-shaped VAE with 64 channels at 8x (the real one is 32x: the "
+                  "host builds it at its real widths)")
+
+
 def _build_zimage(seed: int) -> Family:
     import comfy.supported_models
     import comfy.text_encoders.z_image
@@ -629,7 +652,8 @@ def _build_wan22_5b(seed: int) -> Family:
 _BUILDERS = {"sd15": _build_sd15, "sd2v": _build_sd2v, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux,
              "chroma": _build_chroma, "chroma_radiance": _build_chroma_radiance, "qwen_image": _build_qwen_image, "zimage": _build_zimage, "lumina2": _build_lumina2,
              "pixart_sigma": _build_pixart_sigma, "auraflow": _build_auraflow, "hidream": _build_hidream,
-             "omnigen2": _build_omnigen2, "cosmos_predict2": _build_cosmos_predict2, "wan21": _build_wan21,
+             "omnigen2": _build_omnigen2, "cosmos_predict2": _build_cosmos_predict2,
+             "hunyuan_image21": _build_hunyuan_image21, "wan21": _build_wan21,
              "wan21_i2v": _build_wan21_i2v, "wan22_5b": _build_wan22_5b}
 
 

@@ -63,11 +63,13 @@ def training_guidance(model, conditioning: list, noise: torch.Tensor, guidance: 
     """`guidance` for guidance-distilled models, else whatever the host gives (None: the model takes none).
 
     A model is guidance-distilled when, given no guidance, its extra_conds still feeds a nonzero one
-    (Flux: 3.5, HunyuanVideo: 6.0; Chroma's is 0).
+    (Flux: 3.5, HunyuanVideo: 6.0; Chroma's is 0) and its diffusion model embeds it: HunyuanImage 2.1's base is
+    fed 6.0 and reads none (`params.guidance_embed`, as the host's Flux-style models say).
     """
     (_, inputs), = model_inputs(model, [conditioning], noise, [None])
     default = inputs.get("guidance")
-    return guidance if default is not None and float(default.flatten()[0]) else None
+    embedded = getattr(getattr(model.diffusion_model, "params", None), "guidance_embed", True)
+    return guidance if embedded and default is not None and float(default.flatten()[0]) else None
 
 
 def model_inputs(model, conditionings: list[list], noisy: torch.Tensor, geometries: list[ImageGeometry | None],
