@@ -256,6 +256,14 @@ MUTANTS = [
            "return guidance if embedded and default is not None and float(default.flatten()[0]) else None",
            "return guidance if default is not None and float(default.flatten()[0]) else None",
            "tests/test_families.py::test_family_gets_the_inputs_comfyui_gives_it[hunyuan_image21]"),
+    Mutant("residual_stream_saved_in_place", "training/engine/blocks.py",
+           "saved = tensor.clone() if type(tensor) is OutOfPlace else tensor",
+           "saved = tensor",
+           "tests/test_families.py::test_blocks_that_add_in_place_get_true_gradients[ltxv]"),
+    Mutant("saved_apart_covers_checkpointing", "training/engine/blocks.py",
+           "outer = torch._C._autograd._top_saved_tensors_default_hooks(False)",
+           "outer = None",
+           "tests/test_families.py::test_blocks_that_add_in_place_get_true_gradients[flux]"),
 ]
 
 

@@ -29,7 +29,7 @@ ARCHITECTURES = {
     "pixart_sigma": ("pixart-sigma", "pixart_sigma"), "auraflow": ("auraflow", "auraflow"),
     "hidream": ("hidream-i1", "hidream"),
     "omnigen2": ("omnigen2", "omnigen2"), "cosmos_predict2": ("cosmos-predict2", "cosmos_predict2"),
-    "hunyuan_image21": ("hunyuan-image-2.1", "hunyuan_image"),
+    "hunyuan_image21": ("hunyuan-image-2.1", "hunyuan_image"), "ltxv": ("ltx-video", "ltxv"),
     "wan21": ("wan2.1-t2v", "wan21"), "wan22_5b": ("wan2.2-t2v", "wan22"),
 }
 CLIP_FAMILIES = {"sd15", "sd2v", "sdxl", "sd3", "flux", "hidream"}  # families whose text encoders include a CLIP
@@ -256,10 +256,25 @@ def test_family_text_encoder_lora(family, dataset_dir, tmp_path, caplog):
     assert len(clip.patcher.patches) == len(te)
 
 
-@pytest.mark.parametrize("name", ["flux", "chroma"])
+def _flux_layers(model):
+    return model.double_blocks[0].img_attn.qkv, model.double_blocks[0].txt_mlp[0]
+
+
+def _ltxv_layers(model):
+    return model.transformer_blocks[0].attn1.to_q, model.transformer_blocks[1].ff.net[0].proj
+
+
+# Latent shapes and two layers each: one early in a block, one after the block's in-place sums.
+IN_PLACE = {"flux": ((1, 16, 8, 8), _flux_layers), "chroma": ((1, 16, 8, 8), _flux_layers),
+            "ltxv": ((1, 128, 1, 2, 2), _ltxv_layers)}
+
+
+@pytest.mark.parametrize("name", sorted(IN_PLACE))
 def test_blocks_that_add_in_place_get_true_gradients(pack, name):
-    """Flux's blocks add residuals in place, which autograd refuses; summed out of place, the gradient equals
-    the directional derivative forward-mode AD computes independently (it allows in-place sums)."""
+    """Flux's blocks add residuals in place (`x += ...`), LTX-Video's with `x.addcmul_(...)`, which autograd refuses;
+    summed out of place (and what autograd saves of the residual stream saved apart), the gradient equals the
+    directional derivative forward-mode AD computes independently (it allows in-place sums), with and without
+    gradient checkpointing."""
     import torch.autograd.forward_ad as fwAD
     from lora_foundry.training.engine.blocks import BlockOptions, training_blocks
     from lora_foundry.training.engine.conditioning import apply_model, encode_caption, model_inputs
@@ -267,10 +282,11 @@ def test_blocks_that_add_in_place_get_true_gradients(pack, name):
     fam = build_family(name)
     model = fam.model.model
     gen = torch.Generator().manual_seed(0)
-    noisy, sigma = torch.randn(1, 16, 8, 8, generator=gen), torch.tensor([0.7])
+    shape, layers = IN_PLACE[name]
+    noisy, sigma = torch.randn(shape, generator=gen), torch.tensor([0.7])
     inputs = model_inputs(model, [encode_caption(fam.clip, CAPTIONS[0])], noisy, [None], 1.0)
     projection = torch.randn(noisy.shape, generator=gen)
-    for layer in (model.diffusion_model.double_blocks[0].img_attn.qkv, model.diffusion_model.double_blocks[0].txt_mlp[0]):
+    for layer in layers(model.diffusion_model):
         weight = layer.weight
         direction = torch.randn(weight.shape, generator=gen)
         with torch.inference_mode(False):
@@ -281,6 +297,16 @@ def test_blocks_that_add_in_place_get_true_gradients(pack, name):
                     (apply_model(model, noisy, sigma, inputs) * projection).sum().backward()
                 options.out_of_place = True
                 (grad,) = torch.autograd.grad((apply_model(model, noisy, sigma, inputs) * projection).sum(), weight)
+                # Checkpointed: the block runs again in the backward pass (its hooks hand what they save to the
+                # checkpoint's), and the copies keep the recomputed values the in-place sums would change.
+                options.checkpointing, calls, forward = True, [], layer.forward
+                layer.forward = lambda *a, _calls=calls, _forward=forward, **k: _calls.append(1) or _forward(*a, **k)
+                try:
+                    (again,) = torch.autograd.grad((apply_model(model, noisy, sigma, inputs) * projection).sum(),
+                                                   weight)
+                finally:
+                    del layer.forward
+                assert len(calls) == 2 and torch.equal(again, grad)
             weight.requires_grad_(False)
             with fwAD.dual_level():
                 del layer._parameters["weight"]
@@ -338,7 +364,8 @@ def test_cosmos_learns_the_velocity_its_sampler_reads(pack, dataset_dir):
 DIT_LISTS = {"sd3": ["J"], "flux": ["D", "S"], "chroma": ["D", "S"], "chroma_radiance": ["D", "S", "N"],
              "qwen_image": ["T"], "zimage": ["N", "C", "L"], "lumina2": ["N", "C", "L"],
              "pixart_sigma": ["B"], "auraflow": ["D", "S"], "hidream": ["D", "S", "C"],
-             "omnigen2": ["N", "R", "C", "L"], "cosmos_predict2": ["B"], "hunyuan_image21": ["D", "S"], "wan21": ["B"], "wan22_5b": ["B"]}
+             "omnigen2": ["N", "R", "C", "L"], "cosmos_predict2": ["B"], "hunyuan_image21": ["D", "S"], "ltxv": ["T"],
+             "wan21": ["B"], "wan22_5b": ["B"]}
 
 
 @pytest.mark.parametrize("name", sorted(DIT_LISTS))

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "chroma", "chroma_radiance", "qwen_image", "zimage", "lumina2",
-            "pixart_sigma", "auraflow", "hidream", "omnigen2", "cosmos_predict2", "hunyuan_image21", "wan21",
+            "pixart_sigma", "auraflow", "hidream", "omnigen2", "cosmos_predict2", "hunyuan_image21", "ltxv", "wan21",
             "wan22_5b")
 IMAGE_CONDITIONED = ("wan21_i2v",)  # families conditioned on an image as well (issue 16's tests)
 
@@ -598,6 +598,43 @@ def _build_cosmos_predict2(seed: int) -> Family:
                   "sigma / (sigma + 1))")
 
 
+def _ltxv_vae(seed: int):
+    """The host's LTX-Video VAE (VideoVAE) from a config of its own, as VAELoader reads one from a file's metadata:
+    patch 4 and three 2x compressions (8x in time, 32x in space, 128 channels, as the real one) at the one width
+    the host builds it at (128), one residual layer."""
+    import json
+
+    import comfy.ldm.lightricks.vae.causal_video_autoencoder as ltx_vae
+    import comfy.sd
+    import torch
+
+    config = {"dims": 3, "in_channels": 3, "out_channels": 3, "latent_channels": 128, "patch_size": 4,
+              "blocks": [["compress_all", 1], ["compress_all", 1], ["compress_all", 1], ["res_x", 1]],
+              "norm_layer": "pixel_norm", "latent_log_var": "uniform", "causal_decoder": False}
+    module = ltx_vae.VideoVAE(config=config)
+    init_weights_(module, seed + 2, std=0.05)
+    with torch.no_grad():
+        for name, buffer in module.per_channel_statistics.named_buffers():
+            buffer.fill_(1.0 if name == "std-of-means" else 0.0)
+    return comfy.sd.VAE(sd=module.state_dict(), dtype=torch.float32, metadata={"config": json.dumps({"vae": config})})
+
+
+def _build_ltxv(seed: int) -> Family:
+    import comfy.supported_models
+    import comfy.text_encoders.lt
+
+    # LTX-Video (model_detection's keys: the layer count and attention widths) at 2 heads of 32, 2 blocks.
+    config = {"image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 32,
+              "num_attention_heads": 2, "caption_channels": SMALL_T5["d_model"], "num_layers": 2}
+    model = _patcher(_new_model(comfy.supported_models.LTXV, config, seed))
+    clip = _clip(comfy.text_encoders.lt.ltxv_te(), comfy.text_encoders.lt.LTXVT5Tokenizer, seed + 1,
+                 {"t5xxl_model_config": SMALL_T5})
+    return Family("ltxv", model, clip, _ltxv_vae(seed), 128, True, "",
+                  "built directly: detection reads the widths of attention 32 heads wide; LTX-Video at 2 heads x 32, "
+                  f"2 blocks (they add residuals in place with addcmul_); T5-XXL reduced to width {SMALL_T5['d_model']}; "
+                  "the host's LTX-Video VAE from a config in its metadata (128 channels, 8x time, 32x space)")
+
+
 def _wan21_config(**overrides) -> dict:
     config = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "out_dim": 16, "num_heads": 2, "ffn_dim": 128,
               "num_layers": 2, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1), "qk_norm": True,
@@ -653,7 +690,7 @@ _BUILDERS = {"sd15": _build_sd15, "sd2v": _build_sd2v, "sdxl": _build_sdxl, "sd3
              "chroma": _build_chroma, "chroma_radiance": _build_chroma_radiance, "qwen_image": _build_qwen_image, "zimage": _build_zimage, "lumina2": _build_lumina2,
              "pixart_sigma": _build_pixart_sigma, "auraflow": _build_auraflow, "hidream": _build_hidream,
              "omnigen2": _build_omnigen2, "cosmos_predict2": _build_cosmos_predict2,
-             "hunyuan_image21": _build_hunyuan_image21, "wan21": _build_wan21,
+             "hunyuan_image21": _build_hunyuan_image21, "ltxv": _build_ltxv, "wan21": _build_wan21,
              "wan21_i2v": _build_wan21_i2v, "wan22_5b": _build_wan22_5b}
 
 

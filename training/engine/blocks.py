@@ -45,8 +45,11 @@ class OutOfPlace(torch.Tensor):
     made OutOfPlace, so the residual stream they start (`x += f(x)`, again and again) is summed out
     of place. Other results are plain tensors: the subclass does not spread to every operator of the
     block, whose Python-level dispatch would cost the host several microseconds each.
-    In-place writes into a slice (`x[:, a:b] += y`) stay in place: a block doing that still fails,
-    loudly, with autograd's own message.
+    In-place methods (LTX-Video's `x.addcmul_(a, gate)`, whose result the block does not keep) do change x: a
+    block's inputs are copies (`_convert`), and what autograd saves of an OutOfPlace tensor is saved as a copy
+    (`saved_apart`), so the change reaches no tensor saved before it. In-place writes into a slice
+    (`x[:, a:b] += y`) of other tensors stay in place: a block doing that still fails, loudly, with autograd's own
+    message.
     """
 
     @classmethod
@@ -71,19 +74,45 @@ class InPlaceAsNew(TorchFunctionMode):
     cannot be viewed as a subclass; their values are never read, so an ignored add_ result changes nothing.
     """
 
-    NEW = {torch.Tensor.add_: torch.add, torch.Tensor.sub_: torch.sub, torch.Tensor.mul_: torch.mul}
+    NEW = {torch.Tensor.add_: torch.add, torch.Tensor.sub_: torch.sub, torch.Tensor.mul_: torch.mul,
+           torch.Tensor.addcmul_: torch.addcmul}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         return self.NEW.get(func, func)(*args, **(kwargs or {}))
 
 
 def _convert(value, cls):
-    """`value` with its floating-point tensors (also inside plain tuples and lists) viewed as `cls`."""
+    """`value` with its floating-point tensors (also inside plain tuples and lists) viewed as `cls`; as
+    OutOfPlace, copies: a block's in-place method on its input must not reach the caller's tensor."""
     if isinstance(value, torch.Tensor) and value.is_floating_point() and not is_fake(value):
-        return value.as_subclass(cls)
+        return value.clone().as_subclass(cls) if cls is OutOfPlace else value.as_subclass(cls)
     if type(value) in (tuple, list):
         return type(value)(_convert(v, cls) for v in value)
     return value
+
+
+def saved_apart():
+    """Autograd saves a copy of each OutOfPlace tensor it keeps for the backward pass, the rest as they are: an
+    in-place method called on the residual stream later in the block leaves what was saved before it intact.
+
+    Only the innermost saved-tensor hooks run, so these hand what they save on to the hooks they cover: gradient
+    checkpointing's, which keep nothing in the forward pass and keep the copies when the block is recomputed."""
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    outer_pack, outer_unpack = outer if outer is not None else (lambda t: t, lambda t: t)
+
+    def pack(tensor):
+        saved = tensor.clone() if type(tensor) is OutOfPlace else tensor
+        return outer_pack(saved), saved._version
+
+    def unpack(packed):
+        saved, version = packed
+        tensor = outer_unpack(saved)
+        # Hooks take autograd's own check away: any other tensor changed in place since it was saved still fails.
+        if tensor._version != version and outer is None:
+            raise RuntimeError(f"a tensor the backward pass needs was {INPLACE_ERROR} after it was saved")
+        return tensor
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 COMPILE_BACKEND = "inductor"
@@ -113,7 +142,8 @@ def wrapped_blocks(blocks: list[torch.nn.Module], options: BlockOptions):
         def out_of_place(*args, _forward=block.forward, **kwargs):
             args = _convert(args, OutOfPlace)
             kwargs = {k: _convert(v, OutOfPlace) for k, v in kwargs.items()}
-            return _convert(_forward(*args, **kwargs), torch.Tensor)
+            with saved_apart():
+                return _convert(_forward(*args, **kwargs), torch.Tensor)
 
         def run(*args, _forward=block.forward, _out_of_place=out_of_place, _key=id(block), **kwargs):
             forward = _out_of_place if options.out_of_place else _forward
