@@ -21,7 +21,8 @@ FAMILIES = {
     "PixArtSigma": ("pixart-sigma", "pixart_sigma"), "PixArtAlpha": ("pixart-alpha", "pixart_alpha"),
     "AuraFlow": ("auraflow", "auraflow"), "HiDream": ("hidream-i1", "hidream"),  # kohya and modelspec have none
     "CosmosT2IPredict2": ("cosmos-predict2", "cosmos_predict2"),
-    "HunyuanImage21": ("hunyuan-image-2.1", "hunyuan_image"),  # before HunyuanVideo, its base class here
+    "HunyuanImage21": ("hunyuan-image-2.1", "hunyuan_image"),  # these two before HunyuanVideo, their base class here
+    "HunyuanVideo15": ("hunyuan-video-1.5", "hunyuan_video_1_5"),
 }
 NETWORK_MODULES = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya",
                    "dylora": "networks.dylora", "oft": "lycoris.kohya", "boft": "lycoris.kohya",

@@ -264,6 +264,10 @@ MUTANTS = [
            "outer = torch._C._autograd._top_saved_tensors_default_hooks(False)",
            "outer = None",
            "tests/test_families.py::test_blocks_that_add_in_place_get_true_gradients[flux]"),
+    Mutant("zero_concat_refused", "training/engine/conditioning.py",
+           'if concat is not None and "concat_latent_image" not in entry and bool(concat.cond.any()):',
+           'if concat is not None and "concat_latent_image" not in entry:',
+           "tests/test_families.py::test_family_gets_the_inputs_comfyui_gives_it[hunyuan_video15]"),
 ]
 
 

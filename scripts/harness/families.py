@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     import torch
 
 FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "chroma", "chroma_radiance", "qwen_image", "zimage", "lumina2",
-            "pixart_sigma", "auraflow", "hidream", "omnigen2", "cosmos_predict2", "hunyuan_image21", "ltxv", "wan21",
-            "wan22_5b")
+            "pixart_sigma", "auraflow", "hidream", "omnigen2", "cosmos_predict2", "hunyuan_image21", "hunyuan_video15",
+            "ltxv", "wan21", "wan22_5b")
 IMAGE_CONDITIONED = ("wan21_i2v",)  # families conditioned on an image as well (issue 16's tests)
 
 # A CLIP text model of width 64; three layers since SDXL and SD3 take the penultimate one.
@@ -239,6 +239,35 @@ def _wan22_vae(seed: int, dim: int = 8):
     init_module_(module, seed + 2, std=0.05)
     vae.first_stage_model = module.eval().to(torch.float32)
     vae.latent_channels = 48
+    vae.upscale_ratio, vae.upscale_index_formula = (lambda a: max(0, a * 4 - 3), 16, 16), (4, 16, 16)
+    vae.downscale_ratio = (lambda a: max(0, math.floor((a + 3) / 4)), 16, 16)
+    vae.downscale_index_formula = (4, 16, 16)
+    vae.patcher = comfy.model_patcher.ModelPatcher(module, load_device=vae.device,
+                                                   offload_device=comfy.model_management.vae_offload_device())
+    return vae
+
+
+def _hunyuan_video15_vae(seed: int):
+    """The HunyuanVideo 1.5 VAE (32 channels, 16x spatial, 4x temporal: the host's refiner encoder and decoder) at
+    widths 8-64 (its bottleneck holds twice the latent channels), wrapped as comfy.sd.VAE wraps a HunyuanVideo 1.5 file (whose widths, 128-1024, the host fixes)."""
+    import math
+
+    import comfy.ldm.models.autoencoder
+    import comfy.model_management
+    import comfy.model_patcher
+    import torch
+
+    ddconfig = {"block_out_channels": [8, 16, 32, 64, 64], "in_channels": 3, "out_channels": 3, "num_res_blocks": 1,
+                "ffactor_spatial": 16, "ffactor_temporal": 4, "downsample_match_channel": True,
+                "upsample_match_channel": True, "z_channels": 32}
+    vae = _wan21_vae(seed)
+    module = comfy.ldm.models.autoencoder.AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.EmptyRegularizer"},
+        encoder_config={"target": "comfy.ldm.hunyuan_video.vae_refiner.Encoder", "params": ddconfig},
+        decoder_config={"target": "comfy.ldm.hunyuan_video.vae_refiner.Decoder", "params": ddconfig})
+    init_module_(module, seed + 2, std=0.05)
+    vae.first_stage_model = module.eval().to(torch.float32)
+    vae.latent_channels = 32
     vae.upscale_ratio, vae.upscale_index_formula = (lambda a: max(0, a * 4 - 3), 16, 16), (4, 16, 16)
     vae.downscale_ratio = (lambda a: max(0, math.floor((a + 3) / 4)), 16, 16)
     vae.downscale_index_formula = (4, 16, 16)
@@ -619,6 +648,28 @@ def _ltxv_vae(seed: int):
     return comfy.sd.VAE(sd=module.state_dict(), dtype=torch.float32, metadata={"config": json.dumps({"vae": config})})
 
 
+def _build_hunyuan_video15(seed: int) -> Family:
+    import comfy.supported_models
+    import comfy.text_encoders.hunyuan_image
+    import comfy.text_encoders.hunyuan_video
+
+    # HunyuanVideo 1.5 (model_detection's settings for its keys: 32 latent channels + a 32-channel image and a mask
+    # in, the image-conditioning type embedding, the SigLIP projection) at 2 heads of 32, 1 double + 1 single block.
+    config = {"image_model": "hunyuan_video", "in_channels": 65, "out_channels": 32, "patch_size": [1, 1, 1],
+              "vec_in_dim": None, "axes_dim": [8, 12, 12], "meanflow": False,
+              "context_in_dim": SMALL_QWEN["hidden_size"], "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2,
+              "depth": 1, "depth_single_blocks": 1, "theta": 256, "qkv_bias": True, "byt5": False,
+              "guidance_embed": False, "use_cond_type_embedding": True, "vision_in_dim": 1152}
+    model = _patcher(_new_model(comfy.supported_models.HunyuanVideo15, config, seed))
+    clip = _clip(comfy.text_encoders.hunyuan_image.te(byt5=False), comfy.text_encoders.hunyuan_video.HunyuanVideo15Tokenizer,
+                 seed + 1, {"qwen25_7b_model_config": SMALL_QWEN, "qwen25_7b_class": _qwen25_vl_small_vision})
+    return Family("hunyuan_video15", model, clip, _hunyuan_video15_vae(seed), 32, True, "",
+                  "built directly: detection gives heads = hidden // 128; HunyuanVideo 1.5 (text to video: the host "
+                  "feeds it a zero image and mask, as it samples it) at hidden 64, 2 heads, 1 double + 1 single block, "
+                  "without the ByT5 glyph encoder; Qwen2.5-VL reduced as for qwen_image; the host's HunyuanVideo 1.5 "
+                  "VAE modules at widths 8-64 (32 channels, 16x space, 4x time)")
+
+
 def _build_ltxv(seed: int) -> Family:
     import comfy.supported_models
     import comfy.text_encoders.lt
@@ -690,7 +741,8 @@ _BUILDERS = {"sd15": _build_sd15, "sd2v": _build_sd2v, "sdxl": _build_sdxl, "sd3
              "chroma": _build_chroma, "chroma_radiance": _build_chroma_radiance, "qwen_image": _build_qwen_image, "zimage": _build_zimage, "lumina2": _build_lumina2,
              "pixart_sigma": _build_pixart_sigma, "auraflow": _build_auraflow, "hidream": _build_hidream,
              "omnigen2": _build_omnigen2, "cosmos_predict2": _build_cosmos_predict2,
-             "hunyuan_image21": _build_hunyuan_image21, "ltxv": _build_ltxv, "wan21": _build_wan21,
+             "hunyuan_image21": _build_hunyuan_image21,
+             "hunyuan_video15": _build_hunyuan_video15, "ltxv": _build_ltxv, "wan21": _build_wan21,
              "wan21_i2v": _build_wan21_i2v, "wan22_5b": _build_wan22_5b}
 
 

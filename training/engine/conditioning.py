@@ -88,7 +88,10 @@ def model_inputs(model, conditionings: list[list], noisy: torch.Tensor, geometri
         if guidance is not None:
             extras["guidance"] = guidance
         entry, conds = host_conds(model, conditioning, noisy[index:index + 1], extras)
-        if "c_concat" in conds and "concat_latent_image" not in entry:
+        # Without an image the host feeds zeros where the model is sampled from text alone (HunyuanVideo 1.5's
+        # text to video: a zero image and mask); other models get a blank image (inpainting) or a full mask.
+        concat = conds.get("c_concat")
+        if concat is not None and "concat_latent_image" not in entry and bool(concat.cond.any()):
             raise ValueError(
                 f"{type(model.model_config).__name__} is conditioned on an image as well as text (an inpainting, "
                 "image-to-video or edit model: it takes `c_concat`); Train LoRA gives that image to Wan's "
