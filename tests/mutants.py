@@ -268,6 +268,10 @@ MUTANTS = [
            'if concat is not None and "concat_latent_image" not in entry and bool(concat.cond.any()):',
            'if concat is not None and "concat_latent_image" not in entry:',
            "tests/test_families.py::test_family_gets_the_inputs_comfyui_gives_it[hunyuan_video15]"),
+    Mutant("simulated_modules_moved", "training/engine/memory.py",
+           "module.to = functools.partial(_stays_where_it_is, module)",
+           "pass",
+           "tests/test_families.py::test_family_trains_and_its_file_loads_in_comfyui[hunyuan_video15]"),
 ]
 
 

@@ -36,9 +36,8 @@ ARCHITECTURES = {
 CLIP_FAMILIES = {"sd15", "sd2v", "sdxl", "sd3", "flux", "hidream"}  # families whose text encoders include a CLIP
 # Families the memory plan cannot simulate (it trains them without an estimate, and says so in the log): HiDream's
 # experts each take the tokens the router picked for them (boolean-mask indexing), which a step on storage-less tensors
-# has no values to pick by; HunyuanVideo 1.5's forward moves a module (`cond_type_embedding.to(device)`), which torch
-# cannot do to storage-less parameters.
-NOT_SIMULATED = {"hidream", "hunyuan_video15"}
+# has no values to pick by.
+NOT_SIMULATED = {"hidream"}
 
 
 @pytest.fixture(scope="module")

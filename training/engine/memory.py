@@ -9,6 +9,7 @@ checkpointing, autocast, fp8 casts) and costs no device memory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import weakref
 from collections.abc import Callable
@@ -82,9 +83,13 @@ def simulate(modules: list[torch.nn.Module], device: torch.device, step: Callabl
         return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device)
 
     originals = []
+    every = list({id(m): m for root in modules for m in root.modules()}.values())
     try:
         with mode:
-            for module in {id(m): m for root in modules for m in root.modules()}.values():
+            for module in every:
+                # A host forward that moves one of its modules where it already is (HunyuanVideo 1.5's
+                # `cond_type_embedding.to(txt.device)`) changes nothing, but torch cannot move storage-less parameters.
+                module.to = functools.partial(_stays_where_it_is, module)
                 for store in (module._parameters, module._buffers):
                     for name, tensor in list(store.items()):
                         if tensor is None:
@@ -99,7 +104,17 @@ def simulate(modules: list[torch.nn.Module], device: torch.device, step: Callabl
     finally:
         for store, name, tensor in originals:
             store[name] = tensor
+        for module in every:
+            vars(module).pop("to", None)
     return counter.peak, counter.flops, counter.ops
+
+
+def _stays_where_it_is(module: torch.nn.Module, *args, **kwargs) -> torch.nn.Module:
+    device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+    tensors = [*module.parameters(), *module.buffers()]
+    if dtype is None and device is not None and all(t.device == device for t in tensors):
+        return module
+    return torch.nn.Module.to(module, *args, **kwargs)
 
 
 @contextlib.contextmanager
