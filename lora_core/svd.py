@@ -63,6 +63,8 @@ class Decomposition:
 
 def squared_norm(d: torch.Tensor) -> float:
     """||D||_F^2, summed in float64 over 1M-element blocks (float32 sums drift; a float64 copy costs 2x D)."""
+    if d.dim() == 2 and not d.is_contiguous() and d.T.is_contiguous():
+        d = d.T  # the same norm, read in memory order: flattening the transposed view copied D (47 ms at 10240x1280)
     total = 0.0
     for block in d.reshape(-1).split(1 << 20):
         block = block.double()
