@@ -15,7 +15,12 @@ import torch
 from .ranks import RankRule
 
 SVD_METHODS = ("randomized", "full")
-MIN_BLOCK = 16  # products with fewer columns take a slow path in MKL (3-15x slower than 16 columns)
+# Columns of the random block, at least. The products with D read all of it whatever the block's width (they are
+# bound by memory, not arithmetic), and a wider block needs fewer passes to pass the accuracy check: measured on
+# SDXL-shaped layers (bench_svd_shapes.py), 64 columns and no pass before the first check were the fastest at rank
+# 16 (640x640 4.1 ms vs 7.4 with 32 columns and two passes) and 80 (rank 64 + 16) at rank 64.
+MIN_BLOCK = 64
+MKL_MIN_COLUMNS = 16  # products with fewer columns take a slow path in MKL (3-15x slower than 16 columns)
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,7 @@ class SvdOptions:
 
     method: str = "randomized"
     oversample: int = 16  # 8 takes up to twice the passes on slowly decaying spectra, for less than half the cost
-    power_iters: int = 2
+    power_iters: int = 0  # passes before the first check; the check asks for more where the spectrum needs them
     max_power_iters: int = 8
     tol: float = 1e-3
     seed: int = 0
@@ -183,7 +188,7 @@ def randomized_svd(d: torch.Tensor, rule: RankRule, options: SvdOptions, seed: i
     for _ in range(options.power_iters):
         q = _orth(d @ (d.T @ q))
     done = options.power_iters
-    extra = max(2, MIN_BLOCK - options.oversample)
+    extra = max(2, MKL_MIN_COLUMNS - options.oversample)  # the probe W: a few columns riding along the block's
     while True:
         w = torch.randn(d.shape[0], extra, generator=gen).to(d)
         w = _orth(w - q @ (q.T @ w))
