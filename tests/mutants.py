@@ -138,7 +138,7 @@ MUTANTS = [
     Mutant("residuals_summed_in_place", "training/engine/blocks.py",
            "return torch.add(self, other).as_subclass(OutOfPlace)",
            "return torch.Tensor.add_(self, other)",
-           "tests/test_families.py::test_blocks_that_add_in_place_get_true_gradients[flux]"),
+           "tests/test_families.py::test_blocks_that_add_in_place_get_true_gradients[ltxv]"),
     Mutant("weight_wrappers_left_on_shared_layers", "training/engine/memory.py",
            'patcher.model.get_submodule(key.rsplit(".", 1)[0]).weight_function = []',
            "pass",

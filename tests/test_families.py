@@ -275,7 +275,7 @@ IN_PLACE = {"flux": ((1, 16, 8, 8), _flux_layers), "chroma": ((1, 16, 8, 8), _fl
 @pytest.mark.parametrize("name", sorted(IN_PLACE))
 def test_blocks_that_add_in_place_get_true_gradients(pack, name):
     """Flux's blocks add residuals in place (`x += ...`), LTX-Video's with `x.addcmul_(...)`, which autograd refuses;
-    summed out of place (and what autograd saves of the residual stream saved apart), the gradient equals the
+    summed out of place and with what autograd saves of the residual stream saved apart, the gradient equals the
     directional derivative forward-mode AD computes independently (it allows in-place sums), with and without
     gradient checkpointing."""
     import torch.autograd.forward_ad as fwAD

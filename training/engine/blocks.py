@@ -1,4 +1,4 @@
-"""The diffusion model's blocks while training: gradient checkpointing, and residuals summed out of place."""
+"""The diffusion model's blocks while training: gradient checkpointing, and residuals added in place made safe."""
 
 from __future__ import annotations
 
@@ -38,18 +38,17 @@ def model_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 class OutOfPlace(torch.Tensor):
-    """A tensor whose `x += y` (and -=, *=) makes a new tensor, itself OutOfPlace, instead of changing x.
+    """The residual stream of a block that adds to it in place: `x += y` (and -=, *=) makes a new tensor, itself
+    OutOfPlace, and what autograd saves of it is saved as a copy.
 
-    Some host blocks (Flux's and Chroma's double-stream blocks) add residuals in place, which
-    autograd refuses once a tensor it saved for the backward pass changes. A block's inputs are
-    made OutOfPlace, so the residual stream they start (`x += f(x)`, again and again) is summed out
-    of place. Other results are plain tensors: the subclass does not spread to every operator of the
-    block, whose Python-level dispatch would cost the host several microseconds each.
-    In-place methods (LTX-Video's `x.addcmul_(a, gate)`, whose result the block does not keep) do change x: a
-    block's inputs are copies (`_convert`), and what autograd saves of an OutOfPlace tensor is saved as a copy
-    (`saved_apart`), so the change reaches no tensor saved before it. In-place writes into a slice
-    (`x[:, a:b] += y`) of other tensors stay in place: a block doing that still fails, loudly, with autograd's own
-    message.
+    Some host blocks add residuals in place (Flux's and Chroma's `x += f(x)`, LTX-Video's `x.addcmul_(a, gate)`,
+    whose result the block does not keep), which autograd refuses once a tensor it saved for the backward pass
+    changes. A block's inputs are made OutOfPlace copies (`_convert`: the caller's tensor never changes), so the
+    stream they start is summed out of place, and `saved_apart` saves a copy of each OutOfPlace tensor autograd
+    keeps, so an in-place method reaches no tensor saved before it (LTX-Video fails without either). Other results
+    are plain tensors: the subclass does not spread to every operator of the block, whose Python-level dispatch
+    would cost the host several microseconds each. In-place writes into a slice (`x[:, a:b] += y`) of other tensors
+    stay in place: a block doing that still fails, loudly.
     """
 
     @classmethod
@@ -68,10 +67,10 @@ class OutOfPlace(torch.Tensor):
 
 
 class InPlaceAsNew(TorchFunctionMode):
-    """In-place arithmetic (`+=`, `-=`, `*=` and add_ / sub_ / mul_) returns a new tensor instead.
+    """In-place arithmetic (`+=`, `-=`, `*=` and add_ / sub_ / mul_ / addcmul_) returns a new tensor instead.
 
-    What OutOfPlace does, for the storage-less tensors of a simulated step (memory.simulate), which
-    cannot be viewed as a subclass; their values are never read, so an ignored add_ result changes nothing.
+    For the storage-less tensors of a simulated step (memory.simulate), which cannot be viewed as OutOfPlace:
+    their values are never read, so an ignored in-place result changes nothing.
     """
 
     NEW = {torch.Tensor.add_: torch.add, torch.Tensor.sub_: torch.sub, torch.Tensor.mul_: torch.mul,
@@ -131,7 +130,8 @@ class BlockOptions:
 
 @contextlib.contextmanager
 def wrapped_blocks(blocks: list[torch.nn.Module], options: BlockOptions):
-    """Wrap each block's forward for the duration: checkpointed, out of place and/or compiled, as `options` say
+    """Wrap each block's forward for the duration: checkpointed, its residual stream saved apart and/or compiled, as
+    `options` say
     at call time."""
     import torch.utils.checkpoint as cp
 
@@ -177,7 +177,7 @@ def training_blocks(diffusion_model: torch.nn.Module, options: BlockOptions):
 
 
 def text_encoder_layers(encoders: list[torch.nn.Module]):
-    """The layers of the text encoders being trained, summed out of place for the duration.
+    """The layers of the text encoders being trained, their residual streams saved apart for the duration.
 
     The host's CLIPLayer adds its residuals in place (`x += ...`), which autograd rejects as soon
     as an earlier layer's adapter makes `x` require a gradient. Frozen encoders (T5) are left alone.

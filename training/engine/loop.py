@@ -138,10 +138,10 @@ class TrainLoop:
         except RuntimeError as error:
             if INPLACE_ERROR not in str(error) or self.backward_done:
                 raise
-            # The model's blocks add residuals in place (Flux, Chroma), found at the run's first backward: sum
-            # them out of place from now on and run this micro-batch again with the same draws (the adapters keep
-            # this step's), so a resumed run draws exactly what an uninterrupted one does.
-            logging.info("Train LoRA: %s adds residuals in place; training sums them out of place",
+            # The model's blocks add residuals in place (Flux, Chroma, LTX-Video), found at the run's first backward:
+            # save their residual streams apart from now on and run this micro-batch again with the same draws (the
+            # adapters keep this step's), so a resumed run draws exactly what an uninterrupted one does.
+            logging.info("Train LoRA: %s adds residuals in place; training saves its residual stream apart",
                          type(self.patched.model.diffusion_model).__name__)
             self.context.blocks.out_of_place = True
             self.optimizer.zero_grad(set_to_none=True)

@@ -82,7 +82,7 @@ def simulate_step(run: RunContext) -> tuple[int, int, int]:
             except RuntimeError as error:
                 if INPLACE_ERROR not in str(error) or blocks.out_of_place:
                     raise
-                logging.info("Train LoRA: %s adds residuals in place; training sums them out of place",
+                logging.info("Train LoRA: %s adds residuals in place; training saves its residual stream apart",
                              type(patched.model.diffusion_model).__name__)
                 blocks.out_of_place = True
                 with InPlaceAsNew():
