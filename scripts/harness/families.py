@@ -459,20 +459,35 @@ def _build_qwen_image(seed: int) -> Family:
                   "with 5-D latents [B,16,1,H,W] (Wan21 latent format)")
 
 
+def _hunyuan_config(**overrides) -> dict:
+    """The host's HunyuanVideo model (HunyuanImage 2.1 and HunyuanVideo 1.5 use it) at hidden 64, 2 heads, 1 double +
+    1 single block, without the CLIP vector, guidance, mean-flow and ByT5 glyph inputs."""
+    config = {"image_model": "hunyuan_video", "vec_in_dim": None, "meanflow": False,
+              "context_in_dim": SMALL_QWEN["hidden_size"], "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2,
+              "depth": 1, "depth_single_blocks": 1, "theta": 256, "qkv_bias": True, "byt5": False,
+              "guidance_embed": False, "use_cond_type_embedding": False, "vision_in_dim": None}
+    config.update(overrides)
+    return config
+
+
+def _hunyuan_text_encoder(seed: int, tokenizer_cls):
+    """Their Qwen2.5-VL text encoder, reduced as for qwen_image, without the ByT5 glyph encoder (built from a fixed
+    config; it only reads quoted text)."""
+    import comfy.text_encoders.hunyuan_image
+
+    return _clip(comfy.text_encoders.hunyuan_image.te(byt5=False), tokenizer_cls, seed + 1,
+                 {"qwen25_7b_model_config": SMALL_QWEN, "qwen25_7b_class": _qwen25_vl_small_vision})
+
+
 def _build_hunyuan_image21(seed: int) -> Family:
     import comfy.supported_models
     import comfy.text_encoders.hunyuan_image
 
     # HunyuanImage 2.1 (model_detection's hunyuan_video settings for its keys: 64 channels in, patch 1x1, no CLIP
     # vector, no guidance or ByT5 glyph input) at 2 heads of 32, 1 double + 1 single block.
-    config = {"image_model": "hunyuan_video", "in_channels": 64, "out_channels": 64, "patch_size": [1, 1],
-              "vec_in_dim": None, "axes_dim": [16, 16], "meanflow": False, "context_in_dim": SMALL_QWEN["hidden_size"],
-              "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
-              "theta": 256, "qkv_bias": True, "byt5": False, "guidance_embed": False,
-              "use_cond_type_embedding": False, "vision_in_dim": None}
+    config = _hunyuan_config(in_channels=64, out_channels=64, patch_size=[1, 1], axes_dim=[16, 16])
     model = _patcher(_new_model(comfy.supported_models.HunyuanImage21, config, seed))
-    clip = _clip(comfy.text_encoders.hunyuan_image.te(byt5=False), comfy.text_encoders.hunyuan_image.HunyuanImageTokenizer,
-                 seed + 1, {"qwen25_7b_model_config": SMALL_QWEN, "qwen25_7b_class": _qwen25_vl_small_vision})
+    clip = _hunyuan_text_encoder(seed, comfy.text_encoders.hunyuan_image.HunyuanImageTokenizer)
     return Family("hunyuan_image21", model, clip, _taesd_vae(seed, 64), 64, False, "",
                   "built directly: detection gives heads = hidden // 128; HunyuanImage 2.1 (the host's HunyuanVideo "
                   "model on 2-D latents of 64 channels, patch 1x1) at hidden 64, 2 heads, 1 double + 1 single block, "
@@ -650,19 +665,14 @@ def _ltxv_vae(seed: int):
 
 def _build_hunyuan_video15(seed: int) -> Family:
     import comfy.supported_models
-    import comfy.text_encoders.hunyuan_image
     import comfy.text_encoders.hunyuan_video
 
     # HunyuanVideo 1.5 (model_detection's settings for its keys: 32 latent channels + a 32-channel image and a mask
     # in, the image-conditioning type embedding, the SigLIP projection) at 2 heads of 32, 1 double + 1 single block.
-    config = {"image_model": "hunyuan_video", "in_channels": 65, "out_channels": 32, "patch_size": [1, 1, 1],
-              "vec_in_dim": None, "axes_dim": [8, 12, 12], "meanflow": False,
-              "context_in_dim": SMALL_QWEN["hidden_size"], "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2,
-              "depth": 1, "depth_single_blocks": 1, "theta": 256, "qkv_bias": True, "byt5": False,
-              "guidance_embed": False, "use_cond_type_embedding": True, "vision_in_dim": 1152}
+    config = _hunyuan_config(in_channels=65, out_channels=32, patch_size=[1, 1, 1], axes_dim=[8, 12, 12],
+                             use_cond_type_embedding=True, vision_in_dim=1152)
     model = _patcher(_new_model(comfy.supported_models.HunyuanVideo15, config, seed))
-    clip = _clip(comfy.text_encoders.hunyuan_image.te(byt5=False), comfy.text_encoders.hunyuan_video.HunyuanVideo15Tokenizer,
-                 seed + 1, {"qwen25_7b_model_config": SMALL_QWEN, "qwen25_7b_class": _qwen25_vl_small_vision})
+    clip = _hunyuan_text_encoder(seed, comfy.text_encoders.hunyuan_video.HunyuanVideo15Tokenizer)
     return Family("hunyuan_video15", model, clip, _hunyuan_video15_vae(seed), 32, True, "",
                   "built directly: detection gives heads = hidden // 128; HunyuanVideo 1.5 (text to video: the host "
                   "feeds it a zero image and mask, as it samples it) at hidden 64, 2 heads, 1 double + 1 single block, "
