@@ -188,7 +188,7 @@ def randomized_svd(d: torch.Tensor, rule: RankRule, options: SvdOptions, seed: i
     for _ in range(options.power_iters):
         q = _orth(d @ (d.T @ q))
     done = options.power_iters
-    extra = max(2, MKL_MIN_COLUMNS - options.oversample)  # the probe W: a few columns riding along the block's
+    extra = max(2, MKL_MIN_COLUMNS - options.oversample)  # the probe W: a few columns riding along in each product
     while True:
         w = torch.randn(d.shape[0], extra, generator=gen).to(d)
         w = _orth(w - q @ (q.T @ w))

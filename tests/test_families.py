@@ -81,6 +81,7 @@ def _trainer(fam, folder, network=None, **settings):
                        name=fam.name)
 
 
+CONCAT_CHANNELS = {"hunyuan_video15": 33}  # the zero image and mask the host puts beside the latent
 NOT_FLOW = {"sd15": "eps", "sd2v": "v", "sdxl": "eps", "pixart_sigma": "eps"}  # what each other family predicts
 
 
@@ -214,9 +215,8 @@ def test_family_preview_has_its_latent_shape(family, dataset_dir):
         with Recorder(family.model) as calls:
             preview, = trainer.run_context(patched, None, BlockOptions(), None).previews.sample(patched)
     shape = trainer.data.latents.get(0).shape
-    # (HunyuanVideo 1.5 gets its zero image and mask as channels beside the latent's)
-    assert calls.calls and all(tuple(c["x"].shape[2:]) == tuple(shape[1:]) and c["x"].shape[1] >= shape[0]
-                               for c in calls.calls)
+    channels = shape[0] + CONCAT_CHANNELS.get(family.name, 0)
+    assert calls.calls and all(tuple(c["x"].shape)[1:] == (channels, *shape[1:]) for c in calls.calls)
     assert preview.size == tuple(trainer.dataset.items[0].bucket)
     pixels = np.asarray(preview)
     assert pixels.std() > 0  # decoded from the family's latent space, not a blank
@@ -320,6 +320,29 @@ def test_blocks_that_add_in_place_get_true_gradients(pack, name):
         want, got = float((tangent * projection).sum().detach()), float((grad * direction).sum())
         assert abs(want) > 1e-7
         assert abs(got - want) <= 1e-4 * abs(want), (got, want)
+
+
+def test_a_block_that_changes_another_saved_tensor_in_place_still_fails(pack):
+    """Saving the residual stream apart takes autograd's own version check away from a block's saved tensors: a
+    tensor other than the stream, changed in place after it was saved, still fails loudly instead of giving a
+    wrong gradient."""
+    from lora_foundry.training.engine.blocks import INPLACE_ERROR, BlockOptions, wrapped_blocks
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.linear(x)
+            y = h.sin()  # saves h
+            h.mul_(2)
+            return x + y + h
+
+    block = Block()
+    with torch.inference_mode(False), wrapped_blocks([block], BlockOptions(out_of_place=True)):
+        with pytest.raises(RuntimeError, match=INPLACE_ERROR):
+            block(torch.randn(2, 4)).sum().backward()
 
 
 def test_a_prediction_we_do_not_train_is_named(pack, dataset_dir):

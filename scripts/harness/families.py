@@ -222,58 +222,51 @@ def _wan21_vae(seed: int, dim: int = 8):
     return comfy.sd.VAE(sd=module.state_dict(), dtype=torch.float32)
 
 
-def _wan22_vae(seed: int, dim: int = 8):
-    """The Wan 2.2 VAE (48 channels, 16x spatial, 4x temporal) at base width `dim`, wrapped as comfy.sd.VAE wraps a
-    Wan 2.2 file. The host fixes that config at the real width (dim 160: 705M parameters), so the wrapper starts
-    from a small Wan 2.1 one and takes the host's Wan 2.2 module and the ratios comfy.sd.VAE sets for it."""
+def _wrapped_video_vae(seed: int, module, latent_channels: int):
+    """`module` (the host's VAE module of a family whose file config the host fixes at its real widths), initialised
+    and wrapped as comfy.sd.VAE wraps such a file: a small Wan 2.1 VAE taking `module` and the ratios comfy.sd.VAE sets
+    for 16x spatial, 4x temporal latents."""
     import math
 
-    import comfy.ldm.wan.vae2_2
     import comfy.model_management
     import comfy.model_patcher
     import torch
 
-    vae = _wan21_vae(seed, dim)
-    module = comfy.ldm.wan.vae2_2.WanVAE(dim=dim, dec_dim=dim, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
-                                         attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)
+    vae = _wan21_vae(seed)
     init_module_(module, seed + 2, std=0.05)
     vae.first_stage_model = module.eval().to(torch.float32)
-    vae.latent_channels = 48
+    vae.latent_channels = latent_channels
     vae.upscale_ratio, vae.upscale_index_formula = (lambda a: max(0, a * 4 - 3), 16, 16), (4, 16, 16)
     vae.downscale_ratio = (lambda a: max(0, math.floor((a + 3) / 4)), 16, 16)
     vae.downscale_index_formula = (4, 16, 16)
     vae.patcher = comfy.model_patcher.ModelPatcher(module, load_device=vae.device,
                                                    offload_device=comfy.model_management.vae_offload_device())
     return vae
+
+
+def _wan22_vae(seed: int, dim: int = 8):
+    """The Wan 2.2 VAE (48 channels, 16x spatial, 4x temporal) at base width `dim` (the host fixes a file's at dim
+    160: 705M parameters)."""
+    import comfy.ldm.wan.vae2_2
+
+    module = comfy.ldm.wan.vae2_2.WanVAE(dim=dim, dec_dim=dim, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                         attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)
+    return _wrapped_video_vae(seed, module, 48)
 
 
 def _hunyuan_video15_vae(seed: int):
     """The HunyuanVideo 1.5 VAE (32 channels, 16x spatial, 4x temporal: the host's refiner encoder and decoder) at
-    widths 8-64 (its bottleneck holds twice the latent channels), wrapped as comfy.sd.VAE wraps a HunyuanVideo 1.5 file (whose widths, 128-1024, the host fixes)."""
-    import math
-
+    widths 8-64 (its bottleneck holds twice the latent channels; the host fixes a file's at 128-1024)."""
     import comfy.ldm.models.autoencoder
-    import comfy.model_management
-    import comfy.model_patcher
-    import torch
 
     ddconfig = {"block_out_channels": [8, 16, 32, 64, 64], "in_channels": 3, "out_channels": 3, "num_res_blocks": 1,
                 "ffactor_spatial": 16, "ffactor_temporal": 4, "downsample_match_channel": True,
                 "upsample_match_channel": True, "z_channels": 32}
-    vae = _wan21_vae(seed)
     module = comfy.ldm.models.autoencoder.AutoencodingEngine(
         regularizer_config={"target": "comfy.ldm.models.autoencoder.EmptyRegularizer"},
         encoder_config={"target": "comfy.ldm.hunyuan_video.vae_refiner.Encoder", "params": ddconfig},
         decoder_config={"target": "comfy.ldm.hunyuan_video.vae_refiner.Decoder", "params": ddconfig})
-    init_module_(module, seed + 2, std=0.05)
-    vae.first_stage_model = module.eval().to(torch.float32)
-    vae.latent_channels = 32
-    vae.upscale_ratio, vae.upscale_index_formula = (lambda a: max(0, a * 4 - 3), 16, 16), (4, 16, 16)
-    vae.downscale_ratio = (lambda a: max(0, math.floor((a + 3) / 4)), 16, 16)
-    vae.downscale_index_formula = (4, 16, 16)
-    vae.patcher = comfy.model_patcher.ModelPatcher(module, load_device=vae.device,
-                                                   offload_device=comfy.model_management.vae_offload_device())
-    return vae
+    return _wrapped_video_vae(seed, module, 32)
 
 
 # --- families -----------------------------------------------------------------------------
@@ -459,6 +452,11 @@ def _build_qwen_image(seed: int) -> Family:
                   "with 5-D latents [B,16,1,H,W] (Wan21 latent format)")
 
 
+HUNYUAN_NOTES = ("built directly: detection gives heads = hidden // 128; the host's HunyuanVideo model at hidden 64, "
+                 "2 heads, 1 double + 1 single block; Qwen2.5-VL reduced as for qwen_image, without the ByT5 glyph "
+                 "encoder (built from a fixed config; it only reads quoted text)")
+
+
 def _hunyuan_config(**overrides) -> dict:
     """The host's HunyuanVideo model (HunyuanImage 2.1 and HunyuanVideo 1.5 use it) at hidden 64, 2 heads, 1 double +
     1 single block, without the CLIP vector, guidance, mean-flow and ByT5 glyph inputs."""
@@ -489,11 +487,9 @@ def _build_hunyuan_image21(seed: int) -> Family:
     model = _patcher(_new_model(comfy.supported_models.HunyuanImage21, config, seed))
     clip = _hunyuan_text_encoder(seed, comfy.text_encoders.hunyuan_image.HunyuanImageTokenizer)
     return Family("hunyuan_image21", model, clip, _taesd_vae(seed, 64), 64, False, "",
-                  "built directly: detection gives heads = hidden // 128; HunyuanImage 2.1 (the host's HunyuanVideo "
-                  "model on 2-D latents of 64 channels, patch 1x1) at hidden 64, 2 heads, 1 double + 1 single block, "
-                  "without the ByT5 glyph encoder (built from a fixed config; it only reads quoted text); Qwen2.5-VL "
-                  "reduced as for qwen_image; TAESD-shaped VAE with 64 channels at 8x (the real one is 32x: the "
-                  "host builds it at its real widths)")
+                  f"{HUNYUAN_NOTES}; HunyuanImage 2.1: the HunyuanVideo model on 2-D latents of 64 channels, patch "
+                  "1x1; TAESD-shaped VAE with 64 channels at 8x (the real one is 32x: the host builds it at its real "
+                  "widths)")
 
 
 def _build_zimage(seed: int) -> Family:
@@ -674,10 +670,9 @@ def _build_hunyuan_video15(seed: int) -> Family:
     model = _patcher(_new_model(comfy.supported_models.HunyuanVideo15, config, seed))
     clip = _hunyuan_text_encoder(seed, comfy.text_encoders.hunyuan_video.HunyuanVideo15Tokenizer)
     return Family("hunyuan_video15", model, clip, _hunyuan_video15_vae(seed), 32, True, "",
-                  "built directly: detection gives heads = hidden // 128; HunyuanVideo 1.5 (text to video: the host "
-                  "feeds it a zero image and mask, as it samples it) at hidden 64, 2 heads, 1 double + 1 single block, "
-                  "without the ByT5 glyph encoder; Qwen2.5-VL reduced as for qwen_image; the host's HunyuanVideo 1.5 "
-                  "VAE modules at widths 8-64 (32 channels, 16x space, 4x time)")
+                  f"{HUNYUAN_NOTES}; HunyuanVideo 1.5 text to video (the host feeds it a zero image and mask, as it "
+                  "samples it); the host's HunyuanVideo 1.5 VAE modules at widths 8-64 (32 channels, 16x space, 4x "
+                  "time)")
 
 
 def _build_ltxv(seed: int) -> Family:

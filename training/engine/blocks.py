@@ -131,8 +131,7 @@ class BlockOptions:
 @contextlib.contextmanager
 def wrapped_blocks(blocks: list[torch.nn.Module], options: BlockOptions):
     """Wrap each block's forward for the duration: checkpointed, its residual stream saved apart and/or compiled, as
-    `options` say
-    at call time."""
+    `options` say at call time."""
     import torch.utils.checkpoint as cp
 
     compiled: dict[int, object] = {}  # block id: its forward through torch.compile, made at first use
