@@ -29,6 +29,7 @@ sys.path.insert(0, str(HERE.parent / "scripts"))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 WIDGETS = {"rank": 3, "steps": 7, "learning_rate": 8, "batch_size": 9, "seed": 13}
+LN_NO = {"timestep_sampling": "logit_normal", "noise_offset": 0.1}
 # Our settings tried against the example's (Train LoRA's inputs): what users tune for fast learning.
 VARIANTS = {
     "example": {},
@@ -48,6 +49,29 @@ VARIANTS = {
     "logit-normal + alpha 16": {"timestep_sampling": "logit_normal", "alpha": 16.0},
     "logit-normal + alpha 16 + noise offset 0.1": {"timestep_sampling": "logit_normal", "alpha": 16.0,
                                                    "noise_offset": 0.1},
+    "ln + no + lr 2e-3": {**LN_NO, "learning_rate": 2e-3},
+    "ln + no + lora+ 4": {**LN_NO, "lora_plus_ratio": 4.0},
+    "ln + no + rank 16": {**LN_NO, "rank": 16, "alpha": 16.0},
+    "ln + no + min-snr off": {**LN_NO, "min_snr_gamma": 0.0},
+    "ln + no + beta2 0.99": {**LN_NO, "optimizer_args": "betas=0.9,0.99"},
+    "ln + no + prodigy": {**LN_NO, "optimizer": "Prodigy", "learning_rate": 1.0},
+    "shift 1": {"timestep_shift": "fixed", "shift": 1.0},
+    "shift 6": {"timestep_shift": "fixed", "shift": 6.0},
+    "lr 4e-3 + shift 6": {"learning_rate": 4e-3, "timestep_shift": "fixed", "shift": 6.0},
+    "lr 4e-3 + lora+ 4": {"learning_rate": 4e-3, "lora_plus_ratio": 4.0},
+    "lr 8e-3": {"learning_rate": 8e-3},
+    "locon": {"targets": "locon", "conv_rank": 8},
+    "ln + no + locon": {**LN_NO, "targets": "locon", "conv_rank": 8},
+    "ln + noise offset 0.2 + locon": {"timestep_sampling": "logit_normal", "noise_offset": 0.2, "targets": "locon",
+                                      "conv_rank": 8},
+    "noise offset 0.1 + locon": {"noise_offset": 0.1, "targets": "locon", "conv_rank": 8},
+    "ln + no + locon + lr 2e-3": {**LN_NO, "targets": "locon", "conv_rank": 8, "learning_rate": 2e-3},
+    "all layers": {"targets": "all", "conv_rank": 8},
+    "lr 4e-3 + all layers": {"learning_rate": 4e-3, "targets": "all", "conv_rank": 8},
+    "debiased + locon": {"debiased_estimation": True, "targets": "locon", "conv_rank": 8},
+    "debiased + no + locon": {"debiased_estimation": True, "noise_offset": 0.1, "targets": "locon", "conv_rank": 8},
+    "ln + no + locon + debiased": {**LN_NO, "debiased_estimation": True, "targets": "locon", "conv_rank": 8},
+    "ln + no + locon + lora+ 4": {**LN_NO, "targets": "locon", "conv_rank": 8, "lora_plus_ratio": 4.0},
 }
 
 

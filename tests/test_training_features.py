@@ -4,6 +4,7 @@ and ranks, prior images with the empty prompt. Mechanisms are checked in-process
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -623,6 +624,50 @@ def _training_prompt(info: dict, checkpoint: str, dataset: dict, train: dict, pr
         "5": {"class_type": "LoraFoundrySaveLoRA", "inputs": {
             "lora": ["4", 0], "filename_prefix": prefix, "precision": "fp32", "folder": "loras", "overwrite": False}},
     }
+
+
+# --- debiased estimation -------------------------------------------------------------------------------------------
+
+
+def test_debiased_estimation_weights_each_sample_by_its_noise_level(pack, loaded_checkpoint, concept_dataset, tmp_path):
+    """debiased_estimation multiplies each sample's loss by 1 / sqrt(SNR) of its timestep (kohya's
+    debiased_estimation_loss), SNR = a / (1 - a) from SD1.5's published noise schedule; kohya configs and metadata carry
+    it under kohya's names."""
+    from lora_foundry.lora_core.settings import ss_metadata
+    from lora_foundry.training.configs.reading import import_kohya
+    from lora_foundry.training.engine.conditioning import image_geometry
+
+    model, _, _ = loaded_checkpoint
+    dataset = _concept(concept_dataset, count=1)
+    losses = {}
+    for debiased in (False, True):
+        trainer = _trainer(pack, loaded_checkpoint, dataset, tmp_path / str(debiased), debiased_estimation=debiased)
+        step = trainer.step
+        with torch.inference_mode(False):
+            trainer.data.encode_images(trainer.dataset.items)
+            x0 = trainer.data.latents.get(0, False)[None]
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+            sigmas = [step.sigmas(model, [level], x0) for level in (0.05, 0.3, 0.7, 0.98)]
+            conditioning = trainer.text.conditioning(["sks"], "cpu")
+            losses[debiased] = []
+            for sigma in sigmas:
+                with torch.no_grad():
+                    x, inputs = step.model_call(model, x0, noise, sigma, conditioning,
+                                                [image_geometry(dataset.items[0], False)])
+                    losses[debiased].append(float(step.prediction_loss(model, x, x0, sigma, inputs, None, None)))
+        if debiased:
+            assert ss_metadata(trainer.config)["ss_debiased_estimation"] == "True"
+    model_sampling = model.get_model_object("model_sampling")
+    # SD1.5's schedule as published (scaled linear betas 0.00085 to 0.012), not the host's sigmas
+    cumprod = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2, 0)
+    for i, sigma in enumerate(sigmas):
+        t = float(model_sampling.timestep(sigma))  # between two timesteps; the host keeps its schedule in float32 (0.1 %)
+        a = cumprod[[math.floor(t), math.ceil(t)]]
+        low, high = sorted(float(w) for w in ((1 - a) / a).sqrt())
+        assert low * (1 - 3e-3) <= losses[True][i] / losses[False][i] <= high * (1 + 3e-3), (i, t, losses)
+    assert losses[True][3] > 10 * losses[False][3]  # the noisiest sample counts most
+    config = import_kohya({"debiased_estimation_loss": True, "min_snr_gamma": 5}, "kohya.toml")
+    assert config.values["training"]["debiased_estimation"] is True
 
 
 # --- multi-resolution ----------------------------------------------------------------------------------------------

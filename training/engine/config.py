@@ -73,6 +73,10 @@ class TrainConfig:
     huber_delta: float = setting(1.0, "The Huber loss's delta.", min=0.0, max=100.0, step=0.01, kohya="huber_c")
     min_snr_gamma: float = setting(5.0, "eps / v-prediction models; flow models train without it.", min=0.0,
                                    max=100.0, step=0.5, kohya="min_snr_gamma", ss=("ss_min_snr_gamma",))
+    debiased_estimation: bool = setting(False, "eps / v-prediction models: weight each sample's loss by 1 / sqrt(SNR) "
+                                        "(v: 1 / (SNR + 1)), so the high noise levels that set layout and colour "
+                                        "count more (kohya's debiased_estimation_loss); flow models train without it.",
+                                        kohya="debiased_estimation_loss", ss=("ss_debiased_estimation",))
     noise_offset: float = setting(0.0, "Per-channel noise offset.", min=0.0, max=1.0, step=0.01,
                                   kohya="noise_offset", ss=("ss_noise_offset",))
     timestep_sampling: str = setting("auto", "How noise levels are drawn: uniform, logit_normal, or auto = the "

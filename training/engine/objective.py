@@ -79,6 +79,13 @@ def min_snr_weight(kind: str, sigma: torch.Tensor, gamma: float, sigma_data: flo
     return torch.clamp(s, max=gamma) / (s + 1 if kind == "v" else s)
 
 
+def debiased_weight(kind: str, sigma: torch.Tensor, sigma_data: float = 1.0) -> torch.Tensor:
+    """Debiased estimation's weight: 1 / sqrt(snr), or 1 / (snr + 1) for v-prediction; snr capped at 1000, where
+    the lowest noise levels would make it infinite."""
+    s = snr(kind, sigma, sigma_data).clamp(max=1000.0)
+    return 1 / (s + 1) if kind == "v" else s.rsqrt()
+
+
 def family_sampling(sampling: str, kind: str) -> str:
     """`auto`: logit-normal for flow models (SD3's training distribution, kohya's and ai-toolkit's flow default),
     uniform for eps / v models; any other value as it is."""

@@ -177,4 +177,6 @@ class TrainingStep:
                                                self.config.huber_delta, sigma_data, weights)
         if min_snr and self.kind != "flow":
             per_sample = per_sample * objective.min_snr_weight(self.kind, sigma, min_snr, sigma_data)
+        if self.config.debiased_estimation and self.kind != "flow":
+            per_sample = per_sample * objective.debiased_weight(self.kind, sigma, sigma_data)
         return per_sample.mean()
