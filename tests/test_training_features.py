@@ -666,6 +666,10 @@ def test_debiased_estimation_weights_each_sample_by_its_noise_level(pack, loaded
         low, high = sorted(float(w) for w in ((1 - a) / a).sqrt())
         assert low * (1 - 3e-3) <= losses[True][i] / losses[False][i] <= high * (1 + 3e-3), (i, t, losses)
     assert losses[True][3] > 10 * losses[False][3]  # the noisiest sample counts most
+    from lora_foundry.training.engine.objective import debiased_weight
+
+    v_sigma = torch.tensor([0.1, 1.0, 10.0])  # v-prediction: 1 / (SNR + 1) = sigma^2 / (sigma^2 + sigma_data^2)
+    torch.testing.assert_close(debiased_weight("v", v_sigma, 0.5), v_sigma ** 2 / (v_sigma ** 2 + 0.25))
     config = import_kohya({"debiased_estimation_loss": True, "min_snr_gamma": 5}, "kohya.toml")
     assert config.values["training"]["debiased_estimation"] is True
 
