@@ -7,8 +7,9 @@ Usage: .venv/bin/python bench/bench_toyworld.py [--family sd15|sd3] [--seed 0] [
 Ours runs as the example workflow through a real server, once to the largest budget with a checkpoint at every
 budget (its learning rate is constant and nothing in a step depends on the run's length, so the checkpoint of step
 50 is the adapter a 50-step run writes); `--variants` changes its settings (VARIANTS below; `example` is the
-workflow as shipped). Native trains in this process on the same images (the concept, repeated as its kohya folder
-says, plus the prior images) with the example's rank, learning rate and batch, once per budget. Every LoRA is
+family's workflow as shipped, every other variant changes SWEEP_BASE's recipe). Native trains in this process on
+the same images (the concept, repeated as its kohya folder says, plus the prior images) with the example's rank,
+learning rate and batch, once per budget. Every LoRA is
 sampled through the same server and read by the toy world's judge: the concept with the trigger (16 samples), the
 nine control prompts (8 each) against the base, and the bleed (control samples drawn with the concept's shape).
 Prints a table, writes out/bench_toyworld_<family>.json and a plot, out/bench_toyworld_<family>.png.
@@ -29,10 +30,16 @@ sys.path.insert(0, str(HERE.parent / "scripts"))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 WIDGETS = {"rank": 3, "steps": 7, "learning_rate": 8, "batch_size": 9, "seed": 13}
+# What every variant but `example` changes the settings from: the recipe the example workflow had (one example for both
+# toy worlds) before each world's example took its sweep winner, so each row means what it meant when it was recorded.
+SWEEP_BASE = {"rank": 8, "alpha": 8.0, "learning_rate": 1e-3, "targets": "kohya", "conv_rank": 0,
+              "timestep_sampling": "auto", "noise_offset": 0.0, "debiased_estimation": False}
 LN_NO = {"timestep_sampling": "logit_normal", "noise_offset": 0.1}  # "ln + no" in the names below
+LN_NO_LOCON_DEBIASED = {**LN_NO, "debiased_estimation": True, "targets": "locon", "conv_rank": 8}  # SD1.5's example
+ALL_4E3 = {"learning_rate": 4e-3, "targets": "all", "conv_rank": 8}  # "lr 4e-3 + all layers": SD3's example
 # Our settings tried against the example's (Train LoRA's inputs): what users tune for fast learning.
 VARIANTS = {
-    "example": {},
+    "example": {},  # the family's example workflow as shipped
     "lr 2e-3": {"learning_rate": 2e-3},
     "lr 4e-3": {"learning_rate": 4e-3},
     "lora+ 4": {"lora_plus_ratio": 4.0},
@@ -64,18 +71,24 @@ VARIANTS = {
     "noise offset 0.1 + locon": {"noise_offset": 0.1, "targets": "locon", "conv_rank": 8},
     "ln + no + locon + lr 2e-3": {**LN_NO, "targets": "locon", "conv_rank": 8, "learning_rate": 2e-3},
     "all layers": {"targets": "all", "conv_rank": 8},
-    "lr 4e-3 + all layers": {"learning_rate": 4e-3, "targets": "all", "conv_rank": 8},
+    "lr 4e-3 + all layers": ALL_4E3,
     "debiased + locon": {"debiased_estimation": True, "targets": "locon", "conv_rank": 8},
     "debiased + no + locon": {"debiased_estimation": True, "noise_offset": 0.1, "targets": "locon", "conv_rank": 8},
-    "ln + no + locon + debiased": {**LN_NO, "debiased_estimation": True, "targets": "locon", "conv_rank": 8},
+    "ln + no + locon + debiased": LN_NO_LOCON_DEBIASED,
     "ln + no + locon + lora+ 4": {**LN_NO, "targets": "locon", "conv_rank": 8, "lora_plus_ratio": 4.0},
+    "lr 4e-3 + all layers + lora+ 4": {**ALL_4E3, "lora_plus_ratio": 4.0},
+    "lr 8e-3 + all layers": {**ALL_4E3, "learning_rate": 8e-3},
+    "lr 4e-3 + all layers + rank 16": {**ALL_4E3, "rank": 16, "alpha": 16.0},
+    "lr 4e-3 + all layers + uniform": {**ALL_4E3, "timestep_sampling": "uniform"},
+    "ln + no + locon + debiased + lr 1.5e-3": {**LN_NO_LOCON_DEBIASED, "learning_rate": 1.5e-3},
+    "ln + no + locon + debiased + rank 16": {**LN_NO_LOCON_DEBIASED, "rank": 16, "alpha": 16.0, "conv_rank": 16},
 }
 
 
-def example_settings() -> dict:
-    from main_job import EXAMPLE
+def example_settings(family: str) -> dict:
+    from main_job import EXAMPLES
 
-    node = next(n for n in json.loads(EXAMPLE.read_text())["nodes"] if n["type"] == "LoraFoundryTrainLoRA")
+    node = next(n for n in json.loads(EXAMPLES[family].read_text())["nodes"] if n["type"] == "LoraFoundryTrainLoRA")
     return {name: node["widgets_values"][i] for name, i in WIDGETS.items()}
 
 
@@ -132,16 +145,17 @@ def train_native(inputs: tuple, settings: dict, steps: int) -> tuple[dict, float
     return {k: v.detach().clone().contiguous() for k, v in out.result[1].items()}, seconds
 
 
-def train_ours(server, checkpoint: Path, data: dict, name: str, budgets: list[int],
+def train_ours(server, checkpoint: Path, family: str, data: dict, name: str, budgets: list[int],
                settings: dict) -> tuple[dict[int, Path], float]:
-    """The example workflow to the largest budget under `name`, `settings` over its Train LoRA inputs, a checkpoint
-    at every budget; returns ({steps: file}, seconds of the whole prompt)."""
+    """`family`'s example workflow to the largest budget under `name`, `settings` over its Train LoRA inputs, a
+    checkpoint at every budget; returns ({steps: file}, seconds of the whole prompt)."""
     from harness.workflow import to_api_prompt
-    from main_job import PRIOR_NAME, example_workflow, install_dataset
+    from main_job import EXAMPLES, PRIOR_NAME, example_workflow, install_dataset
 
     install_dataset(server, data["concept"])
     install_dataset(server, data["prior"], PRIOR_NAME)
-    prompt = to_api_prompt(example_workflow(checkpoint.name, reg_folder=PRIOR_NAME), server.object_info())
+    workflow = example_workflow(checkpoint.name, path=EXAMPLES[family], reg_folder=PRIOR_NAME)
+    prompt = to_api_prompt(workflow, server.object_info())
     step_size = budgets[0]
     if any(b % step_size for b in budgets):
         raise ValueError(f"every budget must be a multiple of the first: {budgets}")
@@ -256,7 +270,7 @@ def main() -> None:
     data = world.concept_dataset(cache_dir() / f"dataset-s{args.seed}", seed=args.seed)
     if args.smoke:
         data = first_images(data, args.base_dir / "smoke-dataset")
-    settings = example_settings()
+    settings = example_settings(args.family)
     if args.train_seed is not None:
         settings["seed"] = args.train_seed
     judge = train_judge(checkpoint, args.seed)
@@ -280,8 +294,9 @@ def main() -> None:
             return scores
 
         for i, variant in enumerate(variants):
-            files, seconds[variant] = train_ours(server, checkpoint, data, f"curve{run}_{i}", budgets,
-                                                 {"seed": settings["seed"], **VARIANTS[variant]})
+            changes = {"seed": settings["seed"], **(SWEEP_BASE if variant != "example" else {}), **VARIANTS[variant]}
+            files, seconds[variant] = train_ours(server, checkpoint, args.family, data, f"curve{run}_{i}", budgets,
+                                                 changes)
             curves[variant] = {b: score(variant, b, files[b]) for b in budgets}
         if not args.no_native:
             inputs = native_inputs(checkpoint, data["concept"], data["prior"])
@@ -293,8 +308,9 @@ def main() -> None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_file(state, str(path))
                 curves["native"][budget] = score("native", budget, path)
-    title = (f"{args.family} toy world: concept with the trigger by steps (rank {settings['rank']}, batch "
-             f"{settings['batch_size']}, lr {settings['learning_rate']} unless the variant sets it)")
+    title = (f"{args.family} toy world: concept with the trigger by steps (batch {settings['batch_size']}; the "
+             f"example: rank {settings['rank']}, lr {settings['learning_rate']}; other variants: rank "
+             f"{SWEEP_BASE['rank']}, lr {SWEEP_BASE['learning_rate']} unless set)")
     print(title)
     print(f"{'':20}" + "".join(f"{b:>16}" for b in budgets) + f"{'to bar':>8}{'seconds':>9}")
     for name, curve in curves.items():
@@ -309,7 +325,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = {"family": args.family, "base_seed": args.seed, "settings": settings, "budgets": budgets,
               "base": {k: v for k, v in base.items() if k != "files"},
-              "variants": {v: VARIANTS[v] for v in variants},
+              "sweep_base": SWEEP_BASE, "variants": {v: VARIANTS[v] for v in variants},
               "curves": curves, "seconds": seconds, "steps_to_concept": {n: steps_to_concept(c) for n, c in curves.items()}}
     (out / f"bench_toyworld_{args.family}.json").write_text(json.dumps(record, indent=2))
     plot(curves, title).save(out / f"bench_toyworld_{args.family}.png")

@@ -1,4 +1,4 @@
-"""The main job: a real ComfyUI server with Lora Foundry, training the example workflow, measured.
+"""The main job: a real ComfyUI server with Lora Foundry, training the toy world's example workflow, measured.
 
 Usage: .venv/bin/python scripts/main_job.py [--family sd15|sd3] [--checkpoint PATH --dataset DIR [--reg DIR]]
                                             [--steps N] [--no-prior] [--preservation CLASS ...] [--preserve-world N]
@@ -8,7 +8,8 @@ Without arguments it uses the embedded default, the toy world: a tiny SD1.5-layo
 our own script pretrains on a CPU (cached in .cache/toyworld/, ~6 minutes the first time; `--family sd3`:
 a flow-matching MMDiT detected as SD3, ~3 minutes), a
 dataset of a new concept (a yellow plus on teal, captioned with the trigger word "sks") and prior
-images from the toy world. It queues the example workflow, then samples the base and the LoRA on
+images from the toy world. It queues the family's example workflow (train_lora_before_after.json: 50 steps;
+--family sd3: train_lora_before_after_sd3.json, 100 steps), then samples the base and the LoRA on
 the trigger and on control prompts through the server, scores them with the toy world's judge and
 prints where the LoRA, the loss graph, the before/after grids and the scores are.
 --checkpoint / --dataset train a real model on your images instead (use a GPU for real checkpoints).
@@ -27,6 +28,8 @@ from harness.comfy import REPO_ROOT
 from harness.server import ComfyServer
 
 EXAMPLE = REPO_ROOT / "example_workflows" / "train_lora_before_after.json"
+# Each toy world's example: the same workflow with the recipe that learns its concept soonest (bench_toyworld.py).
+EXAMPLES = {"sd15": EXAMPLE, "sd3": REPO_ROOT / "example_workflows" / "train_lora_before_after_sd3.json"}
 SLIDER_EXAMPLE = REPO_ROOT / "example_workflows" / "train_slider_lora.json"
 DATASET_NAME = "lora_dataset"
 SLIDER_DATASET_NAME = "slider_images"
@@ -62,15 +65,15 @@ def install_dataset(server: ComfyServer, dataset: Path, name: str = DATASET_NAME
 
 def run_example(server: ComfyServer, checkpoint: Path, dataset: Path, steps: int | None = None,
                 timeout: float = 1800, reg: Path | None = None, settings: dict | None = None,
-                slider: bool = False) -> dict:
-    """Queue the example training workflow (with Train LoRA's `settings` changed, e.g. preservation_class; the
-    slider example with `slider`); returns {"lora", "loss_graph", "before", "after", "summary"}."""
+                slider: bool = False, family: str = "sd15") -> dict:
+    """Queue `family`'s example training workflow (with Train LoRA's `settings` changed, e.g. preservation_class;
+    the slider example with `slider`); returns {"lora", "loss_graph", "before", "after", "summary"}."""
     from harness.workflow import to_api_prompt
 
     install_dataset(server, dataset, SLIDER_DATASET_NAME if slider else DATASET_NAME)
     if reg is not None:
         install_dataset(server, reg, PRIOR_NAME)
-    workflow = example_workflow(checkpoint.name, steps, SLIDER_EXAMPLE if slider else EXAMPLE,
+    workflow = example_workflow(checkpoint.name, steps, SLIDER_EXAMPLE if slider else EXAMPLES[family],
                                 reg_folder=PRIOR_NAME if reg is not None else "")
     if settings:
         workflow = to_api_prompt(workflow, server.object_info())
@@ -228,7 +231,8 @@ def main() -> None:
                     "preservation_weight": args.preservation_weight} if args.preservation else {}
         if args.blank_preservation:
             settings["blank_preservation_weight"] = args.blank_preservation
-        result = run_example(server, checkpoint, dataset, args.steps, reg=reg, settings=settings, slider=args.slider)
+        result = run_example(server, checkpoint, dataset, args.steps, reg=reg, settings=settings, slider=args.slider,
+                             family=args.family)
         print(f"trained in {time.monotonic() - started:.0f}s")
         for line in result["summary"]:
             print(f"Train LoRA: {line}")

@@ -159,11 +159,13 @@ def evaluate_lora(server, checkpoint: str, lora: str, judge: Judge, sampling: Sa
 
 
 def passes(lora_scores: dict) -> dict[str, bool]:
-    """The issue's bar for a LoRA: the concept with the trigger, not without the LoRA, no leakage."""
+    """The bar for a LoRA: the concept with the trigger, not without the LoRA, no leakage into the control prompts
+    (as asked within 0.1 of the base; issue 35 measures 0.05 in bench/), their shapes not the concept's."""
     return {
         "concept": all(v >= 0.8 for v in lora_scores["concept"].values()),
         "base_never": lora_scores["base_concept_match"] <= 0.05,
         "no_leakage": lora_scores["control_match"] >= lora_scores["base_control_match"] - 0.1,
+        "no_bleed": lora_scores["bleed"] <= 0.1,
     }
 
 
