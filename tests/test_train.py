@@ -168,7 +168,7 @@ def test_example_workflow_trains_through_the_server(server, tiny_checkpoint, con
     with safe_open(str(lora), "pt") as f:
         meta = f.metadata()
         keys = list(f.keys())
-    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "8"
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "16"
     assert "sks" in meta["ss_tag_frequency"]
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert any(k.startswith("lora_unet_down_blocks_0_attentions_0") for k in keys)

@@ -197,7 +197,9 @@ def _configs_as_the_node_built_them(trigger_word, algorithm, rank, alpha, target
     return network, train
 
 
-SLIDER_SETTINGS = ("slider_positive", "slider_negative", "slider_target", "slider_anchor", "slider_guidance")
+# The settings that came after the former mapping: an example's values of these are taken as they are.
+LATER_SETTINGS = ("slider_positive", "slider_negative", "slider_target", "slider_anchor", "slider_guidance",
+                  "debiased_estimation")
 
 
 def test_saved_train_lora_values_land_in_the_same_settings(object_info, pack):
@@ -223,7 +225,6 @@ def test_saved_train_lora_values_land_in_the_same_settings(object_info, pack):
         network = from_inputs(NetworkConfig, inputs)
         train = from_inputs(TrainConfig, inputs, captions=from_inputs(CaptionOptions, inputs))
         want_network, want_train = _configs_as_the_node_built_them(**inputs)
-        # The slider settings came after the former mapping: the slider example's values are taken as they are.
-        want_train = replace(want_train, **{k: inputs[k] for k in SLIDER_SETTINGS if k in inputs})
+        want_train = replace(want_train, **{k: inputs[k] for k in LATER_SETTINGS if k in inputs})
         assert asdict(network) == asdict(want_network), values
         assert asdict(train) == asdict(want_train), values
