@@ -35,7 +35,7 @@ WIDGETS = {"rank": 3, "steps": 7, "learning_rate": 8, "batch_size": 9, "seed": 1
 SWEEP_BASE = {"rank": 8, "alpha": 8.0, "learning_rate": 1e-3, "targets": "kohya", "conv_rank": 0,
               "timestep_sampling": "auto", "noise_offset": 0.0, "debiased_estimation": False}
 LN_NO = {"timestep_sampling": "logit_normal", "noise_offset": 0.1}  # "ln + no" in the names below
-LN_NO_LOCON_DEBIASED = {**LN_NO, "debiased_estimation": True, "targets": "locon", "conv_rank": 8}  # SD1.5's example
+LN_NO_LOCON_DEBIASED = {**LN_NO, "debiased_estimation": True, "targets": "locon", "conv_rank": 8}  # SD1.5's example at rank 8
 ALL_4E3 = {"learning_rate": 4e-3, "targets": "all", "conv_rank": 8}  # "lr 4e-3 + all layers": SD3's example
 # Our settings tried against the example's (Train LoRA's inputs): what users tune for fast learning.
 VARIANTS = {

@@ -27,9 +27,9 @@ from pathlib import Path
 from harness.comfy import REPO_ROOT
 from harness.server import ComfyServer
 
-EXAMPLE = REPO_ROOT / "example_workflows" / "train_lora_before_after.json"
 # Each toy world's example: the same workflow with the recipe that learns its concept soonest (bench_toyworld.py).
-EXAMPLES = {"sd15": EXAMPLE, "sd3": REPO_ROOT / "example_workflows" / "train_lora_before_after_sd3.json"}
+EXAMPLES = {"sd15": REPO_ROOT / "example_workflows" / "train_lora_before_after.json",
+            "sd3": REPO_ROOT / "example_workflows" / "train_lora_before_after_sd3.json"}
 SLIDER_EXAMPLE = REPO_ROOT / "example_workflows" / "train_slider_lora.json"
 DATASET_NAME = "lora_dataset"
 SLIDER_DATASET_NAME = "slider_images"
@@ -38,7 +38,7 @@ STEPS_WIDGET = 7  # Train LoRA's widgets_values index of `steps`
 REG_WIDGET = 10  # Load Dataset's widgets_values index of `reg_folder`
 
 
-def example_workflow(checkpoint_name: str, steps: int | None = None, path: Path = EXAMPLE,
+def example_workflow(checkpoint_name: str, steps: int | None = None, path: Path = EXAMPLES["sd15"],
                      reg_folder: str = "") -> dict:
     """The example training workflow pointed at `checkpoint_name` (and `steps`, `reg_folder`, when given)."""
     workflow = json.loads(path.read_text())
@@ -193,8 +193,10 @@ def main() -> None:
     parser.add_argument("--slider", action="store_true",
                         help="train the slider example instead (purple shapes: red at +1, blue at -1) and judge it")
     parser.add_argument("--seed", type=int, default=0, help="the toy world's seed")
-    parser.add_argument("--family", choices=tuple(TOY_BASES), default="sd15",
-                        help="the toy world's base: sd15 (UNet, eps) or sd3 (MMDiT, rectified flow)")
+    parser.add_argument("--family", choices=tuple(TOY_BASES), default=None,
+                        help="the toy world's base and its example: sd15 (UNet, eps; the default) or sd3 (MMDiT, "
+                             "rectified flow); toy world only (its recipe, lr 4e-3 on every layer, is not for real "
+                             "models)")
     parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     parser.add_argument("--base-dir", type=Path, default=REPO_ROOT / "out" / "comfy")
     parser.add_argument("--serve", action="store_true", help="keep the server running afterwards (Ctrl-C stops)")
@@ -202,6 +204,10 @@ def main() -> None:
 
     started = time.monotonic()
     toy = args.checkpoint is None
+    if args.family and not toy:
+        parser.error("--family picks the toy world's base; a --checkpoint trains with the SD1.5 toy's example (set "
+                     "--steps for a real model)")
+    args.family = args.family or "sd15"
     if toy:
         from toyworld import world
         from toyworld.pretrain import cache_dir

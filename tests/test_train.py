@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -172,6 +173,8 @@ def test_example_workflow_trains_through_the_server(server, tiny_checkpoint, con
     assert "sks" in meta["ss_tag_frequency"]
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert any(k.startswith("lora_unet_down_blocks_0_attentions_0") for k in keys)
+    assert any(k.startswith("lora_unet_down_blocks_0_resnets_0_conv1") for k in keys)  # the example's LoCon
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "16", "conv_alpha": "16.0"}
     for key in ("loss_graph", "before", "after"):
         assert result[key], key
         with Image.open(result[key][0]) as img:

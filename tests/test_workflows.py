@@ -197,7 +197,7 @@ def _configs_as_the_node_built_them(trigger_word, algorithm, rank, alpha, target
     return network, train
 
 
-# The settings that came after the former mapping: an example's values of these are taken as they are.
+# Settings that came after the former mapping and that an example sets away from their defaults: taken as they are.
 LATER_SETTINGS = ("slider_positive", "slider_negative", "slider_target", "slider_anchor", "slider_guidance",
                   "debiased_estimation")
 
