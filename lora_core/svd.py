@@ -67,13 +67,14 @@ class Decomposition:
 
 
 def squared_norm(d: torch.Tensor) -> float:
-    """||D||_F^2, summed in float64 over 1M-element blocks (float32 sums drift; a float64 copy costs 2x D)."""
+    """||D||_F^2: each 1M-element block's squares summed by torch's pairwise (cascade) sum, within ~1e-8 of a float64
+    sum; the blocks' sums in float64. (A float64 copy of each block, as before, took 2.5x as long: at 5120x640 a
+    quarter of a randomized SVD's time.)"""
     if d.dim() == 2 and not d.is_contiguous() and d.T.is_contiguous():
         d = d.T  # the same norm, read in memory order: flattening the transposed view copied D (47 ms at 10240x1280)
     total = 0.0
     for block in d.reshape(-1).split(1 << 20):
-        block = block.double()
-        total += float(torch.dot(block, block))
+        total += float((block * block).sum())
     return total
 
 
