@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parent / "scripts"))
 # TrainLoraNode's per-step progress bar would bury the table; tqdm reads this when it is imported.
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-WIDGETS = {"rank": 3, "steps": 7, "learning_rate": 8, "batch_size": 9, "seed": 13}
+EXAMPLE_SETTINGS = ("rank", "steps", "learning_rate", "batch_size", "seed")  # what the table reports
 # What every variant but `example` changes the settings from: the recipe the example workflow had (one example for both
 # toy worlds) before each world's example took its sweep winner, so each row means what it meant when it was recorded.
 SWEEP_BASE = {"rank": 8, "alpha": 8.0, "learning_rate": 1e-3, "targets": "kohya", "conv_rank": 0,
@@ -85,11 +85,12 @@ VARIANTS = {
 }
 
 
-def example_settings(family: str) -> dict:
+def example_settings(family: str, object_info: dict) -> dict:
+    from harness.examples import widget_value
     from main_job import EXAMPLES
 
     node = next(n for n in json.loads(EXAMPLES[family].read_text())["nodes"] if n["type"] == "LoraFoundryTrainLoRA")
-    return {name: node["widgets_values"][i] for name, i in WIDGETS.items()}
+    return {name: widget_value(node, object_info[node["type"]], name) for name in EXAMPLE_SETTINGS}
 
 
 def dataset_items(concept: Path, prior: Path) -> list[tuple[Path, str]]:
@@ -154,8 +155,9 @@ def train_ours(server, checkpoint: Path, family: str, data: dict, name: str, bud
 
     install_dataset(server, data["concept"])
     install_dataset(server, data["prior"], PRIOR_NAME)
-    workflow = example_workflow(checkpoint.name, path=EXAMPLES[family], reg_folder=PRIOR_NAME)
-    prompt = to_api_prompt(workflow, server.object_info())
+    info = server.object_info()
+    workflow = example_workflow(checkpoint.name, info, path=EXAMPLES[family], reg_folder=PRIOR_NAME)
+    prompt = to_api_prompt(workflow, info)
     step_size = budgets[0]
     if any(b % step_size for b in budgets):
         raise ValueError(f"every budget must be a multiple of the first: {budgets}")
@@ -270,15 +272,15 @@ def main() -> None:
     data = world.concept_dataset(cache_dir() / f"dataset-s{args.seed}", seed=args.seed)
     if args.smoke:
         data = first_images(data, args.base_dir / "smoke-dataset")
-    settings = example_settings(args.family)
-    if args.train_seed is not None:
-        settings["seed"] = args.train_seed
     judge = train_judge(checkpoint, args.seed)
     curves: dict[str, dict[int, dict]] = {}
     seconds: dict[str, float] = {}
     run = time.strftime("%H%M%S")
     sampling = Sampling(count=2, control_count=1, steps=2) if args.smoke else Sampling()
     with ComfyServer(args.base_dir, models={"checkpoints": [checkpoint]}) as server:
+        settings = example_settings(args.family, server.object_info())
+        if args.train_seed is not None:
+            settings["seed"] = args.train_seed
         base = evaluate.evaluate_base(server, checkpoint.name, judge, sampling)
         base_trigger = evaluate.sample(server, checkpoint.name, [world.TRIGGER], sampling,
                                        prefix="toyworld_eval/base_trigger")[0]

@@ -34,21 +34,21 @@ SLIDER_EXAMPLE = REPO_ROOT / "example_workflows" / "train_slider_lora.json"
 DATASET_NAME = "lora_dataset"
 SLIDER_DATASET_NAME = "slider_images"
 PRIOR_NAME = "lora_prior"
-STEPS_WIDGET = 7  # Train LoRA's widgets_values index of `steps`
-REG_WIDGET = 10  # Load Dataset's widgets_values index of `reg_folder`
 
 
-def example_workflow(checkpoint_name: str, steps: int | None = None, path: Path = EXAMPLES["sd15"],
-                     reg_folder: str = "") -> dict:
-    """The example training workflow pointed at `checkpoint_name` (and `steps`, `reg_folder`, when given)."""
+def example_workflow(checkpoint_name: str, object_info: dict, steps: int | None = None,
+                     path: Path = EXAMPLES["sd15"], reg_folder: str = "") -> dict:
+    """The example training workflow pointed at `checkpoint_name` (and `steps`, `reg_folder`, when given); widgets are
+    found by name in the server's `object_info`."""
+    from harness.examples import set_widget
+
+    changes = {"CheckpointLoaderSimple": {"ckpt_name": checkpoint_name}, "LoraFoundryLoadDataset": {
+        "reg_folder": reg_folder}, "LoraFoundryTrainLoRA": {} if steps is None else {"steps": steps}}
     workflow = json.loads(path.read_text())
     for node in workflow["nodes"]:
-        if node["type"] == "CheckpointLoaderSimple":
-            node["widgets_values"][0] = checkpoint_name
-        if node["type"] == "LoraFoundryLoadDataset":
-            node["widgets_values"][REG_WIDGET] = reg_folder
-        if node["type"] == "LoraFoundryTrainLoRA" and steps is not None:
-            node["widgets_values"][STEPS_WIDGET] = steps
+        for name, value in changes.get(node["type"], {}).items():
+            if not set_widget(node, object_info[node["type"]], name, value):
+                raise ValueError(f"{path.name}: node {node['id']} ({node['type']}) has no {name} widget")
     return workflow
 
 
@@ -73,7 +73,8 @@ def run_example(server: ComfyServer, checkpoint: Path, dataset: Path, steps: int
     install_dataset(server, dataset, SLIDER_DATASET_NAME if slider else DATASET_NAME)
     if reg is not None:
         install_dataset(server, reg, PRIOR_NAME)
-    workflow = example_workflow(checkpoint.name, steps, SLIDER_EXAMPLE if slider else EXAMPLES[family],
+    workflow = example_workflow(checkpoint.name, server.object_info(), steps,
+                                SLIDER_EXAMPLE if slider else EXAMPLES[family],
                                 reg_folder=PRIOR_NAME if reg is not None else "")
     if settings:
         workflow = to_api_prompt(workflow, server.object_info())

@@ -440,7 +440,7 @@ def test_example_workflow_captions_then_trains(caption_server, tiny_checkpoint, 
     from safetensors import safe_open
 
     path = REPO_ROOT / "example_workflows" / "caption_then_train.json"
-    workflow = example_workflow(tiny_checkpoint.name, steps=4, path=path)
+    workflow = example_workflow(tiny_checkpoint.name, caption_server.object_info(), steps=4, path=path)
     caption = next(n for n in workflow["nodes"] if n["type"] == "LoraFoundryCaptionImages")
     caption["widgets_values"][0] = "tiny-wd"
     dataset = copy_dataset(concept_dataset, tmp_path, count=8)
