@@ -73,11 +73,11 @@ def run_example(server: ComfyServer, checkpoint: Path, dataset: Path, steps: int
     install_dataset(server, dataset, SLIDER_DATASET_NAME if slider else DATASET_NAME)
     if reg is not None:
         install_dataset(server, reg, PRIOR_NAME)
-    workflow = example_workflow(checkpoint.name, server.object_info(), steps,
-                                SLIDER_EXAMPLE if slider else EXAMPLES[family],
+    info = server.object_info()
+    workflow = example_workflow(checkpoint.name, info, steps, SLIDER_EXAMPLE if slider else EXAMPLES[family],
                                 reg_folder=PRIOR_NAME if reg is not None else "")
     if settings:
-        workflow = to_api_prompt(workflow, server.object_info())
+        workflow = to_api_prompt(workflow, info)
         train = next(n for n in workflow.values() if n["class_type"] == "LoraFoundryTrainLoRA")
         train["inputs"].update(settings)
     outputs = server.run(workflow, timeout=timeout)
