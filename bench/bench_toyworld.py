@@ -81,6 +81,13 @@ VARIANTS = {
     "lr 4e-3 + all layers + rank 16": {**ALL_4E3, "rank": 16, "alpha": 16.0},
     "lr 4e-3 + all layers + uniform": {**ALL_4E3, "timestep_sampling": "uniform"},
     "lr 4e-3 + all layers + batch 8": {**ALL_4E3, "batch_size": 8},  # 50 steps see the images 100 of 4 do
+    "lr 4e-3 + all layers + batch 8 + blank preservation": {**ALL_4E3, "batch_size": 8,
+                                                            "blank_preservation_weight": 1.0},
+    "lr 3e-3 + all layers + batch 8": {**ALL_4E3, "batch_size": 8, "learning_rate": 3e-3},
+    "lr 6e-3 + all layers + batch 8 + blank preservation": {**ALL_4E3, "batch_size": 8, "learning_rate": 6e-3,
+                                                            "blank_preservation_weight": 1.0},
+    "lr 4e-3 + all layers + batch 8 + blank preservation 0.5": {**ALL_4E3, "batch_size": 8,
+                                                                "blank_preservation_weight": 0.5},
     "ln + no + locon + debiased + lr 1.5e-3": {**LN_NO_LOCON_DEBIASED, "learning_rate": 1.5e-3},
     "ln + no + locon + debiased + rank 16": {**LN_NO_LOCON_DEBIASED, "rank": 16, "alpha": 16.0, "conv_rank": 16},
 }
