@@ -228,3 +228,29 @@ def test_saved_train_lora_values_land_in_the_same_settings(object_info, pack):
         want_train = replace(want_train, **{k: inputs[k] for k in LATER_SETTINGS if k in inputs})
         assert asdict(network) == asdict(want_network), values
         assert asdict(train) == asdict(want_train), values
+
+
+def test_example_settings_are_set_by_widget_name_and_a_missing_widget_is_named(object_info):
+    """main_job.example_workflow finds the checkpoint, steps and prior folder by input name; a node whose inputs lack
+    one (an example saved by another version of the pack) is a ValueError naming the file, the node and the widget."""
+    import copy
+
+    from harness.examples import widget_value
+    from main_job import EXAMPLES, example_workflow
+
+    workflow = example_workflow("toy.safetensors", object_info, steps=7, path=EXAMPLES["sd3"], reg_folder="prior")
+    wanted = {"CheckpointLoaderSimple": ("ckpt_name", "toy.safetensors"), "LoraFoundryTrainLoRA": ("steps", 7),
+              "LoraFoundryLoadDataset": ("reg_folder", "prior")}
+    seen = {node["type"]: widget_value(node, object_info[node["type"]], wanted[node["type"]][0])
+            for node in workflow["nodes"] if node["type"] in wanted}
+    assert seen == {kind: value for kind, (_, value) in wanted.items()}
+    assert widget_value(next(n for n in workflow["nodes"] if n["type"] == "LoraFoundryTrainLoRA"),
+                        object_info["LoraFoundryTrainLoRA"], "learning_rate") == 0.004  # its neighbours untouched
+
+    older = copy.deepcopy(object_info)
+    for section in older["LoraFoundryTrainLoRA"]["input"].values():
+        section.pop("steps", None)
+    train = next(n for n in json.loads(EXAMPLES["sd3"].read_text())["nodes"] if n["type"] == "LoraFoundryTrainLoRA")
+    with pytest.raises(ValueError, match=rf"train_lora_before_after_sd3\.json: node {train['id']} "
+                                         r"\(LoraFoundryTrainLoRA\) has no steps widget"):
+        example_workflow("toy.safetensors", older, steps=7, path=EXAMPLES["sd3"])
