@@ -75,7 +75,9 @@ def tiny_blip(folder: Path, seed: int = 0) -> Path:
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
     vocab = {word: i for i, word in enumerate(specials + BLIP_WORDS)}
-    tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")  # one token a line, in id order
+    tokenizer = BertTokenizer(vocab_file=str(folder / "vocab.txt"), bos_token="[DEC]")
     config = BlipConfig(
         text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                      "num_attention_heads": 2, "max_position_embeddings": 64, "bos_token_id": vocab["[DEC]"],
