@@ -582,3 +582,20 @@ def test_flux_resumes_exactly_across_the_switch_to_out_of_place_sums(pack, datas
     assert resumed.losses[:3] == straight.losses[:3] and len(resumed.losses) == 6
     a, b = straight.network.state_dict(), resumed.network.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_flux2_prompts_tokenize_through_the_hosts_mistral_tokenizer(comfy_root):
+    """The host builds Flux.2's tokenizer from the Tekken vocabulary its text encoder file carries (through
+    transformers' MistralConverter, which in transformers 5 wants a vocab_file the host does not give: hence the
+    4.57 pin) and wraps the prompt in Flux.2's system prompt: the text side a tiny Flux.2 family will be built on."""
+    import comfy.text_encoders.flux
+    from harness.families import TEKKEN_SPECIALS, tekken_stand_in
+
+    tokenizer = comfy.text_encoders.flux.Flux2Tokenizer(tokenizer_data={"tekken_model": tekken_stand_in((b"to", b"toy"))})
+    ids = [token for token, _ in tokenizer.tokenize_with_weights("toy cat")["mistral3_24b"][0]]
+    special = {name: i for i, name in enumerate(TEKKEN_SPECIALS)}
+    first = len(TEKKEN_SPECIALS)  # the byte-level vocabulary's ids follow the special tokens
+    assert ids[:2] == [special["<s>"], special["[SYSTEM_PROMPT]"]], ids
+    assert special["[/SYSTEM_PROMPT]"] in ids and ids[-1] == special["[/INST]"], ids
+    prompt = ids[ids.index(special["[INST]"]) + 1:-1]
+    assert prompt == [first + 257] + [first + b for b in b" cat"], prompt  # "toy" by its two merges, " cat" by bytes

@@ -163,6 +163,30 @@ def gemma_spiece_stand_in() -> bytes:
     return _spiece_stand_in(pad=0, eos=1, bos=2, unk=31999)
 
 
+TEKKEN_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                   "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                   "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
+
+
+def tekken_stand_in(merges: tuple[bytes, ...] = ()) -> torch.Tensor:
+    """A Tekken vocabulary (Mistral's tokenizer format) as a Flux.2 text encoder file stores it ("tekken_model", the
+    JSON's bytes as uint8): Mistral's special tokens at their ids (<s> 1, [INST] 3, <pad> 11) and a byte-level
+    vocabulary, every byte plus `merges`, whose ids follow the specials. The real one (131072 entries) ships only
+    inside the 24B encoder's file."""
+    import base64
+    import json
+
+    import torch
+
+    pieces = [bytes([b]) for b in range(256)] + list(merges)
+    tekken = {"config": {"pattern": r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s+(?!\S)|\s+",
+                         "num_vocab_tokens": len(pieces), "default_num_special_tokens": len(TEKKEN_SPECIALS),
+                         "default_vocab_size": len(pieces) + len(TEKKEN_SPECIALS)},
+              "vocab": [{"rank": i, "token_bytes": base64.b64encode(p).decode()} for i, p in enumerate(pieces)],
+              "special_tokens": [{"rank": i, "token_str": t, "is_control": True} for i, t in enumerate(TEKKEN_SPECIALS)]}
+    return torch.frombuffer(bytearray(json.dumps(tekken).encode()), dtype=torch.uint8)
+
+
 def _spiece_stand_in(pad: int, eos: int, unk: int, bos: int = -1) -> bytes:
     import comfy.text_encoders.aura_t5
     from sentencepiece import sentencepiece_model_pb2 as spm
