@@ -15,6 +15,7 @@ FAMILIES = {
     "SD15": ("stable-diffusion-v1", "sd_v1"), "SD20": ("stable-diffusion-v2-768-v", "sd_v2"),
     "SDXL": ("stable-diffusion-xl-v1-base", "sdxl_base_v1-0"), "SD3": ("stable-diffusion-3-medium", "sd3"),
     "FluxSchnell": ("flux-1-schnell", "flux1"), "Flux": ("flux-1-dev", "flux1"), "Chroma": ("chroma", "chroma"),
+    "Flux2": ("Flux.2-dev", "flux2"),  # musubi-tuner's names (kohya has none)
     "QwenImage": ("qwen-image", "qwen_image"), "ZImage": ("z-image", "z_image"), "Lumina2": ("lumina-2", "lumina2"),
     "WAN22_T2V": ("wan2.2-t2v", "wan22"), "WAN21_I2V": ("wan2.1-i2v", "wan21"), "WAN21_T2V": ("wan2.1-t2v", "wan21"),
     "HunyuanVideo": ("hunyuan-video", "hunyuan_video"), "LTXV": ("ltx-video", "ltxv"),

@@ -23,7 +23,7 @@ CAPTIONS = ["a red circle on blue", "a green square", "a yellow plus on teal", "
 ARCHITECTURES = {
     "sd15": ("stable-diffusion-v1", "sd_v1"), "sd2v": ("stable-diffusion-v2-768-v", "sd_v2"),
     "sdxl": ("stable-diffusion-xl-v1-base", "sdxl_base_v1-0"), "sd3": ("stable-diffusion-3-medium", "sd3"),
-    "flux": ("flux-1-dev", "flux1"), "chroma": ("chroma", "chroma"),
+    "flux": ("flux-1-dev", "flux1"), "flux2": ("Flux.2-dev", "flux2"), "chroma": ("chroma", "chroma"),
     "chroma_radiance": ("chroma", "chroma"), "qwen_image": ("qwen-image", "qwen_image"),
     "zimage": ("z-image", "z_image"), "lumina2": ("lumina-2", "lumina2"),
     "pixart_sigma": ("pixart-sigma", "pixart_sigma"), "auraflow": ("auraflow", "auraflow"),
@@ -155,7 +155,7 @@ def _inference_conditioning(fam, nodes, prompt, geometry):
                                                      geometry.crop_top, geometry.target_width, geometry.target_height,
                                                      prompt, prompt).result[0]
     conditioning = nodes.CLIPTextEncode().encode(fam.clip, prompt)[0]
-    if fam.name == "flux":  # kohya / ai-toolkit train Flux-dev at guidance 1.0: the same as FluxGuidance 1.0
+    if fam.name in ("flux", "flux2"):  # kohya / ai-toolkit train Flux-dev at guidance 1.0: FluxGuidance 1.0
         conditioning = nodes_flux.FluxGuidance.execute(conditioning, 1.0).result[0]
     return conditioning
 
@@ -194,7 +194,7 @@ def test_family_gets_the_inputs_comfyui_gives_it(family, dataset_dir, comfy_node
             assert got[name] == want[name], name
     if family.name == "sdxl":
         assert "y" in compared
-    if family.name == "flux":
+    if family.name in ("flux", "flux2"):
         assert float(got["guidance"].flatten()[0]) == 1.0
 
 
@@ -268,7 +268,8 @@ def _ltxv_layers(model):
 
 
 # Latent shapes and two layers each: one early in a block, one after the block's in-place sums.
-IN_PLACE = {"flux": ((1, 16, 8, 8), _flux_layers), "chroma": ((1, 16, 8, 8), _flux_layers),
+IN_PLACE = {"flux": ((1, 16, 8, 8), _flux_layers), "flux2": ((1, 128, 4, 4), _flux_layers),
+            "chroma": ((1, 16, 8, 8), _flux_layers),
             "ltxv": ((1, 128, 1, 2, 2), _ltxv_layers)}
 
 
@@ -387,7 +388,7 @@ def test_cosmos_learns_the_velocity_its_sampler_reads(pack, dataset_dir):
     assert abs(loss - want) <= 1e-4 * want, (loss, want)
 
 
-DIT_LISTS = {"sd3": ["J"], "flux": ["D", "S"], "chroma": ["D", "S"], "chroma_radiance": ["D", "S", "N"],
+DIT_LISTS = {"sd3": ["J"], "flux": ["D", "S"], "flux2": ["D", "S"], "chroma": ["D", "S"], "chroma_radiance": ["D", "S", "N"],
              "qwen_image": ["T"], "zimage": ["N", "C", "L"], "lumina2": ["N", "C", "L"],
              "pixart_sigma": ["B"], "auraflow": ["D", "S"], "hidream": ["D", "S", "C"],
              "omnigen2": ["N", "R", "C", "L"], "cosmos_predict2": ["B"], "hunyuan_image21": ["D", "S"], "hunyuan_video15": ["D", "S"], "ltxv": ["T"],

@@ -22,7 +22,7 @@ from .fixtures import build_taesd, build_unet, init_weights_
 if TYPE_CHECKING:
     import torch
 
-FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "chroma", "chroma_radiance", "qwen_image", "zimage", "lumina2",
+FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image", "zimage", "lumina2",
             "pixart_sigma", "auraflow", "hidream", "omnigen2", "cosmos_predict2", "hunyuan_image21", "hunyuan_video15",
             "ltxv", "wan21", "wan22_5b")
 IMAGE_CONDITIONED = ("wan21_i2v",)  # families conditioned on an image as well (issue 16's tests)
@@ -34,6 +34,8 @@ SMALL_T5 = {"d_model": 64, "d_kv": 32, "num_heads": 2, "d_ff": 128, "num_layers"
 # Llama-style encoders keep the host's fixed head_dim (128); three layers since Z-Image takes the penultimate one.
 SMALL_QWEN = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
               "num_key_value_heads": 1, "num_hidden_layers": 3}
+# Flux.2's Mistral 3 at the same width: it stacks the outputs of layers 10, 20 and 30, so it keeps 31 of its 40.
+SMALL_MISTRAL = {**SMALL_QWEN, "num_hidden_layers": 31, "vocab_size": 512}
 
 
 @dataclass
@@ -278,6 +280,29 @@ def _wan22_vae(seed: int, dim: int = 8):
     return _wrapped_video_vae(seed, module, 48)
 
 
+def _flux2_vae(seed: int):
+    """Flux.2's VAE: the host's KL autoencoder whose latents are batch-normalised and patchified 2x2 (32 channels at 8x
+    become 128 at 16x), at width 32 on every level (the host fixes a file's at 128-512)."""
+    import comfy.ldm.models.autoencoder
+    import comfy.model_management
+    import comfy.model_patcher
+    import torch
+
+    ddconfig = {"double_z": True, "z_channels": 32, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+                "batch_norm_latent": True}
+    module = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=32)
+    init_module_(module, seed + 2, std=0.05)
+    vae = _taesd_vae(seed, 16)  # a VAE object to carry it, then set as comfy.sd.VAE sets one for a Flux.2 file
+    vae.first_stage_model = module.eval().to(torch.float32)
+    vae.latent_channels, vae.downscale_ratio, vae.upscale_ratio = 128, 16, 16
+    vae.process_input = lambda image: image * 2.0 - 1.0
+    vae.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
+    vae.patcher = comfy.model_patcher.ModelPatcher(module, load_device=vae.device,
+                                                   offload_device=comfy.model_management.vae_offload_device())
+    return vae
+
+
 def _hunyuan_video15_vae(seed: int):
     """The HunyuanVideo 1.5 VAE (32 channels, 16x spatial, 4x temporal: the host's refiner encoder and decoder) at
     widths 8-64 (its bottleneck holds twice the latent channels; the host fixes a file's at 128-1024)."""
@@ -417,6 +442,27 @@ def _build_flux(seed: int) -> Family:
                   "built directly: detection fixes 24 heads with rope axes [16,56,56], i.e. hidden 3072; Flux-dev "
                   "(guidance embed) at hidden 64, 2 heads, 1 double + 1 single block; CLIP-L and T5-XXL reduced "
                   f"to width {SMALL_CLIP['hidden_size']}; TAESD-shaped VAE with 16 channels (as taef1)")
+
+
+def _build_flux2(seed: int) -> Family:
+    import comfy.supported_models
+    import comfy.text_encoders.flux
+
+    # Flux.2's settings from model_detection (the flux2 branch) at hidden 64: 2 heads of 32 (its rope's four axes
+    # shrunk to 8 each), the text width three stacked Mistral layers give.
+    config = _flux_like_config(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None,
+                               context_in_dim=3 * SMALL_MISTRAL["hidden_size"], mlp_ratio=3.0, axes_dim=[8, 8, 8, 8],
+                               theta=2000, patch_size=1, qkv_bias=False, guidance_embed=True, global_modulation=True,
+                               mlp_silu_act=True, ops_bias=False, default_ref_method="index", ref_index_scale=10.0)
+    model = _patcher(_new_model(comfy.supported_models.Flux2, config, seed))
+    clip = _clip(comfy.text_encoders.flux.flux2_te(), comfy.text_encoders.flux.Flux2Tokenizer, seed + 1,
+                 {"mistral3_24b_model_config": SMALL_MISTRAL}, tokenizer_data={"tekken_model": tekken_stand_in()})
+    return Family("flux2", model, clip, _flux2_vae(seed), 128, False, "",
+                  "built directly: detection fixes 48 heads of 128 with four rope axes of 32, i.e. hidden 6144; "
+                  "Flux.2-dev (guidance embed, shared modulation) at hidden 64, 2 heads, 1 double + 1 single block; "
+                  f"Mistral 3 reduced to width {SMALL_MISTRAL['hidden_size']}, 31 layers (it stacks layers 10, 20 and "
+                  "30; head_dim stays 128) with a byte-level Tekken vocabulary; Flux.2's VAE (32 channels, batch-"
+                  "normalised and patchified to 128 at 16x) at width 32")
 
 
 def _build_chroma(seed: int) -> Family:
@@ -766,7 +812,7 @@ def _build_wan22_5b(seed: int) -> Family:
                   "denoise_mask, none here); UMT5 as wan21; the host's Wan 2.2 VAE module at width 8 (16x spatial)")
 
 
-_BUILDERS = {"sd15": _build_sd15, "sd2v": _build_sd2v, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux,
+_BUILDERS = {"sd15": _build_sd15, "sd2v": _build_sd2v, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux, "flux2": _build_flux2,
              "chroma": _build_chroma, "chroma_radiance": _build_chroma_radiance, "qwen_image": _build_qwen_image, "zimage": _build_zimage, "lumina2": _build_lumina2,
              "pixart_sigma": _build_pixart_sigma, "auraflow": _build_auraflow, "hidream": _build_hidream,
              "omnigen2": _build_omnigen2, "cosmos_predict2": _build_cosmos_predict2,
