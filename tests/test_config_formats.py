@@ -216,6 +216,8 @@ def test_ai_toolkit_job(cf):
                      "config.process[0].training_folder: not needed", "config.process[0].device: not needed"):
         assert expected in lines
     assert "walk_seed" not in lines and "train_unet" not in lines  # at values that change nothing
+    flux2 = cf.read(AI_TOOLKIT.replace("is_flux: true", "arch: flux2"), "flux2.yaml")
+    assert flux2.values["model"] == {"family": "flux2"} and "arch" not in "\n".join(flux2.unsupported)
     assert cf.read(json.dumps(tomllib.loads("x = 1") | {"job": "extension", "config": {"process": [
         {"type": "sd_trainer", "network": {"linear": 4}}]}}), "job.json").values["network"]["rank"] == 4
 
