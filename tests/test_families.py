@@ -588,7 +588,7 @@ def test_flux_resumes_exactly_across_the_switch_to_out_of_place_sums(pack, datas
 def test_flux2_prompts_tokenize_through_the_hosts_mistral_tokenizer(comfy_root):
     """The host builds Flux.2's tokenizer from the Tekken vocabulary its text encoder file carries (through
     transformers' MistralConverter, which in transformers 5 wants a vocab_file the host does not give: hence the
-    4.57 pin) and wraps the prompt in Flux.2's system prompt: the text side a tiny Flux.2 family will be built on."""
+    4.57 pin) and wraps the prompt in Flux.2's system prompt: the text side of the flux2 family."""
     import comfy.text_encoders.flux
     from harness.families import TEKKEN_SPECIALS, tekken_stand_in
 

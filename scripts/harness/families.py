@@ -254,17 +254,23 @@ def _wrapped_video_vae(seed: int, module, latent_channels: int):
     for 16x spatial, 4x temporal latents."""
     import math
 
-    import comfy.model_management
-    import comfy.model_patcher
-    import torch
-
-    vae = _wan21_vae(seed)
-    init_module_(module, seed + 2, std=0.05)
-    vae.first_stage_model = module.eval().to(torch.float32)
+    vae = _carrying(_wan21_vae(seed), module, seed)
     vae.latent_channels = latent_channels
     vae.upscale_ratio, vae.upscale_index_formula = (lambda a: max(0, a * 4 - 3), 16, 16), (4, 16, 16)
     vae.downscale_ratio = (lambda a: max(0, math.floor((a + 3) / 4)), 16, 16)
     vae.downscale_index_formula = (4, 16, 16)
+    return vae
+
+
+def _carrying(vae, module, seed: int):
+    """`vae` (a comfy.sd.VAE) with `module`, initialised from the seed, as its model, the way comfy.sd.VAE holds the
+    one it builds from a file (its first stage and its patcher)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import torch
+
+    init_module_(module, seed + 2, std=0.05)
+    vae.first_stage_model = module.eval().to(torch.float32)
     vae.patcher = comfy.model_patcher.ModelPatcher(module, load_device=vae.device,
                                                    offload_device=comfy.model_management.vae_offload_device())
     return vae
@@ -284,22 +290,14 @@ def _flux2_vae(seed: int):
     """Flux.2's VAE: the host's KL autoencoder whose latents are batch-normalised and patchified 2x2 (32 channels at 8x
     become 128 at 16x), at width 32 on every level (the host fixes a file's at 128-512)."""
     import comfy.ldm.models.autoencoder
-    import comfy.model_management
-    import comfy.model_patcher
-    import torch
 
     ddconfig = {"double_z": True, "z_channels": 32, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
                 "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
                 "batch_norm_latent": True}
     module = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=ddconfig, embed_dim=32)
-    init_module_(module, seed + 2, std=0.05)
-    vae = _taesd_vae(seed, 16)  # a VAE object to carry it, then set as comfy.sd.VAE sets one for a Flux.2 file
-    vae.first_stage_model = module.eval().to(torch.float32)
-    vae.latent_channels, vae.downscale_ratio, vae.upscale_ratio = 128, 16, 16
-    vae.process_input = lambda image: image * 2.0 - 1.0
-    vae.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
-    vae.patcher = comfy.model_patcher.ModelPatcher(module, load_device=vae.device,
-                                                   offload_device=comfy.model_management.vae_offload_device())
+    # A TAESD-shaped carrier: comfy.sd.VAE gives it the KL autoencoder's pixel range ([-1, 1]) as for any file.
+    vae = _carrying(_taesd_vae(seed, 16), module, seed)
+    vae.latent_channels, vae.downscale_ratio, vae.upscale_ratio = 128, 16, 16  # as comfy.sd.VAE sets for Flux.2's
     return vae
 
 
