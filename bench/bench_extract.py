@@ -19,10 +19,10 @@ In one process, on the same layers:
   memory     extract_lora end to end, ours at each rank and svd="full" at the largest
   merge      merge_exact of two extracted LoRAs to a rank (factored SVD), and merge_concat
 Working memory is the largest rise of the process RSS (sampled every millisecond) within one layer above
-the level at that layer's start, so the LoRA that earlier layers produced and keep is not counted (glibc
-is told to return large blocks to the system at once: MALLOC_MMAP_THRESHOLD_, set by re-executing the
-script). An earlier version subtracted the level after the whole run, which holds the entire LoRA, from a
-peak reached while part of it existed: it under-counted, the more the larger the rank.
+the level at that layer's start, so the LoRA that earlier layers produced and keep is not counted (after
+the speed runs glibc is told to return large blocks to the system at once: `map_large_blocks`). An earlier
+version subtracted the level after the whole run, which holds the entire LoRA, from a peak reached while
+part of it existed: it under-counted, the more the larger the rank.
 """
 
 from __future__ import annotations
@@ -140,6 +140,18 @@ class PeakRss:
         return self.rise / 2**20
 
 
+def map_large_blocks() -> None:
+    """glibc from here on: each block of 1 MiB or more is a mapping of its own, returned to the system when it is
+    freed, so that RSS follows what a layer holds. Set for the memory runs only: the speed runs keep glibc's default,
+    as ComfyUI's process has (with the setting each large temporary is fresh pages, and the SVDs of 5120x640 layers
+    took 1.3-2x as long, the full SVD's 1.35x)."""
+    import ctypes
+
+    m_mmap_threshold = -3  # malloc.h
+    if not ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 1 << 20):
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: the working-memory figures would be wrong")
+
+
 def interleaved(extract, svd, base, tuned, layers, ranks) -> dict:
     """Per layer, the same difference through a plain full SVD and through ours at each rank, back to back,
     so that a busy machine slows both alike; seconds count the SVD work only."""
@@ -195,8 +207,6 @@ def main() -> None:
         args.depth, args.ranks = 1, "4,8"
     sys.stdout.reconfigure(line_buffering=True)  # each table line as it comes, also into a file
     ranks = [int(r) for r in args.ranks.split(",")]
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"})
 
     setup_inprocess()
     import torch
@@ -245,6 +255,7 @@ def main() -> None:
               + " | ".join(f"{full_s / ours[r]:>7.1f}x" for r in ranks))
 
     runs, networks = [], {}
+    map_large_blocks()
     for label, rank, method in [*((f"ours, rank {r}", r, "randomized") for r in ranks),
                                 (f"full SVD, rank {ranks[-1]}", ranks[-1], "full")]:
         with PeakRss() as mem:

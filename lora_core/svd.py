@@ -130,7 +130,7 @@ def _outside_norm_sq(d: torch.Tensor, kept: torch.Tensor, image: torch.Tensor) -
     return _norm2_sq(d.T @ x)
 
 
-def _shortfall(d, q, b, z, zw, u, ub, s2, rank: int, total: float, oversample: int) -> float:
+def _shortfall(d, q, b, z, zw, u, ub, s2, rank: int, residual: float, oversample: int) -> float:
     """Bound on sum_{i <= rank} (sigma_i^2 - S_i^2): how much less of ||D||_F^2 the top-`rank` Ritz
     part (Ritz vectors u = Q ub of the range of Q, b = Q^T D, z = D D^T Q) keeps than the exact top-`rank`
     SVD part. zw = D D^T W for a few random orthonormal columns W outside Q (they join the power estimate).
@@ -140,9 +140,8 @@ def _shortfall(d, q, b, z, zw, u, ub, s2, rank: int, total: float, oversample: i
     (P = Q Q^T; the rest of Q does not couple to Ritz vectors). Per i, with gap S_i^2 - g > 0, the
     quadratic residual bound of Li & Li (2005) gives 2 ||E||^2 / (gap + sqrt(gap^2 + 4 ||E||^2)), and
     Weyl ||E||; always, Weyl on the split at Q gives ||(I - P) D||_2^2 <= g. Ky Fan caps the sum at
-    ||(I - P) D||_F^2. g is a power estimate with a 2 % margin: the one part that is not a proof.
+    ||(I - P) D||_F^2 (`residual`). g is a power estimate with a 2 % margin: the one part that is not a proof.
     """
-    residual = max(0.0, total - float(s2.sum()))  # ||(I - P) D||_F^2, exact: P D keeps sum S^2
     if residual <= 0 or rank == 0:
         return 0.0
     top = ub[:, :rank]
@@ -194,13 +193,17 @@ def randomized_svd(d: torch.Tensor, rule: RankRule, options: SvdOptions, seed: i
         w = torch.randn(d.shape[0], extra, generator=gen).to(d)
         w = _orth(w - q @ (q.T @ w))
         bw = torch.cat([q, w], dim=1).T @ d  # [Q^T D; W^T D]: the random probe rides along the products
-        zw = d @ bw.T  # D D^T [Q, W]
         b, ub, s2, vh = _ritz(bw[:-extra])
         s = s2.sqrt().to(d.dtype)
         u = q @ ub
         rank = rule.choose(s, total)
+        residual = max(0.0, total - float(s2.sum()))  # ||(I - P) D||_F^2, exact: P D keeps sum S^2
+        if residual <= options.tol * total:
+            # Ky Fan: the top part lacks at most what Q misses, so this is the bound, without the check's products
+            return Decomposition(u, s, vh, total, None, "randomized", residual), rank
+        zw = d @ bw.T  # D D^T [Q, W]
         z = zw[:, :-extra]
-        shortfall = _shortfall(d, q, b, z, zw[:, -extra:], u, ub, s2, rank, total, options.oversample)
+        shortfall = _shortfall(d, q, b, z, zw[:, -extra:], u, ub, s2, rank, residual, options.oversample)
         if shortfall <= options.tol * total or done >= options.max_power_iters:
             return Decomposition(u, s, vh, total, None, "randomized", shortfall), rank
         q = _orth(z)

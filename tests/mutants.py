@@ -284,6 +284,10 @@ MUTANTS = [
            "module.to = functools.partial(_stays_where_it_is, module)",
            "pass",
            "tests/test_families.py::test_family_trains_and_its_file_loads_in_comfyui[hunyuan_video15]"),
+    Mutant("extraction_always_checks", "lora_core/svd.py",
+           "if residual <= options.tol * total:",
+           "if False:",
+           "tests/test_svd.py::test_a_change_the_sketch_holds_is_certified_without_the_checks_products[640x640]"),
 ]
 
 

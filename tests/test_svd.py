@@ -70,3 +70,35 @@ def test_the_energy_every_bound_is_relative_to_is_the_float64_norm(tb):
     exact = float((d.double() ** 2).sum())
     for view in (d, d.T, d[:, :500]):
         assert abs(tb.squared_norm(view) - float((view.double() ** 2).sum())) <= 1e-7 * exact
+
+
+class ProductsWith(torch.overrides.TorchFunctionMode):
+    """Counts the matrix products that read `d` (or a view of it, such as d.T)."""
+
+    def __init__(self, d: torch.Tensor):
+        super().__init__()
+        self.pointer, self.count = d.data_ptr(), 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("matmul", "__matmul__", "mm") and any(
+                isinstance(a, torch.Tensor) and a.data_ptr() == self.pointer for a in args):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shape", [(640, 640), (2560, 320)], ids=["640x640", "2560x320"])
+def test_a_change_the_sketch_holds_is_certified_without_the_checks_products(tb, shape):
+    """When the sketch's range keeps all but `tol` of ||D||_F^2, that residual bounds the shortfall (Ky Fan), so the
+    range and B = Q^T D are the only products with D; a change with energy outside the range takes the check."""
+    low = planted(*shape, rank=48, seed=0, noise=1e-3)  # a merged LoRA: rank 48 under fp16-like noise
+    with ProductsWith(low) as products:
+        dec, rank, note = tb.decompose(low, tb.RankRule(64), tb.SvdOptions(), seed=0)
+    assert dec.method == "randomized" and not note and products.count == 2
+    assert dec.shortfall == pytest.approx(dec.total - float((dec.s.double() ** 2).sum()), abs=1e-7 * dec.total)
+    s2 = torch.linalg.svdvals(low.double()) ** 2
+    assert float(s2[:rank].sum() / s2.sum()) - dec.energy(rank) <= dec.shortfall / dec.total + 1e-7 <= 1e-3
+
+    spread = planted(*shape, rank=48, seed=0, noise=0.05)  # 6-8 % of its energy outside any 80 directions
+    with ProductsWith(spread) as products:
+        dec, rank, note = tb.decompose(spread, tb.RankRule(32), tb.SvdOptions(), seed=0)
+    assert dec.method == "randomized" and not note and products.count >= 4
