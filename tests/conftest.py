@@ -44,7 +44,16 @@ def pytest_configure(config):
         with capture.global_and_fixture_disabled():
             print(message, flush=True)
 
-    prepare(0, log=log)
+    prepare(0, log=log, families=("sd15", "sd3") if selects_flow_world(config) else ("sd15",))
+
+
+def selects_flow_world(config) -> bool:
+    """Whether the run's -m expression takes the flow toy world's tests (they carry `toyworld` and `flow_world`)."""
+    from _pytest.mark.expression import Expression
+
+    expression = config.option.markexpr
+    return not expression or Expression.compile(expression).evaluate(
+        lambda name, **_: name in ("toyworld", "flow_world", "server", "slow"))
 
 
 # The longest work on a quiet 2-core machine (one worker each), longest first: the toy-world classes (minutes each,

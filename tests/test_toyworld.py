@@ -10,6 +10,7 @@ runs reuse them.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -227,7 +228,21 @@ class TestSD15(ToyWorld):
     family = "sd15"
 
 
+@pytest.mark.flow_world
 class TestSD3(ToyWorld):
-    """SD3's layout: the host's MMDiT on rectified flow."""
+    """SD3's layout: the host's MMDiT on rectified flow (not in the default run: `-m flow_world`)."""
 
     family = "sd3"
+
+
+def test_the_default_run_makes_no_flow_base_and_flow_world_runs_make_it(request):
+    """The controller makes the flow toy base only for a run that selects its tests (`-m flow_world`, or any -m
+    expression that takes them): the default run (pyproject's `-m 'not flow_world'`) does not pay its minutes."""
+    from conftest import selects_flow_world
+
+    def selects(expression: str) -> bool:
+        return selects_flow_world(SimpleNamespace(option=SimpleNamespace(markexpr=expression)))
+
+    assert request.config.getini("addopts") and not selects(request.config.option.markexpr)
+    assert not selects("not flow_world") and not selects("not slow") and not selects("server and not toyworld")
+    assert selects("flow_world") and selects("") and selects("toyworld") and selects("flow_world or not slow")

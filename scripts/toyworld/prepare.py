@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import argparse
 
+FAMILIES = ("sd15", "sd3")
 
-def prepare(seed: int = 0, log=print) -> None:
+
+def prepare(seed: int = 0, log=print, families: tuple[str, ...] = FAMILIES) -> None:
+    """Make the base of each of `families` and its judge (each cached once)."""
     from . import flow, pretrain
     from .judge import train_judge
 
-    for make in (pretrain.pretrain, flow.pretrain):
-        train_judge(make(seed, log=log), seed, log=log)
+    makers = {"sd15": pretrain.pretrain, "sd3": flow.pretrain}
+    for family in families:
+        train_judge(makers[family](seed, log=log), seed, log=log)
 
 
 def main() -> None:
