@@ -80,6 +80,10 @@ VARIANTS = {
     "lr 8e-3 + all layers": {**ALL_4E3, "learning_rate": 8e-3},
     "lr 4e-3 + all layers + rank 16": {**ALL_4E3, "rank": 16, "alpha": 16.0},
     "lr 4e-3 + all layers + uniform": {**ALL_4E3, "timestep_sampling": "uniform"},
+    "lr 4e-3 + all layers + shift 1": {**ALL_4E3, "timestep_shift": "fixed", "shift": 1.0},  # shift 6 was slower
+    "lr 4e-3 + all layers + shift 1.5": {**ALL_4E3, "timestep_shift": "fixed", "shift": 1.5},
+    "lr 4e-3 + all layers + dora": {**ALL_4E3, "dora": True},
+    "lr 4e-3 + all layers + loha": {**ALL_4E3, "algorithm": "loha"},
     "lr 4e-3 + all layers + batch 8": {**ALL_4E3, "batch_size": 8},  # 50 steps see the images 100 of 4 do
     "lr 4e-3 + all layers + batch 8 + blank preservation": {**ALL_4E3, "batch_size": 8,
                                                             "blank_preservation_weight": 1.0},
