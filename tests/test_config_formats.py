@@ -118,6 +118,26 @@ def test_family_without_an_sd_scripts_trainer_is_refused(cf):
         cf.export(_config(cf, "wan21"))
 
 
+def test_a_text_encoders_loader_type_names_the_family_and_a_family_names_its_loader_type(cf):
+    """[model] clip_type flux2 is Flux.2 (an sd-scripts export is refused by name, not written for train_network.py),
+    and one text encoder of a family that loads as its own type (Wan's UMT5, Flux.2's Mistral) loads as that type
+    when [model] names the family and no clip_type; the config's clip_type wins, two files load as Flux."""
+    from lora_foundry.training.headless import clip_loader
+
+    files = {"diffusion_model": "/m/flux2-dev.safetensors", "vae": "/m/flux2-vae.safetensors",
+             "text_encoders": ["/t/mistral_3_small_flux2_bf16.safetensors"]}
+    with pytest.raises(cf.rc.ConfigError, match="flux2: kohya sd-scripts has no LoRA trainer"):
+        cf.export(_config(cf, model={**files, "clip_type": "flux2"}))
+    assert clip_loader(_config(cf, "flux2", model=files), 1) == ("CLIPLoader", "flux2")
+    assert clip_loader(_config(cf, "wan22"), 1) == ("CLIPLoader", "wan")
+    assert clip_loader(_config(cf, "wan21", model={"clip_type": "stable_diffusion"}), 1) == (
+        "CLIPLoader", "stable_diffusion")
+    assert clip_loader(_config(cf, "sd_v1"), 1) == ("CLIPLoader", "stable_diffusion")
+    assert clip_loader(_config(cf, "flux2"), 2) == ("DualCLIPLoader", "flux")
+    with pytest.raises(cf.rc.ConfigError, match="give 1 to 3 files, not 4"):
+        clip_loader(_config(cf), 4)
+
+
 def test_metadata_names_the_family(cf):
     network = cf.Network(rank=4)
     metadata = {"lora_foundry_config": network.to_json(), "lora_foundry_training": json.dumps({"steps": 10}),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..lora_core.files import write_safetensors
 from ..lora_core.settings import from_inputs
+from .configs.kohya_families import FAMILY_CLIP_TYPES
 from .configs.reading import read_config
 from .configs.run_config import GRAPH_SECTIONS, ConfigError, RunConfig
 from .data.dataset_options import DatasetOptions
@@ -67,13 +68,20 @@ def load_models(config: RunConfig) -> tuple:
     model = nodes.UNETLoader().load_unet(model_file("diffusion_models", value("model", "diffusion_model"),
                                                     "diffusion_model"), value("model", "weight_dtype"))[0]
     encoders = [model_file("text_encoders", name, "text_encoders") for name in value("model", "text_encoders")]
-    if len(encoders) not in CLIP_LOADERS:
-        raise ConfigError(f"[model] text_encoders: give 1 to 3 files, not {len(encoders)}")
-    loader, default_type = CLIP_LOADERS[len(encoders)]
-    clip_type = value("model", "clip_type") or default_type
+    loader, clip_type = clip_loader(config, len(encoders))
     clip = getattr(nodes, loader)().load_clip(*encoders, *([clip_type] if clip_type else []))[0]
     vae = nodes.VAELoader().load_vae(model_file("vae", value("model", "vae"), "vae"))[0]
     return model, clip, vae
+
+
+def clip_loader(config: RunConfig, files: int) -> tuple[str, str]:
+    """The host's loader node for `files` text encoders and its type: [model] clip_type, else for one file the type
+    of [model] family (Wan's UMT5 loads as wan, not as SD's T5), else the loader's own default."""
+    if files not in CLIP_LOADERS:
+        raise ConfigError(f"[model] text_encoders: give 1 to 3 files, not {files}")
+    loader, default_type = CLIP_LOADERS[files]
+    family_type = FAMILY_CLIP_TYPES.get(config.run_value("model", "family"), "") if files == 1 else ""
+    return loader, config.run_value("model", "clip_type") or family_type or default_type
 
 
 def progress(total: int):

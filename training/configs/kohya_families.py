@@ -44,8 +44,12 @@ FAMILY_ONLY = UNKNOWN.keys
 FLUX_MODEL_TYPES = {"flux1": "flux", "chroma": "chroma"}
 # [model] clip_type (CLIPLoader's) as the family it loads; two files without one load as Flux, three as SD3.
 CLIP_TYPES = {"flux": "flux1", "sd3": "sd3", "chroma": "chroma", "lumina2": "lumina2", "wan": "wan21",
-              "hunyuan_video": "hunyuan_video", "qwen_image": "qwen_image", "ltxv": "ltxv"}
-FAMILY_CLIP_TYPES = {"chroma": "chroma", "lumina2": "lumina2"}  # those the import sets for one text encoder
+              "hunyuan_video": "hunyuan_video", "qwen_image": "qwen_image", "ltxv": "ltxv", "flux2": "flux2",
+              "hidream": "hidream", "omnigen2": "omnigen2", "hunyuan_image": "hunyuan_image"}
+# One text encoder file's CLIPLoader type where it is not stable_diffusion: what the import sets and what a headless
+# run loads it as when [model] names the family and no clip_type.
+FAMILY_CLIP_TYPES = {"chroma": "chroma", "lumina2": "lumina2", "flux2": "flux2", "wan21": "wan", "wan22": "wan",
+                     "qwen_image": "qwen_image", "omnigen2": "omnigen2", "hunyuan_image": "hunyuan_image"}
 ENCODER_HINTS = {"clip_l": "clip_l", "clip_g": "clip_g", "t5xxl": "t5", "gemma2": "gemma"}
 # SD3's weighting_scheme as our timestep_sampling (its training_shift is our fixed shift).
 SD3_SCHEMES = {"uniform": "uniform", "none": "uniform", "logit_normal": "logit_normal"}

@@ -39,7 +39,8 @@ RUN_KEYS = {
         "diffusion_model": (str, "", "A diffusion model file (models/diffusion_models or a path)."),
         "text_encoders": (list, [], "Its text encoder files (models/text_encoders or paths)."),
         "clip_type": (str, "", "The text encoders' family as CLIPLoader names it (stable_diffusion, sd3, flux, ...); "
-                               "empty: stable_diffusion for one file, flux for two."),
+                               "empty: for one file the family's (below; stable_diffusion if it has none), flux for "
+                               "two."),
         "vae": (str, "", "The VAE file (models/vae or a path)."),
         "weight_dtype": (str, "default", "The diffusion model's weight dtype, as UNETLoader's (default, "
                                          "fp8_e4m3fn, fp8_e4m3fn_fast, fp8_e5m2)."),
