@@ -84,6 +84,8 @@ VARIANTS = {
     "lr 4e-3 + all layers + shift 1.5": {**ALL_4E3, "timestep_shift": "fixed", "shift": 1.5},
     "lr 4e-3 + all layers + dora": {**ALL_4E3, "dora": True},
     "lr 4e-3 + all layers + loha": {**ALL_4E3, "algorithm": "loha"},
+    "lr 3e-3 + all layers + loha": {**ALL_4E3, "algorithm": "loha", "learning_rate": 3e-3},
+    "lr 4e-3 + all layers + lokr": {**ALL_4E3, "algorithm": "lokr"},
     "lr 4e-3 + all layers + batch 8": {**ALL_4E3, "batch_size": 8},  # 50 steps see the images 100 of 4 do
     "lr 4e-3 + all layers + batch 8 + blank preservation": {**ALL_4E3, "batch_size": 8,
                                                             "blank_preservation_weight": 1.0},
