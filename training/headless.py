@@ -76,7 +76,8 @@ def load_models(config: RunConfig) -> tuple:
 
 def clip_loader(config: RunConfig, files: int) -> tuple[str, str]:
     """The host's loader node for `files` text encoders and its type: [model] clip_type, else for one file the type
-    of [model] family (Wan's UMT5 loads as wan, not as SD's T5), else the loader's own default."""
+    of [model] family (the host reads Wan's UMT5 as a T5-XXL and builds it as Mochi's T5 unless the type is wan), else
+    the loader's own default."""
     if files not in CLIP_LOADERS:
         raise ConfigError(f"[model] text_encoders: give 1 to 3 files, not {files}")
     loader, default_type = CLIP_LOADERS[files]
