@@ -36,7 +36,7 @@ def pytest_configure(config):
     chosen = [Path(arg.split("::")[0]).resolve() for arg in config.args]
     if not any(path == module or path in module.parents for path in chosen for module in TOYWORLD_TESTS):
         return
-    from toyworld.prepare import prepare
+    from toyworld.prepare import FAMILIES, prepare
 
     capture = config.pluginmanager.getplugin("capturemanager")
 
@@ -44,7 +44,7 @@ def pytest_configure(config):
         with capture.global_and_fixture_disabled():
             print(message, flush=True)
 
-    prepare(0, log=log, families=("sd15", "sd3") if selects_flow_world(config) else ("sd15",))
+    prepare(0, log=log, families=FAMILIES if selects_flow_world(config) else ("sd15",))
 
 
 def selects_flow_world(config) -> bool:

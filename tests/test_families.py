@@ -388,7 +388,8 @@ def test_cosmos_learns_the_velocity_its_sampler_reads(pack, dataset_dir):
     assert abs(loss - want) <= 1e-4 * want, (loss, want)
 
 
-DIT_LISTS = {"sd3": ["J"], "flux": ["D", "S"], "flux2": ["D", "S"], "chroma": ["D", "S"], "chroma_radiance": ["D", "S", "N"],
+DIT_LISTS = {"sd3": ["J"], "flux": ["D", "S"], "flux2": ["D", "S"], "chroma": ["D", "S"],
+             "chroma_radiance": ["D", "S", "N"],
              "qwen_image": ["T"], "zimage": ["N", "C", "L"], "lumina2": ["N", "C", "L"],
              "pixart_sigma": ["B"], "auraflow": ["D", "S"], "hidream": ["D", "S", "C"],
              "omnigen2": ["N", "R", "C", "L"], "cosmos_predict2": ["B"], "hunyuan_image21": ["D", "S"], "hunyuan_video15": ["D", "S"], "ltxv": ["T"],

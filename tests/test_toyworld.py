@@ -235,14 +235,23 @@ class TestSD3(ToyWorld):
     family = "sd3"
 
 
-def test_the_default_run_makes_no_flow_base_and_flow_world_runs_make_it(request):
-    """The controller makes the flow toy base only for a run that selects its tests (`-m flow_world`, or any -m
-    expression that takes them): the default run (pyproject's `-m 'not flow_world'`) does not pay its minutes."""
-    from conftest import selects_flow_world
+def test_the_default_run_makes_no_flow_base_and_flow_world_runs_make_it(request, monkeypatch):
+    """The xdist controller makes the flow toy base only for a run that selects its tests (`-m flow_world`, or any -m
+    expression that takes them): the default run (pyproject's `-m 'not flow_world'`) does not pay its minutes. The
+    controller's hook is called as pytest calls it, with toyworld.prepare recording what it was asked to make."""
+    import conftest
+    from toyworld import prepare
 
-    def selects(expression: str) -> bool:
-        return selects_flow_world(SimpleNamespace(option=SimpleNamespace(markexpr=expression)))
+    made = []
+    monkeypatch.setattr(prepare, "prepare", lambda seed, log, families: made.append(families))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # the hook does nothing in a worker
 
-    assert request.config.getini("addopts") and not selects(request.config.option.markexpr)
-    assert not selects("not flow_world") and not selects("not slow") and not selects("server and not toyworld")
-    assert selects("flow_world") and selects("") and selects("toyworld") and selects("flow_world or not slow")
+    def bases(expression: str) -> tuple[str, ...]:
+        conftest.pytest_configure(SimpleNamespace(
+            option=SimpleNamespace(numprocesses=2, markexpr=expression), args=[str(REPO_ROOT / "tests")],
+            pluginmanager=SimpleNamespace(getplugin=lambda name: None)))
+        return made.pop()
+
+    assert "not flow_world" in request.config.option.markexpr and bases(request.config.option.markexpr) == ("sd15",)
+    assert bases("not slow") == bases("server and not toyworld") == ("sd15",)
+    assert bases("flow_world") == bases("") == bases("toyworld") == bases("flow_world or not slow") == ("sd15", "sd3")

@@ -22,8 +22,8 @@ from .fixtures import build_taesd, build_unet, init_weights_
 if TYPE_CHECKING:
     import torch
 
-FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image", "zimage", "lumina2",
-            "pixart_sigma", "auraflow", "hidream", "omnigen2", "cosmos_predict2", "hunyuan_image21", "hunyuan_video15",
+FAMILIES = ("sd15", "sd2v", "sdxl", "sd3", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image", "zimage",
+            "lumina2", "pixart_sigma", "auraflow", "hidream", "omnigen2", "cosmos_predict2", "hunyuan_image21", "hunyuan_video15",
             "ltxv", "wan21", "wan22_5b")
 IMAGE_CONDITIONED = ("wan21_i2v",)  # families conditioned on an image as well (issue 16's tests)
 
@@ -810,7 +810,8 @@ def _build_wan22_5b(seed: int) -> Family:
                   "denoise_mask, none here); UMT5 as wan21; the host's Wan 2.2 VAE module at width 8 (16x spatial)")
 
 
-_BUILDERS = {"sd15": _build_sd15, "sd2v": _build_sd2v, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux, "flux2": _build_flux2,
+_BUILDERS = {"sd15": _build_sd15, "sd2v": _build_sd2v, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux,
+             "flux2": _build_flux2,
              "chroma": _build_chroma, "chroma_radiance": _build_chroma_radiance, "qwen_image": _build_qwen_image, "zimage": _build_zimage, "lumina2": _build_lumina2,
              "pixart_sigma": _build_pixart_sigma, "auraflow": _build_auraflow, "hidream": _build_hidream,
              "omnigen2": _build_omnigen2, "cosmos_predict2": _build_cosmos_predict2,

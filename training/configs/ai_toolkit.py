@@ -19,8 +19,8 @@ LOSSES = {"mse": "mse", "mae": "l1", "l1": "l1"}
 # timestep_type as (timestep_sampling, timestep_shift): sigmoid draws logit-normal levels, linear uniform ones.
 TIMESTEPS = {"sigmoid": ("logit_normal", "none"), "linear": ("uniform", "none")}
 # model.arch / is_* flags as the family a LoRA's ss_base_model_version names.
-ARCHES = {"flux": "flux1", "flux_kontext": "flux1", "flux2": "flux2", "chroma": "chroma", "sd3": "sd3", "sdxl": "sdxl_base_v1-0",
-          "sd1": "sd_v1", "sd2": "sd_v2", "lumina2": "lumina2", "wan21": "wan21", "wan22_14b": "wan22",
+ARCHES = {"flux": "flux1", "flux_kontext": "flux1", "flux2": "flux2", "chroma": "chroma", "sd3": "sd3",
+          "sdxl": "sdxl_base_v1-0", "sd1": "sd_v1", "sd2": "sd_v2", "lumina2": "lumina2", "wan21": "wan21", "wan22_14b": "wan22",
           "wan22_5b": "wan22", "qwen_image": "qwen_image", "hunyuan_video": "hunyuan_video"}
 FLAGS = {"is_flux": "flux1", "is_xl": "sdxl_base_v1-0", "is_v2": "sd_v2", "is_v3": "sd3", "is_lumina2": "lumina2"}
 # ai-toolkit's defaults where they differ from ours: a config without the key trains with these.
