@@ -94,6 +94,29 @@ VARIANTS = {
                                                             "blank_preservation_weight": 1.0},
     "lr 4e-3 + all layers + batch 8 + blank preservation 0.5": {**ALL_4E3, "batch_size": 8,
                                                                 "blank_preservation_weight": 0.5},
+    "lr 6e-3 + all layers + cosine": {**ALL_4E3, "learning_rate": 6e-3, "scheduler": "cosine"},
+    "lr 8e-3 + all layers + cosine": {**ALL_4E3, "learning_rate": 8e-3, "scheduler": "cosine"},
+    "lr 4e-3 + all layers + text encoder": {**ALL_4E3, "train_text_encoder": True},
+    "lr 6e-3 + all layers + linear": {**ALL_4E3, "learning_rate": 6e-3, "scheduler": "linear"},
+    "lr 4e-3 + all layers + beta1 0.95": {**ALL_4E3, "optimizer_args": "betas=0.95,0.999"},
+    "lr 4e-3 + all layers + beta2 0.99": {**ALL_4E3, "optimizer_args": "betas=0.9,0.99"},
+    "lr 4e-3 + all layers + prior weight 0.5": {**ALL_4E3, "prior_loss_weight": 0.5},
+    "lr 4e-3 + all layers + world preservation instead of prior": {**ALL_4E3, "preserve_world": 32,
+                                                                   "blank_preservation_weight": 1.0},
+    "lr 3e-3 + all layers + world preservation instead of prior": {**ALL_4E3, "learning_rate": 3e-3,
+                                                                    "preserve_world": 32,
+                                                                    "blank_preservation_weight": 1.0},
+    "lr 4e-3 + all layers + world preservation 2 instead of prior": {**ALL_4E3, "preserve_world": 32,
+                                                                      "preservation_weight": 2.0,
+                                                                      "blank_preservation_weight": 2.0},
+    "lr 4e-3 + all layers + prior target base": {**ALL_4E3, "prior_target": "base"},
+    "lr 4e-3 + all layers + prior target base + prior weight 2": {**ALL_4E3, "prior_target": "base",
+                                                                  "prior_loss_weight": 2.0},
+    "lr 3e-3 + all layers + prior target base": {**ALL_4E3, "prior_target": "base", "learning_rate": 3e-3},
+    "lr 5e-3 + all layers + prior target base + prior weight 2": {**ALL_4E3, "prior_target": "base",
+                                                                  "prior_loss_weight": 2.0, "learning_rate": 5e-3},
+    "lr 4e-3 + all layers + prior target base + prior weight 3": {**ALL_4E3, "prior_target": "base",
+                                                                  "prior_loss_weight": 3.0},
     "ln + no + locon + debiased + lr 1.5e-3": {**LN_NO_LOCON_DEBIASED, "learning_rate": 1.5e-3},
     "ln + no + locon + debiased + rank 16": {**LN_NO_LOCON_DEBIASED, "rank": 16, "alpha": 16.0, "conv_rank": 16},
 }
@@ -175,9 +198,20 @@ def train_ours(server, checkpoint: Path, family: str, data: dict, name: str, bud
     step_size = budgets[0]
     if any(b % step_size for b in budgets):
         raise ValueError(f"every budget must be a multiple of the first: {budgets}")
+    settings = dict(settings)
+    if settings.get("preserve_world"):  # output preservation of base captions instead of the prior images
+        from toyworld import world
+
+        settings["preservation_class"] = "\n".join(world.preservation_prompts(settings["preserve_world"]))
+        settings["reg_folder"] = ""
+    settings.pop("preserve_world", None)
+    dataset_inputs = {k for group in info["LoraFoundryLoadDataset"]["input"].values() for k in group}
     for node in prompt.values():
         if node["class_type"] == "LoraFoundryTrainLoRA":
-            node["inputs"].update({"output_name": name, "steps": budgets[-1], "save_every": step_size, **settings})
+            node["inputs"].update({"output_name": name, "steps": budgets[-1], "save_every": step_size,
+                                   **{k: v for k, v in settings.items() if k not in dataset_inputs}})
+        elif node["class_type"] == "LoraFoundryLoadDataset":
+            node["inputs"].update({k: v for k, v in settings.items() if k in dataset_inputs})
     started = time.perf_counter()
     server.run(prompt, timeout=3600)
     seconds = time.perf_counter() - started

@@ -28,7 +28,8 @@ OPTIONAL_WIDGETS = ["gradient_checkpointing", "grad_accum", "grad_clip", "lora_p
                     "keep_best", "patience", "ema_decay", "ema_every", "ema_warmup", "ema_output", "optimizer_args",
                     "epochs", "expert", "expert_boundary", "preservation_class",
                     "preservation_weight", "slider_positive", "slider_negative", "slider_target", "slider_anchor",
-                    "slider_guidance", "base_quantization", "blank_preservation_weight", "debiased_estimation"]
+                    "slider_guidance", "base_quantization", "blank_preservation_weight", "debiased_estimation",
+                    "prior_target"]
 SETTINGS = (NetworkConfig, TrainConfig, CaptionOptions)
 
 

@@ -242,6 +242,19 @@ def test_ai_toolkit_job(cf):
         {"type": "sd_trainer", "network": {"linear": 4}}]}}), "job.json").values["network"]["rank"] == 4
 
 
+def test_ai_toolkit_regularisation_keeps_its_meaning(cf):
+    """A reg dataset with prior_reg is trained toward the base model's own prediction, as ai-toolkit does
+    (prior_target base); without it, toward its images; train.reg_weight is its loss weight."""
+    prior = cf.read(AI_TOOLKIT.replace("is_reg: true", "is_reg: true\n          prior_reg: true")
+                    .replace("batch_size: 2", "batch_size: 2\n        reg_weight: 0.5"), "reg.yaml")
+    assert prior.values["training"]["prior_target"] == "base"
+    assert prior.values["dataset"]["reg_folder"] == "/data/dogs_reg"
+    assert prior.values["dataset"]["prior_loss_weight"] == 0.5
+    assert not any("prior_reg" in line or "reg_weight" in line for line in prior.unsupported), prior.unsupported
+    plain = cf.read(AI_TOOLKIT, "flux.yaml")
+    assert "prior_target" not in plain.values["training"] and "prior_loss_weight" not in plain.values["dataset"]
+
+
 def test_ai_toolkit_output_preservation(cf):
     """diff_output_preservation: its class (ai-toolkit's default "person") and multiplier; off, neither is listed. The
     same for blank_prompt_preservation and its multiplier."""

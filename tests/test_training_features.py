@@ -476,6 +476,56 @@ def test_each_step_holds_the_class_and_the_empty_prompt_to_the_base_models_predi
     assert all(loss > 0 for _, loss in asked[2:]), asked
 
 
+def test_regularisation_images_can_be_trained_toward_the_base_models_own_prediction(pack, loaded_checkpoint,
+                                                                                    concept_dataset, tmp_path,
+                                                                                    monkeypatch):
+    """prior_target = base: a regularisation image's target is the base model's own prediction for its noisy latent
+    and caption (ai-toolkit's), where image (kohya's) trains toward the image. Per sample of one mixed batch: with the
+    adapters still zero the regularisation images' loss is exactly 0 and the concept images' is the same as with
+    image; with the adapters moved it is not 0 (so the target is the base's, not the adapted model's)."""
+    import random
+
+    import comfy.model_management as mm
+    from lora_foundry.training.data.dataset import load_dataset
+    from lora_foundry.training.engine import objective
+
+    model, _, _ = loaded_checkpoint
+    concept = _concept(concept_dataset, count=2).root
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    for i, path in enumerate(sorted(concept.glob("*.png"))):
+        shutil.copy(path, reg / f"{i}.png")
+        (reg / f"{i}.txt").write_text("a toy")
+    dataset = load_dataset(concept, resolution=64, min_side=64, max_side=64, bucket_step=64, reg_folder=reg)
+    batch = list(range(len(dataset.items)))
+    is_reg = torch.tensor([item.is_reg for item in dataset.items])
+    assert is_reg.sum() == 2 and (~is_reg).sum() == 2
+    per_sample = []
+    prediction_loss = objective.prediction_loss
+    monkeypatch.setattr(objective, "prediction_loss",
+                        lambda *a, **k: per_sample.append(prediction_loss(*a, **k).detach()) or per_sample[-1])
+
+    def losses(target: str) -> list[torch.Tensor]:
+        """Per sample, the adapters zero and then moved."""
+        trainer = _trainer(pack, loaded_checkpoint, dataset, tmp_path / target, prior_target=target)
+        trainer.data.encode_images(trainer.dataset.items)
+        with torch.inference_mode(False), torch.no_grad():
+            patched, _ = trainer.network.attach(model, None, mode="bypass")
+            mm.load_models_gpu([patched], force_full_load=True)  # the bypass patches go in as the host loads it
+            for moved in (False, True):
+                if moved:
+                    for p in trainer.network.trainable_parameters():
+                        p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+                trainer.step.batch_loss(patched, batch, random.Random(0), torch.Generator().manual_seed(0), "cpu",
+                                        None)
+        return per_sample[-2:]
+
+    (image, _), (base, moved) = losses("image"), losses("base")
+    assert (image[is_reg] > 0).all() and (base[is_reg] == 0).all(), (image, base)
+    torch.testing.assert_close(base[~is_reg], image[~is_reg], rtol=0, atol=0)
+    assert (moved[is_reg] > 0).all() and not torch.equal(moved[~is_reg], base[~is_reg]), moved
+
+
 def test_output_preservation_says_each_sample_as_one_of_its_classes(pack):
     """preservation_class takes one class per line: every line's caption is encoded up front, and each sample of a
     batch is said as one of them, drawn from the step's generator."""

@@ -149,6 +149,7 @@ def _train(t: Table) -> None:
     t.set_from("max_grad_norm", "training", "grad_clip")
     t.set_from("min_snr_gamma", "training", "min_snr_gamma", lambda v: 0.0 if v is None else v)
     t.set_from("noise_offset", "training", "noise_offset")
+    t.set_from("reg_weight", "dataset", "prior_loss_weight")
     t.set_from("dtype", "training", "precision", lambda v: PRECISIONS.get(str(v).lower()))
     t.set_from("lr_scheduler", "training", "scheduler", lambda v: SCHEDULERS.get(str(v).lower()))
     t.set_from("loss_type", "training", "loss", lambda v: LOSSES.get(str(v).lower()))
@@ -284,6 +285,8 @@ def _datasets(process: Table) -> None:
         table.take("is_reg")
         if index == 0:
             table.set_from("folder_path", "dataset", "reg_folder")
+            if table.take("prior_reg", False):  # ai-toolkit trains these toward the base model's own prediction
+                table.set("training", "prior_target", "base", "prior_reg")
         for key in table.values:
             table.unsupported(key, "one regularisation folder, read with the training dataset's options")
         table.values.clear()

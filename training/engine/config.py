@@ -20,6 +20,7 @@ LATENT_CACHES = ("memory", "disk")
 EMA_OUTPUTS = ("beside", "instead")
 # Wan 2.2 A14B's two experts: the high-noise one denoises above the boundary, the low-noise one below it.
 EXPERTS = ("all", "high_noise", "low_noise")
+PRIOR_TARGETS = ("image", "base")
 WAN22_BOUNDARIES = {"text-to-video": 0.875, "image-to-video": 0.9}  # the sigma where Wan 2.2's experts switch
 
 
@@ -157,6 +158,11 @@ class TrainConfig:
                                                "negative side of classifier-free guidance) stays as before. How much it "
                                                "counts beside the training loss; each step costs one more pass. "
                                                "0 = off.", min=0.0, max=10.0, step=0.05)
+    prior_target: str = setting("image", "What the regularisation (prior) images teach: image = the image itself "
+                                "(kohya's prior preservation); base = the base model's own prediction for it, so they "
+                                "only keep their prompts as the base draws them and add no noise of their own to the "
+                                "steps (ai-toolkit's; one more forward pass without gradient per step).",
+                                choices=PRIOR_TARGETS)
     slider_positive: str = setting("", "Concept slider (the Concept Sliders method, ai-toolkit's slider): what "
                                    "+1 strength moves toward, e.g. old. Each caption is also said with slider_target "
                                    "as this (or with this added where the caption lacks slider_target), and the "

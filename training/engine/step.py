@@ -61,8 +61,10 @@ class TrainingStep:
             loss = self.slider_loss(patched, x0, noise, sigma, captions, geometries, weights, values, device,
                                     autocast_dtype)
         else:
+            target = self.targets(patched, batch[slice(*(share or (0, len(batch))))], x0, noise, sigma, captions,
+                                  geometries, values, device, autocast_dtype)
             loss = self.loss(patched, x0, noise, sigma, self.text.conditioning(captions, device, values), geometries,
-                             weights, autocast_dtype, min_snr=cfg.min_snr_gamma)
+                             weights, autocast_dtype, min_snr=cfg.min_snr_gamma, target=target)
         if cfg.preservation_class and cfg.preservation_weight:
             classes = [self.text.as_class(c, rng) for c in captions]
             loss = loss + cfg.preservation_weight * self.preservation_loss(patched, x0, noise, sigma, classes,
@@ -71,6 +73,17 @@ class TrainingStep:
             loss = loss + cfg.blank_preservation_weight * self.preservation_loss(
                 patched, x0, noise, sigma, [""] * len(captions), geometries, values, device, autocast_dtype)
         return loss
+
+    def targets(self, patched, batch: list[int], x0, noise, sigma, captions, geometries, values, device,
+                autocast_dtype) -> torch.Tensor:
+        """What each sample's prediction is trained toward: its image; with prior_target = base, a regularisation
+        image's is the base model's own prediction for it (the same noisy latent and caption)."""
+        reg = [self.dataset.items[i].is_reg for i in batch]
+        if self.config.prior_target != "base" or not any(reg):
+            return x0
+        base, _ = self.base_prediction(patched, x0, noise, sigma, captions, geometries, values, device, autocast_dtype)
+        chosen = torch.tensor(reg, device=x0.device).view(-1, *[1] * (x0.dim() - 1))
+        return torch.where(chosen, base.to(x0.dtype), x0)
 
     def graphs(self) -> int:
         """How many adapted forward passes of a micro-batch are kept for its backward pass (the memory plan counts
@@ -155,10 +168,12 @@ class TrainingStep:
                                     tokens=x0[0, 0].numel() // 4).to(x0.device)
 
     def loss(self, patched, x0, noise, sigma, conditionings, geometries, weights, autocast_dtype,
-             min_snr: float = 0.0) -> torch.Tensor:
-        """The weighted native-space loss of the model's prediction for x0 noised to `sigma`."""
+             min_snr: float = 0.0, target: torch.Tensor | None = None) -> torch.Tensor:
+        """The weighted native-space loss of the model's prediction for x0 noised to `sigma`, against `target`
+        (default x0)."""
         x, inputs = self.model_call(patched, x0, noise, sigma, conditionings, geometries)
-        return self.prediction_loss(patched, x, x0, sigma, inputs, weights, autocast_dtype, min_snr)
+        return self.prediction_loss(patched, x, x0 if target is None else target, sigma, inputs, weights,
+                                    autocast_dtype, min_snr)
 
     def model_call(self, patched, x0, noise, sigma, conditionings, geometries) -> tuple:
         """The noisy latent and the model's keyword inputs, as the host builds them for sampling."""
