@@ -6,8 +6,8 @@ Usage: .venv/bin/python bench/bench_toyworld.py [--family sd15|sd3] [--seed 0] [
 
 Ours runs as the example workflow through a real server, once to the largest budget with a checkpoint at every
 budget (its learning rate is constant and nothing in a step depends on the run's length, so the checkpoint of step
-50 is the adapter a 50-step run writes); `--variants` changes its settings (VARIANTS below; `example` is the
-family's workflow as shipped, every other variant changes SWEEP_BASE's recipe). Native trains in this process on
+50 is the adapter a 50-step run writes); `--variants` changes its Train LoRA and Load Dataset settings (VARIANTS
+below; `example` is the family's workflow as shipped, every other variant changes SWEEP_BASE's recipe). Native trains in this process on
 the same images (the concept, repeated as its kohya folder says, plus the prior images) with the example's rank,
 learning rate and batch, once per budget. Every LoRA is
 sampled through the same server and read by the toy world's judge: the concept with the trigger (16 samples), the
@@ -33,7 +33,8 @@ EXAMPLE_SETTINGS = ("rank", "steps", "learning_rate", "batch_size", "seed")  # w
 # What every variant but `example` changes the settings from: the recipe the example workflow had (one example for both
 # toy worlds) before each world's example took its sweep winner, so each row means what it meant when it was recorded.
 SWEEP_BASE = {"rank": 8, "alpha": 8.0, "learning_rate": 1e-3, "targets": "kohya", "conv_rank": 0,
-              "timestep_sampling": "auto", "noise_offset": 0.0, "debiased_estimation": False}
+              "timestep_sampling": "auto", "noise_offset": 0.0, "debiased_estimation": False, "prior_target": "image",
+              "prior_loss_weight": 1.0}
 LN_NO = {"timestep_sampling": "logit_normal", "noise_offset": 0.1}  # "ln + no" in the names below
 LN_NO_LOCON_DEBIASED = {**LN_NO, "debiased_estimation": True, "targets": "locon", "conv_rank": 8}  # SD1.5's example at rank 8
 ALL_4E3 = {"learning_rate": 4e-3, "targets": "all", "conv_rank": 8}  # "lr 4e-3 + all layers": SD3's example
@@ -113,12 +114,19 @@ VARIANTS = {
     "lr 4e-3 + all layers + prior target base + prior weight 2": {**ALL_4E3, "prior_target": "base",
                                                                   "prior_loss_weight": 2.0},
     "lr 3e-3 + all layers + prior target base": {**ALL_4E3, "prior_target": "base", "learning_rate": 3e-3},
+    "lr 4e-3 + all layers + prior target base + prior weight 1.5": {**ALL_4E3, "prior_target": "base",
+                                                                    "prior_loss_weight": 1.5},
     "lr 5e-3 + all layers + prior target base + prior weight 2": {**ALL_4E3, "prior_target": "base",
                                                                   "prior_loss_weight": 2.0, "learning_rate": 5e-3},
     "lr 4e-3 + all layers + prior target base + prior weight 3": {**ALL_4E3, "prior_target": "base",
                                                                   "prior_loss_weight": 3.0},
     "ln + no + locon + debiased + lr 1.5e-3": {**LN_NO_LOCON_DEBIASED, "learning_rate": 1.5e-3},
     "ln + no + locon + debiased + rank 16": {**LN_NO_LOCON_DEBIASED, "rank": 16, "alpha": 16.0, "conv_rank": 16},
+    "ln + no + locon + debiased + rank 16 + prior target base": {**LN_NO_LOCON_DEBIASED, "rank": 16, "alpha": 16.0,
+                                                                 "conv_rank": 16, "prior_target": "base"},
+    "ln + no + locon + debiased + rank 16 + prior target base + prior weight 2": {
+        **LN_NO_LOCON_DEBIASED, "rank": 16, "alpha": 16.0, "conv_rank": 16, "prior_target": "base",
+        "prior_loss_weight": 2.0},
 }
 
 
@@ -213,8 +221,11 @@ def train_ours(server, checkpoint: Path, family: str, data: dict, name: str, bud
         elif node["class_type"] == "LoraFoundryLoadDataset":
             node["inputs"].update({k: v for k, v in settings.items() if k in dataset_inputs})
     started = time.perf_counter()
-    server.run(prompt, timeout=3600)
+    outputs = server.run(prompt, timeout=3600)
     seconds = time.perf_counter() - started
+    for text in (str(t) for out in outputs.values() for t in out.get("text", [])):
+        if not text.endswith(".safetensors"):  # Train LoRA's summary: its steps and their seconds
+            print(f"  {name}: {text}", flush=True)
     loras = server.base_dir / "models" / "loras"
     files = {b: next(loras.rglob(f"{name}-step{b:06d}.safetensors")) for b in budgets}
     return files, seconds
