@@ -199,7 +199,7 @@ def _configs_as_the_node_built_them(trigger_word, algorithm, rank, alpha, target
 
 # Settings that came after the former mapping and that an example sets away from their defaults: taken as they are.
 LATER_SETTINGS = ("slider_positive", "slider_negative", "slider_target", "slider_anchor", "slider_guidance",
-                  "debiased_estimation")
+                  "debiased_estimation", "prior_target")
 
 
 def test_saved_train_lora_values_land_in_the_same_settings(object_info, pack):
