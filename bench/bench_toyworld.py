@@ -7,8 +7,8 @@ Usage: .venv/bin/python bench/bench_toyworld.py [--family sd15|sd3] [--seed 0] [
 Ours runs as the example workflow through a real server, once to the largest budget with a checkpoint at every
 budget (its learning rate is constant and nothing in a step depends on the run's length, so the checkpoint of step
 50 is the adapter a 50-step run writes); `--variants` changes its Train LoRA and Load Dataset settings (VARIANTS
-below; `example` is the family's workflow as shipped, every other variant changes SWEEP_BASE's recipe). Native trains in this process on
-the same images (the concept, repeated as its kohya folder says, plus the prior images) with the example's rank,
+below; `example` is the family's workflow as shipped, every other variant changes SWEEP_BASE's recipe). Native
+trains in this process on the same images (the concept, repeated as its kohya folder says, plus the prior images) with the example's rank,
 learning rate and batch, once per budget. Every LoRA is
 sampled through the same server and read by the toy world's judge: the concept with the trigger (16 samples), the
 nine control prompts (8 each) against the base, and the bleed (control samples drawn with the concept's shape).
@@ -98,7 +98,6 @@ VARIANTS = {
     "lr 6e-3 + all layers + cosine": {**ALL_4E3, "learning_rate": 6e-3, "scheduler": "cosine"},
     "lr 8e-3 + all layers + cosine": {**ALL_4E3, "learning_rate": 8e-3, "scheduler": "cosine"},
     "lr 4e-3 + all layers + text encoder": {**ALL_4E3, "train_text_encoder": True},
-    "lr 6e-3 + all layers + linear": {**ALL_4E3, "learning_rate": 6e-3, "scheduler": "linear"},
     "lr 4e-3 + all layers + beta1 0.95": {**ALL_4E3, "optimizer_args": "betas=0.95,0.999"},
     "lr 4e-3 + all layers + beta2 0.99": {**ALL_4E3, "optimizer_args": "betas=0.9,0.99"},
     "lr 4e-3 + all layers + prior weight 0.5": {**ALL_4E3, "prior_loss_weight": 0.5},
@@ -213,12 +212,11 @@ def train_ours(server, checkpoint: Path, family: str, data: dict, name: str, bud
     if any(b % step_size for b in budgets):
         raise ValueError(f"every budget must be a multiple of the first: {budgets}")
     settings = dict(settings)
-    if settings.get("preserve_world"):  # output preservation of base captions instead of the prior images
+    captions = settings.pop("preserve_world", 0)
+    if captions:  # output preservation of that many base captions instead of the prior images
         from toyworld import world
 
-        settings["preservation_class"] = "\n".join(world.preservation_prompts(settings["preserve_world"]))
-        settings["reg_folder"] = ""
-    settings.pop("preserve_world", None)
+        settings.update(preservation_class="\n".join(world.preservation_prompts(captions)), reg_folder="")
     dataset_inputs = {k for group in info["LoraFoundryLoadDataset"]["input"].values() for k in group}
     for node in prompt.values():
         if node["class_type"] == "LoraFoundryTrainLoRA":
