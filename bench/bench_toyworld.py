@@ -37,7 +37,8 @@ SWEEP_BASE = {"rank": 8, "alpha": 8.0, "learning_rate": 1e-3, "targets": "kohya"
               "prior_loss_weight": 1.0}
 LN_NO = {"timestep_sampling": "logit_normal", "noise_offset": 0.1}  # "ln + no" in the names below
 LN_NO_LOCON_DEBIASED = {**LN_NO, "debiased_estimation": True, "targets": "locon", "conv_rank": 8}  # SD1.5's example at rank 8
-ALL_4E3 = {"learning_rate": 4e-3, "targets": "all", "conv_rank": 8}  # "lr 4e-3 + all layers": SD3's example
+ALL_4E3 = {"learning_rate": 4e-3, "targets": "all", "conv_rank": 8}  # "lr 4e-3 + all layers": SD3's 100-step example
+PRIOR_BASE_2 = {**ALL_4E3, "prior_target": "base", "prior_loss_weight": 2.0}  # SD3's 50-step example
 # Our settings tried against the example's (Train LoRA's inputs): what users tune for fast learning.
 VARIANTS = {
     "example": {},  # the family's example workflow as shipped
@@ -125,6 +126,15 @@ VARIANTS = {
                                                                   "prior_loss_weight": 2.0, "learning_rate": 5e-3},
     "lr 4e-3 + all layers + prior target base + prior weight 3": {**ALL_4E3, "prior_target": "base",
                                                                   "prior_loss_weight": 3.0},
+    "lr 4e-3 + all layers + prior target base + prior weight 2 + batch 6": {**PRIOR_BASE_2, "batch_size": 6},
+    "lr 4e-3 + all layers + prior target base + prior weight 2 + grad clip off": {**PRIOR_BASE_2, "grad_clip": 0.0},
+    "lr 4e-3 + all layers + prior target base + prior weight 2 + huber": {**PRIOR_BASE_2, "loss": "huber"},
+    "lr 4e-3 + all layers + prior target base + prior weight 2 + concept repeats 20": {**PRIOR_BASE_2,
+                                                                                       "concept_repeats": 20},
+    "lr 3e-3 + all layers + prior target base + prior weight 2 + concept repeats 20": {
+        **PRIOR_BASE_2, "learning_rate": 3e-3, "concept_repeats": 20},
+    "lr 4e-3 + all layers + prior target base + prior weight 3 + concept repeats 20": {
+        **PRIOR_BASE_2, "prior_loss_weight": 3.0, "concept_repeats": 20},
     "ln + no + locon + debiased + lr 1.5e-3": {**LN_NO_LOCON_DEBIASED, "learning_rate": 1.5e-3},
     "ln + no + locon + debiased + rank 16": {**LN_NO_LOCON_DEBIASED, "rank": 16, "alpha": 16.0, "conv_rank": 16},
     "ln + no + locon + debiased + rank 16 + prior target base": {**LN_NO_LOCON_DEBIASED, "rank": 16, "alpha": 16.0,
@@ -196,6 +206,16 @@ def train_native(inputs: tuple, settings: dict, steps: int) -> tuple[dict, float
     return {k: v.detach().clone().contiguous() for k, v in out.result[1].items()}, seconds
 
 
+def route(settings: dict, train_inputs: set[str], dataset_inputs: set[str]) -> tuple[dict, dict]:
+    """A variant's settings split into Train LoRA's and Load Dataset's inputs. A name both nodes have goes to Train
+    LoRA: `seed` is the training seed here (Load Dataset's is its validation split's)."""
+    unknown = sorted(set(settings) - train_inputs - dataset_inputs)
+    if unknown:  # the server would drop them without a word, and the row would record a setting never used
+        raise ValueError(f"{unknown} are inputs of neither Train LoRA nor Load Dataset")
+    train = {k: v for k, v in settings.items() if k in train_inputs}
+    return train, {k: v for k, v in settings.items() if k not in train}
+
+
 def train_ours(server, checkpoint: Path, family: str, data: dict, name: str, budgets: list[int],
                settings: dict) -> tuple[dict[int, Path], float]:
     """`family`'s example workflow to the largest budget under `name`, `settings` over its Train LoRA inputs, a
@@ -203,6 +223,7 @@ def train_ours(server, checkpoint: Path, family: str, data: dict, name: str, bud
     from harness.workflow import to_api_prompt
     from main_job import EXAMPLES, PRIOR_NAME, example_workflow, install_dataset
 
+    settings = dict(settings)
     install_dataset(server, data["concept"])
     install_dataset(server, data["prior"], PRIOR_NAME)
     info = server.object_info()
@@ -211,19 +232,19 @@ def train_ours(server, checkpoint: Path, family: str, data: dict, name: str, bud
     step_size = budgets[0]
     if any(b % step_size for b in budgets):
         raise ValueError(f"every budget must be a multiple of the first: {budgets}")
-    settings = dict(settings)
     captions = settings.pop("preserve_world", 0)
     if captions:  # output preservation of that many base captions instead of the prior images
         from toyworld import world
 
         settings.update(preservation_class="\n".join(world.preservation_prompts(captions)), reg_folder="")
-    dataset_inputs = {k for group in info["LoraFoundryLoadDataset"]["input"].values() for k in group}
+    inputs = {node: {k for group in info[node]["input"].values() for k in group}
+              for node in ("LoraFoundryTrainLoRA", "LoraFoundryLoadDataset")}
+    train, dataset = route(settings, inputs["LoraFoundryTrainLoRA"], inputs["LoraFoundryLoadDataset"])
     for node in prompt.values():
         if node["class_type"] == "LoraFoundryTrainLoRA":
-            node["inputs"].update({"output_name": name, "steps": budgets[-1], "save_every": step_size,
-                                   **{k: v for k, v in settings.items() if k not in dataset_inputs}})
+            node["inputs"].update({"output_name": name, "steps": budgets[-1], "save_every": step_size, **train})
         elif node["class_type"] == "LoraFoundryLoadDataset":
-            node["inputs"].update({k: v for k, v in settings.items() if k in dataset_inputs})
+            node["inputs"].update(dataset)
     started = time.perf_counter()
     outputs = server.run(prompt, timeout=3600)
     seconds = time.perf_counter() - started
@@ -360,8 +381,11 @@ def main() -> None:
 
         for i, variant in enumerate(variants):
             changes = {"seed": settings["seed"], **(SWEEP_BASE if variant != "example" else {}), **VARIANTS[variant]}
-            files, seconds[variant] = train_ours(server, checkpoint, args.family, data, f"curve{run}_{i}", budgets,
-                                                 changes)
+            repeats = changes.pop("concept_repeats", 0)  # the concept folder's kohya repeats instead of the world's
+            variant_data = world.concept_dataset(cache_dir() / f"dataset-s{args.seed}-r{repeats}", seed=args.seed,
+                                                 repeats=repeats) if repeats else data
+            files, seconds[variant] = train_ours(server, checkpoint, args.family, variant_data, f"curve{run}_{i}",
+                                                 budgets, changes)
             curves[variant] = {b: score(variant, b, files[b]) for b in budgets}
         if not args.no_native:
             inputs = native_inputs(checkpoint, data["concept"], data["prior"])

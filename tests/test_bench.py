@@ -42,3 +42,27 @@ def test_bench_script_runs_to_its_table(script, tmp_path):
                           timeout=1800, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert SMOKE_RUNS[script] in done.stdout, done.stdout[-3000:]
+
+
+def test_toyworld_bench_gives_each_setting_to_the_node_that_has_it(pack):
+    """Load Dataset has a `seed` too (its validation split's): a variant's seed must reach Train LoRA, or every
+    training seed of a sweep trains seed 0 on another split (stop 53's sweeps did); a setting neither node has is
+    refused, where the server would drop it silently. Every recorded variant sets only real inputs."""
+    import importlib.util
+
+    from lora_foundry.nodes import dataset, train
+
+    spec = importlib.util.spec_from_file_location("bench_toyworld", BENCH / "bench_toyworld.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    train_inputs = set(train.REQUIRED_WIDGETS + train.OPTIONAL_WIDGETS)
+    dataset_inputs = set(dataset.REQUIRED_WIDGETS + dataset.OPTIONAL_WIDGETS)
+    ours, theirs = bench.route({"seed": 3, "learning_rate": 4e-3, "prior_loss_weight": 2.0}, train_inputs,
+                               dataset_inputs)
+    assert ours == {"seed": 3, "learning_rate": 4e-3} and theirs == {"prior_loss_weight": 2.0}
+    with pytest.raises(ValueError, match="min_timestep"):
+        bench.route({"min_timestep": 250}, train_inputs, dataset_inputs)
+    applied_by_the_bench = {"preserve_world", "concept_repeats"}
+    for variant in bench.VARIANTS.values():
+        settings = {**bench.SWEEP_BASE, **variant, "preservation_class": "", "reg_folder": ""}
+        bench.route({k: v for k, v in settings.items() if k not in applied_by_the_bench}, train_inputs, dataset_inputs)
