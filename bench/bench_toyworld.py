@@ -34,7 +34,7 @@ EXAMPLE_SETTINGS = ("rank", "steps", "learning_rate", "batch_size", "seed")  # w
 # toy worlds) before each world's example took its sweep winner, so each row means what it meant when it was recorded.
 SWEEP_BASE = {"rank": 8, "alpha": 8.0, "learning_rate": 1e-3, "targets": "kohya", "conv_rank": 0,
               "timestep_sampling": "auto", "noise_offset": 0.0, "debiased_estimation": False, "prior_target": "image",
-              "prior_loss_weight": 1.0}
+              "prior_loss_weight": 1.0, "batch_size": 4}
 LN_NO = {"timestep_sampling": "logit_normal", "noise_offset": 0.1}  # "ln + no" in the names below
 LN_NO_LOCON_DEBIASED = {**LN_NO, "debiased_estimation": True, "targets": "locon", "conv_rank": 8}  # SD1.5's example at rank 8
 ALL_4E3 = {"learning_rate": 4e-3, "targets": "all", "conv_rank": 8}  # "lr 4e-3 + all layers": SD3's 100-step example
