@@ -137,6 +137,11 @@ VARIANTS = {
         **PRIOR_BASE_2, "prior_loss_weight": 3.0, "concept_repeats": 20},
     "ln + no + locon + debiased + lr 1.5e-3": {**LN_NO_LOCON_DEBIASED, "learning_rate": 1.5e-3},
     "ln + no + locon + debiased + rank 16": {**LN_NO_LOCON_DEBIASED, "rank": 16, "alpha": 16.0, "conv_rank": 16},
+    "ln + no + locon + debiased + rank 16 + batch 6": {**LN_NO_LOCON_DEBIASED, "rank": 16, "alpha": 16.0,
+                                                      "conv_rank": 16, "batch_size": 6},
+    "ln + no + locon + debiased + rank 16 + prior target base + prior weight 2 + batch 6": {
+        **LN_NO_LOCON_DEBIASED, "rank": 16, "alpha": 16.0, "conv_rank": 16, "prior_target": "base",
+        "prior_loss_weight": 2.0, "batch_size": 6},
     "ln + no + locon + debiased + rank 16 + prior target base": {**LN_NO_LOCON_DEBIASED, "rank": 16, "alpha": 16.0,
                                                                  "conv_rank": 16, "prior_target": "base"},
     "ln + no + locon + debiased + rank 16 + prior target base + prior weight 2": {
