@@ -26,8 +26,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "scripts"))
-# TrainLoraNode's per-step progress bar would bury the table; tqdm reads this when it is imported.
-os.environ.setdefault("TQDM_DISABLE", "1")
 
 EXAMPLE_SETTINGS = ("rank", "steps", "learning_rate", "batch_size", "seed")  # what the table reports
 # What every variant but `example` changes the settings from: the recipe the example workflow had (one example for both
@@ -325,6 +323,9 @@ def plot(curves: dict[str, dict[int, dict]], title: str):
 
 
 def main() -> None:
+    # TrainLoraNode's per-step progress bar would bury the table; tqdm reads this when it is imported (below). Set
+    # here, not on import: tests import this module, and the variable would silence the bars of their subprocesses.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", choices=("sd15", "sd3"), default="sd15", help="the toy base (main_job --family)")
